@@ -1,0 +1,182 @@
+"""Task vectors: the difference between a fine-tuned model and its base, as a small algebra.
+
+The API follows mlfoundations/task_vectors (``+``, unary ``-``, scalar ``*``, ``sum()``,
+``apply_to``) but works on plain state dicts, never on pickled modules.
+
+Conventions that every part of distac shares:
+
+* A state dict is ``dict[str, Tensor]``.
+* Only floating-point entries have a task vector. Integer and bool buffers (position ids,
+  ``num_batches_tracked``) are copied from the base, never averaged.
+* *Shared* parameters are merged; *head* parameters (task-specific classification heads) are
+  chosen by name patterns (default: none) and kept per task.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import DistacError
+
+__all__ = ["TaskVector", "is_mergeable", "match_heads", "split_heads"]
+
+StateDict = dict[str, Tensor]
+
+
+def is_mergeable(t: Tensor) -> bool:
+    """True for floating-point tensors: those have a task vector. Int/bool buffers do not."""
+    return t.is_floating_point()
+
+
+def match_heads(names: Iterable[str], patterns: Iterable[str] | None) -> set[str]:
+    """Names that match any head pattern.
+
+    A pattern is a shell glob matched against the whole name (``"classifier.*"``), or a regular
+    expression searched anywhere in the name when prefixed with ``re:`` (``"re:head\\."``).
+    """
+    globs, regexes = [], []
+    for p in patterns or ():
+        (regexes if p.startswith("re:") else globs).append(p)
+    compiled = [re.compile(p[3:]) for p in regexes]
+    return {
+        n for n in names
+        if any(fnmatch.fnmatchcase(n, g) for g in globs) or any(r.search(n) for r in compiled)
+    }
+
+
+def split_heads(state: Mapping[str, Tensor], patterns: Iterable[str] | None) -> tuple[StateDict, StateDict]:
+    """Split a state dict into ``(shared, heads)`` by head name patterns."""
+    heads = match_heads(state.keys(), patterns)
+    return ({k: v for k, v in state.items() if k not in heads}, {k: v for k, v in state.items() if k in heads})
+
+
+def check_compatible(base: Mapping[str, Tensor], other: Mapping[str, Tensor], what: str = "model") -> None:
+    """Raise a :class:`DistacError` naming the first key or shape that differs."""
+    missing = sorted(set(base) - set(other))
+    extra = sorted(set(other) - set(base))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s) of the base, e.g. {missing[:3]}")
+        if extra:
+            parts.append(f"{len(extra)} key(s) not in the base, e.g. {extra[:3]}")
+        raise DistacError(f"{what}: keys do not match the base: " + "; ".join(parts))
+    for k, t in base.items():
+        o = other[k]
+        if tuple(o.shape) != tuple(t.shape):
+            raise DistacError(f"{what}: tensor '{k}' has shape {tuple(o.shape)}, the base has {tuple(t.shape)}")
+        if o.is_floating_point() != t.is_floating_point():
+            raise DistacError(f"{what}: tensor '{k}' has dtype {o.dtype}, the base has {t.dtype}")
+
+
+class TaskVector(Mapping[str, Tensor]):
+    """τ = θ_ft − θ_0 over the floating-point entries of a state dict, in fp32.
+
+    >>> tv = TaskVector.from_models(base, finetuned)      # doctest: +SKIP
+    >>> merged = (0.4 * sum([tv_a, tv_b])).apply_to(base)  # doctest: +SKIP
+    """
+
+    def __init__(self, deltas: Mapping[str, Tensor]):
+        self._d: StateDict = dict(deltas)
+
+    # construction --------------------------------------------------------------------------
+    @classmethod
+    def from_models(cls, base: Mapping[str, Tensor], finetuned: Mapping[str, Tensor]) -> TaskVector:
+        """τ = finetuned − base for every floating-point entry (computed in fp32)."""
+        check_compatible(base, finetuned, "fine-tuned model")
+        return cls(
+            {k: finetuned[k].float() - b.float() for k, b in base.items() if is_mergeable(b)}
+        )
+
+    # mapping -------------------------------------------------------------------------------
+    def __getitem__(self, key: str) -> Tensor:
+        return self._d[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __repr__(self) -> str:
+        return f"TaskVector({len(self)} tensors, norm={self.norm():.4g})"
+
+    # algebra -------------------------------------------------------------------------------
+    def _zip(self, other: TaskVector, op) -> TaskVector:
+        if not isinstance(other, TaskVector):
+            return NotImplemented
+        if set(self._d) != set(other._d):
+            diff = sorted(set(self._d) ^ set(other._d))
+            raise DistacError(f"task vectors have different keys, e.g. {diff[:3]}")
+        return TaskVector({k: op(v, other._d[k]) for k, v in self._d.items()})
+
+    def __add__(self, other: TaskVector) -> TaskVector:
+        return self._zip(other, torch.add)
+
+    def __radd__(self, other: object) -> TaskVector:
+        # sum() starts from 0
+        if isinstance(other, int | float) and other == 0:
+            return self
+        return NotImplemented
+
+    def __sub__(self, other: TaskVector) -> TaskVector:
+        return self._zip(other, torch.sub)
+
+    def __neg__(self) -> TaskVector:
+        return TaskVector({k: -v for k, v in self._d.items()})
+
+    def __mul__(self, c: float) -> TaskVector:
+        if not isinstance(c, int | float):
+            return NotImplemented
+        return TaskVector({k: v * c for k, v in self._d.items()})
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c: float) -> TaskVector:
+        return self * (1.0 / c)
+
+    # measures ------------------------------------------------------------------------------
+    def norm(self) -> float:
+        """Global L2 norm over all entries (the DisTaC paper's ‖τ‖)."""
+        return float(torch.sqrt(sum((v.double() ** 2).sum() for v in self._d.values())) if self._d else 0.0)
+
+    def norms(self) -> dict[str, float]:
+        """Per-tensor L2 norms."""
+        return {k: float(v.double().norm()) for k, v in self._d.items()}
+
+    def dot(self, other: TaskVector) -> float:
+        return float(sum((v.double() * other._d[k].double()).sum() for k, v in self._d.items()))
+
+    def cosine(self, other: TaskVector) -> float:
+        denom = self.norm() * other.norm()
+        return self.dot(other) / denom if denom > 0 else 0.0
+
+    def only(self, keys: Iterable[str]) -> TaskVector:
+        keep = set(keys)
+        return TaskVector({k: v for k, v in self._d.items() if k in keep})
+
+    def without(self, keys: Iterable[str]) -> TaskVector:
+        drop = set(keys)
+        return TaskVector({k: v for k, v in self._d.items() if k not in drop})
+
+    # application ---------------------------------------------------------------------------
+    def apply_to(self, base: Mapping[str, Tensor], scale: float = 1.0) -> StateDict:
+        """θ = base + scale·τ. Entries without a delta are copied; dtypes follow the base."""
+        out: StateDict = {}
+        for k, b in base.items():
+            d = self._d.get(k)
+            out[k] = b.clone() if d is None else (b.float() + scale * d).to(b.dtype)
+        return out
+
+    def to_state_dict(self) -> StateDict:
+        return dict(self._d)
+
+
+def task_vectors(base: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]]) -> list[TaskVector]:
+    """One :class:`TaskVector` per fine-tuned model."""
+    return [TaskVector.from_models(base, m) for m in models]
