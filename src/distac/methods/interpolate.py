@@ -1,0 +1,118 @@
+"""Interpolation in weight space: SLERP (two models) and Model Stock.
+
+Both look at each tensor as a whole (a norm or an angle over all of its entries), so neither is
+chunkable. They are written, like every method, as functions returning the merged *task vector*;
+the engine adds the base back.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+import torch
+from torch import Tensor
+
+from ._registry import Method, Range, TensorContext
+
+__all__ = ["model_stock", "model_stock_ratio", "slerp"]
+
+#: above this |cos| the two directions are treated as collinear and SLERP falls back to LERP
+#: (mergekit and FusionBench use the same constant); also avoids dividing by sin Ω ≈ 0.
+DOT_THRESHOLD = 0.9995
+EPS = 1e-8
+
+
+def slerp(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    ctx: TensorContext,
+    t: Annotated[float, Range(0, 1)] = 0.5,
+) -> Tensor:
+    """Spherical linear interpolation between the two *full* weights θ_1 = θ0 + τ_1 and θ_2 = θ0 + τ_2.
+
+    Shoemake (1985), as used for model merging by mergekit ``slerp`` and FusionBench ``slerp``:
+    with v0, v1 the flattened tensors and cos Ω = ⟨v0/‖v0‖, v1/‖v1‖⟩ (a norm ≤ 1e-8 is not
+    normalised),
+
+        θ = sin((1−t)Ω)/sin Ω · θ_1 + sin(tΩ)/sin Ω · θ_2,   or (1−t)·θ_1 + t·θ_2 if |cos Ω| > 0.9995.
+
+    ``t`` defaults to 0.5 (FusionBench; mergekit requires it). Difference from mergekit: mergekit
+    interpolates from the *base model* to one other model (its ``base_model`` is v0); distac
+    interpolates between the two fine-tuned models and uses θ0 only to form them, so
+    ``t = 0`` returns θ_1 and ``t = 1`` returns θ_2. mergekit's per-layer ``t`` gradients are not
+    supported. The angle is computed in fp64.
+    """
+    v0 = base + deltas[0]
+    v1 = base + deltas[1]
+    n0 = float(torch.linalg.vector_norm(v0.double()))
+    n1 = float(torch.linalg.vector_norm(v1.double()))
+    dot = float((v0.double() * v1.double()).sum()) / ((n0 if n0 > EPS else 1.0) * (n1 if n1 > EPS else 1.0))
+    if abs(dot) > DOT_THRESHOLD:
+        merged = (1 - t) * v0 + t * v1
+    else:
+        omega = math.acos(dot)
+        s = math.sin(omega)
+        merged = (math.sin((1 - t) * omega) / s) * v0 + (math.sin(t * omega) / s) * v1
+    return merged - base
+
+
+def model_stock_ratio(deltas: Tensor) -> Tensor:
+    """Model Stock's interpolation ratio t = N·cos / (1 + (N−1)·cos) for one tensor (0-d tensor).
+
+    cos is the mean over model pairs of cos∠(τ_i, τ_j) on the flattened tensor, each clamped to
+    [−1, 1] with the norm product clamped to ≥ 1e-6 (mergekit's convention). FusionBench instead
+    averages the pairwise *angles* (in degrees) and takes the cosine of the mean; for N = 2 the
+    two agree.
+    """
+    n = deltas.shape[0]
+    flat = deltas.reshape(n, -1)
+    norms = torch.linalg.vector_norm(flat, dim=1)
+    cosines = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            c = (flat[i] @ flat[j]) / (norms[i] * norms[j]).clamp(min=1e-6)
+            cosines.append(c.clamp(-1, 1))
+    cos = torch.stack(cosines).mean()
+    return n * cos / (1 + (n - 1) * cos)
+
+
+def model_stock(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    ctx: TensorContext,
+) -> Tensor:
+    """Model Stock, per tensor: θ = t·mean_t θ_t + (1 − t)·θ0, i.e. Δ = t · mean_t τ_t.
+
+    Jang, Yun, Han, ECCV 2024 (arXiv 2403.19522); no official code, so distac follows mergekit's
+    ``model_stock`` (see :func:`model_stock_ratio`). Like mergekit and FusionBench, no guard for
+    cos ≤ 0 (t ≤ 0 extrapolates towards or beyond θ0); a cos of exactly −1/(N−1) makes t infinite
+    and is reported as an error naming the tensor. mergekit's ``filter_wise`` (per-row t) is not
+    offered. No parameters.
+    """
+    t = model_stock_ratio(deltas)
+    if not torch.isfinite(t):
+        raise ValueError(f"Model Stock ratio is not finite (pairwise cosines average to {float(t)}); "
+                         "the task vectors point in opposite directions")
+    return t * deltas.mean(0)
+
+
+METHODS = (
+    Method(
+        "slerp", slerp,
+        summary="Spherical interpolation between two fine-tuned models (LERP when nearly collinear).",
+        paper="Shoemake, Animating rotation with quaternion curves, SIGGRAPH 1985; mergekit/FusionBench slerp",
+        chunkable=False, min_models=2, max_models=2,
+        notes="Interpolates θ_1 → θ_2 (mergekit interpolates base → other model). t=0.5 default (FusionBench); "
+              "0.9995 LERP threshold, eps 1e-8 (both anchors).",
+    ),
+    Method(
+        "model_stock", model_stock,
+        summary="t·mean(θ_t) + (1−t)·θ0 with t from the mean pairwise cosine of the task vectors.",
+        paper="Jang et al., Model Stock, ECCV 2024 (arXiv 2403.19522)",
+        chunkable=False, min_models=2,
+        notes="Mean of pairwise cosines (mergekit); FusionBench averages angles for N > 2.",
+    ),
+)

@@ -1,0 +1,469 @@
+"""The task-arithmetic family as one composition of small pure steps.
+
+Every method here is ``scale · merge(elect(weights · sparsify(τ)))`` with one choice per column
+(the idea of mergekit's ``GeneralizedTaskArithmetic``, written as a table instead of classes):
+
+=================  ==========================  ===========  =============================
+method             sparsify                    elect        merge
+=================  ==========================  ===========  =============================
+task_arithmetic    none                        none         sum          (``basic.py``)
+ties               magnitude (global|tensor)   mass         disjoint mean | sum
+dare_linear        DARE random drop            none         sum
+dare_ties          DARE, then magnitude        mass         disjoint mean | sum
+breadcrumbs        per-row middle band         none         sum
+breadcrumbs_ties   per-row middle band         mass         disjoint mean | sum
+consensus_ta       none; TALL consensus mask   none         sum, masked
+consensus_ties     magnitude; TALL consensus   mass         disjoint sum, masked
+=================  ==========================  ===========  =============================
+
+Conventions shared by the family (each function's docstring adds its own):
+
+* ``weights`` (per model, default all 1) multiply each *sparsified* task vector before the sign
+  election, so they act like mergekit's ``weight``. The disjoint mean divides by the *count* of
+  agreeing entries (official TIES / peft), not by the sum of their weights (mergekit
+  ``normalize: true``); the two agree for unit weights. A negative weight negates a task.
+* ``density`` is always the fraction *kept* (mergekit/peft ``density``; MergeLM's
+  ``weight_mask_rate`` and FusionBench's ``sparsity_ratio`` are ``1 - density``; TIES's "top-k%"
+  is ``density = k/100``).
+* ``scale`` is the λ/α applied last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+import torch
+from torch import Tensor
+
+from ..errors import DistacError
+from ..random import stream_key, uniform
+from ..thresholds import magnitude_threshold
+from ._registry import Method, OneOf, PerModel, Prepass, Range, TensorContext
+from .basic import Weights, model_weights
+
+__all__ = [
+    "breadcrumbs",
+    "breadcrumbs_mask",
+    "breadcrumbs_ties",
+    "consensus_mask",
+    "consensus_ta",
+    "consensus_ties",
+    "dare",
+    "dare_linear",
+    "dare_ties",
+    "disjoint_merge",
+    "elect_sign",
+    "ties",
+    "trim_magnitude",
+]
+
+Density = Annotated[float | list[float], Range(0, 1, lo_open=True), PerModel()]
+Scope = Annotated[str, OneOf(("global", "tensor"))]
+MergeFn = Annotated[str, OneOf(("mean", "sum"))]
+Scale = Annotated[float, Range()]
+Seed = Annotated[int, Range(0)]
+
+
+def _per_model(v: float | list[float], n: int) -> list[float]:
+    return [float(x) for x in v] if isinstance(v, list | tuple) else [float(v)] * n
+
+
+def _column(values: list[float], like: Tensor) -> Tensor:
+    """Per-model scalars shaped ``(N, 1, ..., 1)`` to broadcast against ``(N, *S)``."""
+    return torch.tensor(values, dtype=like.dtype, device=like.device).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+# ----------------------------------------------------------------------------------------------
+# sparsify steps: (N, *S) -> (N, *S), zeros where dropped
+# ----------------------------------------------------------------------------------------------
+def magnitude_thresholds(
+    deltas: Tensor, *, density: float | list[float], scope: str, ctx: TensorContext
+) -> Tensor:
+    """Per-model thresholds, shape (N,): the engine's global pre-pass, or this tensor's own.
+
+    ``scope="global"`` (official TIES ``topk_values_mask`` over the flattened model, FusionBench,
+    TALL, DisTaC) reads ``ctx.thresholds``; ``scope="tensor"`` (mergekit, peft) computes the
+    threshold of this tensor alone with :func:`distac.thresholds.magnitude_threshold`.
+    """
+    if scope == "global":
+        if ctx.thresholds is None:
+            raise DistacError(
+                f"tensor '{ctx.name}': scope='global' needs the global magnitude thresholds of the engine's "
+                "pre-pass; call the method through distac.merge, or use scope='tensor'"
+            )
+        return ctx.thresholds.to(deltas.device, deltas.dtype)
+    dens = _per_model(density, deltas.shape[0])
+    return torch.tensor(
+        [magnitude_threshold(deltas[i], d) for i, d in enumerate(dens)], dtype=deltas.dtype, device=deltas.device
+    )
+
+
+def trim_magnitude(deltas: Tensor, thresholds: Tensor) -> Tensor:
+    """TIES trim: keep ``|τ_t| >= threshold_t`` (ties at the threshold are kept, as in the official code)."""
+    thr = thresholds.reshape(-1, *([1] * (deltas.dim() - 1)))
+    return torch.where(deltas.abs() >= thr, deltas, torch.zeros((), dtype=deltas.dtype, device=deltas.device))
+
+
+def dare(deltas: Tensor, *, density: float | list[float], seed: int, ctx: TensorContext) -> Tensor:
+    """DARE drop-and-rescale: δ̃_t = m_t ⊙ δ_t / density_t, with m_t ~ Bernoulli(density_t).
+
+    Yu et al., "Language Models are Super Mario", ICML 2024 (arXiv 2311.03099). The rescale is the
+    exact ``1/(1-p)`` of the official MergeLM code and peft; mergekit (since PR #245) instead
+    rescales to match the L1 norm of the kept entries, so its results differ.
+
+    Entry ``j`` of model ``t`` is kept when ``u < density_t`` with ``u`` from
+    :func:`distac.random.uniform` keyed by ``(seed, ctx.name, t)`` at counter ``ctx.offset + j``:
+    the mask does not depend on tensor order, row chunking, process or device.
+    """
+    dens = _per_model(density, deltas.shape[0])
+    out = torch.empty_like(deltas)
+    per_model = deltas[0].numel()
+    for i, d in enumerate(dens):
+        u = uniform(stream_key(seed, ctx.name, i), ctx.offset, per_model, device=deltas.device)
+        keep = u.reshape(deltas.shape[1:]) < d
+        # δ/d, not δ·(1/d): exact for d = 1 and matches the reference's division.
+        out[i] = torch.where(keep, deltas[i] / d, torch.zeros((), dtype=deltas.dtype, device=deltas.device))
+    return out
+
+
+def breadcrumbs_mask(deltas: Tensor, *, density: float | list[float], gamma: float) -> Tensor:
+    """Model Breadcrumbs: per row (last dim), drop the top ``gamma`` fraction by |τ|, keep the next ``density``.
+
+    Davari & Belilovsky, ECCV 2024 (arXiv 2312.06795), official ``TaskVectorMiddleKeep``
+    (remove first): with row length L, the entries whose descending-magnitude rank lies in
+    ``[int(γL), int(γL) + int(βL))`` are kept. 0-d tensors are returned unchanged, 1-d tensors are
+    one row. mergekit's ``breadcrumbs`` ranks over the whole tensor instead of per row, and its
+    ``density`` is the final keep fraction with ``1 - density - gamma`` removed from the bottom.
+    Ties in magnitude are broken by position (stable sort); the official ``topk`` breaks them
+    arbitrarily.
+    """
+    if deltas.dim() <= 1:  # a scalar per model: untouched, as in the official code
+        return deltas.clone()
+    n, length = deltas.shape[0], deltas.shape[-1]
+    order = torch.sort(deltas.abs(), dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(length, device=deltas.device).expand_as(order))
+    lo = int(length * gamma)
+    hi = _column([lo + int(length * d) for d in _per_model(density, n)], ranks)
+    keep = (ranks >= lo) & (ranks < hi)
+    return torch.where(keep, deltas, torch.zeros((), dtype=deltas.dtype, device=deltas.device))
+
+
+# ----------------------------------------------------------------------------------------------
+# elect and merge steps
+# ----------------------------------------------------------------------------------------------
+def elect_sign(x: Tensor) -> Tensor:
+    """TIES sign election by mass: γ = sgn(Σ_t x_t), shape ``S``.
+
+    Where Σ_t x_t = 0 the official ``resolve_zero_signs(..., "majority")`` uses the sign of the sum of
+    all elected signs. The official code takes that majority over the whole flattened model; here it
+    is taken over the tensor (or row chunk) the function receives, since nothing else is in memory.
+    It only matters where nonzero entries cancel exactly. If the majority is itself 0, +1 is used.
+    (The DisTaC repository's fallback is always +1; mergekit and peft leave the sign 0, which drops
+    the coordinate.)
+    """
+    sign = torch.sign(x.sum(0))
+    majority = torch.sign(sign.sum())
+    if majority == 0:
+        majority = torch.ones((), dtype=sign.dtype, device=sign.device)
+    return torch.where(sign == 0, majority, sign)
+
+
+def disjoint_merge(x: Tensor, sign: Tensor, merge_fn: str) -> Tensor:
+    """TIES disjoint merge: combine only the entries whose sign agrees with the elected one.
+
+    ``"mean"``: Σ_{t∈A} x_t / max(|A|, 1) (official TIES, MergeLM, peft); ``"sum"``: Σ_{t∈A} x_t
+    (FusionBench ``merge_func: sum``, the TALL/Consensus multi-task vector, mergekit with
+    ``normalize: false``).
+    """
+    agree = torch.where(sign > 0, x > 0, x < 0)
+    total = torch.where(agree, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(0)
+    if merge_fn == "sum":
+        return total
+    return total / agree.sum(0).clamp(min=1).to(x.dtype)
+
+
+def _combine(
+    sparse: Tensor, *, weights: float | list[float] | None, elect: bool, merge_fn: str, scale: float
+) -> Tensor:
+    """The last three columns of the table: weight, (elect + disjoint merge | sum), scale."""
+    x = model_weights(weights, sparse.shape[0], sparse) * sparse
+    merged = disjoint_merge(x, elect_sign(x), merge_fn) if elect else x.sum(0)
+    return scale * merged
+
+
+# ----------------------------------------------------------------------------------------------
+# registered methods
+# ----------------------------------------------------------------------------------------------
+def ties(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    ctx: TensorContext,
+    density: Density = 0.2,
+    scope: Scope = "global",
+    merge_fn: MergeFn = "mean",
+    scale: Scale = 1.0,
+    weights: Weights = None,
+) -> Tensor:
+    """TIES-Merging: θ = θ0 + λ · disjoint_merge(elect(w ⊙ trim(τ))).
+
+    Yadav et al., NeurIPS 2023 (arXiv 2306.01708). Trim keeps the top ``density`` fraction of |τ_t|
+    (``|τ| >= threshold``, ties kept), over the whole task vector (``scope="global"``, official) or
+    per tensor (``scope="tensor"``, mergekit/peft); elect by mass; disjoint mean or sum.
+
+    Defaults are the official recipe without validation data: k = 20 (``density=0.2``), mass
+    election, disjoint mean, λ = 1. FusionBench uses ``merge_fn="sum"`` with ``scale=0.3``;
+    mergekit ``ties`` trims per tensor with density 1.0 (no trim) unless set, and divides by the
+    sum of the agreeing weights; the DisTaC repository keeps the top 10% (``density=0.1``).
+    """
+    thr = magnitude_thresholds(deltas, density=density, scope=scope, ctx=ctx)
+    return _combine(trim_magnitude(deltas, thr), weights=weights, elect=True, merge_fn=merge_fn, scale=scale)
+
+
+def dare_linear(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    ctx: TensorContext,
+    density: Density = 0.9,
+    seed: Seed = 0,
+    scale: Scale = 1.0,
+    weights: Weights = None,
+) -> Tensor:
+    """DARE + task arithmetic: θ = θ0 + λ Σ_t w_t · m_t ⊙ τ_t / density_t.
+
+    Yu et al., ICML 2024 (arXiv 2311.03099). ``density`` is the keep probability 1 − p; the
+    default 0.9 is the official MergeLM CLI's ``weight_mask_rate`` 0.1 (its GLUE grid is
+    p ∈ {0.1, …, 0.9}; FusionBench uses p = 0.5, mergekit density 1.0 = no drop). ``seed`` 0 as in
+    MergeLM's LLM scripts. The rescale is exactly 1/density (official, peft); mergekit matches L1
+    norms instead. Randomness: see :func:`dare`.
+    """
+    return _combine(dare(deltas, density=density, seed=seed, ctx=ctx), weights=weights, elect=False,
+                    merge_fn="sum", scale=scale)
+
+
+def dare_ties(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    ctx: TensorContext,
+    density: Density = 0.9,
+    trim_density: Density = 0.2,
+    scope: Scope = "global",
+    merge_fn: MergeFn = "mean",
+    seed: Seed = 0,
+    scale: Scale = 1.0,
+    weights: Weights = None,
+) -> Tensor:
+    """DARE-TIES: DARE (keep ``density``, rescale 1/density), then TIES on the DARE'd vectors.
+
+    Yu et al., ICML 2024 (arXiv 2311.03099), MergeLM ``mask_merging`` with ``ties``: the TIES trim
+    keeps the top ``trim_density`` fraction of the *DARE'd* task vector (its global threshold comes
+    from the engine's pre-pass over the DARE'd deltas), then mass election and disjoint mean.
+
+    Names: ``density`` = MergeLM 1 − ``weight_mask_rate`` = mergekit/peft ``density`` = FusionBench
+    1 − ``sparsity_ratio``; ``trim_density`` = MergeLM 1 − ``param_value_mask_rate`` = FusionBench
+    ``threshold``/100 (default 0.2 = its 20). mergekit's ``dare_ties`` has no magnitude trim (set
+    ``trim_density=1``), uses ``merge_fn="sum"`` and L1-matched rescaling; FusionBench uses
+    ``merge_fn="sum"`` and ``scale=0.5``.
+    """
+    dropped = dare(deltas, density=density, seed=seed, ctx=ctx)
+    thr = magnitude_thresholds(dropped, density=trim_density, scope=scope, ctx=ctx)
+    return _combine(trim_magnitude(dropped, thr), weights=weights, elect=True, merge_fn=merge_fn, scale=scale)
+
+
+def breadcrumbs(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    ctx: TensorContext,
+    density: Density = 0.2,
+    gamma: Annotated[float, Range(0, 1, hi_open=True)] = 0.1,
+    scale: Scale = 1.0,
+    weights: Weights = None,
+) -> Tensor:
+    """Model Breadcrumbs: θ = θ0 + λ Σ_t w_t · mask_t ⊙ τ_t, mask per row (see :func:`breadcrumbs_mask`).
+
+    Davari & Belilovsky, ECCV 2024 (arXiv 2312.06795). ``density`` = β (``top_k_keep``) and
+    ``gamma`` = γ (``top_k_remove``); defaults β = 0.2, γ = 0.1 from the official README example
+    (its α is 0.4; distac's ``scale`` defaults to 1.0 like the rest of the family). mergekit masks
+    per tensor, with ``gamma`` 0.01 and ``density`` 1.0 by default. Not in FusionBench.
+    """
+    masked = breadcrumbs_mask(deltas, density=density, gamma=gamma)
+    return _combine(masked, weights=weights, elect=False, merge_fn="sum", scale=scale)
+
+
+def breadcrumbs_ties(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    ctx: TensorContext,
+    density: Density = 0.2,
+    gamma: Annotated[float, Range(0, 1, hi_open=True)] = 0.1,
+    merge_fn: MergeFn = "mean",
+    scale: Scale = 1.0,
+    weights: Weights = None,
+) -> Tensor:
+    """Breadcrumbs masks, then TIES sign election and disjoint merge (mergekit ``breadcrumbs_ties``).
+
+    Masks as in :func:`breadcrumbs` (per row, official); election and merge as in :func:`ties`.
+    mergekit masks per tensor and merges with ``normalize: false`` (``merge_fn="sum"``).
+    """
+    masked = breadcrumbs_mask(deltas, density=density, gamma=gamma)
+    return _combine(masked, weights=weights, elect=True, merge_fn=merge_fn, scale=scale)
+
+
+def consensus_mask(deltas: Tensor, mtl: Tensor, *, tall_lambda: float | list[float], k: float) -> Tensor:
+    """TALL masks and their consensus, shape ``S`` (bool).
+
+    Wang et al., "Localizing Task Information for Improved Model Merging and Compression", ICML 2024
+    (arXiv 2405.07813): m_t = 1{|τ_t| > λ_t·|τ_MTL − τ_t|} (strict), consensus = 1{Σ_t m_t ≥ k}.
+    """
+    lam = _column(_per_model(tall_lambda, deltas.shape[0]), deltas)
+    tall = deltas.abs() > lam * (mtl.unsqueeze(0) - deltas).abs()
+    return tall.sum(0) >= k
+
+
+Lambda = Annotated[float | list[float], Range(0), PerModel()]
+
+
+def consensus_ta(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    ctx: TensorContext,
+    k: Annotated[int, Range(0)] = 2,
+    tall_lambda: Lambda = 0.4,
+    scale: Scale = 1.0,
+    weights: Weights = None,
+) -> Tensor:
+    """Consensus Task Arithmetic: θ = θ0 + α · (m_cons ⊙ τ_MTL), τ_MTL = Σ_t w_t τ_t.
+
+    Wang et al., ICML 2024 (arXiv 2405.07813), official ``tall_masks``. ``k`` = ``prun_thre_k``
+    (default 2: drops weights used by fewer than two tasks; k = 0 is TA, k > T gives θ0).
+    ``tall_lambda``: the official code picks λ_t ∈ {0.2, …, 0.6} per task on validation data; the
+    default 0.4 is the middle of that grid, since a data-free merge cannot search it. α is searched
+    on validation in {0.1, …, 1.0} officially; ``scale`` defaults to 1.0 like task arithmetic.
+    Weights scale each τ_t before the masks. mergekit's former ``consensus_ta`` (removed in a2dda31)
+    used k = 1 and λ = 1 with masks per tensor; since all the masks are elementwise, distac's
+    per-tensor computation equals the official flattened one.
+    """
+    x = model_weights(weights, deltas.shape[0], deltas) * deltas
+    mtl = x.sum(0)
+    return scale * torch.where(consensus_mask(x, mtl, tall_lambda=tall_lambda, k=k), mtl, torch.zeros_like(mtl))
+
+
+def consensus_ties(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    ctx: TensorContext,
+    k: Annotated[int, Range(0)] = 2,
+    tall_lambda: Lambda = 0.4,
+    density: Density = 0.2,
+    scope: Scope = "global",
+    scale: Scale = 1.0,
+    weights: Weights = None,
+) -> Tensor:
+    """Consensus TIES: as :func:`consensus_ta` with τ_MTL = TIES(top ``density``, disjoint *sum*, λ = 1).
+
+    Wang et al., ICML 2024 (arXiv 2405.07813), official ``use_ties``: the multi-task vector is TIES
+    with k = 20 and "dis-sum"; the TALL masks compare it with the *untrimmed* τ_t.
+    """
+    x = model_weights(weights, deltas.shape[0], deltas) * deltas
+    thr = magnitude_thresholds(deltas, density=density, scope=scope, ctx=ctx)
+    mtl = _combine(trim_magnitude(deltas, thr), weights=weights, elect=True, merge_fn="sum", scale=1.0)
+    return scale * torch.where(consensus_mask(x, mtl, tall_lambda=tall_lambda, k=k), mtl, torch.zeros_like(mtl))
+
+
+# ----------------------------------------------------------------------------------------------
+# what the engine must do for each
+# ----------------------------------------------------------------------------------------------
+def _global_trim(key: str) -> Any:
+    """Pre-pass planner: exact global thresholds of ``params[key]`` when ``scope == "global"``."""
+
+    def plan(params: Mapping[str, Any], n: int) -> Prepass | None:
+        return Prepass(density=_per_model(params[key], n)) if params["scope"] == "global" else None
+
+    return plan
+
+
+def _dare_ties_prepass(params: Mapping[str, Any], n: int) -> Prepass | None:
+    if params["scope"] != "global":
+        return None
+
+    def dared(base: Tensor, deltas: Tensor, ctx: TensorContext) -> Tensor:
+        # the trim threshold is a quantile of the DARE'd (dropped and rescaled) task vector
+        return dare(deltas, density=params["density"], seed=params["seed"], ctx=ctx)
+
+    return Prepass(density=_per_model(params["trim_density"], n), transform=dared)
+
+
+def _is_global(params: Mapping[str, Any]) -> bool:
+    # per-tensor thresholds need the whole tensor; global ones are known before any chunk
+    return params["scope"] == "global"
+
+
+_FAMILY_NOTES = (
+    "density = fraction kept (MergeLM weight_mask_rate = FusionBench sparsity_ratio = 1 - density); "
+    "weights multiply the sparsified task vectors before sign election; the disjoint mean divides by "
+    "the count of agreeing entries (official/peft), not by their summed weights (mergekit normalize)."
+)
+
+METHODS = (
+    Method(
+        "ties", ties,
+        summary="Trim to the top density by |τ| (global or per tensor), elect sign by mass, disjoint mean/sum.",
+        paper="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708)",
+        chunkable=_is_global, prepass=_global_trim("density"),
+        notes="Official defaults (global top 20%, dis-mean, λ=1). FusionBench: merge_fn=sum, scale=0.3. "
+              "mergekit/peft: scope=tensor. Zero elected sign: official majority fallback, per tensor. "
+              + _FAMILY_NOTES,
+    ),
+    Method(
+        "dare_linear", dare_linear,
+        summary="DARE random drop with exact 1/density rescale, then task arithmetic.",
+        paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)",
+        notes="Counter-based RNG keyed by (seed, tensor, model): independent of order, chunking and device. "
+              "mergekit rescales by L1 matching; official/peft/FusionBench by 1/density. " + _FAMILY_NOTES,
+    ),
+    Method(
+        "dare_ties", dare_ties,
+        summary="DARE, then TIES (trim to trim_density, elect, disjoint merge) on the DARE'd task vectors.",
+        paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)",
+        chunkable=_is_global, prepass=_dare_ties_prepass,
+        notes="Global trim threshold computed on the DARE'd deltas. mergekit dare_ties = trim_density=1, "
+              "merge_fn=sum, L1 rescale; FusionBench: density 0.5, merge_fn=sum, scale 0.5. " + _FAMILY_NOTES,
+    ),
+    Method(
+        "breadcrumbs", breadcrumbs,
+        summary="Per-row mask dropping the top gamma and keeping the next density by |τ|, then task arithmetic.",
+        paper="Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv 2312.06795)",
+        # rows lie along the last dim; a 1-D tensor is one row, so a chunk could split it
+        chunkable=False,
+        notes="Masks per row along the last dim (official); mergekit masks per whole tensor. " + _FAMILY_NOTES,
+    ),
+    Method(
+        "breadcrumbs_ties", breadcrumbs_ties,
+        summary="Breadcrumbs masks, then TIES sign election and disjoint merge.",
+        paper="Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv 2312.06795)",
+        chunkable=False,
+        notes="mergekit's breadcrumbs_ties masks per tensor and sums (merge_fn=sum). " + _FAMILY_NOTES,
+    ),
+    Method(
+        "consensus_ta", consensus_ta,
+        summary="Task arithmetic restricted to weights that at least k TALL masks select.",
+        paper="Wang et al., Localizing Task Information (TALL masks / Consensus), ICML 2024 (arXiv 2405.07813)",
+        notes="tall_lambda defaults to 0.4, the middle of the official per-task validation grid {0.2..0.6}; "
+              "mergekit's removed consensus_ta used k=1, λ=1.",
+    ),
+    Method(
+        "consensus_ties", consensus_ties,
+        summary="Consensus mask applied to the TIES (top density, disjoint sum) multi-task vector.",
+        paper="Wang et al., Localizing Task Information (TALL masks / Consensus), ICML 2024 (arXiv 2405.07813)",
+        chunkable=_is_global, prepass=_global_trim("density"),
+        notes="Official use_ties: TIES k=20 with dis-sum for τ_MTL; TALL masks use the untrimmed τ_t.",
+    ),
+)
