@@ -1,4 +1,4 @@
-"""The merge engine: one loop over tensor names, shared by in-memory and on-disk merges.
+"""The merge engine: one streaming loop over tensor names, shared by in-memory and on-disk merges.
 
 For every tensor name the engine reads the base and the N models (lazily, from any
 :class:`TensorSource`), computes task vectors in fp32, calls the method's pure function, adds the
@@ -7,11 +7,23 @@ global top-k) gets it from an exact pre-pass over the same sources first.
 
 ``distac.merge`` on state dicts and ``distac.merge_checkpoints`` on files both run this loop, so a
 streamed merge and an in-memory one can only differ through a bug (and a test checks they don't).
+
+Memory and speed (issue #6, anchors.md §5.4):
+
+* one *piece* (a whole tensor, or a range of its rows) is loaded into a single ``(N+1, rows, ...)``
+  fp32 buffer: row 0 is the base, rows 1..N become the task vectors by one in-place subtraction;
+* tensors whose buffer would exceed ``chunk_bytes`` are split by rows when the method says it is
+  element-wise (``Method.is_chunkable``); ``ctx.offset`` is the flat element offset of the piece,
+  so counter-based randomness (DARE) gives the same result chunked or not;
+* a background thread reads the next piece while the current one is merged (I/O overlapped with
+  compute). At most two pieces are alive at once: the one being merged and the one prefetched.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,13 +35,22 @@ from .methods import Method, TensorContext, get_method
 from .taskvector import match_heads
 from .thresholds import KthMagnitude, kth_smallest_rank
 
-__all__ = ["DictSource", "TensorSource", "merge", "run_merge"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "DictSource", "TensorSource", "default_device", "merge", "run_merge"]
 
 StateDict = dict[str, Tensor]
 
+#: default budget for one piece's (N+1) fp32 input copies; larger tensors are row-chunked when the
+#: method allows it. Two pieces are alive at once (prefetch), so the merge working set stays near
+#: 2 × this, within the "(N+1) × largest tensor + 512 MB" target of issue #6.
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
 
 class TensorSource(Protocol):
-    """Read access to one checkpoint, tensor by tensor."""
+    """Read access to one checkpoint, tensor by tensor.
+
+    Optional extras the engine uses when present: ``get_rows(name, start, stop)`` (read only
+    those rows, e.g. safetensors ``get_slice``) and ``file_of(name)`` (the file to name in errors).
+    """
 
     label: str
 
@@ -58,6 +79,45 @@ class DictSource:
     def get(self, name: str) -> Tensor:
         return self.state[name]
 
+    def get_rows(self, name: str, start: int, stop: int) -> Tensor:
+        return self.state[name][start:stop]
+
+
+def default_device(device: torch.device | str | None = None) -> torch.device:
+    """``device`` if given, else CUDA when available, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return int(torch.Size(shape).numel())
+
+
+def _where(src: Any, name: str) -> str:
+    """The file holding ``name`` when the source knows it (sharded checkpoints), else its label."""
+    file_of = getattr(src, "file_of", None)
+    return str(file_of(name)) if file_of is not None else src.label
+
+
+def _read(src: Any, name: str, rows: tuple[int, int] | None) -> Tensor:
+    if rows is None:
+        return src.get(name)
+    get_rows = getattr(src, "get_rows", None)
+    return get_rows(name, *rows) if get_rows is not None else src.get(name)[rows[0]:rows[1]]
+
+
+def split_rows(shape: Sequence[int], n_inputs: int, chunk_bytes: int | None) -> list[tuple[int, int]] | None:
+    """Row ranges so that ``n_inputs`` fp32 copies of one range fit ``chunk_bytes`` (None: keep whole).
+
+    A single row is the smallest piece, whatever the budget.
+    """
+    if chunk_bytes is None or len(shape) == 0 or n_inputs * 4 * _numel(shape) <= chunk_bytes:
+        return None
+    per_row = n_inputs * 4 * _numel(shape[1:])
+    step = max(1, chunk_bytes // max(per_row, 1))
+    return [(s, min(s + step, shape[0])) for s in range(0, shape[0], step)]
+
 
 @dataclass
 class MergePlan:
@@ -70,6 +130,25 @@ class MergePlan:
     heads: list[str]  # task-specific; kept per model, not merged
     thresholds: Tensor | None = None
     norms: dict[str, Tensor] = field(default_factory=dict)
+    chunkable: bool = False
+
+
+@dataclass(frozen=True)
+class Work:
+    """One unit the reader thread loads: a tensor to merge (whole or a row range) or to copy."""
+
+    name: str
+    rows: tuple[int, int] | None = None
+    copy: bool = False
+
+
+@dataclass
+class Loaded:
+    work: Work
+    base: Tensor  # fp32 piece of the base (or the raw tensor for a copy)
+    deltas: Tensor | None  # (N, *piece) fp32 task vectors
+    stats: dict[str, Tensor]
+    nbytes: int  # bytes read from the sources
 
 
 def _check_sources(base: TensorSource, models: Sequence[TensorSource]) -> None:
@@ -88,40 +167,120 @@ def _check_sources(base: TensorSource, models: Sequence[TensorSource]) -> None:
         for k in keys:
             if m.shape(k) != base.shape(k):
                 raise DistacError(
-                    f"{m.label}: tensor '{k}' has shape {m.shape(k)}, the base {base.label} has {base.shape(k)}"
+                    f"{_where(m, k)}: tensor '{k}' has shape {m.shape(k)}, the base {base.label} has {base.shape(k)}"
                 )
             if m.dtype(k).is_floating_point != base.dtype(k).is_floating_point:
-                raise DistacError(f"{m.label}: tensor '{k}' has dtype {m.dtype(k)}, the base has {base.dtype(k)}")
+                raise DistacError(
+                    f"{_where(m, k)}: tensor '{k}' has dtype {m.dtype(k)}, the base {base.label} has {base.dtype(k)}"
+                )
 
 
-def _read(src: TensorSource, name: str, device: torch.device) -> Tensor:
-    t = src.get(name).to(device=device, dtype=torch.float32)
-    if not torch.isfinite(t).all():
-        raise DistacError(f"{src.label}: tensor '{name}' contains NaN or Inf")
-    return t
+def _stats_for(
+    stats: Mapping[str, Any], name: str, shape: tuple[int, ...], rows: tuple[int, int] | None, device: torch.device
+) -> dict[str, Tensor]:
+    """Per-tensor statistics for one piece: lists of sources become (N, *S) stacks, single sources a tensor.
 
-
-def _load_deltas(
-    base: TensorSource, models: Sequence[TensorSource], name: str, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    b = _read(base, name, device)
-    deltas = torch.empty((len(models), *b.shape), dtype=torch.float32, device=device)
-    for i, m in enumerate(models):
-        deltas[i].copy_(_read(m, name, device))
-        deltas[i].sub_(b)
-    return b, deltas
-
-
-def _stats_for(stats: Mapping[str, Any], name: str, device: torch.device) -> dict[str, Tensor]:
-    """Per-tensor statistics: lists of sources become (N, *S) stacks, single sources a tensor."""
+    A statistic with the tensor's own shape (a Fisher diagonal) is sliced like the tensor; any other
+    (a Gram matrix) is passed whole (methods that read those are not chunkable).
+    """
     out: dict[str, Tensor] = {}
+
+    def one(src: Any) -> Tensor:
+        r = rows if rows is not None and tuple(src.shape(name)) == shape else None
+        return _read(src, name, r).to(device=device, dtype=torch.float32)
+
     for key, src in stats.items():
         if isinstance(src, list | tuple):
-            if all(name in s.keys() for s in src):
-                out[key] = torch.stack([s.get(name).to(device, torch.float32) for s in src])
+            if src and all(name in s.keys() for s in src):
+                out[key] = torch.stack([one(s) for s in src])
         elif src is not None and name in src.keys():
-            out[key] = src.get(name).to(device, torch.float32)
+            out[key] = one(src)
     return out
+
+
+def _load(
+    base: TensorSource, models: Sequence[TensorSource], work: Work, stats: Mapping[str, Any], device: torch.device
+) -> Loaded:
+    """Read one piece of the base and of every model into one (N+1, ...) fp32 buffer; deltas in place."""
+    name, rows = work.name, work.rows
+    if work.copy:
+        t = base.get(name)
+        return Loaded(work, t, None, {}, t.numel() * t.element_size())
+    full = tuple(base.shape(name))
+    shape = full if rows is None else (rows[1] - rows[0], *full[1:])
+    srcs = [base, *models]
+    buf = torch.empty((len(srcs), *shape), dtype=torch.float32, device=device)
+    nbytes = 0
+    for j, src in enumerate(srcs):
+        raw = _read(src, name, rows)
+        nbytes += raw.numel() * raw.element_size()
+        buf[j].copy_(raw)  # one pass: file dtype -> fp32, straight into the buffer
+    # One reduction catches NaN/Inf anywhere in the N+1 inputs; only then find the culprit.
+    if not bool(torch.isfinite(buf.sum())):
+        for j, src in enumerate(srcs):
+            if not bool(torch.isfinite(buf[j]).all()):
+                part = "" if rows is None else f" (rows {rows[0]}:{rows[1]})"
+                raise DistacError(f"{_where(src, name)}: tensor '{name}'{part} contains NaN or Inf")
+    b, deltas = buf[0], buf[1:]
+    deltas.sub_(b)
+    return Loaded(work, b, deltas, _stats_for(stats, name, full, rows, device), nbytes)
+
+
+def _stream(items: Iterable[Work], load: Callable[[Work], Loaded], *, prefetch: bool) -> Iterator[Loaded]:
+    """Yield loaded pieces in order; with ``prefetch``, a thread loads the next while the caller works.
+
+    Two slots bound memory: the piece being consumed and the one being (or already) loaded.
+    An error in the reader is re-raised in the caller; an error in the caller stops the reader.
+    """
+    if not prefetch:
+        for w in items:
+            yield load(w)
+        return
+    q: queue.Queue = queue.Queue()
+    slots = threading.Semaphore(2)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for w in items:
+                slots.acquire()
+                if stop.is_set():
+                    return
+                q.put((load(w), None))
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            q.put((None, e))
+            return
+        q.put((None, None))
+
+    th = threading.Thread(target=produce, name="distac-prefetch", daemon=True)
+    th.start()
+    try:
+        while True:
+            item, err = q.get()
+            if err is not None:
+                raise err
+            if item is None:
+                return
+            yield item
+            del item
+            slots.release()
+    finally:
+        stop.set()
+        slots.release()
+        th.join()
+
+
+def _pieces(plan: MergePlan, base: TensorSource, n_inputs: int, chunk_bytes: int | None) -> list[Work]:
+    budget = chunk_bytes if plan.chunkable else None
+    out = []
+    for k in plan.names:
+        ranges = split_rows(base.shape(k), n_inputs, budget)
+        out.extend([Work(k)] if ranges is None else [Work(k, r) for r in ranges])
+    return out
+
+
+def _offset(base: TensorSource, w: Work) -> int:
+    return 0 if w.rows is None else w.rows[0] * _numel(base.shape(w.name)[1:])
 
 
 def plan_merge(
@@ -134,8 +293,14 @@ def plan_merge(
     stats: Mapping[str, Any] | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[Iterator[str], str], Iterator[str]] | None = None,
+    chunk_bytes: int | None = None,
+    prefetch: bool = False,
 ) -> MergePlan:
-    """Resolve the method and parameters, check the inputs, and run the exact pre-pass."""
+    """Resolve the method and parameters, check the inputs, and run the exact pre-pass.
+
+    The pre-pass reads the same pieces the merge will (row chunks when the method allows), so its
+    memory bound is the merge's.
+    """
     m = get_method(method) if isinstance(method, str) else method
     resolved = m.resolve(params, len(models))
     _check_sources(base, models)
@@ -147,21 +312,23 @@ def plan_merge(
             continue
         (names if base.dtype(k).is_floating_point else copied).append(k)
     plan = MergePlan(m, resolved, names, copied, sorted(heads, key=base.keys().index))
+    plan.chunkable = m.is_chunkable(resolved)
     pre = m.plan_prepass(resolved, len(models))
     if pre is None:
         return plan
     stats = stats or {}
-    it: Callable[[Iterator[str], str], Iterator[str]] = progress or (lambda x, _d: x)
     if pre.density is not None:
-        total = sum(int(torch.Size(base.shape(k)).numel()) for k in names)
+        total = sum(_numel(base.shape(k)) for k in names)
         sel = KthMagnitude([kth_smallest_rank(total, d) for d in pre.density])
+        pieces = _pieces(plan, base, len(models) + 1, chunk_bytes)
         for pass_ in (1, 2):
             if pass_ == 2 and not sel.needs_second_pass:
                 break
-            for k in it(iter(names), f"pre-pass {pass_}/2"):
-                b, deltas = _load_deltas(base, models, k, device)
-                ctx = TensorContext(k, tuple(b.shape), stats=_stats_for(stats, k, device))
-                x = pre.transform(b, deltas, ctx) if pre.transform else deltas
+            it = iter(pieces) if progress is None else _with_progress(pieces, progress, f"pre-pass {pass_}/2")
+            for item in _stream(it, lambda w: _load(base, models, w, stats, device), prefetch=prefetch):
+                w = item.work
+                ctx = TensorContext(w.name, tuple(base.shape(w.name)), _offset(base, w), stats=item.stats)
+                x = pre.transform(item.base, item.deltas, ctx) if pre.transform else item.deltas
                 for i in range(len(models)):
                     sel.add(i, x[i].cpu())
             if pass_ == 1:
@@ -180,6 +347,26 @@ def plan_merge(
     return plan
 
 
+def _with_progress(pieces: list[Work], progress: Callable[[Iterator[str], str], Iterator[str]], desc: str
+                   ) -> Iterator[Work]:
+    by_name = iter(progress(iter([w.name for w in pieces]), desc))
+    for w in pieces:
+        next(by_name, None)
+        yield w
+
+
+def _merge_piece(plan: MergePlan, base: TensorSource, item: Loaded) -> Tensor:
+    w = item.work
+    ctx = TensorContext(w.name, tuple(base.shape(w.name)), _offset(base, w), plan.thresholds, item.stats, plan.norms)
+    try:
+        out = plan.method(item.base, item.deltas, ctx=ctx, **plan.params)
+    except DistacError:
+        raise
+    except (ValueError, RuntimeError) as e:
+        raise DistacError(f"method '{plan.method.name}' failed on tensor '{w.name}': {e}") from e
+    return item.base + out
+
+
 def merge_one(
     plan: MergePlan,
     base: TensorSource,
@@ -190,19 +377,7 @@ def merge_one(
     device: torch.device | str = "cpu",
 ) -> Tensor:
     """Merge one tensor (whole) and return it in fp32 (the writer casts)."""
-    device = torch.device(device)
-    b, deltas = _load_deltas(base, models, name, device)
-    ctx = TensorContext(
-        name, tuple(b.shape), 0, plan.thresholds, _stats_for(stats or {}, name, device), plan.norms
-    )
-    try:
-        out = plan.method(b, deltas, ctx=ctx, **plan.params)
-    except DistacError:
-        raise
-    except (ValueError, RuntimeError) as e:
-        raise DistacError(f"method '{plan.method.name}' failed on tensor '{name}': {e}") from e
-    # never b.add_(): for fp32 sources, b may be the caller's own tensor.
-    return b + out
+    return _merge_piece(plan, base, _load(base, models, Work(name), stats or {}, torch.device(device)))
 
 
 def run_merge(
@@ -215,19 +390,46 @@ def run_merge(
     head_patterns: Sequence[str] | None = None,
     stats: Mapping[str, Any] | None = None,
     device: torch.device | str = "cpu",
+    chunk_bytes: int | None = None,
+    prefetch: bool = False,
+    on_piece: Callable[[str, int, bool], None] | None = None,
 ) -> MergePlan:
     """Plan, pre-pass, then merge every tensor in the base's order and pass it to ``sink``.
 
     Head tensors are not merged; the caller decides where each model's head goes (the base's head
     is sent to ``sink`` so the output is a complete model).
+
+    With ``chunk_bytes``, a chunkable method's large tensors arrive at ``sink`` as consecutive row
+    ranges (same name, in row order); without it every call is a whole tensor. ``prefetch`` reads
+    the next piece on a background thread. ``on_piece(name, bytes_read, tensor_done)`` is called
+    after each piece (progress bars).
     """
-    plan = plan_merge(base, models, method, params, head_patterns=head_patterns, stats=stats, device=device)
+    stats = stats or {}
+    device = torch.device(device)
+    plan = plan_merge(
+        base, models, method, params, head_patterns=head_patterns, stats=stats, device=device,
+        chunk_bytes=chunk_bytes, prefetch=prefetch,
+    )
     merged = set(plan.names)
-    for k in base.keys():
-        if k in merged:
-            sink(k, merge_one(plan, base, models, k, stats=stats, device=device))
-        else:
-            sink(k, base.get(k))
+    budget = chunk_bytes if plan.chunkable else None
+    n_inputs = len(models) + 1
+
+    def work() -> Iterator[Work]:
+        for k in base.keys():
+            ranges = split_rows(base.shape(k), n_inputs, budget) if k in merged else None
+            if k not in merged:
+                yield Work(k, copy=True)
+            elif ranges is None:
+                yield Work(k)
+            else:
+                yield from (Work(k, r) for r in ranges)
+
+    for item in _stream(work(), lambda w: _load(base, models, w, stats, device), prefetch=prefetch):
+        w = item.work
+        sink(w.name, item.base if w.copy else _merge_piece(plan, base, item))
+        if on_piece is not None:
+            done = w.rows is None or w.rows[1] == base.shape(w.name)[0]
+            on_piece(w.name, item.nbytes, done)
     return plan
 
 
@@ -260,7 +462,7 @@ def merge(
     """
     if not models:
         raise DistacError("merge needs at least one fine-tuned model")
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = default_device(device)
     stats: dict[str, Any] = {}
     if fishers is not None:
         stats["fisher"] = [DictSource(f, f"fisher of model {i}") for i, f in enumerate(fishers)]

@@ -1,0 +1,246 @@
+"""Lazy checkpoint readers: one tensor (or one row range of it) at a time, memory-mapped.
+
+:func:`open_checkpoint` accepts every form a user is likely to hand distac and returns one
+:class:`Checkpoint`, which implements the engine's ``TensorSource`` protocol:
+
+* a single ``.safetensors`` file;
+* sharded safetensors with a ``*.safetensors.index.json`` (the path of the index or of its folder);
+* a Hugging Face model folder (``config.json`` + weights in any of these forms, or
+  ``pytorch_model.bin`` / sharded ``pytorch_model-*.bin`` with ``pytorch_model.bin.index.json``);
+* a torch ``.bin`` / ``.pt`` / ``.pth`` state dict, loaded with ``torch.load(weights_only=True,
+  mmap=True)``. A pickle that needs more than tensors (a pickled ``nn.Module``, custom classes) is
+  refused: loading it would run arbitrary code. The message shows how to convert a trusted file.
+
+Safetensors headers are parsed and size-checked when the checkpoint is opened (see
+:mod:`distac.io.formats`), so a truncated file fails before the merge starts, naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from ..errors import DistacError
+from .formats import TensorEntry, read_header
+
+__all__ = ["Checkpoint", "SafetensorsFile", "TorchFile", "open_checkpoint", "resolve_weight_files"]
+
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+class SafetensorsFile:
+    """One safetensors file, opened with ``safe_open`` (memory-mapped) on first read."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.entries: dict[str, TensorEntry] = read_header(self.path)[0]
+        self._handle = None
+
+    def names(self) -> list[str]:
+        # storage order, so a streamed merge reads each file front to back
+        return sorted(self.entries, key=lambda k: self.entries[k].begin)
+
+    def _open(self):
+        if self._handle is None:
+            try:
+                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+            except Exception as e:  # the Rust side raises SafetensorError / OSError
+                raise DistacError(f"{self.path}: cannot open as safetensors ({e})") from e
+        return self._handle
+
+    def get(self, name: str) -> Tensor:
+        try:
+            return self._open().get_tensor(name)
+        except DistacError:
+            raise
+        except Exception as e:
+            raise DistacError(f"{self.path}: cannot read tensor '{name}' ({e})") from e
+
+    def get_rows(self, name: str, start: int, stop: int) -> Tensor:
+        try:
+            return self._open().get_slice(name)[start:stop]
+        except DistacError:
+            raise
+        except Exception as e:
+            raise DistacError(f"{self.path}: cannot read rows {start}:{stop} of tensor '{name}' ({e})") from e
+
+    def close(self) -> None:
+        self._handle = None
+
+
+def _convert_hint(path: Path) -> str:
+    out = path.with_suffix(".safetensors")
+    return (
+        "If you trust this file, convert it once to safetensors: python -c \"import torch; "
+        "from safetensors.torch import save_file; "
+        f"sd = torch.load('{path}', map_location='cpu', weights_only=False); "
+        "sd = sd.get('state_dict', sd) if isinstance(sd, dict) else sd.state_dict(); "
+        f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{out}')\""
+    )
+
+
+class TorchFile:
+    """A torch state dict file, loaded with ``weights_only=True`` and memory-mapped when possible."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DistacError(f"{self.path}: file not found")
+        try:
+            try:
+                obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                # files written with the legacy (non-zip) serialization cannot be memory-mapped
+                if "mmap" not in str(e) and "zip" not in str(e):
+                    raise
+                obj = torch.load(self.path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise DistacError(
+                f"{self.path}: refused to unpickle: it holds more than tensors (e.g. a pickled model or "
+                f"custom classes), and loading it would run arbitrary code. {_convert_hint(self.path)}"
+            ) from e
+        except (RuntimeError, EOFError, OSError, ValueError) as e:
+            raise DistacError(f"{self.path}: cannot load as a torch state dict ({e})") from e
+        self.state = self._state_dict(obj)
+
+    def _state_dict(self, obj: object) -> dict[str, Tensor]:
+        if isinstance(obj, dict):
+            # training checkpoints often nest the weights: {"state_dict": {...}, "epoch": 3}
+            for key in ("state_dict", "model_state_dict", "model"):
+                inner = obj.get(key)
+                if isinstance(inner, dict) and inner and all(isinstance(v, Tensor) for v in inner.values()):
+                    return inner
+            bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
+            if not bad:
+                return obj
+            raise DistacError(
+                f"{self.path}: entries {bad[:3]} are not tensors; distac reads flat state dicts "
+                "(name -> tensor), or one nested under 'state_dict' / 'model'"
+            )
+        raise DistacError(f"{self.path}: holds a {type(obj).__name__}, not a state dict. {_convert_hint(self.path)}")
+
+    def names(self) -> list[str]:
+        return list(self.state)
+
+    def get(self, name: str) -> Tensor:
+        return self.state[name]
+
+    def get_rows(self, name: str, start: int, stop: int) -> Tensor:
+        return self.state[name][start:stop]
+
+    def close(self) -> None:
+        self.state = {}
+
+
+WeightFile = SafetensorsFile | TorchFile
+
+
+def _open_file(path: Path) -> WeightFile:
+    if not path.exists():
+        raise DistacError(f"{path}: file not found")
+    if path.suffix == ".safetensors":
+        return SafetensorsFile(path)
+    if path.suffix in _TORCH_SUFFIXES:
+        return TorchFile(path)
+    raise DistacError(f"{path}: unknown checkpoint format (expected .safetensors, .bin, .pt or an index .json)")
+
+
+def _files_from_index(index: Path) -> list[Path]:
+    try:
+        data = json.loads(index.read_text())
+        weight_map = data["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DistacError(f"{index}: not a valid shard index (needs a 'weight_map'): {e}") from e
+    files = sorted(set(weight_map.values()))
+    return [index.parent / f for f in files]
+
+
+def resolve_weight_files(path: str | Path) -> list[Path]:
+    """The weight files a checkpoint path stands for (see the module docstring for the forms)."""
+    p = Path(path)
+    if not p.exists():
+        raise DistacError(f"{p}: no such file or directory")
+    if p.is_file():
+        return _files_from_index(p) if p.name.endswith(".json") else [p]
+    for pattern in ("*.safetensors.index.json", "*.safetensors", "*.bin.index.json", "*.bin", "*.pt", "*.pth"):
+        found = sorted(p.glob(pattern))
+        if found:
+            if pattern.endswith(".index.json"):
+                if len(found) > 1:
+                    raise DistacError(f"{p}: several shard indexes {[f.name for f in found]}; pass one of them")
+                return _files_from_index(found[0])
+            return found
+    raise DistacError(f"{p}: no weights found (expected *.safetensors, a shard index, pytorch_model.bin or *.pt)")
+
+
+class Checkpoint:
+    """A checkpoint on disk as a lazy ``TensorSource``: one or more weight files behind one name map.
+
+    ``label`` (the path given) names the checkpoint in messages; :meth:`file_of` names the file that
+    holds a tensor, so an error about a tensor can point at the exact shard.
+    """
+
+    def __init__(self, path: str | Path, *, label: str | None = None):
+        self.path = Path(path)
+        self.label = label or str(self.path)
+        self.files: list[WeightFile] = [_open_file(f) for f in resolve_weight_files(self.path)]
+        self._where: dict[str, WeightFile] = {}
+        for f in self.files:
+            for name in f.names():
+                if name in self._where:
+                    raise DistacError(f"{self.label}: tensor '{name}' is in both {self._where[name].path} and {f.path}")
+                self._where[name] = f
+        self._names = list(self._where)
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for f in self.files:
+            if isinstance(f, SafetensorsFile):
+                self._meta.update({k: (e.shape, e.dtype) for k, e in f.entries.items()})
+            else:
+                self._meta.update({k: (tuple(v.shape), v.dtype) for k, v in f.state.items()})
+
+    @property
+    def folder(self) -> Path:
+        """The folder holding the checkpoint (where config.json and tokenizer files live for HF)."""
+        return self.path if self.path.is_dir() else self.path.parent
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[name][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._meta[name][1]
+
+    def nbytes(self, name: str) -> int:
+        shape, dtype = self._meta[name]
+        return int(torch.Size(shape).numel()) * dtype.itemsize
+
+    def file_of(self, name: str) -> Path:
+        return self._where[name].path
+
+    def get(self, name: str) -> Tensor:
+        return self._where[name].get(name)
+
+    def get_rows(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of a tensor of rank >= 1 (safetensors ``get_slice``: only those bytes are read)."""
+        return self._where[name].get_rows(name, start, stop)
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.label!r}, {len(self._names)} tensors in {len(self.files)} file(s))"
+
+
+def open_checkpoint(path: str | Path, *, label: str | None = None) -> Checkpoint:
+    """Open any supported checkpoint lazily. Raises :class:`DistacError` naming the file at fault."""
+    return Checkpoint(path, label=label)
+
+

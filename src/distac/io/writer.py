@@ -1,0 +1,235 @@
+"""Streaming safetensors output: byte-sized shards, written chunk by chunk, into an atomic folder.
+
+:class:`ShardWriter` is given the complete output layout (name, shape, dtype of every tensor, in
+the order they will arrive) before the first byte is written. It splits the layout into shards of
+at most ``max_shard_bytes`` (a larger tensor gets a shard of its own), writes each shard's header
+up front, and then appends each tensor's bytes as they come, in row chunks if the engine chunked
+the tensor. Memory held for writing is therefore one chunk, never one shard.
+
+Shard naming follows Hugging Face: ``model.safetensors`` when there is one shard, else
+``model-00001-of-0000K.safetensors`` plus ``model.safetensors.index.json``
+(``{"metadata": {"total_size": ...}, "weight_map": {name: file}}``), so ``transformers`` and
+mergekit read the output directly.
+
+:func:`atomic_output_dir` gives the writer a temporary folder next to the target and renames it
+into place only when everything is written: a failure (disk full included) leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..errors import DistacError
+from .formats import TensorEntry, header_bytes
+
+__all__ = [
+    "DEFAULT_SHARD_BYTES",
+    "WEIGHT_SUFFIXES",
+    "ShardWriter",
+    "atomic_output_dir",
+    "copy_model_files",
+    "parse_size",
+    "plan_shards",
+]
+
+#: default shard size: 1 GB (mergekit's "5B" default is parsed as 5e9 *bytes* and held in RAM).
+DEFAULT_SHARD_BYTES = 1_000_000_000
+#: files that are weights, never copied from the base's folder
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int | float) -> int:
+    """Bytes from ``"1GB"``, ``"500MB"``, ``"2GiB"``, ``"1e9"`` or a number (decimal units, like HF)."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        value = int(text)
+    else:
+        s = str(text).strip().upper().replace(" ", "")
+        num = s.rstrip("KMGTIB")
+        unit = s[len(num):]
+        try:
+            value = int(float(num) * _UNITS[unit])
+        except (ValueError, KeyError):
+            raise DistacError(f"cannot read size {text!r}; use e.g. 1GB, 500MB, 2GiB or a number of bytes") from None
+    if value <= 0:
+        raise DistacError(f"size {text!r} must be positive")
+    return value
+
+
+Layout = Sequence[tuple[str, tuple[int, ...], torch.dtype]]
+
+
+def plan_shards(layout: Layout, max_shard_bytes: int) -> list[dict[str, TensorEntry]]:
+    """Greedy split of the layout, in order, into shards of at most ``max_shard_bytes`` of data."""
+    shards: list[dict[str, TensorEntry]] = [{}]
+    used = 0
+    for name, shape, dtype in layout:
+        n = int(torch.Size(shape).numel()) * dtype.itemsize
+        if shards[-1] and used + n > max_shard_bytes:
+            shards.append({})
+            used = 0
+        shards[-1][name] = TensorEntry(dtype, tuple(shape), used, used + n)
+        used += n
+    return shards
+
+
+class ShardWriter:
+    """Write tensors (whole or as consecutive row chunks) in layout order into safetensors shards.
+
+    >>> w = ShardWriter(folder, [("w", (4, 2), torch.bfloat16)])    # doctest: +SKIP
+    >>> w.write("w", rows_0_to_2); w.write("w", rows_2_to_4)        # doctest: +SKIP
+    >>> w.close()  # -> the shard paths                             # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        layout: Layout,
+        *,
+        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+        prefix: str = "model",
+        metadata: dict[str, str] | None = None,
+    ):
+        self.folder = Path(folder)
+        self.shards = plan_shards(layout, max_shard_bytes)
+        k = len(self.shards)
+        self.files = [
+            self.folder / (f"{prefix}.safetensors" if k == 1 else f"{prefix}-{i + 1:05d}-of-{k:05d}.safetensors")
+            for i in range(k)
+        ]
+        self.prefix = prefix
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._order = [name for shard in self.shards for name in shard]
+        self._shard_of = {name: i for i, shard in enumerate(self.shards) for name in shard}
+        self._pos = 0  # index into _order of the tensor being written
+        self._written = 0  # bytes of that tensor written so far
+        self._shard = -1
+        self._fh = None
+        self.bytes_written = 0
+
+    def _write_bytes(self, data: memoryview | bytes) -> None:
+        """The one place bytes reach the disk (tests patch it to simulate a full disk)."""
+        self._fh.write(data)
+
+    def _enter_shard(self, i: int) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        self._shard = i
+        # kept open across write() calls; closed by the next _enter_shard, close() or abort()
+        self._fh = open(self.files[i], "wb")
+        self._write_bytes(header_bytes(self.shards[i], self.metadata))
+
+    def write(self, name: str, t: Tensor) -> None:
+        """Append ``t`` (the whole tensor, or its next rows) to tensor ``name``, cast to the layout dtype."""
+        if self._pos >= len(self._order) or name != self._order[self._pos]:
+            expected = self._order[self._pos] if self._pos < len(self._order) else "nothing"
+            raise RuntimeError(f"writer got tensor '{name}' but expected {expected}")
+        entry = self.shards[self._shard_of[name]][name]
+        if self._shard_of[name] != self._shard:
+            self._enter_shard(self._shard_of[name])
+        data = t.detach().to(device="cpu", dtype=entry.dtype).contiguous().reshape(-1).view(torch.uint8)
+        n = data.numel()
+        if self._written + n > entry.end - entry.begin:
+            raise RuntimeError(f"writer got more bytes than tensor '{name}' {entry.shape} holds")
+        self._write_bytes(memoryview(data.numpy()))
+        self._written += n
+        self.bytes_written += n
+        if self._written == entry.end - entry.begin:
+            self._pos += 1
+            self._written = 0
+
+    def close(self) -> list[Path]:
+        """Finish: check every tensor was written, close the file, write the index when sharded."""
+        # tensors of zero bytes never call write(); they are complete by definition
+        while self._pos < len(self._order):
+            name = self._order[self._pos]
+            e = self.shards[self._shard_of[name]][name]
+            if e.end != e.begin:
+                raise RuntimeError(f"writer closed before tensor '{name}' was complete")
+            if self._shard_of[name] != self._shard:
+                self._enter_shard(self._shard_of[name])
+            self._pos += 1
+        for i in range(self._shard + 1, len(self.shards)):  # a shard made only of empty tensors
+            self._enter_shard(i)
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if len(self.files) > 1:
+            index = {
+                "metadata": {"total_size": sum(e.end - e.begin for s in self.shards for e in s.values())},
+                "weight_map": {n: self.files[self._shard_of[n]].name for n in self._order},
+            }
+            (self.folder / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return self.files
+
+    def abort(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+@contextmanager
+def atomic_output_dir(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder next to ``target``; rename it to ``target`` on success.
+
+    An existing ``target`` is refused unless ``overwrite``; it is replaced only after the new
+    output is complete. On any error the temporary folder is removed, and a full disk (ENOSPC)
+    becomes a :class:`DistacError` saying so.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise DistacError(f"{target}: output directory already exists; pass --overwrite (overwrite=True) to replace it")
+    if target.exists() and not target.is_dir():
+        raise DistacError(f"{target}: exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise DistacError(
+                f"{target}: disk full while writing the output; the partial output was removed, nothing was "
+                "written. Free space or choose another --out"
+            ) from e
+        raise DistacError(f"{target}: cannot write the output ({e}); the partial output was removed") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def copy_model_files(src_folder: Path, dst: Path, *, skip: Sequence[str] = ("README.md",)) -> list[str]:
+    """Copy the base's non-weight files (config.json, tokenizer, generation config, ...) to ``dst``.
+
+    Only top-level regular files; weight files and shard indexes are skipped (the merge writes
+    its own), and so is the base's model card (the merge writes a new one).
+    """
+    copied = []
+    for f in sorted(src_folder.iterdir()):
+        if not f.is_file() or f.name.startswith(".") or f.name in skip:
+            continue
+        if f.suffix in WEIGHT_SUFFIXES or f.name.endswith(".index.json"):
+            continue
+        shutil.copy2(f, dst / f.name)
+        copied.append(f.name)
+    return copied
