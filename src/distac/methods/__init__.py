@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..errors import DistacError, closest
 from ._registry import Method, OneOf, ParamSpec, PerModel, Prepass, Range, TensorContext
 from .basic import METHODS as _BASIC
+from .curvature import METHODS as _CURVATURE
 from .interpolate import METHODS as _INTERPOLATE
 from .sparse import METHODS as _SPARSE
 from .spectral import METHODS as _SPECTRAL
@@ -21,7 +22,7 @@ __all__ = [
     "get_method",
 ]
 
-METHODS: dict[str, Method] = {m.name: m for m in (*_BASIC, *_SPARSE, *_SPECTRAL, *_INTERPOLATE)}
+METHODS: dict[str, Method] = {m.name: m for m in (*_BASIC, *_SPARSE, *_SPECTRAL, *_INTERPOLATE, *_CURVATURE)}
 
 
 def get_method(name: str) -> Method:

@@ -1,0 +1,157 @@
+"""Gram matrices G = XᵀX of every linear layer's inputs, for RegMean (Jin et al., ICLR 2023).
+
+Keys are the layer's *weight* name (``encoder.layer.0.attention.self.query.weight``), values are
+(d_in, d_in) fp32. Each Gram is stored as a **running mean** XᵀX / #rows (official RegMean), and
+the row count per layer goes into the sidecar metadata, so ``scale="sum"`` can be recovered
+(``gram_matrices(..., scale="sum")`` returns sums directly).
+
+distac differs from the official code in one respect: padding positions are left out (rows whose
+``attention_mask`` is 0), since they bias G towards the pad embedding; the official
+``compute_grams`` flattens every position, padding included.
+
+Orientation: ``nn.Linear`` stores W as (out, in) ("out_in"), Hugging Face ``Conv1D`` (GPT-2) as
+(in, out) ("in_out"). :func:`gram_layouts` reports each layer's layout; the RegMean method takes
+it as its ``layout`` parameter for square weights (non-square ones are oriented by the Gram size).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..errors import DistacError, closest
+from ..models import batch_size, batch_to, forward_logits
+from .fisher import data_fingerprint_update, split_labels
+
+__all__ = ["gram_layouts", "gram_matrices", "linear_layers"]
+
+
+def _conv1d_type() -> type | None:
+    try:  # transformers is optional; without it there is no Conv1D to handle
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def linear_layers(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """``{weight name: (module, layout)}`` for every ``nn.Linear`` ("out_in") and HF ``Conv1D`` ("in_out")."""
+    conv1d = _conv1d_type()
+    out: dict[str, tuple[nn.Module, str]] = {}
+    for name, mod in model.named_modules():
+        prefix = f"{name}.weight" if name else "weight"
+        if isinstance(mod, nn.Linear):
+            out[prefix] = (mod, "out_in")
+        elif conv1d is not None and isinstance(mod, conv1d):
+            out[prefix] = (mod, "in_out")
+    return out
+
+
+def gram_layouts(model: nn.Module) -> dict[str, str]:
+    """``{weight name: "out_in" | "in_out"}`` for the layers :func:`gram_matrices` covers."""
+    return {k: lay for k, (_, lay) in linear_layers(model).items()}
+
+
+def _rows(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Input rows (…, d) -> (rows, d); positions where the padding mask is 0 are dropped."""
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.bool()]
+    return x.reshape(-1, x.shape[-1])
+
+
+def gram_matrices(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    layers: Sequence[str] | None = None,
+    n_examples: int | None = None,
+    scale: Literal["mean", "sum"] = "mean",
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    info: dict[str, Any] | None = None,
+) -> dict[str, Tensor]:
+    """Collect G = XᵀX of each linear layer's inputs with forward hooks (no gradients).
+
+    Args:
+        model: a torch module or HF model; every ``nn.Linear`` and HF ``Conv1D`` is covered.
+        batches: tensors, dicts of tensors (a 2-D ``attention_mask`` leaves padding rows out), or
+            ``(x, y)`` pairs (labels are ignored).
+        layers: weight names to cover (default: all linear layers).
+        n_examples: stop after this many examples (the official configs count 1000 *batches*).
+        scale: ``"mean"`` (default, official RegMean: XᵀX / #rows) or ``"sum"``.
+        info: if given, filled with ``n_examples``, ``rows`` (per layer), ``layout`` (per layer) and
+            ``data_fingerprint``.
+
+    Returns:
+        ``{weight name: (d_in, d_in) fp32}`` on the CPU.
+    """
+    if scale not in ("mean", "sum"):
+        raise DistacError(f"gram_matrices: scale '{scale}' must be 'mean' or 'sum'")
+    found = linear_layers(model)
+    if layers is not None:
+        bad = [k for k in layers if k not in found]
+        if bad:
+            raise DistacError(f"gram_matrices: '{bad[0]}' is not a linear layer's weight{closest(bad[0], found)}")
+        found = {k: found[k] for k in layers}
+    if not found:
+        raise DistacError("gram_matrices: the model has no nn.Linear or Conv1D layer")
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    sums: dict[str, Tensor] = {}
+    rows: dict[str, int] = dict.fromkeys(found, 0)
+    current: dict[str, Tensor | None] = {"mask": None}
+
+    def hook(key: str):
+        def fn(_mod: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            x = _rows(inputs[0].detach().float(), current["mask"])
+            g = x.T @ x
+            sums[key] = sums[key] + g if key in sums else g
+            rows[key] += x.shape[0]
+
+        return fn
+
+    handles = [mod.register_forward_pre_hook(hook(k)) for k, (mod, _) in found.items()]
+    was_training = model.training
+    model.eval()
+    h = hashlib.blake2b(digest_size=16)
+    seen = 0
+    show = progress and sys.stderr.isatty()  # same rule as distac.progress: bars on terminals only
+    bar = tqdm(total=n_examples, unit="ex", desc="gram", disable=not show, leave=False)
+    try:
+        with torch.no_grad():
+            for item in batches:
+                if n_examples is not None and seen >= n_examples:
+                    break
+                x, _ = split_labels(item)
+                b = batch_size(x)
+                if n_examples is not None and seen + b > n_examples:
+                    b = n_examples - seen
+                    x = {k: v[:b] for k, v in x.items()} if isinstance(x, Mapping) else x[:b]
+                data_fingerprint_update(h, x)
+                x = batch_to(dict(x) if isinstance(x, Mapping) else x, dev)
+                mask = x.get("attention_mask") if isinstance(x, Mapping) else None
+                current["mask"] = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+                forward_logits(model, x)
+                seen += b
+                bar.update(b)
+    finally:
+        for hd in handles:
+            hd.remove()
+        bar.close()
+        model.train(was_training)
+    if seen == 0:
+        raise DistacError("gram_matrices: the data yielded no examples")
+    # layers that never ran (an unused LM head, say) get no Gram: RegMean averages them
+    out = {k: (v / max(rows[k], 1) if scale == "mean" else v).cpu() for k, v in sums.items()}
+    if info is not None:
+        info.update(
+            n_examples=seen, rows={k: r for k, r in rows.items() if k in sums},
+            layout={k: lay for k, (_, lay) in found.items() if k in sums},
+            data_fingerprint=h.hexdigest(), scale=scale,
+        )
+    return out

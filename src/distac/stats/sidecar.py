@@ -1,0 +1,205 @@
+"""Statistics sidecars: safetensors files with the model's keys, fp32 values and explicit metadata.
+
+Format (``format: distac-stats/1``), all metadata values are strings:
+
+=====================  ==========================================================================
+``kind``               ``fisher`` | ``adam`` (diagonal curvature, same shape as the parameter)
+                       or ``gram`` ((d_in, d_in) per linear weight, key = the weight's name)
+``scale``              ``sum`` (Σ over examples) or ``mean`` (÷ n_examples; Grams: ÷ rows per layer)
+``estimator``          ``sampled`` | ``exact`` | ``empirical`` (Fisher), ``adam``, ``forward`` (Gram)
+``n_examples``         number of examples the statistic was computed on
+``model_fingerprint``  blake2b over the covered keys' names, shapes and a strided value sample
+``data_fingerprint``   blake2b over a strided sample of every batch ("" when unknown)
+``rows``, ``layout``   Gram only: JSON ``{key: rows}`` and ``{key: "out_in" | "in_out"}``
+=====================  ==========================================================================
+
+The model fingerprint covers only the keys the sidecar holds, so the same sidecar checks against
+a full state dict, a checkpoint file or a model whose head was dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..errors import DistacError, closest
+
+__all__ = ["KINDS", "check_stats", "load_stats", "model_fingerprint", "read_stats_metadata", "save_stats"]
+
+FORMAT = "distac-stats/1"
+KINDS = ("fisher", "adam", "gram")
+_SAMPLE = 64  # values per tensor in the fingerprint: cheap, yet any fine-tuning step changes them
+
+
+def _state(model: Mapping[str, Tensor] | nn.Module) -> Mapping[str, Tensor]:
+    return model.state_dict() if isinstance(model, nn.Module) else model
+
+
+def model_fingerprint(model: Mapping[str, Tensor] | nn.Module, keys: list[str] | None = None) -> str:
+    """blake2b (128 bit) over ``name, shape`` and a strided sample of ≤ 64 values of each key.
+
+    ``keys`` defaults to every floating-point tensor. Values are hashed as float64 after a cast to
+    fp32, so an fp16 and an fp32 copy of the same weights do *not* match (their values differ).
+    """
+    state = _state(model)
+    names = sorted(keys if keys is not None else [k for k, v in state.items() if v.is_floating_point()])
+    h = hashlib.blake2b(digest_size=16)
+    for k in names:
+        if k not in state:
+            raise DistacError(f"model_fingerprint: the model has no tensor '{k}'{closest(k, state)}")
+        t = state[k].detach().reshape(-1)
+        step = max(1, t.numel() // _SAMPLE)
+        h.update(k.encode())
+        h.update(str(tuple(state[k].shape)).encode())
+        h.update(t[::step].to("cpu", torch.float32).to(torch.float64).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_stats(
+    stats: Mapping[str, Tensor],
+    model_state: Mapping[str, Tensor] | nn.Module,
+    *,
+    kind: str = "fisher",
+    fingerprint: str | None = None,
+    label: str = "statistics",
+) -> None:
+    """Raise :class:`DistacError` unless ``stats`` fits ``model_state``.
+
+    Checks: every key is a model tensor; shapes match (Fisher/Adam: the parameter's shape; Gram:
+    (d, d) with d one of the 2-D weight's dimensions); values are finite; curvature is
+    non-negative (Gram: non-negative diagonal); and, when ``fingerprint`` is given, the model's
+    fingerprint over the sidecar's keys equals it.
+    """
+    if kind not in KINDS:
+        raise DistacError(f"{label}: kind '{kind}' is not one of {list(KINDS)}")
+    state = _state(model_state)
+    if not stats:
+        raise DistacError(f"{label}: holds no tensors")
+    for k, v in stats.items():
+        if k not in state:
+            raise DistacError(f"{label}: tensor '{k}' is not in the model{closest(k, state)} (keys do not match)")
+        want = tuple(state[k].shape)
+        got = tuple(v.shape)
+        if kind == "gram":
+            if len(want) != 2 or len(got) != 2 or got[0] != got[1] or got[0] not in want:
+                raise DistacError(f"{label}: Gram '{k}' has shape {got}, expected (d, d) with d in the weight's {want}")
+        elif got != want:
+            raise DistacError(f"{label}: tensor '{k}' has shape {got}, the model has {want}")
+        if not torch.isfinite(v).all():
+            raise DistacError(f"{label}: tensor '{k}' contains NaN or Inf")
+        diag = v.diagonal() if kind == "gram" else v
+        if (diag < 0).any():
+            raise DistacError(
+                f"{label}: tensor '{k}' has negative curvature (min {float(diag.min()):.3g}); a Fisher, "
+                "Adam second moment or Gram diagonal is a sum of squares and cannot be negative"
+            )
+    if fingerprint is not None:
+        got_fp = model_fingerprint(state, sorted(stats))
+        if got_fp != fingerprint:
+            raise DistacError(
+                f"{label}: computed on a different model (fingerprint {fingerprint[:12]}…, this model "
+                f"{got_fp[:12]}…); recompute it with `distac stats` on this model"
+            )
+
+
+def save_stats(
+    path: str | os.PathLike[str],
+    stats: Mapping[str, Tensor],
+    *,
+    kind: str,
+    model: Mapping[str, Tensor] | nn.Module,
+    n_examples: int,
+    scale: str,
+    estimator: str,
+    data_fingerprint: str = "",
+    rows: Mapping[str, int] | None = None,
+    layout: Mapping[str, str] | None = None,
+) -> Path:
+    """Check ``stats`` against ``model`` and write them, fp32, to ``path`` (temp file + rename).
+
+    Tied tensors are written as separate copies (safetensors refuses shared storage).
+    """
+    check_stats(stats, model, kind=kind, label=str(path))
+    if scale not in ("sum", "mean"):
+        raise DistacError(f"{path}: scale '{scale}' must be 'sum' or 'mean'")
+    if kind == "gram" and (rows is None or set(rows) != set(stats)):
+        raise DistacError(f"{path}: a Gram sidecar needs the row count of every layer (rows={{key: n}})")
+    meta = {
+        "format": FORMAT,
+        "kind": kind,
+        "scale": scale,
+        "estimator": estimator,
+        "n_examples": str(int(n_examples)),
+        "model_fingerprint": model_fingerprint(model, sorted(stats)),
+        "data_fingerprint": data_fingerprint,
+    }
+    if rows is not None:
+        meta["rows"] = json.dumps({k: int(v) for k, v in rows.items()}, sort_keys=True)
+    if layout is not None:
+        meta["layout"] = json.dumps({k: layout[k] for k in stats if k in layout}, sort_keys=True)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in stats.items()}
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def read_stats_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The sidecar's metadata, with ``n_examples`` as int and ``rows``/``layout`` decoded."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except (OSError, SafetensorError) as e:
+        raise DistacError(f"{path}: cannot read a statistics sidecar: {e}") from e
+    if meta.get("format") != FORMAT:
+        raise DistacError(f"{path}: not a distac statistics sidecar (metadata format={meta.get('format')!r})")
+    out: dict[str, Any] = dict(meta)
+    out["n_examples"] = int(meta["n_examples"])
+    for k in ("rows", "layout"):
+        if k in meta:
+            out[k] = json.loads(meta[k])
+    return out
+
+
+def load_stats(
+    path: str | os.PathLike[str],
+    *,
+    model: Mapping[str, Tensor] | nn.Module | None = None,
+    scale: str | None = None,
+) -> dict[str, Tensor]:
+    """Read a sidecar as ``{name: fp32 tensor}``.
+
+    Args:
+        model: if given, the sidecar is checked against it (keys, shapes, fingerprint).
+        scale: convert to ``"sum"`` or ``"mean"`` (×/÷ n_examples; Grams: ×/÷ rows per layer).
+            Default: as stored. Curvature methods expect Fishers on the sum scale.
+    """
+    meta = read_stats_metadata(path)
+    stats = load_file(str(path))
+    if model is not None:
+        check_stats(stats, model, kind=meta["kind"], fingerprint=meta["model_fingerprint"], label=str(path))
+    if scale is not None and scale != meta["scale"]:
+        if scale not in ("sum", "mean"):
+            raise DistacError(f"load_stats: scale '{scale}' must be 'sum' or 'mean'")
+        counts = meta.get("rows") or dict.fromkeys(stats, meta["n_examples"])
+        for k in stats:
+            n = float(counts[k])
+            stats[k] = stats[k] * n if scale == "sum" else stats[k] / n
+    return stats
