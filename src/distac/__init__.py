@@ -5,17 +5,34 @@ Public API (everything else is internal and may change)::
     distac.merge(base, models, method="ties", **params)   # in-memory state dicts
     distac.TaskVector                                      # τ = θ_t − θ_0 algebra
     distac.METHODS / distac.get_method                     # the method registry
+    distac.merge_checkpoints(config, out)                  # checkpoints on disk, streamed (YAML or dict)
+    distac.open_checkpoint(path)                           # lazy reader for safetensors / HF dirs / .bin
 """
 
 from __future__ import annotations
 
 from .engine import merge as merge
 from .errors import DistacError as DistacError
+from .io import open_checkpoint as open_checkpoint
 from .methods import METHODS as METHODS
 from .methods import get_method as get_method
+from .pipeline import export_task_models as export_task_models
+from .pipeline import load_config as load_config
+from .pipeline import merge_checkpoints as merge_checkpoints
 from .taskvector import TaskVector as TaskVector
 from .taskvector import split_heads as split_heads
 
 __version__ = "0.1.0"
 
-__all__ = ["METHODS", "DistacError", "TaskVector", "get_method", "merge", "split_heads"]
+__all__ = [
+    "METHODS",
+    "DistacError",
+    "TaskVector",
+    "export_task_models",
+    "get_method",
+    "load_config",
+    "merge",
+    "merge_checkpoints",
+    "open_checkpoint",
+    "split_heads",
+]
