@@ -5,8 +5,12 @@ generator (mergekit's global ``set_seed``, ``torch.bernoulli``) the mask of a te
 many numbers were drawn before it: on the tensor order, on row chunking, on the device's RNG
 algorithm. Here the uniform number of an entry is a pure function of where the entry is::
 
-    key = blake2b(seed, tensor name, model index)          # 64 bits, stable across processes
+    key = blake2b(seed of the model, tensor name)          # 64 bits, stable across processes
     u   = mix(key, flat index of the entry in the full tensor) / 2**24   in [0, 1)
+
+Each model has its own seed (DARE's ``seed`` parameter gives model t the seed ``seed + t``, or
+takes one seed per model), so a model's mask depends only on its seed and the tensor: not on the
+other models, their order, the tensor order, row chunking, the process or the device.
 
 ``mix`` is two rounds of the ``lowbias32`` integer finaliser (Chris Wellons' hash-prospector,
 a murmur3-style xor-shift-multiply), computed with int64 torch ops only. Every multiplication is
@@ -21,7 +25,7 @@ import hashlib
 import torch
 from torch import Tensor
 
-__all__ = ["stream_key", "uniform"]
+__all__ = ["hash32", "stream_key", "uniform"]
 
 _M32 = 0xFFFFFFFF
 # lowbias32 multipliers (hash-prospector, bias ~0.17)
@@ -29,9 +33,9 @@ _C1 = 0x7FEB352D
 _C2 = 0x846CA68B
 
 
-def stream_key(seed: int, name: str, index: int) -> tuple[int, int]:
-    """Two 32-bit words derived from ``(seed, name, index)`` by blake2b (stable, unsalted)."""
-    h = hashlib.blake2b(f"{int(seed)}\x00{name}\x00{int(index)}".encode(), digest_size=8).digest()
+def stream_key(seed: int, name: str) -> tuple[int, int]:
+    """Two 32-bit words derived from ``(seed, name)`` by blake2b (stable, unsalted)."""
+    h = hashlib.blake2b(f"{int(seed)}\x00{name}".encode(), digest_size=8).digest()
     v = int.from_bytes(h, "little")
     return v & _M32, v >> 32
 
