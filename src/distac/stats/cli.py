@@ -1,0 +1,164 @@
+"""``distac stats fisher|gram|adam``: compute curvature statistics and write them as sidecars."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from ..errors import DistacError
+
+_MODEL_HELP = "A Hugging Face classifier directory, or a weights file with --arch package.module:factory."
+
+
+def _model_options(f: Any) -> Any:
+    for opt in reversed(
+        [
+            click.option("--arch", "factory", default=None, help="package.module:factory building the torch module."),
+            click.option("--num-labels", type=int, default=None, help="Classes of a bare HF encoder's head."),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def _data_options(f: Any) -> Any:
+    for opt in reversed(
+        [
+            click.option("--column", default=None, help="Input column (CSV/JSONL/HF dataset) or array (.npz)."),
+            click.option("--label-column", default=None, help="Label column / array."),
+            click.option("--labels", "labels_file", default=None, help="Separate labels file (.npy or .txt)."),
+            click.option("--split", default=None, help="Split of a saved DatasetDict."),
+            click.option("--max-length", type=int, default=128, show_default=True, help="Tokeniser truncation."),
+            click.option("--n-examples", type=int, default=None, help="Use at most this many examples."),
+            click.option("--batch-size", type=int, default=8, show_default=True),
+            click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)."),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def _load(model: str, data: str, *, factory: str | None, num_labels: int | None, need_labels: bool, **kw: Any):
+    """The model through distac.models and its data through distac.data (tokenised with its tokenizer)."""
+    from ..data import load_inputs
+    from ..models import load_model
+
+    loaded = load_model(model, factory=factory, num_labels=num_labels)
+    inputs = load_inputs(
+        data, tokenizer=loaded.tokenizer, image_processor=loaded.image_processor, column=kw["column"],
+        label_column=kw["label_column"], labels=kw["labels_file"], need_labels=need_labels,
+        max_length=kw["max_length"], split=kw["split"],
+    )
+    return loaded, inputs
+
+
+def _device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _batches(inputs: Any, batch_size: int, with_labels: bool) -> list[Any]:
+    if batch_size < 1:
+        raise DistacError(f"--batch-size must be >= 1, got {batch_size}")
+    xs = inputs.batches(batch_size)
+    if not with_labels:
+        return xs
+    return list(zip(xs, inputs.label_batches(batch_size), strict=True))
+
+
+@click.group("stats")
+def stats_command() -> None:
+    """Compute curvature statistics (Fisher, Gram, Adam) as safetensors sidecars for curvature merges."""
+
+
+@stats_command.command("fisher")
+@click.argument("model")
+@click.argument("data")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Sidecar to write (.safetensors).")
+@click.option(
+    "--estimator", type=click.Choice(["sampled", "exact", "empirical"]), default="sampled", show_default=True,
+    help="sampled: label drawn from the model (official UBGM); exact: expectation over classes "
+    "(Matena & Raffel); empirical: true labels.",
+)
+@click.option(
+    "--scale", type=click.Choice(["sum", "mean"]), default="sum", show_default=True,
+    help="sum: N × mean Fisher (what gradient_matching expects); mean: ÷ N.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the label sampler.")
+@_model_options
+@_data_options
+def fisher_cmd(model: str, data: str, out: str, estimator: str, scale: str, seed: int, factory: str | None,
+               num_labels: int | None, n_examples: int | None, batch_size: int, device: str | None,
+               **data_kw: Any) -> None:
+    """Diagonal Fisher of MODEL on DATA from per-example gradients."""
+    from .fisher import fisher_diagonal
+    from .sidecar import save_stats
+
+    need = estimator == "empirical"
+    loaded, inputs = _load(model, data, factory=factory, num_labels=num_labels, need_labels=need, **data_kw)
+    info: dict[str, Any] = {}
+    f = fisher_diagonal(
+        loaded.module, _batches(inputs, batch_size, need), estimator=estimator, n_examples=n_examples,
+        scale=scale, seed=seed, device=_device(device), progress=True, info=info,
+    )
+    path = save_stats(
+        out, f, kind="fisher", model=loaded.state, n_examples=info["n_examples"], scale=scale, estimator=estimator,
+        data_fingerprint=info["data_fingerprint"],
+    )
+    n = info["n_examples"]
+    click.echo(f"wrote {path}: {estimator} Fisher ({scale} scale) of {len(f)} tensors over {n} examples")
+
+
+@stats_command.command("gram")
+@click.argument("model")
+@click.argument("data")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Sidecar to write (.safetensors).")
+@click.option(
+    "--scale", type=click.Choice(["mean", "sum"]), default="mean", show_default=True,
+    help="mean: XᵀX / rows (official RegMean); sum: XᵀX.",
+)
+@_model_options
+@_data_options
+def gram_cmd(model: str, data: str, out: str, scale: str, factory: str | None, num_labels: int | None,
+             n_examples: int | None, batch_size: int, device: str | None, **data_kw: Any) -> None:
+    """Gram matrices XᵀX of every linear layer's inputs of MODEL on DATA (padding left out), for RegMean."""
+    from .gram import gram_matrices
+    from .sidecar import save_stats
+
+    loaded, inputs = _load(model, data, factory=factory, num_labels=num_labels, need_labels=False, **data_kw)
+    info: dict[str, Any] = {}
+    g = gram_matrices(
+        loaded.module, _batches(inputs, batch_size, False), n_examples=n_examples, scale=scale,
+        device=_device(device), progress=True, info=info,
+    )
+    path = save_stats(
+        out, g, kind="gram", model=loaded.state, n_examples=info["n_examples"], scale=scale, estimator="forward",
+        data_fingerprint=info["data_fingerprint"], rows=info["rows"], layout=info["layout"],
+    )
+    layouts = sorted(set(info["layout"].values()))
+    hint = f"; merge with regmean layout={layouts[0]}" if len(layouts) == 1 else ""
+    click.echo(f"wrote {path}: Grams of {len(g)} linear layers over {info['n_examples']} examples{hint}")
+
+
+@stats_command.command("adam")
+@click.argument("model")
+@click.argument("optimizer_state", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Sidecar to write (.safetensors).")
+@click.option("--n-examples", type=int, required=True, help="N, the size of the training set.")
+@click.option("--batch-size", type=int, required=True, help="B, the training batch size.")
+@click.option("--no-bias-correction", is_flag=True, help="Use exp_avg_sq as stored (no ÷ (1 − β₂^step)).")
+@_model_options
+def adam_cmd(model: str, optimizer_state: str, out: str, n_examples: int, batch_size: int, no_bias_correction: bool,
+             factory: str | None, num_labels: int | None) -> None:
+    """Adam's second moments (torch.save(optimizer.state_dict())) as a sum-scale Fisher proxy: N·B·v."""
+    from ..models import load_model
+    from .fisher import adam_fisher
+    from .sidecar import save_stats
+
+    loaded = load_model(model, factory=factory, num_labels=num_labels)
+    f = adam_fisher(optimizer_state, loaded.module, n_examples=n_examples, batch_size=batch_size,
+                    bias_correction=not no_bias_correction)
+    path = save_stats(out, f, kind="adam", model=loaded.state, n_examples=n_examples, scale="sum", estimator="adam")
+    click.echo(f"wrote {path}: Adam curvature proxy (sum scale, N·B·v) of {len(f)} tensors")
