@@ -6,13 +6,34 @@ forward returns logits, or a Hugging Face model whose output has ``.logits``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+import importlib
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Batch", "batch_size", "batch_to", "forward_logits"]
+from .errors import DistacError, closest
+from .taskvector import check_compatible, match_heads
+
+__all__ = [
+    "Batch",
+    "EncoderClassifier",
+    "LoadedModel",
+    "batch_size",
+    "batch_to",
+    "default_head_patterns",
+    "forward_logits",
+    "load_model",
+    "load_state_like",
+    "read_state",
+    "save_state_like",
+]
 
 Batch = Tensor | Mapping[str, Tensor]
 
@@ -39,3 +60,273 @@ def batch_size(batch: Batch) -> int:
     if isinstance(batch, Mapping):
         return int(next(v for v in batch.values() if isinstance(v, Tensor)).shape[0])
     return int(batch.shape[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading models: Hugging Face classifiers, a bare encoder plus a linear head, plain torch factories
+# ------------------------------------------------------------------------------------------------
+
+# Default head patterns per Hugging Face ``model_type``. The head is the task-specific part that is
+# frozen during DisTaC and kept per task by the merge; everything else is "shared" (its task vector
+# is what gets measured, conditioned and merged). Families not listed fall back to the attribute
+# names in ``_HEAD_ATTRIBUTES``.
+HF_HEAD_PATTERNS: dict[str, tuple[str, ...]] = {
+    **{t: ("classifier.*",) for t in (
+        "bert", "roberta", "xlm-roberta", "camembert", "electra", "albert", "deberta", "deberta-v2",
+        "mpnet", "vit", "beit", "convnext", "convnextv2", "resnet", "swin", "swinv2", "dinov2",
+        "mobilevit", "efficientnet", "regnet", "levit", "data2vec-vision", "clip", "siglip",
+    )},
+    "distilbert": ("pre_classifier.*", "classifier.*"),
+    "deit": ("classifier.*", "cls_classifier.*", "distillation_classifier.*"),
+    **{t: ("score.*",) for t in ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "gemma2", "phi", "opt")},
+    **{t: ("classification_head.*",) for t in ("bart", "mbart", "t5")},
+}
+_HEAD_ATTRIBUTES = ("classifier", "score", "classification_head", "head", "fc")
+
+
+def default_head_patterns(model: nn.Module) -> list[str]:
+    """Head name patterns for ``model``: by HF ``model_type``, else a known head attribute, else its last Linear.
+
+    The last-``nn.Linear`` rule covers plain torch classifiers (an MLP's output layer, a ResNet's ``fc``).
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in HF_HEAD_PATTERNS:
+        return list(HF_HEAD_PATTERNS[model_type])
+    children = dict(model.named_children())
+    for attr in _HEAD_ATTRIBUTES:
+        if attr in children and any(True for _ in children[attr].parameters()):
+            return [f"{attr}.*"]
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name]
+    return [f"{linears[-1]}.*"] if linears else []
+
+
+def check_head_patterns(names: list[str], patterns: list[str] | None, what: str = "model") -> None:
+    """Raise if a head pattern matches no tensor name (a typo would silently train the head)."""
+
+    for p in patterns or ():
+        if not match_heads(names, [p]):
+            prefixes = sorted({n.rsplit(".", 1)[0] + ".*" for n in names})
+            raise DistacError(f"head pattern '{p}' matches no tensor of the {what}{closest(p, prefixes)}")
+
+
+class EncoderClassifier(nn.Module):
+    """A bare Hugging Face encoder plus a linear head on its pooled output.
+
+    Pooling: ``pooler_output`` when the encoder has one, else the first token of
+    ``last_hidden_state`` (CLS), or the spatial mean for convolutional image encoders.
+    """
+
+    def __init__(self, encoder: nn.Module, num_labels: int, hidden_size: int | None = None):
+        super().__init__()
+        self.encoder = encoder
+        cfg = getattr(encoder, "config", None)
+        hidden = hidden_size or getattr(cfg, "hidden_size", None)
+        if hidden is None and cfg is not None and getattr(cfg, "hidden_sizes", None):
+            hidden = cfg.hidden_sizes[-1]
+        if hidden is None:
+            raise DistacError("cannot tell the encoder's hidden size; its config has no hidden_size")
+        self.head = nn.Linear(int(hidden), num_labels)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        out = self.encoder(*args, **kwargs)
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:
+            h = out.last_hidden_state
+            pooled = h[:, 0] if h.ndim == 3 else h.flatten(2).mean(-1)
+        if pooled.ndim > 2:
+            pooled = pooled.flatten(1)
+        return self.head(pooled)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for distac: the module, its own weights, and how to feed and save it."""
+
+    module: nn.Module
+    state: dict[str, Tensor]
+    kind: str  # "hf" (a *ForXxxClassification), "hf-encoder" (EncoderClassifier) or "torch"
+    source: str
+    head_patterns: list[str] = field(default_factory=list)
+    tokenizer: Any = None
+    image_processor: Any = None
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """A Hugging Face model directory (has a ``config.json``)."""
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def import_factory(spec: str) -> Callable[..., nn.Module]:
+    """Resolve ``package.module:factory`` to a callable, with an error that names what is missing."""
+    if ":" not in spec:
+        raise DistacError(f"model factory '{spec}' must look like package.module:factory")
+    mod_name, attr = spec.split(":", 1)
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise DistacError(f"model factory '{spec}': cannot import module '{mod_name}' ({e})") from e
+    fn = getattr(mod, attr, None)
+    if not callable(fn):
+        raise DistacError(f"model factory '{spec}': module '{mod_name}' has no callable '{attr}'")
+    return fn
+
+
+def load_model(
+    spec: str | Path,
+    *,
+    factory: str | None = None,
+    factory_kwargs: Mapping[str, Any] | None = None,
+    num_labels: int | None = None,
+    heads: list[str] | None = None,
+) -> LoadedModel:
+    """Load the base model.
+
+    * ``spec`` an HF directory: ``*ForSequenceClassification`` / ``*ForImageClassification`` through the
+      Auto classes (their ``config.architectures`` decides), a bare encoder (no classification
+      architecture) as :class:`EncoderClassifier` with ``num_labels`` outputs (default: the config's).
+    * ``spec`` a weights file (``.safetensors``, or ``.pt``/``.bin`` read with ``weights_only=True``) and
+      ``factory`` = ``package.module:factory``: ``factory(**factory_kwargs)`` builds the module and the file
+      gives its weights (strict: every key must match).
+
+    ``heads`` overrides the default head patterns (:func:`default_head_patterns`).
+    """
+    spec = str(spec)
+    if is_hf_dir(spec):
+        module, kind, tok, proc = _load_hf(spec, num_labels=num_labels)
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    else:
+        if factory is None:
+            raise DistacError(
+                f"'{spec}' is not a Hugging Face directory (no config.json); pass --arch package.module:factory "
+                "to say which torch module its weights belong to"
+            )
+        module = import_factory(factory)(**dict(factory_kwargs or {}))
+        if not isinstance(module, nn.Module):
+            raise DistacError(f"model factory '{factory}' returned {type(module).__name__}, not a torch nn.Module")
+        state = read_state(spec)
+        _load_strict(module, state, spec)
+        kind, tok, proc = "torch", None, None
+    patterns = list(heads) if heads is not None else default_head_patterns(module)
+    check_head_patterns(list(state), patterns, f"model '{spec}'")
+    return LoadedModel(module, state, kind, spec, patterns, tok, proc)
+
+
+def _load_hf(path: str, *, num_labels: int | None) -> tuple[nn.Module, str, Any, Any]:
+    try:
+        import transformers as tf
+    except ImportError as e:
+        raise DistacError("loading Hugging Face models needs transformers: pip install 'distac[hf]'") from e
+    config = tf.AutoConfig.from_pretrained(path)
+    archs = " ".join(config.architectures or [])
+    tok = proc = None
+    if "ForSequenceClassification" in archs:
+        module, kind = tf.AutoModelForSequenceClassification.from_pretrained(path), "hf"
+    elif "ForImageClassification" in archs:
+        module, kind = tf.AutoModelForImageClassification.from_pretrained(path), "hf"
+    else:
+        encoder = tf.AutoModel.from_pretrained(path)
+        module, kind = EncoderClassifier(encoder, num_labels or config.num_labels), "hf-encoder"
+        head = Path(path) / "head.safetensors"
+        if head.is_file():
+            from safetensors.torch import load_file
+
+            module.head.load_state_dict(load_file(str(head)))
+    if any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        tok = tf.AutoTokenizer.from_pretrained(path)
+    if (Path(path) / "preprocessor_config.json").is_file():
+        proc = tf.AutoImageProcessor.from_pretrained(path)
+    module.eval()
+    return module, kind, tok, proc
+
+
+def read_state(path: str | Path) -> dict[str, Tensor]:
+    """Read a state dict from ``.safetensors`` or a ``weights_only`` torch file, naming the file on error."""
+    p = Path(path)
+    if not p.is_file():
+        raise DistacError(f"weights file '{p}' does not exist")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(p))
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except DistacError:
+        raise
+    except Exception as e:
+        raise DistacError(f"cannot read weights from '{p}': {e}") from e
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise DistacError(f"'{p}' does not hold a state dict (name -> tensor)")
+    return dict(obj)
+
+
+def load_state_like(spec: str | Path, like: LoadedModel) -> dict[str, Tensor]:
+    """The weights of another checkpoint of ``like``'s architecture (an HF directory or a weights file)."""
+    spec = str(spec)
+    if is_hf_dir(spec):
+        if like.kind == "torch":
+            raise DistacError(f"'{spec}' is a Hugging Face directory but the base is a plain torch model")
+        module, _, _, _ = _load_hf(spec, num_labels=_num_labels(like.module))
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    else:
+        state = read_state(spec)
+    check_compatible(like.state, state, f"'{spec}'")
+    return state
+
+
+def _num_labels(module: nn.Module) -> int | None:
+    head = getattr(module, "head", None)
+    return head.out_features if isinstance(head, nn.Linear) else None
+
+
+def _load_strict(module: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
+    own = module.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        raise DistacError(
+            f"'{source}' does not fit the model: missing {missing[:3]}, unexpected {extra[:3]} "
+            "(base and fine-tune must share one architecture)"
+        )
+    for k, v in own.items():
+        if tuple(v.shape) != tuple(state[k].shape):
+            raise DistacError(
+                f"'{source}': tensor '{k}' has shape {tuple(state[k].shape)}, the model has {tuple(v.shape)}"
+            )
+    module.load_state_dict(state, strict=True)
+
+
+def save_state_like(
+    state: Mapping[str, Tensor], out: str | Path, like: LoadedModel, *, overwrite: bool = False
+) -> Path:
+    """Write ``state`` in the base's format: an HF directory (``save_pretrained`` plus the base's tokenizer
+    and processor files) when the base is one, else one ``.safetensors`` file. Written to a temporary
+    path and renamed, so a failure leaves nothing half-written.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise DistacError(f"output '{out}' already exists (pass overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    try:
+        if like.kind == "hf":
+            module = copy.deepcopy(like.module)
+            module.load_state_dict(dict(state), strict=True)
+            module.save_pretrained(str(tmp), safe_serialization=True)
+            for extra in (like.tokenizer, like.image_processor):
+                if extra is not None:
+                    extra.save_pretrained(str(tmp))
+        else:
+            from safetensors.torch import save_file
+
+            # clone: safetensors refuses tensors that share storage (tied weights, views)
+            save_file({k: v.detach().contiguous().clone().cpu() for k, v in state.items()}, str(tmp))
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    return out

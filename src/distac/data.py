@@ -1,0 +1,398 @@
+"""Input sources for the data-driven parts of distac (diagnose, condition, calibrate, statistics).
+
+:func:`load_inputs` reads one file or folder into an :class:`Inputs`: all examples as one tensor
+(or one dict of tensors, for tokenised text) plus optional integer labels. Formats:
+
+=====================  ==========================================================================
+source                 inputs / labels
+=====================  ==========================================================================
+``*.txt``              one example per line (blank lines skipped); labels from ``labels=`` file
+``*.csv`` / ``*.tsv``  column ``column`` (default ``text``); labels from ``label_column`` (``label``)
+``*.jsonl``            same, one JSON object per line
+``*.npy``              the array (float arrays become fp32); labels from ``labels=`` (.npy or .txt)
+``*.npz``              array ``column`` (default ``x``/``inputs``/``data``), labels ``label_column``
+                       (default ``y``/``labels``/``label``)
+image folder           every image below it (PIL); labels = index of the sorted sub-folder name
+saved HF dataset       ``datasets.load_from_disk``; ``column`` / ``label_column`` as for CSV
+=====================  ==========================================================================
+
+Text is tokenised with the model's own tokenizer (padded to the longest example, truncated at
+``max_length``); images go through the model's image processor when it has one, else they become
+fp32 ``(C, H, W)`` tensors in [0, 1] and must all have one size.
+
+Batches: :meth:`Inputs.batches` for evaluation (in order, or shuffled with a seed) and
+:meth:`Inputs.step_indices` for training: the examples of step ``k`` are a pure function of
+``(seed, k)`` (an endless stream of per-epoch permutations), so a resumed run sees the same data
+and ``W`` processes can take disjoint equal slices of the same global batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .errors import DistacError
+from .models import Batch, forward_logits
+
+__all__ = ["Inputs", "check_fits", "iter_batches", "load_inputs", "load_labels"]
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+_TEXT_COLUMNS = ("text", "sentence", "content", "review")
+_IMAGE_COLUMNS = ("image", "img", "pixel_values")
+_NPZ_INPUTS = ("x", "inputs", "input", "data", "X")
+_LABEL_COLUMNS = ("label", "labels", "y", "target")
+
+
+@dataclass
+class Inputs:
+    """All examples of one source, in memory: ``x`` is a tensor ``(N, ...)`` or a dict of ``(N, ...)`` tensors."""
+
+    x: Tensor | dict[str, Tensor]
+    labels: Tensor | None = None
+    source: str = "in-memory data"
+
+    def __post_init__(self) -> None:
+        n = len(self)
+        if n == 0:
+            raise DistacError(f"{self.source}: the dataset is empty")
+        if isinstance(self.x, Mapping):
+            lens = {k: int(v.shape[0]) for k, v in self.x.items()}
+            if len(set(lens.values())) != 1:
+                raise DistacError(f"{self.source}: the input tensors have different lengths {lens}")
+        if self.labels is not None and int(self.labels.shape[0]) != n:
+            raise DistacError(f"{self.source}: {int(self.labels.shape[0])} labels for {n} examples")
+
+    def __len__(self) -> int:
+        if isinstance(self.x, Mapping):
+            return int(next(iter(self.x.values())).shape[0]) if self.x else 0
+        return int(self.x.shape[0])
+
+    def select(self, idx: Tensor | slice) -> Batch:
+        """The examples at ``idx`` as one batch."""
+        if isinstance(self.x, Mapping):
+            return {k: v[idx] for k, v in self.x.items()}
+        return self.x[idx]
+
+    def _order(self, shuffle: bool, seed: int) -> Tensor:
+        if not shuffle:
+            return torch.arange(len(self))
+        return torch.randperm(len(self), generator=torch.Generator().manual_seed(_seed(seed, 0)))
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False) -> list[Batch]:
+        """One pass over the data in batches of ``batch_size`` (the last one smaller unless ``drop_last``)."""
+        return [self.select(i) for i in self._index_batches(batch_size, shuffle, seed, drop_last)]
+
+    def label_batches(
+        self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False
+    ) -> list[Tensor]:
+        """The labels in the same batches as :meth:`batches` with the same arguments."""
+        if self.labels is None:
+            raise DistacError(f"{self.source}: no labels (give a label column or a labels file)")
+        return [self.labels[i] for i in self._index_batches(batch_size, shuffle, seed, drop_last)]
+
+    def _index_batches(self, batch_size: int, shuffle: bool, seed: int, drop_last: bool) -> list[Tensor]:
+        if batch_size < 1:
+            raise DistacError(f"batch_size must be >= 1, got {batch_size}")
+        order = self._order(shuffle, seed)
+        stop = len(order) - len(order) % batch_size if drop_last else len(order)
+        return [order[i : i + batch_size] for i in range(0, stop, batch_size)]
+
+    def step_indices(self, step: int, batch_size: int, *, seed: int = 0) -> Tensor:
+        """Indices of training step ``step``: slice ``[step·B, (step+1)·B)`` of an endless stream of per-epoch
+        permutations (epoch ``e`` shuffled by a generator seeded from ``(seed, e)``). Every step gets exactly
+        ``B`` examples, also when ``B`` exceeds the dataset size.
+        """
+        n = len(self)
+        start, stop = step * batch_size, (step + 1) * batch_size
+        parts = []
+        for epoch in range(start // n, (stop - 1) // n + 1):
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, epoch)))
+            lo, hi = max(start - epoch * n, 0), min(stop - epoch * n, n)
+            parts.append(perm[lo:hi])
+        return torch.cat(parts)
+
+
+def _seed(seed: int, epoch: int) -> int:
+    # a stable hash (Python's hash() of tuples is fine for ints, but keep one convention everywhere)
+    h = hashlib.blake2b(f"{seed}:{epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# readers
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Raw:
+    """What a reader found before tokenisation: texts, images (PIL), or an array."""
+
+    values: list[Any] | np.ndarray
+    labels: Sequence[Any] | np.ndarray | None
+    kind: str  # "text", "image" or "array"
+
+
+def load_inputs(
+    path: str | Path,
+    *,
+    tokenizer: Any = None,
+    image_processor: Any = None,
+    column: str | None = None,
+    label_column: str | None = None,
+    labels: str | Path | None = None,
+    need_labels: bool = False,
+    max_length: int = 128,
+    split: str | None = None,
+) -> Inputs:
+    """Read a data source (see the module docstring for the formats).
+
+    Args:
+        tokenizer: the model's tokenizer; required for text.
+        image_processor: the model's image processor (HF), used for images when given.
+        column / label_column: which column (CSV/TSV/JSONL/HF dataset) or array (``.npz``) to read.
+        labels: a separate labels file (``.npy`` or ``.txt`` with one integer per line) for ``.txt``/``.npy``.
+        need_labels: raise when no labels are found.
+        split: the split of a saved ``DatasetDict`` (default ``train`` when it has one).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DistacError(f"data '{p}' does not exist")
+    reader = _reader_for(p)
+    raw = reader(p, column=column, label_column=label_column, need_labels=need_labels, split=split)
+    if labels is not None:
+        raw.labels = load_labels(labels)
+    if len(raw.values) == 0:
+        raise DistacError(f"data '{p}' is empty: no examples found")
+    x = _to_tensors(raw, p, tokenizer=tokenizer, image_processor=image_processor, max_length=max_length)
+    y = _labels_tensor(raw.labels, p) if raw.labels is not None else None
+    if need_labels and y is None:
+        raise DistacError(f"data '{p}' has no labels: give a label column/array or a labels file")
+    return Inputs(x, y, f"data '{p}'")
+
+
+def load_labels(path: str | Path) -> Tensor:
+    """Integer labels from ``.npy`` or a text file with one integer per line."""
+    p = Path(path)
+    if not p.is_file():
+        raise DistacError(f"labels file '{p}' does not exist")
+    if p.suffix == ".npy":
+        return _labels_tensor(np.load(p, allow_pickle=False), p)
+    return _labels_tensor([line.strip() for line in p.read_text().splitlines() if line.strip()], p)
+
+
+def _reader_for(p: Path) -> Callable[..., _Raw]:
+    if p.is_dir():
+        if any((p / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+            return _read_hf_dataset
+        return _read_image_folder
+    reader = _READERS.get(p.suffix.lower())
+    if reader is None:
+        raise DistacError(
+            f"data '{p}': unknown format '{p.suffix}' (expected one of {sorted(_READERS)}, an image folder "
+            "or a dataset saved with datasets.save_to_disk)"
+        )
+    return reader
+
+
+def _read_lines(p: Path, **_: Any) -> _Raw:
+    return _Raw([line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()], None, "text")
+
+
+def _pick(name: str | None, available: Sequence[str], defaults: Sequence[str], what: str, p: Path) -> str | None:
+    if name is not None:
+        if name not in available:
+            raise DistacError(f"data '{p}': no {what} '{name}' (available: {list(available)})")
+        return name
+    return next((d for d in defaults if d in available), None)
+
+
+def _read_table(p: Path, *, column: str | None, label_column: str | None, need_labels: bool, **_: Any) -> _Raw:
+    suffix = p.suffix.lower()
+    with p.open(encoding="utf-8", newline="") as f:
+        if suffix == ".jsonl":
+            rows = [json.loads(line) for line in f if line.strip()]
+        else:
+            rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    if not rows:
+        raise DistacError(f"data '{p}' is empty: no rows")
+    cols = list(rows[0].keys())
+    lab = _pick(label_column, cols, _LABEL_COLUMNS if (need_labels or label_column) else (), "label column", p)
+    others = [c for c in cols if c != lab]
+    col = _pick(column, cols, _TEXT_COLUMNS, "column", p) or (others[0] if len(others) == 1 else None)
+    if col is None:
+        raise DistacError(f"data '{p}': say which column holds the inputs (columns: {cols})")
+    return _Raw([r[col] for r in rows], [r[lab] for r in rows] if lab else None, "text")
+
+
+def _read_npy(p: Path, **_: Any) -> _Raw:
+    return _Raw(np.load(p, allow_pickle=False), None, "array")
+
+
+def _read_npz(p: Path, *, column: str | None, label_column: str | None, **_: Any) -> _Raw:
+    with np.load(p, allow_pickle=False) as z:
+        keys = list(z.keys())
+        lab = _pick(label_column, keys, _LABEL_COLUMNS, "label array", p)
+        rest = [k for k in keys if k != lab]
+        col = _pick(column, keys, _NPZ_INPUTS, "array", p) or (rest[0] if len(rest) == 1 else None)
+        if col is None:
+            raise DistacError(f"data '{p}': say which array holds the inputs (arrays: {keys})")
+        return _Raw(z[col], z[lab] if lab else None, "array")
+
+
+def _read_image_folder(p: Path, **_: Any) -> _Raw:
+    from PIL import Image
+
+    files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    if not files:
+        raise DistacError(f"data '{p}' is empty: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) below it")
+    classes = sorted({f.parent.relative_to(p).parts[0] for f in files if f.parent != p})
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                images.append(im.convert("RGB"))
+        except OSError as e:
+            raise DistacError(f"cannot read image '{f}': {e}") from e
+    labels = None
+    if classes and all(f.parent != p for f in files):
+        index = {c: i for i, c in enumerate(classes)}
+        labels = [index[f.parent.relative_to(p).parts[0]] for f in files]
+    raw = _Raw(images, labels, "image")
+    raw.files = files  # type: ignore[attr-defined]  # to name the culprit on a size mismatch
+    return raw
+
+
+def _read_hf_dataset(p: Path, *, column: str | None, label_column: str | None, split: str | None, **_: Any) -> _Raw:
+    try:
+        import datasets
+    except ImportError as e:
+        raise DistacError(
+            f"data '{p}' is a saved Hugging Face dataset; reading it needs the 'datasets' package: pip install datasets"
+        ) from e
+    ds = datasets.load_from_disk(str(p))
+    if isinstance(ds, datasets.DatasetDict):
+        names = list(ds.keys())
+        name = split or ("train" if "train" in ds else None)
+        if name not in ds:
+            raise DistacError(f"data '{p}' has splits {names}; choose one with split=")
+        ds = ds[name]
+    cols = list(ds.column_names)
+    lab = _pick(label_column, cols, _LABEL_COLUMNS, "label column", p)
+    col = _pick(column, cols, _TEXT_COLUMNS + _IMAGE_COLUMNS, "column", p)
+    if col is None:
+        raise DistacError(f"data '{p}': say which column holds the inputs (columns: {cols})")
+    values = list(ds[col])
+    first = values[0] if values else None
+    kind = "text" if isinstance(first, str) else "image" if hasattr(first, "convert") else "array"
+    if kind == "array":
+        values = np.asarray(values)
+    elif kind == "image":
+        values = [v.convert("RGB") for v in values]
+    return _Raw(values, list(ds[lab]) if lab else None, kind)
+
+
+_READERS: dict[str, Callable[..., _Raw]] = {
+    ".txt": _read_lines,
+    ".csv": _read_table,
+    ".tsv": _read_table,
+    ".jsonl": _read_table,
+    ".npy": _read_npy,
+    ".npz": _read_npz,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# to tensors
+# ------------------------------------------------------------------------------------------------
+
+
+def _to_tensors(
+    raw: _Raw, p: Path, *, tokenizer: Any, image_processor: Any, max_length: int
+) -> Tensor | dict[str, Tensor]:
+    if raw.kind == "text":
+        if tokenizer is None:
+            raise DistacError(
+                f"data '{p}' is text but the model has no tokenizer (plain torch models take .npy/.npz arrays)"
+            )
+        enc = tokenizer(
+            [str(v) for v in raw.values], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        return {k: v for k, v in enc.items() if isinstance(v, Tensor)}
+    if raw.kind == "image":
+        if image_processor is not None:
+            return image_processor(list(raw.values), return_tensors="pt")["pixel_values"]
+        arrays = [np.asarray(im, dtype=np.float32) / 255.0 for im in raw.values]
+        shape = arrays[0].shape
+        files = getattr(raw, "files", None)
+        for i, a in enumerate(arrays):
+            if a.shape != shape:
+                name = files[i] if files else f"image {i}"
+                raise DistacError(
+                    f"data '{p}': image '{name}' is {a.shape[1]}x{a.shape[0]}, the first is {shape[1]}x{shape[0]}; "
+                    "without an image processor all images must have one size"
+                )
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    arr = np.asarray(raw.values)
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    return t.float() if t.is_floating_point() else t.long() if arr.dtype.kind in "iu" else t
+
+
+def _labels_tensor(values: Sequence[Any] | np.ndarray, p: Path) -> Tensor:
+    try:
+        arr = np.asarray([int(v) for v in np.asarray(values).reshape(-1).tolist()], dtype=np.int64)
+    except (TypeError, ValueError) as e:
+        raise DistacError(f"labels of '{p}' must be integer class ids ({e})") from e
+    if arr.size and arr.min() < 0:
+        raise DistacError(f"labels of '{p}' must be >= 0, found {int(arr.min())}")
+    return torch.from_numpy(arr)
+
+
+# ------------------------------------------------------------------------------------------------
+# checks
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def check_fits(model: nn.Module, inputs: Inputs, *, device: torch.device | str = "cpu") -> int:
+    """Run two examples through ``model`` before any long job; return its number of classes.
+
+    Raises a :class:`DistacError` naming the data source when the shapes or the tokenisation do not fit
+    the model, when it does not return ``(B, C)`` logits, or when labels exceed the class count.
+    """
+    from .models import batch_to
+
+    batch = batch_to(inputs.select(slice(0, min(2, len(inputs)))), device)
+    was = model.training
+    model.eval()
+    try:
+        z = forward_logits(model, batch)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        shape = {k: tuple(v.shape) for k, v in batch.items()} if isinstance(batch, Mapping) else tuple(batch.shape)
+        raise DistacError(f"{inputs.source} does not fit the model (inputs of shape {shape}): {e}") from e
+    finally:
+        model.train(was)
+    if not isinstance(z, Tensor) or z.ndim != 2:
+        shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+        raise DistacError(f"{inputs.source}: the model returned {shape}, expected logits of shape (batch, classes)")
+    c = int(z.shape[1])
+    if inputs.labels is not None and int(inputs.labels.max()) >= c:
+        raise DistacError(f"{inputs.source}: label {int(inputs.labels.max())} is out of range for a {c}-class model")
+    return c
+
+
+def iter_batches(data: Inputs | Iterator[Batch] | Sequence[Batch], batch_size: int) -> list[Batch]:
+    """Evaluation batches from an :class:`Inputs` (in order) or any iterable of batches (as given)."""
+    if isinstance(data, Inputs):
+        return data.batches(batch_size)
+    if isinstance(data, Tensor):
+        return Inputs(data).batches(batch_size)
+    return list(data)
