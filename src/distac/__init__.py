@@ -7,6 +7,8 @@ Public API (everything else is internal and may change)::
     distac.METHODS / distac.get_method                     # the method registry
     distac.merge_checkpoints(config, out)                  # checkpoints on disk, streamed (YAML or dict)
     distac.open_checkpoint(path)                           # lazy reader for safetensors / HF dirs / .bin
+    distac.fisher_diagonal / gram_matrices / adam_fisher   # curvature statistics (sum-scale Fishers)
+    distac.save_stats / load_stats / check_stats           # statistics sidecars
 """
 
 from __future__ import annotations
@@ -19,6 +21,12 @@ from .methods import get_method as get_method
 from .pipeline import export_task_models as export_task_models
 from .pipeline import load_config as load_config
 from .pipeline import merge_checkpoints as merge_checkpoints
+from .stats import adam_fisher as adam_fisher
+from .stats import check_stats as check_stats
+from .stats import fisher_diagonal as fisher_diagonal
+from .stats import gram_matrices as gram_matrices
+from .stats import load_stats as load_stats
+from .stats import save_stats as save_stats
 from .taskvector import TaskVector as TaskVector
 from .taskvector import split_heads as split_heads
 
@@ -28,11 +36,17 @@ __all__ = [
     "METHODS",
     "DistacError",
     "TaskVector",
+    "adam_fisher",
+    "check_stats",
     "export_task_models",
+    "fisher_diagonal",
     "get_method",
+    "gram_matrices",
     "load_config",
+    "load_stats",
     "merge",
     "merge_checkpoints",
     "open_checkpoint",
+    "save_stats",
     "split_heads",
 ]
