@@ -1,0 +1,177 @@
+"""Checkpoint readers (every form), the streaming shard writer and the atomic output folder."""
+
+from __future__ import annotations
+
+import errno
+import json
+import struct
+
+import pytest
+import torch
+from conftest import tiny_state, write_checkpoint
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from distac import DistacError, open_checkpoint
+from distac.io import ShardWriter, atomic_output_dir, copy_model_files, parse_size, read_header
+
+
+def _assert_same(ck, state):
+    assert set(ck.keys()) == set(state)
+    for k, v in state.items():
+        assert ck.shape(k) == tuple(v.shape)
+        assert ck.dtype(k) == v.dtype
+        assert torch.equal(ck.get(k), v), k
+
+
+@pytest.mark.parametrize("form", ["file", "sharded", "hf", "hf_bin", "pt"])
+def test_every_form_reads_lazily_and_exactly(tmp_path, form):
+    state = tiny_state(3, dtype=torch.bfloat16)
+    path = write_checkpoint(state, tmp_path / ("m.safetensors" if form == "file" else "m"), form=form)
+    ck = open_checkpoint(path)
+    _assert_same(ck, state)
+    emb = state["embed.weight"]
+    assert torch.equal(ck.get_rows("embed.weight", 5, 9), emb[5:9])
+    if form == "sharded":
+        assert len(ck.files) == 3
+        assert ck.file_of("classifier.bias").name.startswith("model-0000")
+
+
+def test_sharded_index_path_and_folder_are_the_same_checkpoint(tmp_path):
+    folder = write_checkpoint(tiny_state(1), tmp_path / "m", form="sharded")
+    a, b = open_checkpoint(folder), open_checkpoint(folder / "model.safetensors.index.json")
+    assert a.keys() == b.keys()
+
+
+def test_torch_file_nested_state_dict_is_unwrapped(tmp_path):
+    state = tiny_state(2)
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "ckpt.pt")
+    _assert_same(open_checkpoint(tmp_path / "ckpt.pt"), state)
+
+
+class _Custom:  # a class that weights_only=True must refuse to unpickle
+    def __init__(self):
+        self.w = torch.ones(2)
+
+
+def test_pickle_with_code_is_refused_with_conversion_hint(tmp_path):
+    path = tmp_path / "model.bin"
+    torch.save({"model": _Custom()}, path)
+    with pytest.raises(DistacError) as e:
+        open_checkpoint(path)
+    msg = str(e.value)
+    assert str(path) in msg and "arbitrary code" in msg and "save_file" in msg
+
+
+def test_missing_path_is_named(tmp_path):
+    with pytest.raises(DistacError, match=r"nope\.safetensors"):
+        open_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_truncated_safetensors_names_file_and_tensor(tmp_path):
+    path = write_checkpoint(tiny_state(0), tmp_path / "t.safetensors")
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) - 40])
+    with pytest.raises(DistacError, match=r"t\.safetensors.*truncated"):
+        open_checkpoint(path)
+
+
+@pytest.mark.parametrize("payload", [b"\xff" * 64, struct.pack("<Q", 10) + b"{not json}", struct.pack("<Q", 10**12)])
+def test_corrupt_header_names_file(tmp_path, payload):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(payload)
+    with pytest.raises(DistacError, match=r"bad\.safetensors.*(corrupt|truncated)"):
+        open_checkpoint(path)
+
+
+def test_header_offsets_that_do_not_fit_the_shape_are_corrupt(tmp_path):
+    path = tmp_path / "x.safetensors"
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    with pytest.raises(DistacError, match="does not fit shape"):
+        read_header(path)
+
+
+def test_shard_writer_streams_row_chunks_into_byte_sized_shards(tmp_path):
+    state = tiny_state(5)
+    layout = [(k, tuple(v.shape), torch.bfloat16 if v.is_floating_point() else v.dtype) for k, v in state.items()]
+    w = ShardWriter(tmp_path, layout, max_shard_bytes=300)
+    for k, v in state.items():
+        if v.dim() and v.shape[0] > 4:  # the engine's row-chunked path
+            for s in range(0, v.shape[0], 4):
+                w.write(k, v[s:s + 4])
+        else:
+            w.write(k, v)
+    files = w.close()
+    assert len(files) > 2
+    for f in files:  # each shard's data fits the budget unless one tensor alone is larger
+        with safe_open(str(f), framework="pt") as h:
+            sizes = [h.get_tensor(k).numel() * h.get_tensor(k).element_size() for k in h.keys()]
+        assert sum(sizes) <= 300 or len(sizes) == 1
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(state)
+    back = {}
+    for f in files:
+        back.update(load_file(f))
+    for k, v in state.items():
+        want = v.to(torch.bfloat16) if v.is_floating_point() else v
+        assert back[k].dtype == want.dtype and torch.equal(back[k], want), k
+
+
+def test_single_shard_is_model_safetensors_without_index(tmp_path):
+    state = tiny_state(1)
+    w = ShardWriter(tmp_path, [(k, tuple(v.shape), v.dtype) for k, v in state.items()])
+    for k, v in state.items():
+        w.write(k, v)
+    assert [f.name for f in w.close()] == ["model.safetensors"]
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    assert load_file(tmp_path / "model.safetensors").keys() == state.keys()
+
+
+def test_shard_writer_refuses_out_of_order_and_incomplete(tmp_path):
+    w = ShardWriter(tmp_path, [("a", (2,), torch.float32), ("b", (2,), torch.float32)])
+    with pytest.raises(RuntimeError, match="expected a"):
+        w.write("b", torch.zeros(2))
+    w.write("a", torch.zeros(2))
+    with pytest.raises(RuntimeError, match="'b' was complete"):
+        w.close()
+
+
+def test_atomic_output_dir_renames_on_success_and_cleans_on_error(tmp_path):
+    target = tmp_path / "out"
+    with atomic_output_dir(target) as tmp:
+        (tmp / "f").write_text("x")
+        assert not target.exists()
+    assert (target / "f").read_text() == "x"
+    with pytest.raises(DistacError, match="already exists"):
+        with atomic_output_dir(target):
+            pass
+    with pytest.raises(DistacError, match="disk full"):
+        with atomic_output_dir(target, overwrite=True) as tmp:
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert (target / "f").read_text() == "x"  # the old output survives a failed overwrite
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with atomic_output_dir(target, overwrite=True) as tmp:
+        (tmp / "g").write_text("y")
+    assert sorted(p.name for p in target.iterdir()) == ["g"]
+
+
+def test_copy_model_files_skips_weights_and_card(tmp_path):
+    src = write_checkpoint(tiny_state(0), tmp_path / "src", form="hf")
+    (src / "model.safetensors.index.json").write_text("{}")
+    save_file({"x": torch.zeros(1)}, str(src / "extra.safetensors"))
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    assert copy_model_files(src, dst) == ["config.json", "tokenizer.json"]
+
+
+@pytest.mark.parametrize(("text", "n"), [("1GB", 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("1e6", 10**6),
+                                         (4096, 4096), ("64 kib", 65536)])
+def test_parse_size(text, n):
+    assert parse_size(text) == n
+
+
+@pytest.mark.parametrize("text", ["lots", "-1GB", "0"])
+def test_parse_size_rejects(text):
+    with pytest.raises(DistacError):
+        parse_size(text)
