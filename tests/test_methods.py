@@ -94,7 +94,7 @@ def test_dare_mask_is_the_documented_hash() -> None:
     ctx = TensorContext("enc.w", (64, 3))
     out = dare(d, density=[0.5, 0.25], seed=7, ctx=ctx)
     for i, p in enumerate([0.5, 0.25]):
-        u = uniform(stream_key(7 + i, "enc.w"), 0, d[i].numel()).reshape(64, 3)
+        u = uniform(stream_key(7, "enc.w", i), 0, d[i].numel()).reshape(64, 3)
         assert torch.equal(out[i], torch.where(u < p, d[i] / p, torch.zeros(())))
     # the rescale is exact 1/density on the kept entries
     kept = out[0] != 0

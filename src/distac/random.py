@@ -5,12 +5,13 @@ generator (mergekit's global ``set_seed``, ``torch.bernoulli``) the mask of a te
 many numbers were drawn before it: on the tensor order, on row chunking, on the device's RNG
 algorithm. Here the uniform number of an entry is a pure function of where the entry is::
 
-    key = blake2b(seed of the model, tensor name)          # 64 bits, stable across processes
+    key = blake2b(seed, tensor name, model index)           # 64 bits, stable across processes
     u   = mix(key, flat index of the entry in the full tensor) / 2**24   in [0, 1)
 
-Each model has its own seed (DARE's ``seed`` parameter gives model t the seed ``seed + t``, or
-takes one seed per model), so a model's mask depends only on its seed and the tensor: not on the
-other models, their order, the tensor order, row chunking, the process or the device.
+so a mask does not depend on the tensor order, row chunking, the process or the device. DARE's
+``seed`` may also be a list with one seed per model; the key is then ``blake2b(seed_t, tensor
+name)`` without the index, so a model's mask follows it when the models (and their seeds) are
+permuted.
 
 ``mix`` is two rounds of the ``lowbias32`` integer finaliser (Chris Wellons' hash-prospector,
 a murmur3-style xor-shift-multiply), computed with int64 torch ops only. Every multiplication is
@@ -33,9 +34,10 @@ _C1 = 0x7FEB352D
 _C2 = 0x846CA68B
 
 
-def stream_key(seed: int, name: str) -> tuple[int, int]:
-    """Two 32-bit words derived from ``(seed, name)`` by blake2b (stable, unsalted)."""
-    h = hashlib.blake2b(f"{int(seed)}\x00{name}".encode(), digest_size=8).digest()
+def stream_key(seed: int, name: str, index: int | None = None) -> tuple[int, int]:
+    """Two 32-bit words derived from ``(seed, name[, index])`` by blake2b (stable, unsalted)."""
+    text = f"{int(seed)}\x00{name}" + ("" if index is None else f"\x00{int(index)}")
+    h = hashlib.blake2b(text.encode(), digest_size=8).digest()
     v = int.from_bytes(h, "little")
     return v & _M32, v >> 32
 

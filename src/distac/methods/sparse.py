@@ -54,7 +54,7 @@ __all__ = [
     "dare_ties",
     "disjoint_merge",
     "elect_sign",
-    "model_seeds",
+    "model_keys",
     "ties",
     "trim_magnitude",
 ]
@@ -70,9 +70,11 @@ def _per_model(v: float | list[float], n: int) -> list[float]:
     return [float(x) for x in v] if isinstance(v, list | tuple) else [float(v)] * n
 
 
-def model_seeds(seed: int | list[int], n: int) -> list[int]:
-    """Per-model DARE seeds: a list is used as given; a scalar ``s`` gives model t the seed ``s + t``."""
-    return [int(x) for x in seed] if isinstance(seed, list | tuple) else [int(seed) + t for t in range(n)]
+def model_keys(seed: int | list[int], name: str, n: int) -> list[tuple[int, int]]:
+    """Per-model DARE stream keys: ``(seed, name, t)`` for a scalar seed, ``(seed[t], name)`` for a list."""
+    if isinstance(seed, list | tuple):
+        return [stream_key(int(s), name) for s in seed]
+    return [stream_key(int(seed), name, t) for t in range(n)]
 
 
 def _column(values: list[float], like: Tensor) -> Tensor:
@@ -119,17 +121,17 @@ def dare(deltas: Tensor, *, density: float | list[float], seed: int | list[int],
     rescales to match the L1 norm of the kept entries, so its results differ.
 
     Entry ``j`` of model ``t`` is kept when ``u < density_t`` with ``u`` from
-    :func:`distac.random.uniform` keyed by ``(seed_t, ctx.name)`` at counter ``ctx.offset + j``, where
-    ``seed_t`` is ``seed + t`` for a scalar seed or ``seed[t]`` for a list (:func:`model_seeds`):
-    the mask does not depend on tensor order, row chunking, process or device, and with a seed list
+    :func:`distac.random.uniform` keyed by ``(seed, ctx.name, t)`` (or ``(seed[t], ctx.name)`` when
+    ``seed`` is a per-model list, see :func:`model_keys`) at counter ``ctx.offset + j``: the mask
+    does not depend on tensor order, row chunking, process or device, and with a seed list
     permuted along with the models, not on the model order either.
     """
     n = deltas.shape[0]
-    dens, seeds = _per_model(density, n), model_seeds(seed, n)
+    dens, keys = _per_model(density, n), model_keys(seed, ctx.name, n)
     out = torch.empty_like(deltas)
     per_model = deltas[0].numel()
     for i, d in enumerate(dens):
-        u = uniform(stream_key(seeds[i], ctx.name), ctx.offset, per_model, device=deltas.device)
+        u = uniform(keys[i], ctx.offset, per_model, device=deltas.device)
         keep = u.reshape(deltas.shape[1:]) < d
         # δ/d, not δ·(1/d): exact for d = 1 and matches the reference's division.
         out[i] = torch.where(keep, deltas[i] / d, torch.zeros((), dtype=deltas.dtype, device=deltas.device))
@@ -246,7 +248,7 @@ def dare_linear(
     Yu et al., ICML 2024 (arXiv 2311.03099). ``density`` is the keep probability 1 − p; the
     default 0.9 is the official MergeLM CLI's ``weight_mask_rate`` 0.1 (its GLUE grid is
     p ∈ {0.1, …, 0.9}; FusionBench uses p = 0.5, mergekit density 1.0 = no drop). ``seed`` 0 as in
-    MergeLM's LLM scripts (model t uses ``seed + t``; a list gives one seed per model). The rescale
+    MergeLM's LLM scripts (a list gives one seed per model, see :func:`dare`). The rescale
     is exactly 1/density (official, peft); mergekit matches L1 norms instead. Randomness: see :func:`dare`.
     """
     return _combine(dare(deltas, density=density, seed=seed, ctx=ctx), weights=weights, elect=False,
@@ -435,7 +437,8 @@ METHODS = (
         "dare_linear", dare_linear,
         summary="DARE random drop with exact 1/density rescale, then task arithmetic.",
         paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)",
-        notes="Counter-based RNG keyed by (per-model seed, tensor name): independent of order, chunking and device. "
+        notes="Counter-based RNG keyed by (seed, tensor name, model index), or (seed_t, tensor name) for a "
+              "per-model seed list: independent of tensor order, chunking and device. "
               "mergekit rescales by L1 matching; official/peft/FusionBench by 1/density. " + _FAMILY_NOTES,
     ),
     Method(

@@ -1,0 +1,332 @@
+"""Degenerate-case invariants (merge-methods.md §12), exactness of global scope, and DARE's determinism."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+import torch
+
+import distac
+from distac import get_method
+from distac.methods import TensorContext
+from distac.methods.sparse import dare
+from distac.random import hash32, stream_key, uniform
+
+G = torch.Generator().manual_seed(1234)
+SHAPES = {"emb": (12, 8), "l1.weight": (8, 8), "l1.bias": (8,), "ln.weight": (8,), "head": (3, 8)}
+
+
+def make_models(n: int, seed: int = 0) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    g = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+    base["steps"] = torch.tensor(7)  # an int buffer: copied, never merged
+    models = [{k: (v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone())
+               for k, v in base.items()} for _ in range(n)]
+    return base, models
+
+
+def deltas_of(base: dict, models: list[dict]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([m[k] - base[k] for m in models]) for k in SHAPES}
+
+
+def call(name: str, d: torch.Tensor, *, name_: str = "w", **params: Any) -> torch.Tensor:
+    m = get_method(name)
+    p = m.resolve(params, d.shape[0])
+    return m(torch.zeros(d.shape[1:]), d, ctx=TensorContext(name_, tuple(d.shape[1:])), **p)
+
+
+def merged_delta(base: dict, out: dict) -> dict[str, torch.Tensor]:
+    return {k: out[k] - base[k] for k in SHAPES}
+
+
+def assert_close(a: dict | torch.Tensor, b: dict | torch.Tensor, tol: float = 1e-5) -> None:
+    if isinstance(a, dict):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=tol, rtol=tol, msg=k)
+    else:
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+# ----------------------------------------------------------------------------------------------
+# brute-force references over the flattened model (what the official code does)
+# ----------------------------------------------------------------------------------------------
+def flat(d: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([d[k].reshape(d[k].shape[0], -1) for k in sorted(d)], dim=1)
+
+
+def unflat(x: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out, i = {}, 0
+    for k in sorted(like):
+        n = like[k][0].numel()
+        out[k] = x[i:i + n].reshape(like[k].shape[1:])
+        i += n
+    return out
+
+
+def ref_trim(x: torch.Tensor, densities: list[float]) -> torch.Tensor:
+    """Official ``topk_values_mask`` per model row: keep |x| >= kthvalue(|x|, d - int(d·density))."""
+    out = x.clone()
+    d = x.shape[1]
+    for i, dens in enumerate(densities):
+        r = d - int(d * dens)
+        if r > 0:
+            out[i] *= x[i].abs() >= torch.kthvalue(x[i].abs(), r).values
+    return out
+
+
+def ref_ties_merge(x: torch.Tensor, merge_fn: str = "mean") -> torch.Tensor:
+    sign = torch.sign(x.sum(0))
+    sign[sign == 0] = torch.sign(sign.sum())  # official majority fallback over the whole model
+    agree = torch.where(sign > 0, x > 0, x < 0)
+    total = (x * agree).sum(0)
+    return total if merge_fn == "sum" else total / agree.sum(0).clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# TIES
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("density", [0.2, [0.1, 0.5, 0.3]])
+@pytest.mark.parametrize("merge_fn", ["mean", "sum"])
+def test_ties_global_scope_equals_brute_force(density: Any, merge_fn: str) -> None:
+    base, models = make_models(3)
+    dens = density if isinstance(density, list) else [density] * 3
+    d = deltas_of(base, models)
+    want = unflat(0.7 * ref_ties_merge(ref_trim(flat(d), dens), merge_fn), d)
+    out = distac.merge(base, models, "ties", density=density, merge_fn=merge_fn, scale=0.7)
+    assert_close(merged_delta(base, out), want)
+    assert torch.equal(out["steps"], base["steps"])
+
+
+def test_ties_tensor_scope_equals_per_tensor_brute_force() -> None:
+    base, models = make_models(3)
+    d = deltas_of(base, models)
+    out = distac.merge(base, models, "ties", density=0.3, scope="tensor")
+    want = {k: ref_ties_merge(ref_trim(v.reshape(3, -1), [0.3] * 3)).reshape(v.shape[1:]) for k, v in d.items()}
+    assert_close(merged_delta(base, out), want)
+
+
+def test_ties_density_one_single_task_returns_tau() -> None:
+    base, models = make_models(1)
+    for scope in ("global", "tensor"):
+        out = distac.merge(base, models, "ties", density=1.0, scope=scope)
+        assert_close(out, models[0], 1e-6)
+
+
+def test_ties_global_scope_is_chunk_invariant() -> None:
+    d = torch.randn(3, 10, 6, generator=G)
+    thr = torch.tensor([0.5, 0.8, 0.2])
+    m = get_method("ties")
+    assert m.is_chunkable(m.resolve({}, 3)) and not m.is_chunkable(m.resolve({"scope": "tensor"}, 3))
+    p = m.resolve({"merge_fn": "mean"}, 3)
+    whole = m(torch.zeros(10, 6), d, ctx=TensorContext("w", (10, 6), 0, thr), **p)
+    parts = [m(torch.zeros(r.shape[1:]), r, ctx=TensorContext("w", (10, 6), 6 * a, thr), **p)
+             for a, r in ((0, d[:, :4]), (4, d[:, 4:]))]
+    assert torch.equal(whole, torch.cat(parts))
+
+
+def test_ties_weights_scale_and_negate() -> None:
+    d = torch.randn(3, 40, generator=G)
+    one = call("ties", d, density=0.5, scope="tensor", merge_fn="sum")
+    assert_close(call("ties", d, density=0.5, scope="tensor", merge_fn="sum", weights=2.5), 2.5 * one)
+    assert_close(call("ties", d, density=0.5, scope="tensor", weights=-1.0), -call("ties", d, density=0.5,
+                                                                                    scope="tensor"))
+    # a zero weight removes a model entirely (it cannot vote in the sign election)
+    assert_close(call("ties", d, density=0.5, scope="tensor", weights=[1, 1, 0]),
+                 call("ties", d[:2], density=0.5, scope="tensor"))
+
+
+# ----------------------------------------------------------------------------------------------
+# task arithmetic family: weights are linear
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,params", [
+    ("task_arithmetic", {}),
+    ("dare_linear", {"density": 0.6, "seed": 4}),
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.1}),
+])
+def test_weights_are_linear(method: str, params: dict) -> None:
+    d = torch.randn(3, 7, 9, generator=G)
+    a, b = [1.0, -2.0, 0.5], [0.5, 1.0, -3.0]
+    fa = call(method, d, weights=a, **params)
+    fb = call(method, d, weights=b, **params)
+    fab = call(method, d, weights=[x + y for x, y in zip(a, b, strict=True)], **params)
+    assert_close(fa + fb, fab)
+    assert_close(call(method, d, weights=[-x for x in a], **params), -fa)
+
+
+def test_consensus_weights_scale_the_result() -> None:
+    d = torch.randn(3, 50, generator=G)
+    # multiplying every τ_t by c > 0 scales τ_MTL by c and leaves every TALL mask unchanged
+    assert_close(call("consensus_ta", d, weights=3.0), 3 * call("consensus_ta", d))
+
+
+# ----------------------------------------------------------------------------------------------
+# Consensus (§12 #7)
+# ----------------------------------------------------------------------------------------------
+def test_consensus_k0_is_ta_and_k_above_T_is_base() -> None:
+    base, models = make_models(3)
+    ta = distac.merge(base, models, "task_arithmetic", scale=0.4)
+    assert_close(distac.merge(base, models, "consensus_ta", k=0, scale=0.4), ta)
+    assert_close(distac.merge(base, models, "consensus_ta", k=4), base, 0)
+    ties_sum = distac.merge(base, models, "ties", density=0.2, merge_fn="sum", scale=0.4)
+    assert_close(distac.merge(base, models, "consensus_ties", k=0, scale=0.4), ties_sum)
+    assert_close(distac.merge(base, models, "consensus_ties", k=4), base, 0)
+
+
+def test_consensus_ties_global_equals_brute_force() -> None:
+    base, models = make_models(3, seed=5)
+    d = deltas_of(base, models)
+    x = flat(d)
+    mtl = ref_ties_merge(ref_trim(x, [0.2] * 3), "sum")
+    tall = x.abs() > 0.3 * (mtl - x).abs()
+    want = unflat(torch.where(tall.sum(0) >= 2, mtl, 0.0), d)
+    out = distac.merge(base, models, "consensus_ties", tall_lambda=0.3)
+    assert_close(merged_delta(base, out), want)
+
+
+# ----------------------------------------------------------------------------------------------
+# DARE (§12 #6) and its counter-based randomness
+# ----------------------------------------------------------------------------------------------
+def test_dare_density_one_is_identity() -> None:
+    base, models = make_models(3)
+    ta = distac.merge(base, models, "task_arithmetic", scale=0.5)
+    for k, v in distac.merge(base, models, "dare_linear", density=1.0, scale=0.5).items():
+        assert torch.equal(v, ta[k]), k
+    ties = distac.merge(base, models, "ties", density=0.3)
+    for k, v in distac.merge(base, models, "dare_ties", density=1.0, trim_density=0.3).items():
+        assert torch.equal(v, ties[k]), k
+
+
+def test_dare_mean_over_seeds_approaches_ta() -> None:
+    d = torch.randn(2, 300, generator=G)
+    ta = d.sum(0)
+    n = 400
+    mean = sum(call("dare_linear", d, density=0.5, seed=s) for s in range(n)) / n
+    # each entry's estimate has std |τ1|+|τ2| scale / sqrt(n) ≈ 0.07; the average error is far smaller
+    err = (mean - ta).abs().mean() / ta.abs().mean()
+    single = (call("dare_linear", d, density=0.5, seed=0) - ta).abs().mean() / ta.abs().mean()
+    assert err < 0.08 and err < single / 10
+
+
+def test_dare_is_invariant_to_chunking() -> None:
+    d = torch.randn(2, 9, 5, generator=G)
+    whole = dare(d, density=0.5, seed=3, ctx=TensorContext("w", (9, 5)))
+    bounds = [0, 2, 3, 7, 9]
+    parts = [dare(d[:, a:b], density=0.5, seed=3, ctx=TensorContext("w", (9, 5), offset=a * 5))
+             for a, b in itertools.pairwise(bounds)]
+    assert torch.equal(whole, torch.cat(parts, dim=1))
+    for method in ("dare_linear", "dare_ties"):
+        m = get_method(method)
+        p = m.resolve({"density": 0.5, "scope": "global"} if method == "dare_ties" else {"density": 0.5}, 2)
+        assert m.is_chunkable(p)
+
+
+def test_dare_does_not_depend_on_order_or_other_models() -> None:
+    base, models = make_models(3)
+    # per-model seed lists follow the models when they are permuted
+    perm = [2, 0, 1]
+    a = distac.merge(base, models, "dare_linear", density=0.5, seed=[10, 11, 12])
+    b = distac.merge(base, [models[i] for i in perm], "dare_linear", density=0.5, seed=[[10, 11, 12][i] for i in perm])
+    assert_close(a, b, 1e-6)
+    # tensor order does not matter (no shared RNG state)
+    rev = {k: base[k] for k in reversed(list(base))}
+    c = distac.merge(rev, [{k: m[k] for k in rev} for m in models], "dare_linear", density=0.5, seed=[10, 11, 12])
+    for k in a:
+        assert torch.equal(a[k], c[k]), k
+    # a model's DARE'd vector is the same whatever other models are merged with it
+    d = torch.randn(3, 20, generator=G)
+    ctx = TensorContext("w", (20,))
+    assert torch.equal(dare(d, density=0.3, seed=1, ctx=ctx)[:2], dare(d[:2], density=0.3, seed=1, ctx=ctx))
+    # ... and different tensor names and seeds give different masks
+    m1 = dare(torch.ones(1, 4000), density=0.5, seed=1, ctx=TensorContext("a", (4000,))) != 0
+    m2 = dare(torch.ones(1, 4000), density=0.5, seed=1, ctx=TensorContext("b", (4000,))) != 0
+    m3 = dare(torch.ones(1, 4000), density=0.5, seed=2, ctx=TensorContext("a", (4000,))) != 0
+    assert 0.4 < float((m1 == m2).float().mean()) < 0.6 and 0.4 < float((m1 == m3).float().mean()) < 0.6
+
+
+def test_dare_ties_global_threshold_is_computed_on_dared_deltas() -> None:
+    base, models = make_models(3, seed=2)
+    d = deltas_of(base, models)
+    dared = {k: dare(v, density=0.6, seed=9, ctx=TensorContext(k, tuple(v.shape[1:]))) for k, v in d.items()}
+    want = unflat(ref_ties_merge(ref_trim(flat(dared), [0.25] * 3)), d)
+    out = distac.merge(base, models, "dare_ties", density=0.6, trim_density=0.25, seed=9)
+    assert_close(merged_delta(base, out), want)
+
+
+def _lowbias32_ref(x: int) -> int:
+    m = 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & m
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+def test_hash_matches_python_reference_without_overflow() -> None:
+    key = stream_key(0, "enc.layer.0.weight", 1)
+    counters = [0, 1, 2, 65535, 65536, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**40 + 12345, 2**62 + 7]
+    got = hash32(key, torch.tensor(counters, dtype=torch.int64)).tolist()
+    want = [_lowbias32_ref(_lowbias32_ref((c & 0xFFFFFFFF) ^ key[0]) ^ (c >> 32) ^ key[1]) for c in counters]
+    assert got == want
+    # an offset window is the same numbers as the corresponding slice
+    assert torch.equal(uniform(key, 10, 5), uniform(key, 0, 15)[10:])
+    # the key is stable across processes (blake2b, not the salted hash())
+    assert stream_key(0, "w") == stream_key(0, "w") and stream_key(0, "w") != stream_key(0, "w", 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dare_same_on_cuda_and_cpu() -> None:
+    d = torch.randn(2, 1000, 3, generator=G)
+    ctx = TensorContext("w", (1000, 3), offset=2**33)
+    cpu = dare(d, density=0.3, seed=5, ctx=ctx)
+    assert torch.equal(dare(d.cuda(), density=0.3, seed=5, ctx=ctx).cpu(), cpu)
+
+
+# ----------------------------------------------------------------------------------------------
+# spectral (§12 #8, #9)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(6, 4), (4, 6), (5, 5), (7,)])
+def test_tsv_m_single_task_returns_tau(shape: tuple[int, ...]) -> None:
+    d = torch.randn(1, *shape, generator=G)
+    assert_close(call("tsv_m", d), d[0])
+    if len(shape) == 2:
+        assert_close(call("tsv_m", d, svd="lowrank"), d[0], 1e-4)
+
+
+def test_iso_c_on_equal_singular_values_returns_sum() -> None:
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=G))
+    d = torch.stack([2 * q[:, :4], q[:, :4]])  # Σ τ = 3·Q[:, :4]: all singular values equal 3
+    assert_close(call("iso_c", d), d.sum(0))
+
+
+def test_spectral_methods_are_not_chunkable_and_average_vectors() -> None:
+    d = torch.randn(3, 5, generator=G)
+    for name in ("tsv_m", "iso_c", "iso_cts"):
+        assert not get_method(name).is_chunkable({})
+        assert_close(call(name, d, scale=2.0), 2 * d.mean(0))
+
+
+# ----------------------------------------------------------------------------------------------
+# interpolation (§12 #10)
+# ----------------------------------------------------------------------------------------------
+def test_slerp_endpoints_and_collinear_fallback() -> None:
+    base, models = make_models(2)
+    assert_close(distac.merge(base, models, "slerp", t=0.0), models[0], 1e-6)
+    assert_close(distac.merge(base, models, "slerp", t=1.0), models[1], 1e-6)
+    # collinear (θ2 = 2·θ1) and antiparallel (θ2 = -θ1) inputs fall back to LERP
+    b = {"w": torch.zeros(4)}
+    v = torch.tensor([1.0, 2.0, -1.0, 0.5])
+    for other in (2 * v, -v):
+        out = distac.merge(b, [{"w": v}, {"w": other}], "slerp", t=0.3)
+        assert_close(out["w"], 0.7 * v + 0.3 * other)
+    # the SLERP result keeps the norm of equal-norm endpoints (LERP would shrink it)
+    out = distac.merge(b, [{"w": torch.tensor([1.0, 0, 0, 0])}, {"w": torch.tensor([0, 1.0, 0, 0])}], "slerp", t=0.3)
+    assert abs(float(out["w"].norm()) - 1.0) < 1e-6
+
+
+def test_model_stock_identical_models_and_orthogonal_pair() -> None:
+    d = torch.randn(1, 30, generator=G).expand(3, 30).contiguous()
+    assert_close(call("model_stock", d), d[0])  # cos = 1 -> t = 1 -> the average = τ
+    e = torch.eye(2)
+    assert_close(call("model_stock", e), torch.zeros(2))  # cos = 0 -> t = 0 -> θ0
