@@ -383,3 +383,26 @@ def test_cli_fisher_on_a_tiny_hf_text_classifier(tmp_path):
     assert "classifier.weight" in f and all(bool((v >= 0).all()) for v in f.values())
     main(["stats", "gram", str(hf), str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "g.safetensors")])
     assert read_stats_metadata(tmp_path / "g.safetensors")["layout"]["classifier.weight"] == "out_in"
+
+
+def test_verify_sidecar_streams_against_a_checkpoint_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from distac.io import open_checkpoint
+    from distac.stats import verify_sidecar
+
+    model = softmax_regression()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"))
+    f = fisher_diagonal(model, [torch.randn(4, 4)], scale="mean", progress=False)
+    path = save_stats(tmp_path / "f.safetensors", f, kind="fisher", model=model, n_examples=4, scale="mean",
+                      estimator="sampled")
+    ckpt = open_checkpoint(tmp_path / "m.safetensors")
+    assert verify_sidecar(path, ckpt, kind="fisher")["scale"] == "mean"
+    with pytest.raises(DistacError, match="on the mean scale but sum is needed"):
+        verify_sidecar(path, ckpt, kind="fisher", scale="sum")
+    with pytest.raises(DistacError, match="expected gram"):
+        verify_sidecar(path, ckpt, kind="gram")
+    other = softmax_regression(seed=9)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "o.safetensors"))
+    with pytest.raises(DistacError, match="different model"):
+        verify_sidecar(path, open_checkpoint(tmp_path / "o.safetensors"))

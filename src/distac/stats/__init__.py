@@ -17,6 +17,7 @@ from .sidecar import load_stats as load_stats
 from .sidecar import model_fingerprint as model_fingerprint
 from .sidecar import read_stats_metadata as read_stats_metadata
 from .sidecar import save_stats as save_stats
+from .sidecar import verify_sidecar as verify_sidecar
 
 __all__ = [
     "ESTIMATORS",
@@ -29,4 +30,5 @@ __all__ = [
     "model_fingerprint",
     "read_stats_metadata",
     "save_stats",
+    "verify_sidecar",
 ]

@@ -34,15 +34,41 @@ from torch import Tensor, nn
 
 from ..errors import DistacError, closest
 
-__all__ = ["KINDS", "check_stats", "load_stats", "model_fingerprint", "read_stats_metadata", "save_stats"]
+__all__ = [
+    "KINDS", "check_stats", "load_stats", "model_fingerprint", "read_stats_metadata", "save_stats", "verify_sidecar",
+]
 
 FORMAT = "distac-stats/1"
 KINDS = ("fisher", "adam", "gram")
 _SAMPLE = 64  # values per tensor in the fingerprint: cheap, yet any fine-tuning step changes them
 
 
-def _state(model: Mapping[str, Tensor] | nn.Module) -> Mapping[str, Tensor]:
-    return model.state_dict() if isinstance(model, nn.Module) else model
+class _SourceView(Mapping[str, Tensor]):
+    """A read-only mapping over anything with ``keys()`` and ``get(name)`` (an engine TensorSource,
+    a safetensors handle), so checks can stream tensor by tensor instead of loading a whole model."""
+
+    def __init__(self, src: Any, getter: str = "get") -> None:
+        self._src, self._get = src, getattr(src, getter)
+        self._keys = list(src.keys())
+
+    def __getitem__(self, k: str) -> Tensor:
+        if k not in self._keys:
+            raise KeyError(k)
+        return self._get(k)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _state(model: Any) -> Mapping[str, Tensor]:
+    if isinstance(model, nn.Module):
+        return model.state_dict()
+    if isinstance(model, Mapping):
+        return model
+    return _SourceView(model)
 
 
 def model_fingerprint(model: Mapping[str, Tensor] | nn.Module, keys: list[str] | None = None) -> str:
@@ -203,3 +229,32 @@ def load_stats(
             n = float(counts[k])
             stats[k] = stats[k] * n if scale == "sum" else stats[k] / n
     return stats
+
+
+def verify_sidecar(
+    path: str | os.PathLike[str],
+    model: Any,
+    *,
+    kind: str | None = None,
+    scale: str | None = None,
+) -> dict[str, Any]:
+    """Check a sidecar file against a model before a merge reads it; return its metadata.
+
+    ``model`` is a state dict, an ``nn.Module`` or any source with ``keys()``/``get(name)`` (an
+    engine ``TensorSource`` such as :func:`distac.open_checkpoint`), read one tensor at a time.
+    ``kind="fisher"`` accepts Fisher and Adam sidecars; ``scale`` demands a scale (the curvature
+    methods expect ``"sum"``).
+    """
+    meta = read_stats_metadata(path)
+    accepted = {"fisher": ("fisher", "adam")}.get(kind or "", (kind,)) if kind else KINDS
+    if meta["kind"] not in accepted:
+        raise DistacError(f"{path}: holds '{meta['kind']}' statistics, expected {kind}")
+    if scale is not None and meta["scale"] != scale:
+        raise DistacError(
+            f"{path}: is on the {meta['scale']} scale but {scale} is needed; recompute it with "
+            f"`distac stats ... --scale {scale}` or convert it with load_stats(path, scale='{scale}')"
+        )
+    with safe_open(str(path), framework="pt") as f:
+        check_stats(_SourceView(f, "get_tensor"), model, kind=meta["kind"], fingerprint=meta["model_fingerprint"],
+                    label=str(path))
+    return meta
