@@ -165,20 +165,18 @@ def breadcrumbs_mask(deltas: Tensor, *, density: float | list[float], gamma: flo
 # elect and merge steps
 # ----------------------------------------------------------------------------------------------
 def elect_sign(x: Tensor) -> Tensor:
-    """TIES sign election by mass: γ = sgn(Σ_t x_t), shape ``S``.
+    """TIES sign election by mass: γ = sgn(Σ_t x_t), shape ``S``, with +1 where Σ_t x_t = 0.
 
     Where Σ_t x_t = 0 the official ``resolve_zero_signs(..., "majority")`` uses the sign of the sum of
-    all elected signs. The official code takes that majority over the whole flattened model; here it
-    is taken over the tensor (or row chunk) the function receives, since nothing else is in memory.
-    It only matters where nonzero entries cancel exactly. If the majority is itself 0, +1 is used.
-    (The DisTaC repository's fallback is always +1; mergekit and peft leave the sign 0, which drops
-    the coordinate.)
+    all elected signs *of the whole flattened model*, a statistic the streaming engine does not have
+    when it merges a tensor (or a row chunk of one). A majority over the piece at hand would make the
+    result depend on chunking (bf16 inputs cancel exactly often enough to show it), so distac uses
+    +1, as the DisTaC repository's fallback (sgn Σ|·|) effectively does. This differs from the
+    official code only where nonzero entries cancel exactly *and* the model's majority sign is
+    negative. mergekit and peft leave the sign 0, which drops the coordinate.
     """
     sign = torch.sign(x.sum(0))
-    majority = torch.sign(sign.sum())
-    if majority == 0:
-        majority = torch.ones((), dtype=sign.dtype, device=sign.device)
-    return torch.where(sign == 0, majority, sign)
+    return torch.where(sign == 0, torch.ones((), dtype=sign.dtype, device=sign.device), sign)
 
 
 def disjoint_merge(x: Tensor, sign: Tensor, merge_fn: str) -> Tensor:
@@ -430,7 +428,7 @@ METHODS = (
         paper="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708)",
         chunkable=_is_global, prepass=_global_trim("density"),
         notes="Official defaults (global top 20%, dis-mean, λ=1). FusionBench: merge_fn=sum, scale=0.3. "
-              "mergekit/peft: scope=tensor. Zero elected sign: official majority fallback, per tensor. "
+              "mergekit/peft: scope=tensor. Zero elected sign -> +1 (official: whole-model majority). "
               + _FAMILY_NOTES,
     ),
     Method(
