@@ -112,8 +112,14 @@ def _dtype(value: Any, key: str, where: str) -> torch.dtype:
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
+_GENERIC_STEMS = ("model", "weights", "pytorch_model", "checkpoint", "state_dict", "adapter_model")
+
+
 def _default_name(path: Path) -> str:
-    stem = path.name if path.is_dir() or not path.suffix else path.stem
+    """The folder's name, or the file's stem unless it is a generic one (model.safetensors -> its folder)."""
+    stem = path.name if path.is_dir() or not path.suffix else path.name.split(".")[0]
+    if not path.is_dir() and stem in _GENERIC_STEMS:
+        stem = path.parent.name
     return _SAFE_NAME.sub("_", stem) or "model"
 
 
@@ -134,7 +140,7 @@ def _model_entry(entry: Any, folder: Path, where: str) -> tuple[ModelSpec, dict[
 
 
 def _gather_params(method: Method, global_params: Mapping[str, Any], per_model: list[dict[str, Any]],
-                   where: str) -> dict[str, Any]:
+                   where: str, yaml_index: Sequence[int]) -> dict[str, Any]:
     """Merge global and per-model parameters into the method's keyword arguments.
 
     Per-model values become lists (``weight`` -> ``weights``); a model without its own value takes
@@ -145,12 +151,13 @@ def _gather_params(method: Method, global_params: Mapping[str, Any], per_model: 
     if "weight" in params and "weight" not in specs:
         params["weights"] = params.pop("weight")
     keys: list[str] = []
-    for i, p in enumerate(per_model):
+    spellings = [*specs, "weight"] if "weights" in specs else list(specs)
+    for i, p in zip(yaml_index, per_model, strict=True):
         for k in list(p):
             name = "weights" if k == "weight" and "weight" not in specs else k
             if name not in specs:
                 raise DistacError(
-                    f"{where}: models[{i}]: method '{method.name}' has no parameter '{k}'{closest(k, specs)}; "
+                    f"{where}: models[{i}]: method '{method.name}' has no parameter '{k}'{closest(k, spellings)}; "
                     "per-model parameters: "
                     + ", ".join([*(n for n, s in specs.items() if s.per_model), "fisher", "gram"])
                 )
@@ -168,7 +175,7 @@ def _gather_params(method: Method, global_params: Mapping[str, Any], per_model: 
             raise DistacError(f"{where}: parameter '{name}' is given both as a list and per model; use one")
         if shared is None and any(name not in p for p in per_model):
             # a None default (e.g. weights=None, "all ones") has no per-model meaning to fill in
-            lacking = [i for i, p in enumerate(per_model) if name not in p]
+            lacking = [i for i, p in zip(yaml_index, per_model, strict=True) if name not in p]
             raise DistacError(
                 f"{where}: parameter '{name}' is set for some models but not for models{lacking}; set it for "
                 "every model, or give a shared value under the top-level 'parameters'"
@@ -207,13 +214,14 @@ def load_config(config: Mapping[str, Any] | str | Path) -> MergeConfig:
         raise DistacError(f"{where}: base_model: 'gram' statistics belong to the fine-tuned models")
     if not isinstance(raw["models"], list) or not raw["models"]:
         raise DistacError(f"{where}: 'models' must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
-    models, per_model, entries = [], [], []
+    models, per_model, entries, yaml_index = [], [], [], []
     for i, entry in enumerate(raw["models"]):
         spec, params = _model_entry(entry, folder, f"{where}: models[{i}]")
         if spec.path == base.path:
             continue  # mergekit lists the base among the models; it has no task vector
         models.append(spec)
         per_model.append(params)
+        yaml_index.append(i)
         p = {**params, **{k: str(v) for k, v in spec.stats.items()}}
         entries.append({"model": str(spec.path), "name": spec.name, **({"parameters": p} if p else {})})
     if not models:
@@ -225,7 +233,7 @@ def load_config(config: Mapping[str, Any] | str | Path) -> MergeConfig:
     gparams = raw.get("parameters") or {}
     if not isinstance(gparams, Mapping):
         raise DistacError(f"{where}: 'parameters' must be a mapping")
-    params = _gather_params(method, gparams, [dict(p) for p in per_model], where)
+    params = _gather_params(method, gparams, [dict(p) for p in per_model], where, yaml_index)
     method.resolve(params, len(models))  # validate now: ranges, unknown names, model counts
     dtype = _dtype(raw["dtype"], "dtype", where) if raw.get("dtype") is not None else torch.float32
     out_dtype = _dtype(raw["out_dtype"], "out_dtype", where) if raw.get("out_dtype") is not None else None
