@@ -7,6 +7,7 @@ from typing import Annotated
 import torch
 from torch import Tensor
 
+from ..errors import DistacError
 from ._registry import Method, PerModel, Range, TensorContext
 
 Weights = Annotated[float | list[float] | None, PerModel()]
@@ -29,13 +30,14 @@ def average(
 ) -> Tensor:
     """Weight averaging (model soup): θ = Σ_t w_t θ_t / Σ_t w_t.
 
-    Uniform by default (Wortsman et al., 2022). Weights are normalised to sum to one, like
-    mergekit ``linear`` (``normalize: true``) and FusionBench ``weighted_average``.
+    Uniform by default (Wortsman et al., Model soups, ICML 2022, arXiv 2203.05482). Weights are
+    normalised to sum to one, like mergekit ``linear`` (``normalize: true``) and FusionBench
+    ``weighted_average``. Written on task vectors, since mean_t θ_t = θ0 + mean_t τ_t.
     """
     w = model_weights(weights, deltas.shape[0], deltas)
     total = float(w.sum())
     if total == 0:
-        raise ValueError("weights sum to zero")
+        raise DistacError(f"tensor '{ctx.name}': parameter 'weights' sums to zero, so it cannot be normalised")
     return (w * deltas).sum(0) / total
 
 
@@ -62,10 +64,12 @@ METHODS = (
         "average", average,
         summary="Weight averaging / uniform model soup.",
         paper="Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)",
+        notes="Weights normalised to sum to 1 (mergekit linear normalize: true, FusionBench weighted_average).",
     ),
     Method(
         "task_arithmetic", task_arithmetic,
         summary="θ0 + λ·Σ w_t τ_t; negation with λ < 0.",
         paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv 2212.04089)",
+        notes="scale 1.0 like mergekit lambda; FusionBench 0.3, TIES paper's no-validation value 0.4.",
     ),
 )

@@ -38,7 +38,11 @@ def _top_svd(x: Tensor, k: int, method: str) -> tuple[Tensor, Tensor, Tensor]:
         # Halko et al. randomized range finder; oversample by 10 and take 4 power iterations so the
         # top k triplets are accurate even when the spectrum decays slowly.
         q = min(k + 10, min(x.shape))
-        u, s, v = torch.svd_lowrank(x, q=q, niter=4)
+        # svd_lowrank draws its test matrix from torch's global RNG: fork it and fix the seed so the
+        # merge is reproducible and the caller's RNG state is left untouched
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(x, q=q, niter=4)
         return u[:, :k], s[:k], v[:, :k].mT
     u, s, vh = torch.linalg.svd(x, full_matrices=False)
     return u[:, :k], s[:k], vh[:k]
@@ -65,7 +69,8 @@ def tsv_m(
     the matrix's merged task vector is zero, as in the official code. ``scale`` = α, default 1.0
     (FusionBench ``alpha: 1``; the official code sweeps {0.1, …, 3.0} on validation).
     ``svd="lowrank"`` computes each task's top k triplets with ``torch.svd_lowrank`` (randomized,
-    seeded by torch's global RNG) instead of a full SVD: faster for large matrices, approximate.
+    with a fixed seed in a forked RNG, so reproducible) instead of a full SVD: faster for large
+    matrices when k ≪ r, approximate.
     """
     n = deltas.shape[0]
     if deltas.dim() != 3:
