@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from conftest import finetuned, tiny_state, tree_digest, write_checkpoint
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import distac
 from distac import METHODS
@@ -282,3 +282,14 @@ def test_statistics_for_a_method_that_does_not_read_them(project, capsys):
 def test_missing_config_file(tmp_path, capsys):
     code, _, err = run(["merge", str(tmp_path / "nope.yml"), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "nope.yml: config file not found" in err
+
+
+def test_sidecar_of_the_wrong_kind_is_refused(project, capsys):
+    root, cfg, base, _ = project
+    gram = {k: torch.ones(v.shape) for k, v in base.items() if v.is_floating_point()}
+    save_file(gram, str(root / "g.safetensors"), metadata={"format": "distac-stats/1", "kind": "gram"})
+    cfg = {**cfg, "merge_method": "fisher", "parameters": {}}
+    for i in (1, 2):
+        cfg["models"][i]["parameters"] = {"fisher": "g.safetensors"}
+    code, _, err = run(["merge", str(write_cfg(root, cfg)), "--out", str(root / "out")], capsys)
+    assert code == 2 and "g.safetensors: holds 'gram' statistics, but the config uses it as 'fisher'" in err

@@ -47,8 +47,17 @@ from safetensors.torch import save_file
 
 from .engine import DEFAULT_CHUNK_BYTES, default_device, run_merge
 from .errors import DistacError, closest
-from .io import DEFAULT_SHARD_BYTES, Checkpoint, ShardWriter, atomic_output_dir, copy_model_files, open_checkpoint
+from .io import (
+    DEFAULT_SHARD_BYTES,
+    Checkpoint,
+    ShardWriter,
+    atomic_output_dir,
+    copy_model_files,
+    open_checkpoint,
+    read_header,
+)
 from .io import parse_size as parse_size
+from .io.readers import SafetensorsFile
 from .methods import METHODS, Method, get_method
 from .progress import Progress
 from .taskvector import match_heads
@@ -264,6 +273,21 @@ def _check_out_path(out: Path, inputs: Sequence[Path]) -> None:
             raise DistacError(f"{out}: the output directory overlaps the input {p}; choose another --out")
 
 
+#: sidecar kinds (``distac.stats`` metadata) accepted for each config key
+_SIDECAR_KINDS = {"fisher": ("fisher", "adam"), "gram": ("gram",)}
+
+
+def _open_sidecar(path: Path, key: str, what: str) -> Checkpoint:
+    """Open a statistics file lazily. A ``distac.stats`` sidecar must hold the right kind of statistic;
+    a plain safetensors file keyed like the model is taken as is. (The model fingerprint check of
+    :func:`distac.stats.verify_sidecar` is not run here: it would read every model once more.)"""
+    src = open_checkpoint(path, label=f"{what} ({path})")
+    meta = read_header(src.files[0].path)[1] if isinstance(src.files[0], SafetensorsFile) else {}
+    if meta.get("format", "").startswith("distac-stats/") and meta.get("kind") not in _SIDECAR_KINDS[key]:
+        raise DistacError(f"{path}: holds '{meta.get('kind')}' statistics, but the config uses it as '{key}'")
+    return src
+
+
 def _open_stats(cfg: MergeConfig) -> dict[str, Any]:
     """Open statistics sidecars lazily as ``{"fisher": [..N], "base_fisher": src, "gram": [..N]}``."""
     stats: dict[str, Any] = {}
@@ -273,10 +297,9 @@ def _open_stats(cfg: MergeConfig) -> dict[str, Any]:
             missing = [m.name for m in cfg.models if key not in m.stats]
             raise DistacError(f"'{key}' statistics are given for some models but not for {missing}")
         if have:
-            stats[key] = [open_checkpoint(m.stats[key], label=f"{key} of {m.name} ({m.stats[key]})") for m in have]
+            stats[key] = [_open_sidecar(m.stats[key], key, f"{key} of {m.name}") for m in have]
     if "fisher" in cfg.base.stats:
-        path = cfg.base.stats["fisher"]
-        stats["base_fisher"] = open_checkpoint(path, label=f"base fisher ({path})")
+        stats["base_fisher"] = _open_sidecar(cfg.base.stats["fisher"], "fisher", "base fisher")
     wanted = {s.rstrip("?") for s in cfg.method.stats}
     required = {s for s in cfg.method.stats if not s.endswith("?")}
     for key in stats:
