@@ -272,6 +272,8 @@ def test_model_stock_hand_case() -> None:
     assert close(run("model_stock", d3), t3 * d3.mean(0))
     with pytest.raises(ValueError, match="not finite"):
         run("model_stock", torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))  # cos = -1 = -1/(N-1)
+    # single-element tensors have no angle: plain average
+    assert close(run("model_stock", torch.tensor([2.0, -1.0])), 0.5)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -334,3 +334,16 @@ def test_model_stock_identical_models_and_orthogonal_pair() -> None:
     assert_close(call("model_stock", d), d[0])  # cos = 1 -> t = 1 -> the average = τ
     e = torch.eye(2)
     assert_close(call("model_stock", e), torch.zeros(2))  # cos = 0 -> t = 0 -> θ0
+
+
+def test_every_data_free_method_handles_every_tensor_rank() -> None:
+    g = torch.Generator().manual_seed(9)
+    shapes = {"scale": (), "bias": (5,), "w": (6, 4), "conv": (3, 2, 2, 2)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    models = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
+    for name, m in distac.METHODS.items():
+        if any(s.rstrip("?") in ("fisher", "gram") and not s.endswith("?") for s in m.stats):
+            continue  # curvature methods need statistics; tested in test_curvature.py
+        out = distac.merge(base, models, name)
+        for k, v in out.items():
+            assert v.shape == base[k].shape and torch.isfinite(v).all(), (name, k)

@@ -90,8 +90,12 @@ def model_stock(
     ``model_stock`` (see :func:`model_stock_ratio`). Like mergekit and FusionBench, no guard for
     cos ≤ 0 (t ≤ 0 extrapolates towards or beyond θ0); a cos of exactly −1/(N−1) makes t infinite
     and is reported as an error naming the tensor. mergekit's ``filter_wise`` (per-row t) is not
-    offered. No parameters.
+    offered. A single-element tensor (``logit_scale``, a 0-d parameter) has no angle (its cosine is
+    ±1, and −1 with two models makes t infinite), so it is averaged (t = 1), as FusionBench plain-
+    averages its ``ignore_keys`` such as ``logit_scale``. No parameters.
     """
+    if deltas[0].numel() == 1:
+        return deltas.mean(0)
     t = model_stock_ratio(deltas)
     if not torch.isfinite(t):
         raise ValueError(f"Model Stock ratio is not finite (pairwise cosines average to {float(t)}); "
