@@ -9,10 +9,18 @@ Public API (everything else is internal and may change)::
     distac.open_checkpoint(path)                           # lazy reader for safetensors / HF dirs / .bin
     distac.fisher_diagonal / gram_matrices / adam_fisher   # curvature statistics (sum-scale Fishers)
     distac.save_stats / load_stats / check_stats           # statistics sidecars
+    distac.diagnose / condition / calibrate                # DisTaC: flag, condition by distillation, calibrate
+    distac.data.load_inputs(path, tokenizer=...)           # unlabeled / labeled inputs from files
 """
 
 from __future__ import annotations
 
+from . import data as data
+from .conditioning import calibrate as calibrate
+from .conditioning import calibration_report as calibration_report
+from .conditioning import condition as condition
+from .conditioning import condition_with_report as condition_with_report
+from .conditioning import diagnose as diagnose
 from .engine import merge as merge
 from .errors import DistacError as DistacError
 from .io import open_checkpoint as open_checkpoint
@@ -37,7 +45,13 @@ __all__ = [
     "DistacError",
     "TaskVector",
     "adam_fisher",
+    "calibrate",
+    "calibration_report",
     "check_stats",
+    "condition",
+    "condition_with_report",
+    "data",
+    "diagnose",
     "export_task_models",
     "fisher_diagonal",
     "get_method",

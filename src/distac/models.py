@@ -240,25 +240,19 @@ def _load_hf(path: str, *, num_labels: int | None) -> tuple[nn.Module, str, Any,
 
 
 def read_state(path: str | Path) -> dict[str, Tensor]:
-    """Read a state dict from ``.safetensors`` or a ``weights_only`` torch file, naming the file on error."""
-    p = Path(path)
-    if not p.is_file():
-        raise DistacError(f"weights file '{p}' does not exist")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    """Read a whole state dict from any checkpoint :func:`distac.io.open_checkpoint` reads (a ``.safetensors``
+    file, a sharded folder, a ``weights_only`` torch file), naming the file on error.
+    """
+    from .io import open_checkpoint
 
-            return load_file(str(p))
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except DistacError:
-        raise
-    except Exception as e:
-        raise DistacError(f"cannot read weights from '{p}': {e}") from e
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise DistacError(f"'{p}' does not hold a state dict (name -> tensor)")
-    return dict(obj)
+    p = Path(path)
+    if not p.exists():
+        raise DistacError(f"weights '{p}' do not exist")
+    ckpt = open_checkpoint(p)
+    try:
+        return {k: ckpt.get(k).clone() for k in ckpt.keys()}
+    finally:
+        ckpt.close()
 
 
 def load_state_like(spec: str | Path, like: LoadedModel) -> dict[str, Tensor]:
@@ -297,11 +291,18 @@ def _load_strict(module: nn.Module, state: Mapping[str, Tensor], source: str) ->
 
 
 def save_state_like(
-    state: Mapping[str, Tensor], out: str | Path, like: LoadedModel, *, overwrite: bool = False
+    state: Mapping[str, Tensor],
+    out: str | Path,
+    like: LoadedModel,
+    *,
+    fmt: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write ``state`` in the base's format: an HF directory (``save_pretrained`` plus the base's tokenizer
-    and processor files) when the base is one, else one ``.safetensors`` file. Written to a temporary
-    path and renamed, so a failure leaves nothing half-written.
+    """Write ``state`` as an HF directory (``save_pretrained`` plus the base's tokenizer and processor
+    files; ``fmt="hf"``, the default for an HF base) or one ``.safetensors`` file (``fmt="safetensors"``,
+    with ``metadata`` in its header). Written to a temporary path and renamed, so a failure leaves
+    nothing half-written.
     """
     out = Path(out)
     if out.exists() and not overwrite:
@@ -311,7 +312,10 @@ def save_state_like(
     if tmp.exists():
         shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
     try:
-        if like.kind == "hf":
+        fmt = fmt or ("hf" if like.kind == "hf" else "safetensors")
+        if fmt == "hf":
+            if like.kind != "hf":
+                raise DistacError(f"cannot write '{out}' as a Hugging Face directory: the model is not one")
             module = copy.deepcopy(like.module)
             module.load_state_dict(dict(state), strict=True)
             module.save_pretrained(str(tmp), safe_serialization=True)
@@ -322,7 +326,8 @@ def save_state_like(
             from safetensors.torch import save_file
 
             # clone: safetensors refuses tensors that share storage (tied weights, views)
-            save_file({k: v.detach().contiguous().clone().cpu() for k, v in state.items()}, str(tmp))
+            tensors = {k: v.detach().contiguous().clone().cpu() for k, v in state.items()}
+            save_file(tensors, str(tmp), metadata={"format": "pt", **dict(metadata or {})})
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(tmp, out)

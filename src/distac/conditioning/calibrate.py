@@ -1,0 +1,172 @@
+"""Post-merge temperature scaling, one temperature per task head (DisTaC §1.5; Guo et al., 2017).
+
+DisTaC makes sources over-confident on purpose and recommends calibrating the *merged* model. For each
+task, with the merged shared weights and that task's head, distac fits one scalar T > 0 that
+minimises the NLL of ``softmax(z / T)`` on labeled held-out data. The search runs over log T (so T
+stays positive) with L-BFGS (strong-Wolfe line search) from T = 1; NLL(1/T) is convex in 1/T, so the
+single minimum is found. If the optimiser ends worse than T = 1 (it never should), T = 1 is kept.
+
+Temperatures are stored next to the merged weights in ``temperatures.json``::
+
+    {"format": "distac.temperatures/v1",
+     "temperatures": {"<task>": T, ...},          # divide that task's logits by T
+     "metrics": {"<task>": {"nll_before", "nll_after", "ece_before", "ece_after", "n"}},
+     "ece_bins": 15}
+
+A per-task export applies T by dividing the task head's logits (equivalently its weight and bias)
+by T; the file is merged with an existing one (other tasks' entries are kept).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import DistacError
+from ..evaluate import ECE_BINS, collect_logits, ece, nll
+from ._common import eval_batches, label_tensor, resolve_device
+from .diagnose import write_text_atomic
+
+__all__ = [
+    "TEMPERATURES_FILE",
+    "CalibrationResult",
+    "calibrate",
+    "calibration_report",
+    "fit_temperature",
+    "read_temperatures",
+    "write_temperatures",
+]
+
+TEMPERATURES_FILE = "temperatures.json"
+FORMAT = "distac.temperatures/v1"
+
+
+@dataclass
+class CalibrationResult:
+    """The fitted temperature and the held-out NLL and ECE before (T = 1) and after."""
+
+    temperature: float
+    nll_before: float
+    nll_after: float
+    ece_before: float
+    ece_after: float
+    n: int
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def fit_temperature(logits: Tensor, labels: Tensor, *, max_iter: int = 100) -> CalibrationResult:
+    """Fit T = exp(s) minimising mean NLL(softmax(logits / T), labels) with L-BFGS over s."""
+    logits, labels = logits.detach().float().cpu(), labels.detach().long().cpu()
+    before = nll(logits, labels)  # also checks shapes and label range
+    log_t = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(log_t.detach().exp())
+    after = nll(logits, labels, temperature=t) if math.isfinite(t) and t > 0 else math.inf
+    if not after <= before:
+        t, after = 1.0, before
+    return CalibrationResult(
+        temperature=t, nll_before=before, nll_after=after,
+        ece_before=ece(logits, labels), ece_after=ece(logits, labels, temperature=t), n=int(labels.shape[0]),
+    )
+
+
+def calibration_report(
+    model: nn.Module,
+    state: Mapping[str, Tensor] | None,
+    data: Any,
+    labels: Any,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> CalibrationResult:
+    """Run ``model`` with ``state`` (merged shared weights + one task's head) on labeled data and fit T."""
+    dev = resolve_device(device)
+    model = model.to(dev)
+    st = {k: v.to(dev) for k, v in state.items()} if state is not None else None
+    logits = collect_logits(model, eval_batches(data, batch_size, "calibration data"), state=st, device=dev)
+    y = label_tensor(labels if labels is not None else data, "calibration labels")
+    if y.shape[0] != logits.shape[0]:
+        raise DistacError(f"calibration: {y.shape[0]} labels for {logits.shape[0]} examples")
+    return fit_temperature(logits, y)
+
+
+def calibrate(
+    model: nn.Module,
+    state: Mapping[str, Tensor] | None,
+    data: Any,
+    labels: Any,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> float:
+    """The temperature T for one task head: ``softmax(z / T)`` has minimal NLL on ``(data, labels)``.
+
+    Args:
+        model: a module whose forward returns logits (not modified).
+        state: the weights to evaluate (merged shared weights + this task's head); ``None``: the model's own.
+        data: labeled held-out inputs (an :class:`~distac.data.Inputs`, a tensor, or an iterable of batches).
+        labels: the labels in the same order (a tensor or per-batch tensors); ``None`` when ``data`` is an
+            :class:`~distac.data.Inputs` with labels.
+
+    :func:`calibration_report` returns the NLL and ECE before and after as well.
+    """
+    return calibration_report(model, state, data, labels, batch_size=batch_size, device=device).temperature
+
+
+def read_temperatures(path: str | Path) -> dict[str, float]:
+    """``{task: T}`` from a ``temperatures.json`` (or the folder holding one); {} when absent."""
+    p = Path(path)
+    p = p / TEMPERATURES_FILE if p.is_dir() else p
+    if not p.is_file():
+        return {}
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DistacError(f"'{p}' is not valid JSON: {e}") from e
+    if obj.get("format") != FORMAT:
+        raise DistacError(f"'{p}' is not a distac temperatures file (format {obj.get('format')!r}, expected {FORMAT})")
+    return {str(k): float(v) for k, v in obj["temperatures"].items()}
+
+
+def write_temperatures(path: str | Path, results: Mapping[str, CalibrationResult]) -> Path:
+    """Write (or update) ``temperatures.json``; other tasks' entries already in the file are kept."""
+    p = Path(path)
+    p = p / TEMPERATURES_FILE if p.is_dir() else p
+    old: dict[str, Any] = {"temperatures": {}, "metrics": {}}
+    if p.is_file():
+        read_temperatures(p)  # validates the format
+        old = json.loads(p.read_text(encoding="utf-8"))
+    temps = {**old.get("temperatures", {}), **{k: r.temperature for k, r in results.items()}}
+    metrics = {**old.get("metrics", {}), **{k: r.to_dict() for k, r in results.items()}}
+    write_text_atomic(p, json.dumps(
+        {"format": FORMAT, "temperatures": temps, "metrics": metrics, "ece_bins": ECE_BINS}, indent=2
+    ))
+    return p
+
+
+def task_state(merged: Mapping[str, Tensor], head: Mapping[str, Tensor] | None, heads: Sequence[str]) -> dict:
+    """The merged state with one task's head tensors swapped in (names must exist in the merged model)."""
+    if not head:
+        return dict(merged)
+    missing = sorted(set(head) - set(merged))
+    if missing:
+        raise DistacError(f"head tensors {missing[:3]} are not in the merged model (head patterns {list(heads)})")
+    return {**merged, **head}

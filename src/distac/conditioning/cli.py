@@ -1,0 +1,285 @@
+"""``distac diagnose``, ``distac condition`` and ``distac calibrate``: thin layers over the Python API.
+
+Models: ``--base`` is a Hugging Face directory, or a weights file plus ``--arch package.module:factory``
+(``--arch-kwargs`` JSON is passed to the factory). ``--model NAME=PATH`` gives each fine-tune (a directory
+or a weights file of the same architecture). ``--data NAME=PATH`` gives each task's inputs (any format of
+:mod:`distac.data`); labels come from ``--label-column`` (tables, ``.npz``, saved datasets), image
+sub-folders, or ``--labels NAME=FILE``.
+
+Every output folder is written to a temporary folder and renamed when complete, so a failure (bad
+input, NaN loss) leaves no half-written output. ``distac condition`` runs under Hugging Face
+Accelerate; see ``docs/distac.md`` for the multi-process launch commands.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..data import Inputs, check_fits, load_inputs
+from ..errors import DistacError
+from ..models import LoadedModel, is_hf_dir, load_model, load_state_like, read_state
+
+POSITIVE = click.FloatRange(min=0, min_open=True)
+
+
+def _pairs(values: Sequence[str], option: str) -> dict[str, str]:
+    """``NAME=PATH`` options as an ordered dict; duplicate or malformed entries are errors."""
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise DistacError(f"{option} '{v}' must look like NAME=PATH")
+        if name in out:
+            raise DistacError(f"{option}: task '{name}' is given twice")
+        out[name] = path
+    return out
+
+
+def _load_base(base: str, arch: str | None, arch_kwargs: str | None, heads: Sequence[str]) -> LoadedModel:
+    try:
+        kwargs = json.loads(arch_kwargs) if arch_kwargs else {}
+    except json.JSONDecodeError as e:
+        raise DistacError(f"--arch-kwargs is not valid JSON: {e}") from e
+    return load_model(base, factory=arch, factory_kwargs=kwargs, heads=list(heads) or None)
+
+
+def _load_data(
+    loaded: LoadedModel,
+    data: dict[str, str],
+    *,
+    tasks: Sequence[str],
+    column: str | None,
+    label_column: str | None,
+    labels: dict[str, str],
+    need_labels: bool,
+    max_length: int,
+) -> dict[str, Inputs]:
+    """Read each task's data and run one batch through the model (fails early, naming the file)."""
+    unknown = sorted(set(data) - set(tasks)) + sorted(set(labels) - set(tasks))
+    if unknown:
+        raise DistacError(f"--data/--labels name unknown task(s) {unknown}; the tasks are {list(tasks)}")
+    out = {}
+    for name, path in data.items():
+        inputs = load_inputs(
+            path, tokenizer=loaded.tokenizer, image_processor=loaded.image_processor, column=column,
+            label_column=label_column, labels=labels.get(name), need_labels=need_labels, max_length=max_length,
+        )
+        check_fits(loaded.module, inputs)
+        out[name] = inputs
+    return out
+
+
+def _common_options(fn):
+    options = [
+        click.option("--base", required=True, help="Base model: an HF directory, or a weights file with --arch."),
+        click.option("--arch", default=None, help="package.module:factory building the torch module (plain models)."),
+        click.option("--arch-kwargs", default=None, help="JSON object of keyword arguments for --arch."),
+        click.option("--model", "models", multiple=True, required=True, help="NAME=PATH of a fine-tuned model."),
+        click.option("--data", "data", multiple=True, help="NAME=PATH of a task's inputs."),
+        click.option("--labels", "labels", multiple=True, help="NAME=FILE of labels (.npy or one per line)."),
+        click.option("--column", default=None, help="Input column/array (default: text / x)."),
+        click.option("--label-column", default=None, help="Label column/array (default: label / y)."),
+        click.option("--heads", multiple=True, help="Head name pattern (glob, or re:REGEX); default per model type."),
+        click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1)),
+        click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=1),
+                     help="Tokenizer truncation length for text."),
+        click.option("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)."),
+        click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing output folder."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def _setup(base, arch, arch_kwargs, models, heads, need_data: bool, data, labels, column, label_column,
+           need_labels: bool, max_length) -> tuple[LoadedModel, dict[str, Any], dict[str, str], dict[str, Inputs]]:
+    loaded = _load_base(base, arch, arch_kwargs, heads)
+    paths = _pairs(models, "--model")
+    finetuned = {n: load_state_like(p, loaded) for n, p in paths.items()}
+    data_paths = _pairs(data, "--data")
+    if need_data and not data_paths:
+        raise DistacError("--data NAME=PATH is required")
+    inputs = _load_data(loaded, data_paths, tasks=list(paths), column=column, label_column=label_column,
+                        labels=_pairs(labels, "--labels"), need_labels=need_labels, max_length=max_length)
+    return loaded, finetuned, paths, inputs
+
+
+@click.command("diagnose")
+@_common_options
+@click.option("--norm-ratio", default=2.0, show_default=True, type=POSITIVE, help="Flag norm ratios at or above this.")
+@click.option("--entropy", "entropy", default=0.25, show_default=True, type=POSITIVE,
+              help="Flag mean normalised entropy (H / ln C) at or above this.")
+@click.option("--max-batches", default=None, type=click.IntRange(min=1), help="Evaluate at most this many batches.")
+def diagnose_command(base, arch, arch_kwargs, models, data, labels, column, label_column, heads, batch_size,
+                     max_length, device, out, overwrite, norm_ratio, entropy, max_batches) -> None:
+    """Report task-vector norms, ratios, cosines and confidence; flag tasks and recommend κ and temperatures.
+
+    Writes OUT/diagnose.json and OUT/diagnose.png and prints a table.
+    """
+    from ..io import atomic_output_dir
+    from .diagnose import Thresholds, diagnose
+
+    loaded, finetuned, _, inputs = _setup(base, arch, arch_kwargs, models, heads, False, data, labels, column,
+                                          label_column, False, max_length)
+    with_labels = {n: x for n, x in inputs.items() if x.labels is not None}
+    th = Thresholds(norm_ratio=norm_ratio, normalized_entropy=entropy)
+    report = diagnose(loaded.module, loaded.state, finetuned, inputs or None, with_labels or None,
+                      heads=loaded.head_patterns, thresholds=th, batch_size=batch_size, max_batches=max_batches,
+                      device=device)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        report.to_json(tmp / "diagnose.json")
+        report.figure(tmp / "diagnose.png")
+    click.echo(report.table())
+    click.echo(f"wrote {out / 'diagnose.json'} and {out / 'diagnose.png'}")
+
+
+@click.command("condition")
+@_common_options
+@click.option("--task", "tasks", multiple=True, help="Task(s) to condition (default: every task auto flags, "
+              "or the only one).")
+@click.option("--mode", type=click.Choice(["auto", "norm", "confidence", "both"]), default="auto", show_default=True)
+@click.option("--kappa", type=POSITIVE, default=None, help="Norm scale κ (overrides the mode's).")
+@click.option("--target-norm", type=POSITIVE, default=None, help="Target ‖τ'‖ (default: mean of the other tasks').")
+@click.option("--t-teacher", type=POSITIVE, default=None, help="Teacher temperature T_t.")
+@click.option("--t-student", type=POSITIVE, default=None, help="Student temperature T_s.")
+@click.option("--beta", type=click.FloatRange(min=0), default=0.1, show_default=True, help="Anchor weight β.")
+@click.option("--steps", type=click.IntRange(min=1), default=500, show_default=True, help="Distillation steps K.")
+@click.option("--lr", type=POSITIVE, default=None, help="Adam lr (default: 1e-5 from 20M params, else 1e-4).")
+@click.option("--warmup", type=click.IntRange(min=0), default=None, help="Warm-up steps (default K/10).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+              help="Save resumable state here (per task sub-folder); a later run resumes from it.")
+@click.option("--save-every", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def condition_command(base, arch, arch_kwargs, models, data, labels, column, label_column, heads, batch_size,
+                      max_length, device, out, overwrite, tasks, mode, kappa, target_norm, t_teacher, t_student,
+                      beta, steps, lr, warmup, seed, state_dir, save_every, quiet) -> None:
+    """Condition fine-tuned models with DisTaC (distillation into θ_0 + κτ).
+
+    Writes OUT/<task>.safetensors (or OUT/<task>/ when the fine-tune is an HF directory) and
+    OUT/<task>.report.json for each conditioned task. Run under torchrun / accelerate launch for many processes.
+    """
+    from ..io import atomic_output_dir
+    from ..models import save_state_like
+    from .diagnose import diagnose
+    from .distill import _make_accelerator, condition_with_report
+
+    loaded, finetuned, paths, inputs = _setup(base, arch, arch_kwargs, models, heads, True, data, labels, column,
+                                              label_column, False, max_length)
+    chosen = list(tasks)
+    for t in chosen:
+        if t not in finetuned:
+            raise DistacError(f"--task '{t}' is not one of the --model names {list(finetuned)}")
+    if not chosen:
+        if len(finetuned) == 1:
+            chosen = list(finetuned)
+        elif mode == "auto":
+            rep = diagnose(loaded.module, loaded.state, finetuned, inputs, heads=loaded.head_patterns,
+                           batch_size=batch_size, max_batches=8, device=device)
+            chosen = rep.flagged
+        else:
+            raise DistacError(f"several models given; say which to condition with --task ({list(finetuned)})")
+    missing = [t for t in chosen if t not in inputs]
+    if missing:
+        raise DistacError(f"no --data for task(s) {missing}: conditioning needs each task's unlabeled inputs")
+    accelerator = _make_accelerator(device)
+    results = {}
+    for t in chosen:
+        results[t] = condition_with_report(
+            loaded.module, loaded.state, finetuned, inputs, task=t, mode=mode, kappa=kappa, target_norm=target_norm,
+            t_teacher=t_teacher, t_student=t_student, beta=beta, steps=steps, lr=lr, batch_size=batch_size,
+            warmup=warmup, seed=seed, heads=loaded.head_patterns,
+            state_dir=(state_dir / t) if state_dir is not None else None, save_every=save_every,
+            progress=not quiet, accelerator=accelerator,
+        )
+    if not accelerator.is_main_process:
+        return
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        for t, res in results.items():
+            as_dir = is_hf_dir(paths[t]) and loaded.kind == "hf"
+            save_state_like(res.state, tmp / (t if as_dir else f"{t}.safetensors"), loaded,
+                            fmt="hf" if as_dir else "safetensors", metadata=_card(res.report))
+            res.report.to_json(tmp / f"{t}.report.json")
+    for t, res in results.items():
+        r = res.report
+        click.echo(f"{t}: mode={r.mode} kappa={r.kappa:.4g} T=({r.t_teacher:g},{r.t_student:g}) "
+                   f"norm {r.norm_before:.4g} -> {r.norm_after:.4g}, agreement {_pct(r.agreement)}, "
+                   f"max-prob {_mp(r.confidence_before)} -> {_mp(r.confidence_after)}")
+    if not results:
+        click.echo("nothing flagged: no task conditioned (use --task and --mode to force one)")
+    click.echo(f"wrote {out}")
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _mp(c: dict | None) -> str:
+    return "-" if not c else f"{c['mean_max_prob']:.3f}"
+
+
+def _card(report) -> dict[str, str]:
+    """What the conditioned checkpoint records about its making (safetensors metadata, all strings)."""
+    keys = ("task", "mode", "kappa", "t_teacher", "t_student", "beta", "steps", "lr", "batch_size", "warmup", "seed")
+    return {"distac_conditioning": json.dumps({k: getattr(report, k) for k in keys})}
+
+
+@click.command("calibrate")
+@click.option("--merged", required=True, help="The merged model (folder from `distac merge`, or a weights file).")
+@click.option("--arch", default=None, help="package.module:factory when the merged model is not an HF directory.")
+@click.option("--arch-kwargs", default=None, help="JSON object of keyword arguments for --arch.")
+@click.option("--data", "data", multiple=True, required=True, help="NAME=PATH of a task's labeled held-out data.")
+@click.option("--labels", "labels", multiple=True, help="NAME=FILE of labels (.npy or one per line).")
+@click.option("--head", "head_from", multiple=True,
+              help="NAME=CHECKPOINT to take that task's head from (default: MERGED/heads/NAME.safetensors).")
+@click.option("--column", default=None)
+@click.option("--label-column", default=None)
+@click.option("--heads", multiple=True, help="Head name pattern; default per model type.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default=None)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="temperatures.json path (default: inside the merged folder, or next to the merged file).")
+def calibrate_command(merged, arch, arch_kwargs, data, labels, head_from, column, label_column, heads, batch_size,
+                      max_length, device, out) -> None:
+    """Fit one temperature per task head of a merged model (NLL over log T) and store them in temperatures.json."""
+    from ..taskvector import match_heads
+    from .calibrate import calibration_report, task_state, write_temperatures
+
+    loaded = _load_base(merged, arch, arch_kwargs, heads)
+    data_paths = _pairs(data, "--data")
+    heads_from = _pairs(head_from, "--head")
+    inputs = _load_data(loaded, data_paths, tasks=list(data_paths), column=column, label_column=label_column,
+                        labels=_pairs(labels, "--labels"), need_labels=True, max_length=max_length)
+    head_names = sorted(match_heads(loaded.state.keys(), loaded.head_patterns))
+    results = {}
+    for t, x in inputs.items():
+        src = heads_from.get(t) or _head_file(merged, t)
+        head = {}
+        if src is not None:
+            st = read_state(src)
+            head = {k: st[k] for k in head_names if k in st}
+            if not head:
+                raise DistacError(f"'{src}' holds none of the head tensors {head_names[:3]} of the merged model")
+        results[t] = calibration_report(loaded.module, task_state(loaded.state, head, loaded.head_patterns), x, None,
+                                        batch_size=batch_size, device=device)
+    target = out if out is not None else (Path(merged) if Path(merged).is_dir() else Path(merged).parent)
+    path = write_temperatures(target, results)
+    for t, r in results.items():
+        click.echo(f"{t}: T={r.temperature:.4g}  NLL {r.nll_before:.4f} -> {r.nll_after:.4f}  "
+                   f"ECE {r.ece_before:.4f} -> {r.ece_after:.4f}  (n={r.n})")
+    click.echo(f"wrote {path}")
+
+
+def _head_file(merged: str, task: str) -> Path | None:
+    p = Path(merged) / "heads" / f"{task}.safetensors"
+    return p if p.is_file() else None
+
+
+__all__ = ["calibrate_command", "condition_command", "diagnose_command"]
