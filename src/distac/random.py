@@ -15,8 +15,8 @@ permuted.
 
 ``mix`` is two rounds of the ``lowbias32`` integer finaliser (Chris Wellons' hash-prospector,
 a murmur3-style xor-shift-multiply), computed with int64 torch ops only. Every multiplication is
-split in 16-bit halves so that no intermediate exceeds 2**48: int64 overflow never happens, so CPU
-and CUDA give the same bits. Python's built-in ``hash()`` is salted per process and is never used.
+arranged so that no intermediate reaches 2**63: int64 overflow (undefined behaviour in C++) never
+happens, so CPU and CUDA give the same bits. Python's built-in ``hash()`` is salted per process and is never used.
 """
 
 from __future__ import annotations
@@ -45,11 +45,14 @@ def stream_key(seed: int, name: str, index: int | None = None) -> tuple[int, int
 def _mulmod32(x: Tensor, c: int) -> Tensor:
     """``(x * c) mod 2**32`` for int64 ``x`` in [0, 2**32), without int64 overflow.
 
-    x·c = x_lo·c + 2^16·x_hi·c, and mod 2^32 the second term only needs ``x_hi·c_lo mod 2^16``.
+    With c = c' + 2^31·b (c' < 2^31, b ∈ {0, 1}): x·c' < 2^63 fits, and 2^31·b·x mod 2^32 only
+    depends on the lowest bit of x.
     """
-    lo = (x & 0xFFFF) * c  # < 2^48
-    hi = (((x >> 16) * (c & 0xFFFF)) & 0xFFFF) << 16  # < 2^32
-    return (lo + hi) & _M32
+    low = c & 0x7FFFFFFF
+    out = x * low
+    if c >> 31:
+        out = out + ((x & 1) << 31)
+    return out & _M32
 
 
 def _lowbias32(x: Tensor) -> Tensor:
