@@ -1,0 +1,381 @@
+"""The experiment grid: merge method × zoo setting × source models, α selected on validation.
+
+For every cell the merged body is evaluated with each task's own head (heads are task-specific,
+``heads=[HEAD_PATTERN]`` to :func:`distac.merge`). The scaling coefficient α is chosen on the
+validation split by mean *normalised* accuracy (merged accuracy ÷ the task's ideal fine-tuned
+accuracy, the protocol of the DisTaC/TSV/TALL code), then the test split is reported, with ECE before
+and after per-task temperature scaling of the merged model (:func:`distac.calibrate`).
+
+Calls into the rest of distac are limited to ``distac.merge``, ``distac.condition``,
+``distac.calibrate`` and ``distac.stats.fisher_diagonal``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import distac
+from distac.evaluate import ece
+
+from .profile import Profile
+from .tasks import TaskData
+from .train import predict_logits
+from .vit import HEAD_PATTERN, TinyViT, set_head
+from .zoo import PRETRAIN_HEAD, Zoo, body_norms
+
+__all__ = [
+    "METHOD_SPECS",
+    "SOURCES",
+    "CellResult",
+    "Evaluator",
+    "MethodSpec",
+    "SourceSet",
+    "alpha_sweep",
+    "available_specs",
+    "run_cell",
+    "select_alpha",
+]
+
+StateDict = dict[str, Tensor]
+SOURCES = ("raw", "rescaled", "distac")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How the grid runs one distac method.
+
+    ``grid``: ``"sum"`` for methods whose α multiplies a *sum* of task vectors (TA, Consensus TA,
+    gradient matching: α ∈ (0, 1], DisTaC/TALL code) or ``"mean"`` for methods whose merged vector is
+    already on a single model's scale (TIES disjoint mean, TSV-M, Iso, Fisher average: α up to 3, the
+    TSV/Iso code's range, which also covers official TIES's 0.8–2.5).
+    ``linear``: the merge is θ_0 + α·Δ with Δ independent of α, so Δ is computed once and α applied
+    by the grid (exact; saves one merge per α). Methods with no ``scale`` parameter (Fisher) get α the
+    same way, as a final multiplier of the merged task vector.
+    """
+
+    method: str
+    label: str
+    grid: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    fisher: bool = False
+    base_fisher: bool = False
+    linear: bool = True
+
+
+METHOD_SPECS: tuple[MethodSpec, ...] = (
+    MethodSpec("task_arithmetic", "TA", "sum"),
+    # official TIES top-20% (k=20), disjoint mean; the DisTaC repo keeps 10%
+    MethodSpec("ties", "TIES", "mean", {"density": 0.2}),
+    # TALL λ fixed at 0.4 (the middle of the official per-task search {0.2..0.6}), k = 2
+    MethodSpec("consensus_ta", "Consensus TA", "sum", {"k": 2, "tall_lambda": 0.4}),
+    MethodSpec("tsv_m", "TSV-M", "mean"),
+    MethodSpec("iso_c", "Iso-C", "mean"),
+    MethodSpec("iso_cts", "Iso-CTS", "mean"),
+    MethodSpec("fisher", "Fisher", "mean", fisher=True),
+    # H_t and H_0 on the sum scale; α enters the formula non-linearly, so every α is a merge
+    MethodSpec("gradient_matching", "Gradient matching", "sum", fisher=True, base_fisher=True, linear=False),
+)
+
+
+def available_specs(names: Iterable[str] | None = None) -> list[MethodSpec]:
+    """The specs whose method is registered in ``distac.METHODS`` (optionally only ``names``)."""
+    wanted = set(names) if names is not None else None
+    return [s for s in METHOD_SPECS if s.method in distac.METHODS and (wanted is None or s.method in wanted)]
+
+
+class Evaluator:
+    """Evaluates a merged body on every task with that task's own head."""
+
+    def __init__(self, zoo: Zoo) -> None:
+        self.zoo = zoo
+        self.model = zoo.model()
+        self.tasks = zoo.tasks
+        self.ideal_val = [self.own(sd, i, "val") for i, sd in enumerate(zoo.setting("ideal"))]
+        self.ideal_test = [zoo.own_acc[f"{td.spec.name}__ideal"] for td in self.tasks]
+
+    def logits(self, state: StateDict, heads_from: Sequence[StateDict], split: str) -> list[Tensor]:
+        """Per-task logits of ``state``'s body with task t's head taken from ``heads_from[t]``."""
+        self.model.load_state_dict(state)
+        out = []
+        for td, src in zip(self.tasks, heads_from, strict=True):
+            name = td.spec.name
+            w = self.model.heads[name].weight
+            with torch.no_grad():
+                w.copy_(src[f"heads.{name}.weight"])
+            out.append(predict_logits(self.model, name, getattr(td, split).x))
+        return out
+
+    def accuracy(self, state: StateDict, heads_from: Sequence[StateDict], split: str) -> list[float]:
+        """Per-task accuracy of ``state``'s body with each task's head from ``heads_from``."""
+        logits = self.logits(state, heads_from, split)
+        ys = [getattr(td, split).y for td in self.tasks]
+        return [float((z.argmax(-1) == y).float().mean()) for z, y in zip(logits, ys, strict=True)]
+
+    def own(self, state: StateDict, i: int, split: str) -> float:
+        """Accuracy of a single model (body and head from ``state``) on task ``i`` only."""
+        td = self.tasks[i]
+        data = getattr(td, split)
+        z = predict_logits(self.task_model(state, td.spec.name), td.spec.name, data.x)
+        return float((z.argmax(-1) == data.y).float().mean())
+
+    def normalised(self, acc: Sequence[float], split: str) -> list[float]:
+        ref = self.ideal_val if split == "val" else self.ideal_test
+        return [a / r for a, r in zip(acc, ref, strict=True)]
+
+    def task_model(self, state: StateDict, task: str) -> TinyViT:
+        """The evaluator's model loaded with ``state`` and set to ``task``'s head (shared instance)."""
+        self.model.load_state_dict(state)
+        return set_head(self.model, task)
+
+
+@dataclass
+class SourceSet:
+    """The 8 source models of one (setting, source) pair, plus what the grid needs about them."""
+
+    setting: str
+    source: str
+    models: list[StateDict]
+    flagged: list[str]  # tasks whose model was conditioned / rescaled
+    norms: list[float]
+    fishers: list[StateDict] | None = None
+    own_val: list[float] = field(default_factory=list)
+
+
+@dataclass
+class CellResult:
+    """One grid cell: method × setting × source, at the α selected on validation."""
+
+    method: str
+    label: str
+    setting: str
+    source: str
+    alpha: float
+    val_norm: float
+    test_acc: list[float]
+    test_norm: list[float]
+    ece_before: list[float]
+    ece_after: list[float]
+    temperatures: list[float]
+    curve: list[tuple[float, float]]  # (α, mean val normalised accuracy) as searched
+    test_logits: list[Tensor] = field(default_factory=list, repr=False)  # per task (reliability diagrams)
+
+    @property
+    def mean_acc(self) -> float:
+        return 100 * sum(self.test_acc) / len(self.test_acc)
+
+    @property
+    def mean_norm(self) -> float:
+        return 100 * sum(self.test_norm) / len(self.test_norm)
+
+
+def grid_for(spec: MethodSpec, profile: Profile) -> tuple[float, ...]:
+    """The α grid of a method family (see :class:`MethodSpec`)."""
+    return profile.grid_linear if spec.grid == "sum" else profile.grid_spectral
+
+
+def merge_fn(
+    spec: MethodSpec, base: StateDict, sources: SourceSet, base_fisher: StateDict | None
+) -> Callable[[float], StateDict]:
+    """α -> merged state dict. Linear methods merge once at α = 1 and interpolate θ_0 + α·Δ."""
+    kwargs: dict[str, Any] = dict(spec.params)
+    if spec.fisher:
+        kwargs["fishers"] = sources.fishers
+    if spec.base_fisher and base_fisher is not None:
+        kwargs["base_fisher"] = base_fisher
+    if not spec.linear:
+        return lambda a: distac.merge(base, sources.models, spec.method, heads=[HEAD_PATTERN], scale=a, **kwargs)
+    unit = distac.merge(base, sources.models, spec.method, heads=[HEAD_PATTERN], **kwargs)
+    delta = {k: unit[k] - base[k] for k in base if base[k].is_floating_point()}
+
+    def at(a: float) -> StateDict:
+        return {k: (base[k] + a * delta[k]) if k in delta else base[k] for k in base}
+
+    return at
+
+
+def select_alpha(
+    evaluator: Evaluator,
+    merged_at: Callable[[float], StateDict],
+    heads_from: Sequence[StateDict],
+    grid: Sequence[float],
+    *,
+    patience: int = 3,
+) -> tuple[float, list[tuple[float, float]]]:
+    """Pick α on validation by mean normalised accuracy, with early stopping.
+
+    The α values are tried in increasing order and the search stops after ``patience`` consecutive
+    values without a gain (the Iso-merging code's rule, applied to every method to fit the CPU
+    budget; the curve of a method is unimodal in α in practice). Ties keep the smaller α.
+    """
+    best_a, best, since, curve = grid[0], -1.0, 0, []
+    for a in grid:
+        acc = evaluator.accuracy(merged_at(a), heads_from, "val")
+        score = sum(evaluator.normalised(acc, "val")) / len(acc)
+        curve.append((a, score))
+        if score > best:
+            best_a, best, since = a, score, 0
+        else:
+            since += 1
+            if since >= patience:
+                break
+    return best_a, curve
+
+
+def run_cell(
+    evaluator: Evaluator,
+    spec: MethodSpec,
+    sources: SourceSet,
+    *,
+    profile: Profile,
+    base: StateDict,
+    base_fisher: StateDict | None,
+) -> CellResult:
+    """Select α on val, evaluate on test, calibrate per task on val and report ECE before/after."""
+    merged_at = merge_fn(spec, base, sources, base_fisher)
+    alpha, curve = select_alpha(evaluator, merged_at, sources.models, grid_for(spec, profile))
+    state = merged_at(alpha)
+    test_logits = evaluator.logits(state, sources.models, "test")
+    tasks = evaluator.tasks
+    acc = [float((z.argmax(-1) == td.test.y).float().mean()) for z, td in zip(test_logits, tasks, strict=True)]
+    temps, before, after = [], [], []
+    for td, z, src in zip(tasks, test_logits, sources.models, strict=True):
+        name = td.spec.name
+        task_state = dict(state)
+        task_state[f"heads.{name}.weight"] = src[f"heads.{name}.weight"]
+        t = float(distac.calibrate(evaluator.task_model(task_state, name), task_state, td.val.x, td.val.y))
+        temps.append(t)
+        before.append(ece(z, td.test.y))
+        after.append(ece(z, td.test.y, temperature=t))
+    return CellResult(
+        spec.method, spec.label, sources.setting, sources.source, alpha, max(s for _, s in curve), acc,
+        evaluator.normalised(acc, "test"), before, after, temps, curve, test_logits,
+    )
+
+
+def alpha_sweep(
+    evaluator: Evaluator,
+    spec: MethodSpec,
+    sources: SourceSet,
+    alphas: Sequence[float],
+    *,
+    base: StateDict,
+    base_fisher: StateDict | None,
+) -> list[tuple[float, float, float]]:
+    """(α, mean test accuracy, mean test normalised accuracy) for every α: the sensitivity curve."""
+    merged_at = merge_fn(spec, base, sources, base_fisher)
+    out = []
+    for a in alphas:
+        acc = evaluator.accuracy(merged_at(a), sources.models, "test")
+        out.append((a, 100 * sum(acc) / len(acc), 100 * sum(evaluator.normalised(acc, "test")) / len(acc)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# source models: raw, naive rescaling, DisTaC
+# ------------------------------------------------------------------------------------------------
+def flagged_tasks(profile: Profile, setting: str) -> list[str]:
+    """The tasks whose fine-tune is defective in a setting (known from the zoo's recipes)."""
+    return list({"ideal": (), "norm": profile.norm_tasks, "conf": profile.conf_tasks}[setting])
+
+
+def kappas(norms: Sequence[float], names: Sequence[str], flagged: Sequence[str], setting: str) -> dict[str, float]:
+    """κ_t per flagged task: mean_{s≠t}‖τ_s‖/‖τ_t‖ under norm mismatch (distac.md §1.3), 1 otherwise."""
+    out = {}
+    for i, n in enumerate(names):
+        if n in flagged:
+            others = [v for j, v in enumerate(norms) if j != i]
+            out[n] = (sum(others) / len(others)) / norms[i] if setting == "norm" else 1.0
+    return out
+
+
+def rescaled_sources(zoo: Zoo, setting: str) -> SourceSet:
+    """Naive rescaling: θ_0 + κ_t τ_t for the flagged tasks, no distillation (the paper's strawman)."""
+    raw = zoo.setting(setting)
+    names = [td.spec.name for td in zoo.tasks]
+    flagged = flagged_tasks(zoo.profile, setting)
+    k = kappas(body_norms(zoo.base, raw), names, flagged, setting)
+    models = []
+    for n, sd in zip(names, raw, strict=True):
+        if n not in k:
+            models.append(sd)
+            continue
+        models.append({
+            key: (zoo.base[key] + k[n] * (v - zoo.base[key])) if not key.startswith("heads.") else v
+            for key, v in sd.items()
+        })
+    return SourceSet(setting, "rescaled", models, flagged, body_norms(zoo.base, models))
+
+
+def distac_sources(zoo: Zoo, setting: str, *, evaluator: Evaluator, progress: bool) -> SourceSet:
+    """DisTaC-conditioned sources: every flagged model distilled with :func:`distac.condition`."""
+    raw = zoo.setting(setting)
+    names = [td.spec.name for td in zoo.tasks]
+    flagged = flagged_tasks(zoo.profile, setting)
+    rec = zoo.profile.distac
+    ft_map = dict(zip(names, raw, strict=True))
+    mode = {"norm": "norm", "conf": "confidence"}.get(setting)
+    models = list(raw)
+    for i, n in enumerate(names):
+        if n not in flagged or mode is None:
+            continue
+        temps = rec.norm_temperatures if mode == "norm" else rec.conf_temperatures
+        model = evaluator.task_model(zoo.base, n)
+        models[i] = distac.condition(
+            model, zoo.base, ft_map, zoo.tasks[i].train.x, task=n, mode=mode, t_teacher=temps[0],
+            t_student=temps[1], beta=rec.beta, steps=rec.steps, lr=rec.lr, batch_size=rec.batch,
+            seed=zoo.seed, heads=[HEAD_PATTERN], progress=progress, device="cpu",
+        )
+    return SourceSet(setting, "distac", models, flagged, body_norms(zoo.base, models))
+
+
+def add_fishers(
+    sources: SourceSet, zoo: Zoo, evaluator: Evaluator, *, cache: dict[int, StateDict], progress: bool
+) -> None:
+    """Diagonal Fishers of every source model on its task's training images, on the sum scale.
+
+    ``fisher_diagonal`` sums over ``fisher_examples`` sampled examples; the result is multiplied by
+    N_t / n so that H_t = N_t × mean Fisher over the N_t training images (UBGM's s_t, merge-methods.md
+    §1.2). Models shared between source sets are computed once (``cache`` keyed by object id).
+    """
+    from distac.stats import fisher_diagonal
+
+    body = [k for k, _ in evaluator.model.named_parameters() if not k.startswith("heads.")]
+    out = []
+    for td, sd in zip(zoo.tasks, sources.models, strict=True):
+        if id(sd) not in cache:
+            n = min(zoo.profile.fisher_examples, len(td.train.x))
+            model = evaluator.task_model(sd, td.spec.name)
+            f = fisher_diagonal(model, [td.train.x[:n]], params=body, n_examples=n, scale="sum",
+                                seed=zoo.seed, progress=progress, device="cpu")
+            cache[id(sd)] = {k: v * (len(td.train.x) / n) for k, v in f.items()}
+        out.append(cache[id(sd)])
+    sources.fishers = out
+
+
+def base_fisher(zoo: Zoo, evaluator: Evaluator, pretrain_x: Tensor, pretrain_y: Tensor, *, progress: bool) -> StateDict:
+    """H_0: the base's Fisher on its own pre-training digits (pre-training head), sum scale N_pre × mean.
+
+    This is UBGM's prior precision from the pre-training task (the paper's IMDB model on IMDB).
+    """
+    from distac.stats import fisher_diagonal
+
+    body = [k for k, _ in evaluator.model.named_parameters() if not k.startswith("heads.")]
+    n = min(zoo.profile.fisher_examples, len(pretrain_x))
+    model = evaluator.task_model(zoo.base, PRETRAIN_HEAD)
+    f = fisher_diagonal(model, [pretrain_x[:n]], params=body, n_examples=n, scale="sum", seed=zoo.seed,
+                        progress=progress, device="cpu")
+    return {k: v * (len(pretrain_x) / n) for k, v in f.items()}
+
+
+def own_accuracy(evaluator: Evaluator, sources: SourceSet, split: str = "test") -> list[float]:
+    """Each source model's accuracy on its own task (how much conditioning/rescaling cost it)."""
+    return [evaluator.own(sd, i, split) for i, sd in enumerate(sources.models)]
+
+
+def task_names(tasks: Sequence[TaskData]) -> list[str]:
+    return [td.spec.name for td in tasks]

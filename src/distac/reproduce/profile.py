@@ -1,0 +1,105 @@
+"""Experiment profiles: every size, recipe and grid of a run in one frozen record.
+
+``FULL`` is the documented vision run (docs/results.md); ``QUICK`` is the CI miniature that checks
+the pipeline end to end in well under 3 minutes on 2 cores, not the numbers. The profile is part
+of the zoo manifest, so changing a recipe invalidates the cached zoo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from .train import Recipe
+from .vit import ViTConfig
+
+__all__ = ["FULL", "QUICK", "DistacRecipe", "Profile"]
+
+
+@dataclass(frozen=True)
+class DistacRecipe:
+    """DisTaC conditioning settings (distac.md §1.3–1.4, §2), scaled to the tiny ViT.
+
+    The paper's lr 1e-5 × 500 steps is for CLIP ViT-B-32; a 1M-parameter ViT trained at lr 5e-4 needs
+    a proportionally larger step, so the pilot's lr 3e-4 is kept. β = 0.1 (official README).
+    """
+
+    steps: int = 100
+    lr: float = 3e-4
+    batch: int = 64
+    beta: float = 0.1
+    norm_temperatures: tuple[float, float] = (10.0, 10.0)
+    conf_temperatures: tuple[float, float] = (1.0, 10.0)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """All knobs of one vision-suite run."""
+
+    name: str
+    vit: ViTConfig
+    n_pretrain: int
+    n_train: int
+    n_val: int
+    n_test: int
+    pretrain_steps: int
+    pretrain_lr: float
+    pretrain_batch: int
+    ideal: Recipe
+    # norm mismatch: these tasks get `long` (larger lr, more steps) -> norm ratio >= 5x
+    long: Recipe
+    norm_tasks: tuple[str, ...]
+    # low confidence: these tasks get `smooth` (strong label smoothing)
+    smooth: Recipe
+    conf_tasks: tuple[str, ...]
+    distac: DistacRecipe = field(default_factory=DistacRecipe)
+    fisher_examples: int = 256
+    # α grids (merge-methods.md §4, §8, §9): linear-family methods and spectral (TSV/Iso) methods
+    grid_linear: tuple[float, ...] = tuple(round(0.1 * i, 2) for i in range(1, 11))
+    grid_spectral: tuple[float, ...] = tuple(round(0.25 * i, 2) for i in range(1, 13))
+    # second experiment (gradient matching vs TA vs Fisher): the α sweep, evaluated on test
+    alpha_sweep: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.25, 1.5)
+
+    def manifest(self) -> dict[str, Any]:
+        """The parts that determine the zoo's weights (for the cache manifest)."""
+        keys = ("vit", "n_pretrain", "n_train", "n_val", "n_test", "pretrain_steps", "pretrain_lr", "pretrain_batch",
+                "ideal", "long", "norm_tasks", "smooth", "conf_tasks")
+        d = asdict(self)
+        return {k: d[k] for k in keys}
+
+
+FULL = Profile(
+    name="full",
+    vit=ViTConfig(dim=128, depth=4, heads=4),
+    n_pretrain=2000,
+    n_train=2000,
+    n_val=150,
+    n_test=500,
+    pretrain_steps=300,
+    pretrain_lr=1e-3,
+    pretrain_batch=64,
+    ideal=Recipe(lr=5e-4, steps=120),
+    long=Recipe(lr=4e-3, steps=240),
+    norm_tasks=("rot90", "invert"),
+    smooth=Recipe(lr=5e-4, steps=120, label_smoothing=0.6),
+    conf_tasks=("rot180", "transpose", "flip_perm"),
+)
+
+QUICK = replace(
+    FULL,
+    name="quick",
+    vit=ViTConfig(dim=32, depth=2, heads=2),
+    n_pretrain=400,
+    n_train=256,
+    n_val=64,
+    n_test=96,
+    pretrain_steps=30,
+    ideal=Recipe(lr=1e-3, steps=20, batch=32, warmup=2),
+    long=Recipe(lr=8e-3, steps=40, batch=32, warmup=2),
+    smooth=Recipe(lr=1e-3, steps=20, batch=32, warmup=2, label_smoothing=0.6),
+    distac=DistacRecipe(steps=10, batch=32),
+    fisher_examples=32,
+    grid_linear=(0.3, 0.6, 1.0),
+    grid_spectral=(0.5, 1.5),
+    alpha_sweep=(0.3, 1.0),
+)

@@ -1,0 +1,183 @@
+"""Training loops of the vision suite: pre-training, linear probes, fine-tuning, evaluation.
+
+All loops are deterministic given their seed (a private ``torch.Generator``) and train on CPU in
+fp32. Heads are frozen during fine-tuning, as the CLIP zero-shot heads are in the DisTaC and
+task-vector papers, so every task vector lives in the shared body.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .tasks import PRETRAIN_TRANSFORMS, Split, TaskData
+from .vit import TinyViT, ViTConfig, set_head
+
+__all__ = [
+    "Recipe",
+    "body_state",
+    "evaluate",
+    "finetune",
+    "predict_logits",
+    "pretrain",
+    "probe_heads",
+]
+
+StateDict = dict[str, Tensor]
+Progress = Callable[[Iterable[int], str], Iterable[int]]
+
+
+def _no_progress(it: Iterable[int], _desc: str) -> Iterable[int]:
+    return it
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A fine-tuning recipe: AdamW with linear warmup then cosine decay, clip 1.0, frozen heads."""
+
+    lr: float = 5e-4
+    steps: int = 150
+    batch: int = 64
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    warmup: int = 10
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def _lr_factor(step: int, *, steps: int, warmup: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to zero at ``steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def _shift(x: Tensor, g: torch.Generator, max_shift: int = 2) -> Tensor:
+    """Random translation by up to ``max_shift`` pixels (one shift per batch; cheap augmentation)."""
+    dx, dy = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=g))
+    return torch.roll(x, (dy, dx), (1, 2))
+
+
+def pretrain(
+    cfg: ViTConfig,
+    data: Split,
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    batch: int = 128,
+    seed: int = 0,
+    progress: Progress = _no_progress,
+) -> StateDict:
+    """Pre-train the body on upright digits plus a self-supervised pretext task; returns the body.
+
+    Loss per step: CE(digit | upright image) + CE(transform id | transformed image), the transform
+    drawn from :data:`PRETRAIN_TRANSFORMS` (4 rotations × plain/inverted). The pretext task makes the
+    features orientation- and polarity-aware without ever showing a transformed digit's label.
+    Returns the body plus the digit head as ``heads.pretrain_digit.*`` (the pre-training task's
+    head, which gradient matching needs for the base's own Fisher H_0).
+    """
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = TinyViT(cfg, {"digit": 10, "transform": len(PRETRAIN_TRANSFORMS)})
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    n = len(data.x)
+    model.train()
+    for step in progress(range(steps), "pre-train"):
+        for group in opt.param_groups:
+            group["lr"] = lr * _lr_factor(step, steps=steps, warmup=max(1, steps // 20))
+        i = torch.randint(0, n, (batch,), generator=g)
+        x = _shift(data.x[i], g)
+        t = torch.randint(0, len(PRETRAIN_TRANSFORMS), (batch,), generator=g)
+        xt = torch.stack([PRETRAIN_TRANSFORMS[int(k)](x[j : j + 1])[0] for j, k in enumerate(t)])
+        feats = model.features(torch.cat([x, xt]))
+        loss = F.cross_entropy(model.logits(feats[:batch], "digit"), data.y[i]) + F.cross_entropy(
+            model.logits(feats[batch:], "transform"), t
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    state = body_state(model)
+    state.update({k.replace("heads.digit.", "heads.pretrain_digit."): v.detach().clone()
+                  for k, v in model.state_dict().items() if k.startswith("heads.digit.")})
+    return state
+
+
+def body_state(model: TinyViT) -> StateDict:
+    """The model's state dict without any head (a cloned, detached copy)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("heads.")}
+
+
+@torch.no_grad()
+def _features(model: TinyViT, x: Tensor, chunk: int = 1024) -> Tensor:
+    model.eval()
+    return torch.cat([model.features(x[i : i + chunk]) for i in range(0, len(x), chunk)])
+
+
+def probe_heads(model: TinyViT, tasks: list[TaskData], *, steps: int = 300, lr: float = 0.05, seed: int = 0) -> None:
+    """Fit each task's head as a linear probe on the frozen body's features (in place).
+
+    This plays the role of CLIP's zero-shot head: a head that works on the pre-trained features and
+    stays frozen afterwards. Full-batch Adam on CE(s·W f); features are computed once.
+    """
+    torch.manual_seed(seed)
+    for td in tasks:
+        feats = _features(model, td.train.x)
+        head = model.heads[td.spec.name]
+        with torch.enable_grad():
+            opt = torch.optim.Adam(head.parameters(), lr=lr)
+            for _ in range(steps):
+                loss = F.cross_entropy(model.logits(feats, td.spec.name), td.train.y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+
+def finetune(
+    model: TinyViT,
+    td: TaskData,
+    recipe: Recipe,
+    *,
+    seed: int,
+    progress: Progress = _no_progress,
+) -> StateDict:
+    """Fine-tune the body on one task with its frozen head; returns the full state dict θ_t."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    set_head(model, td.spec.name)
+    body = [p for k, p in model.named_parameters() if not k.startswith("heads.")]
+    for k, p in model.named_parameters():
+        p.requires_grad_(not k.startswith("heads."))
+    opt = torch.optim.AdamW(body, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    n = len(td.train.x)
+    model.train()
+    for step in progress(range(recipe.steps), f"fine-tune {td.spec.name}"):
+        for group in opt.param_groups:
+            group["lr"] = recipe.lr * _lr_factor(step, steps=recipe.steps, warmup=recipe.warmup)
+        i = torch.randint(0, n, (recipe.batch,), generator=g)
+        loss = F.cross_entropy(model(td.train.x[i]), td.train.y[i], label_smoothing=recipe.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(body, 1.0)
+        opt.step()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def predict_logits(model: TinyViT, task: str, x: Tensor, *, chunk: int = 1024) -> Tensor:
+    """Logits of ``task``'s head on images ``x`` (eval mode, chunked)."""
+    model.eval()
+    return torch.cat([model.logits(model.features(x[i : i + chunk]), task) for i in range(0, len(x), chunk)])
+
+
+def evaluate(model: TinyViT, task: str, split: Split) -> float:
+    """Top-1 accuracy of ``task``'s head on a split."""
+    return float((predict_logits(model, task, split.x).argmax(-1) == split.y).float().mean())

@@ -1,0 +1,225 @@
+"""The vision suite end to end: zoo -> source sets -> grid -> α sweep -> tables and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .grid import (
+    CellResult,
+    Evaluator,
+    SourceSet,
+    add_fishers,
+    alpha_sweep,
+    available_specs,
+    base_fisher,
+    distac_sources,
+    flagged_tasks,
+    own_accuracy,
+    rescaled_sources,
+    run_cell,
+    task_names,
+)
+from .profile import Profile
+from .report import (
+    alpha_table,
+    ece_table,
+    headline_table,
+    sources_table,
+    sweep_table,
+    targets,
+    targets_table,
+    write_csv,
+    write_plots,
+    write_text,
+)
+from .tasks import load_digits_5000, make_tasks
+from .zoo import SETTINGS, body_norms, build_or_load_zoo
+
+__all__ = ["SWEEP_METHODS", "run_vision"]
+
+# the gradient-matching paper's comparison (merge-methods.md §1.5)
+SWEEP_METHODS = ("task_arithmetic", "fisher", "gradient_matching")
+
+
+def _bar(enabled: bool) -> Callable[[Iterable[int], str], Iterable[int]]:
+    def wrap(it: Iterable[int], desc: str) -> Iterable[int]:
+        return tqdm(it, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
+
+    return wrap
+
+
+def _machine() -> dict[str, Any]:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_1m_at_start": round(load[0], 2),
+    }
+
+
+def _source_sets(zoo: Any, evaluator: Evaluator, *, progress: bool, log: Callable[[str], None]) -> list[SourceSet]:
+    """raw for every setting; naive rescaling for norm mismatch; DisTaC for both harmful settings."""
+    sets = []
+    for setting in SETTINGS:
+        raw = zoo.setting(setting)
+        sets.append(SourceSet(setting, "raw", raw, flagged_tasks(zoo.profile, setting), body_norms(zoo.base, raw)))
+    sets.append(rescaled_sources(zoo, "norm"))
+    for setting in ("norm", "conf"):
+        t0 = time.perf_counter()
+        sets.append(distac_sources(zoo, setting, evaluator=evaluator, progress=progress))
+        log(f"DisTaC ({setting}): {len(flagged_tasks(zoo.profile, setting))} model(s) in "
+            f"{time.perf_counter() - t0:.0f}s")
+    return sets
+
+
+def run_vision(
+    profile: Profile,
+    *,
+    out: Path,
+    cache: Path,
+    seeds: int = 1,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    command: str = "distac reproduce",
+) -> dict[str, Any]:
+    """Run the whole vision suite and write ``out/`` (results.md, CSVs, PNGs, run.json)."""
+    t_start = time.perf_counter()
+    machine = _machine()
+    out.mkdir(parents=True, exist_ok=True)
+    bar = _bar(progress)
+    specs = available_specs()
+    if not specs:
+        raise RuntimeError("no merge method of the grid is registered in distac.METHODS")
+    cells: list[CellResult] = []
+    cell_seeds: list[int] = []
+    sweeps: dict[str, list[list[tuple[float, float, float]]]] = {}
+    seed0_sources: list[tuple[SourceSet, list[float]]] = []
+    timings: dict[str, float] = {}
+    names: list[str] = []
+    labels_y: dict[str, torch.Tensor] = {}
+    for seed in range(seeds):
+        t0 = time.perf_counter()
+        zoo = build_or_load_zoo(profile, cache=cache, seed=seed, progress=bar, log=log)
+        timings[f"seed{seed}_zoo_s"] = round(time.perf_counter() - t0, 1)
+        names = task_names(zoo.tasks)
+        labels_y = {td.spec.name: td.test.y for td in zoo.tasks}
+        evaluator = Evaluator(zoo)
+        t0 = time.perf_counter()
+        sets = _source_sets(zoo, evaluator, progress=progress, log=log)
+        timings[f"seed{seed}_distac_s"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        bf = None
+        if any(s.fisher for s in specs):
+            fcache: dict[int, dict[str, torch.Tensor]] = {}
+            for s in bar(sets, "fishers"):
+                add_fishers(s, zoo, evaluator, cache=fcache, progress=False)
+            if any(s.base_fisher for s in specs):
+                x, y = load_digits_5000()
+                pre, _ = make_tasks(x, y, n_pretrain=profile.n_pretrain, n_train=profile.n_train,
+                                    n_val=profile.n_val, n_test=profile.n_test)
+                bf = base_fisher(zoo, evaluator, pre.x, pre.y, progress=False)
+        timings[f"seed{seed}_fisher_s"] = round(time.perf_counter() - t0, 1)
+        if seed == 0:
+            seed0_sources = [(s, own_accuracy(evaluator, s)) for s in sets]
+        t0 = time.perf_counter()
+        jobs = [(spec, s) for s in sets for spec in specs]
+        for spec, s in bar(jobs, f"grid (seed {seed})"):
+            cells.append(run_cell(evaluator, spec, s, profile=profile, base=zoo.base, base_fisher=bf))
+            cell_seeds.append(seed)
+        timings[f"seed{seed}_grid_s"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        ideal = sets[0]
+        for spec in bar([s for s in specs if s.method in SWEEP_METHODS], "α sweep"):
+            sweeps.setdefault(spec.label, []).append(
+                alpha_sweep(evaluator, spec, ideal, profile.alpha_sweep, base=zoo.base, base_fisher=bf)
+            )
+        timings[f"seed{seed}_sweep_s"] = round(time.perf_counter() - t0, 1)
+    wall = time.perf_counter() - t_start
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    machine["loadavg_1m_at_end"] = round(load[0], 2)
+    machine["loadavg_15m_at_end"] = round(load[2], 2)
+    labels = list(dict.fromkeys(c.label for c in cells))
+    tgt = targets(cells, sweeps)
+    meta = {
+        "suite": "vision",
+        "profile": profile.name,
+        "command": command,
+        "date_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "wall_time_s": round(wall, 1),
+        "seeds": seeds,
+        "machine": machine,
+        "timings": timings,
+        "methods": [s.method for s in specs],
+        "profile_manifest": json.loads(json.dumps(profile.manifest())),
+    }
+    write_csv(out / "cells.csv", cells, names, cell_seeds)
+    plots = write_plots(out, cells, seed0_sources, sweeps, names, labels_y)
+    md = _markdown(meta, cells, labels, seed0_sources, names, sweeps, tgt, plots)
+    write_text(out / "results.md", md)
+    write_text(out / "run.json", json.dumps(dict(meta, targets=tgt), indent=2, default=str))
+    log(f"reproduce: wrote {out}/results.md ({wall:.0f}s)")
+    return dict(meta, targets=tgt, cells=cells, sweeps=sweeps)
+
+
+def _markdown(
+    meta: dict[str, Any],
+    cells: list[CellResult],
+    labels: list[str],
+    sources: list[tuple[SourceSet, list[float]]],
+    names: list[str],
+    sweeps: dict[str, list[list[tuple[float, float, float]]]],
+    tgt: list[dict[str, Any]],
+    plots: list[str],
+) -> str:
+    m = meta["machine"]
+    parts = [
+        f"# distac reproduce: vision suite ({meta['profile']} profile)",
+        "",
+        f"* command: `{meta['command']}`",
+        f"* date: {meta['date_utc']}; wall time: {meta['wall_time_s']:.0f} s; seeds: {meta['seeds']}",
+        f"* machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} threads); "
+        f"load average {m['loadavg_1m_at_start']} at start, {m['loadavg_1m_at_end']} at end "
+        f"(15 min: {m['loadavg_15m_at_end']})",
+        f"* stage timings (s): {meta['timings']}",
+        "",
+        "## Mean test accuracy (normalised accuracy), α selected on validation",
+        "",
+        headline_table(cells, labels),
+        "",
+        "Normalised accuracy divides by each task's *ideal* fine-tuned test accuracy in every column. "
+        "Naive rescaling under low confidence is κ = 1, i.e. the raw models, so it has no column.",
+        "",
+        "## Targets",
+        "",
+        targets_table(tgt),
+        "",
+        "## ECE (%) of the merged model, before → after per-task temperature scaling on validation",
+        "",
+        ece_table(cells, labels),
+        "",
+        "## Selected α",
+        "",
+        alpha_table(cells, labels),
+        "",
+        "## Source models (seed 0): task-vector norm and own test accuracy",
+        "",
+        sources_table(sources, names),
+        "",
+    ]
+    if sweeps:
+        parts += ["## Accuracy vs α on the ideal zoo (test split)", "", sweep_table(sweeps), ""]
+    parts += ["## Plots", "", *(f"![{p}]({p})" for p in plots), ""]
+    return "\n".join(parts)

