@@ -26,6 +26,23 @@ Conventions shared by the family (each function's docstring adds its own):
   ``weight_mask_rate`` and FusionBench's ``sparsity_ratio`` are ``1 - density``; TIES's "top-k%"
   is ``density = k/100``).
 * ``scale`` is the λ/α applied last.
+
+Parameter names elsewhere:
+
+==============  ===================  ==============================  ================================
+distac          mergekit             FusionBench                     official / MergeLM
+==============  ===================  ==============================  ================================
+density         density              1 − sparsity_ratio (DARE);      k/100 (TIES ``topk``);
+                                     threshold/100 (TIES)            1 − weight_mask_rate (DARE)
+trim_density    (none: no trim)      threshold/100 (dare_ties)       1 − param_value_mask_rate
+scope           always "tensor"      always "global"                 "global" (TIES, TALL)
+merge_fn        normalize (mean)     merge_func                      "dis-mean" / "dis-sum"
+scale           lambda               scaling_factor                  λ / α
+weights         weight               (none)                          (none)
+seed            global set_seed      (global RNG)                    seed (MergeLM)
+k, tall_lambda  k, lambda (removed)  (no Consensus merge)            prun_thre_k, tall_mask_lambda
+gamma           gamma                (no Breadcrumbs)                top_k_remove (β = top_k_keep)
+==============  ===================  ==============================  ================================
 """
 
 from __future__ import annotations
