@@ -264,7 +264,7 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
         assert m["nll_after"] <= m["nll_before"] and m["ece_after"] < m["ece_before"]
 
 
-def test_cli_bad_input_writes_nothing(tmp_path, monkeypatch):
+def test_cli_bad_input_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     _write_zoo(tmp_path)
@@ -277,10 +277,13 @@ def test_cli_bad_input_writes_nothing(tmp_path, monkeypatch):
         (["--data", "long=wrong.npy"], "wrong.npy' does not fit the model"),
         (["--data", "long=xtr.npy", "--heads", "head.*"], "head pattern 'head.*' matches no tensor"),
         (["--data", "long=xtr.npy", "--model", "b=missing.safetensors"], "missing.safetensors"),
+        (["--data", "long=empty.npy"], "empty"),
     ]:
+        np.save(tmp_path / "empty.npy", np.zeros((0, 64), dtype=np.float32))
         with pytest.raises(SystemExit) as e:
             main([*base, *extra])
         assert e.value.code == 2
+        assert message in capsys.readouterr().err
         assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit) as e:
         main([*base, "--data", "long=xtr.npy", "--kappa", "0"])
