@@ -145,10 +145,15 @@ def test_fisher_on_hf_bert_with_padding_matches_plain_autograd():
 
 def test_fisher_options_and_errors():
     model = softmax_regression()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(10, 4)
     info: dict = {}
     f = fisher_diagonal(model, [x[:4], x[4:]], params=["weight"], n_examples=6, progress=False, info=info)
     assert set(f) == {"weight"} and info["n_examples"] == 6 and len(info["data_fingerprint"]) == 32
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # inputs never modified
+    assert all(p.grad is None for p in model.parameters()) and model.training
+    with pytest.raises(DistacError, match="at least 2 classes"):
+        fisher_diagonal(nn.Linear(4, 1), [x], progress=False)
     with pytest.raises(DistacError, match="needs true labels"):
         fisher_diagonal(model, [x], estimator="empirical", progress=False)
     with pytest.raises(DistacError, match="did you mean"):

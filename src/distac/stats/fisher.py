@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..errors import DistacError, closest
 from ..models import Batch, batch_size, batch_to, forward_logits
 
-__all__ = ["ESTIMATORS", "adam_fisher", "data_fingerprint_update", "fisher_diagonal", "split_labels"]
+__all__ = ["ESTIMATORS", "BoundModule", "adam_fisher", "data_fingerprint_update", "fisher_diagonal", "split_labels"]
 
 Estimator = Literal["sampled", "exact", "empirical"]
 #: "sampled": one label y ~ p_θ(y|x) per example (official UBGM); "exact": Σ_y p_θ(y|x)·g_y²
@@ -101,7 +101,7 @@ def _per_example_sq_grads(
 
     def logits_one(p: dict[str, Tensor], x: Any) -> Tensor:
         xb = {k: v.unsqueeze(0) for k, v in x.items()} if isinstance(x, dict) else x.unsqueeze(0)
-        return forward_logits(_Bound(model, (p, frozen)), xb)[0].float()
+        return forward_logits(BoundModule(model, (p, frozen)), xb)[0].float()
 
     def logp_one(p: dict[str, Tensor], x: Any) -> Tensor:
         return torch.log_softmax(logits_one(p, x), dim=-1)
@@ -138,7 +138,7 @@ def _per_example_sq_grads(
     return one
 
 
-class _Bound(nn.Module):
+class BoundModule(nn.Module):
     """Calls ``functional_call(model, state, ...)`` so that ``forward_logits`` can stay generic."""
 
     def __init__(self, model: nn.Module, state: tuple[dict[str, Tensor], dict[str, Tensor]]) -> None:
@@ -183,7 +183,8 @@ def fisher_diagonal(
         n_examples: stop after this many examples (default: all).
         scale: ``"sum"`` or ``"mean"``.
         seed: seed of the label sampler (``"sampled"``).
-        device: where to compute (default: the model's device).
+        device: where to compute (default: the model's device). The model itself is not moved:
+            its weights are copied to ``device`` and called through ``functional_call``.
         progress: show a tqdm progress bar.
         info: if given, filled with ``n_examples`` and ``data_fingerprint`` (for the sidecar).
 
@@ -205,7 +206,6 @@ def fisher_diagonal(
     sel = {k: v.to(dev) for k, v in sel.items()}
     frozen = {k: v.detach().to(dev) for k, v in model.named_parameters() if k not in sel}
     frozen.update({k: v.to(dev) for k, v in model.named_buffers()})
-    model.to(dev)
     n_classes = 0
     mode = "vmap"
     one = _per_example_sq_grads(model, sel, frozen, estimator)
@@ -242,7 +242,7 @@ def fisher_diagonal(
             u = torch.rand(b, generator=gen, dtype=torch.float32).to(dev)
             if n_classes == 0:
                 with torch.no_grad():
-                    n_classes = int(forward_logits(model, _first(x)).shape[-1])
+                    n_classes = int(forward_logits(BoundModule(model, (sel, frozen)), _first(x)).shape[-1])
                 if n_classes < 2:
                     raise DistacError(
                         f"fisher_diagonal: the model returns {n_classes} logit(s) per example; the Fisher of a "

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DistacError, closest
 from ..models import batch_size, batch_to, forward_logits
-from .fisher import data_fingerprint_update, split_labels
+from .fisher import BoundModule, data_fingerprint_update, split_labels
 
 __all__ = ["gram_layouts", "gram_matrices", "linear_layers"]
 
@@ -115,6 +115,11 @@ def gram_matrices(
 
         return fn
 
+    # the model is not moved: its weights are copied to ``dev`` and used through functional_call
+    # (module hooks still fire there)
+    state = {k: v.detach().to(dev) for k, v in model.named_parameters()}
+    state.update({k: v.to(dev) for k, v in model.named_buffers()})
+    bound = BoundModule(model, (state, {}))
     handles = [mod.register_forward_pre_hook(hook(k)) for k, (mod, _) in found.items()]
     was_training = model.training
     model.eval()
@@ -136,7 +141,7 @@ def gram_matrices(
                 x = batch_to(dict(x) if isinstance(x, Mapping) else x, dev)
                 mask = x.get("attention_mask") if isinstance(x, Mapping) else None
                 current["mask"] = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
-                forward_logits(model, x)
+                forward_logits(bound, x)
                 seen += b
                 bar.update(b)
     finally:
