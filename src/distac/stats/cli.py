@@ -8,8 +8,6 @@ import click
 
 from ..errors import DistacError
 
-_MODEL_HELP = "A Hugging Face classifier directory, or a weights file with --arch package.module:factory."
-
 
 def _model_options(f: Any) -> Any:
     for opt in reversed(
@@ -92,7 +90,11 @@ def stats_command() -> None:
 def fisher_cmd(model: str, data: str, out: str, estimator: str, scale: str, seed: int, factory: str | None,
                num_labels: int | None, n_examples: int | None, batch_size: int, device: str | None,
                **data_kw: Any) -> None:
-    """Diagonal Fisher of MODEL on DATA from per-example gradients."""
+    """Diagonal Fisher of MODEL on DATA from per-example gradients.
+
+    MODEL is a Hugging Face classifier directory, or a weights file with --arch package.module:factory.
+    The result is on the sum scale (N × mean Fisher) unless --scale mean.
+    """
     from .fisher import fisher_diagonal
     from .sidecar import save_stats
 
@@ -123,7 +125,11 @@ def fisher_cmd(model: str, data: str, out: str, estimator: str, scale: str, seed
 @_data_options
 def gram_cmd(model: str, data: str, out: str, scale: str, factory: str | None, num_labels: int | None,
              n_examples: int | None, batch_size: int, device: str | None, **data_kw: Any) -> None:
-    """Gram matrices XᵀX of every linear layer's inputs of MODEL on DATA (padding left out), for RegMean."""
+    """Gram matrices XᵀX of linear-layer inputs, for RegMean.
+
+    Every nn.Linear / HF Conv1D of MODEL on DATA; padding positions are left out; stored as the
+    running mean XᵀX / rows (official RegMean) unless --scale sum.
+    """
     from .gram import gram_matrices
     from .sidecar import save_stats
 
@@ -152,7 +158,11 @@ def gram_cmd(model: str, data: str, out: str, scale: str, factory: str | None, n
 @_model_options
 def adam_cmd(model: str, optimizer_state: str, out: str, n_examples: int, batch_size: int, no_bias_correction: bool,
              factory: str | None, num_labels: int | None) -> None:
-    """Adam's second moments (torch.save(optimizer.state_dict())) as a sum-scale Fisher proxy: N·B·v."""
+    """Adam second moments as a sum-scale Fisher proxy, H ≈ N·B·v.
+
+    OPTIMIZER_STATE is torch.save(optimizer.state_dict()) of the fine-tuning run; MODEL gives the
+    parameter names in the order they were handed to the optimizer.
+    """
     from ..models import load_model
     from .fisher import adam_fisher
     from .sidecar import save_stats
