@@ -40,9 +40,12 @@ __all__ = ["DEFAULT_CHUNK_BYTES", "DictSource", "TensorSource", "default_device"
 StateDict = dict[str, Tensor]
 
 #: default budget for one piece's (N+1) fp32 input copies; larger tensors are row-chunked when the
-#: method allows it. Two pieces are alive at once (prefetch), so the merge working set stays near
-#: 2 × this, within the "(N+1) × largest tensor + 512 MB" target of issue #6.
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+#: method allows it. Two pieces are alive at once (prefetch), so the working set is a few times
+#: this, far inside the "(N+1) × largest tensor + 512 MB" target of issue #6. Small pieces are also
+#: *faster*: they stay in cache between the read, the subtraction and the method's passes. On a
+#: 235 MB bf16 checkpoint (N=2, task arithmetic) 16 MiB pieces gave 330 MB peak RSS against
+#: 1.2 GB with 256 MiB pieces, and no slower (anything from 8 to 32 MiB performs alike).
+DEFAULT_CHUNK_BYTES = 16 * 2**20
 
 
 class TensorSource(Protocol):
@@ -149,6 +152,34 @@ class Loaded:
     deltas: Tensor | None  # (N, *piece) fp32 task vectors
     stats: dict[str, Tensor]
     nbytes: int  # bytes read from the sources
+    buffer: Tensor | None = None  # the pool buffer base and deltas live in, returned after use
+
+
+class BufferPool:
+    """Reusable flat fp32 buffers for the (N+1, *piece) inputs: one per piece in flight.
+
+    Reusing them matters for speed, not only memory: a fresh multi-MB allocation is a fresh
+    ``mmap`` whose pages the kernel zero-fills on first touch, which costs as much as the copy
+    that fills them. A buffer grows to the largest piece it has held and is then reused.
+    """
+
+    def __init__(self, count: int, device: torch.device):
+        self.device = device
+        self._free: queue.Queue[Tensor] = queue.Queue()
+        for _ in range(count):
+            self._free.put(torch.empty(0, dtype=torch.float32, device=device))
+
+    def take(self, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        flat = self._free.get()
+        n = _numel(shape)
+        if flat.numel() < n:
+            del flat  # free the smaller buffer before allocating the larger one
+            flat = torch.empty(n, dtype=torch.float32, device=self.device)
+        return flat, flat[:n].view(shape)
+
+    def give(self, flat: Tensor | None) -> None:
+        if flat is not None:
+            self._free.put(flat)
 
 
 def _check_sources(base: TensorSource, models: Sequence[TensorSource]) -> None:
@@ -199,7 +230,12 @@ def _stats_for(
 
 
 def _load(
-    base: TensorSource, models: Sequence[TensorSource], work: Work, stats: Mapping[str, Any], device: torch.device
+    base: TensorSource,
+    models: Sequence[TensorSource],
+    work: Work,
+    stats: Mapping[str, Any],
+    device: torch.device,
+    pool: BufferPool | None = None,
 ) -> Loaded:
     """Read one piece of the base and of every model into one (N+1, ...) fp32 buffer; deltas in place."""
     name, rows = work.name, work.rows
@@ -209,32 +245,55 @@ def _load(
     full = tuple(base.shape(name))
     shape = full if rows is None else (rows[1] - rows[0], *full[1:])
     srcs = [base, *models]
-    buf = torch.empty((len(srcs), *shape), dtype=torch.float32, device=device)
-    nbytes = 0
-    for j, src in enumerate(srcs):
-        raw = _read(src, name, rows)
-        nbytes += raw.numel() * raw.element_size()
-        buf[j].copy_(raw)  # one pass: file dtype -> fp32, straight into the buffer
-    # One reduction catches NaN/Inf anywhere in the N+1 inputs; only then find the culprit.
-    if not bool(torch.isfinite(buf.sum())):
+    if pool is None:
+        flat, buf = None, torch.empty((len(srcs), *shape), dtype=torch.float32, device=device)
+    else:
+        flat, buf = pool.take((len(srcs), *shape))
+    try:
+        nbytes = 0
         for j, src in enumerate(srcs):
-            if not bool(torch.isfinite(buf[j]).all()):
-                part = "" if rows is None else f" (rows {rows[0]}:{rows[1]})"
-                raise DistacError(f"{_where(src, name)}: tensor '{name}'{part} contains NaN or Inf")
-    b, deltas = buf[0], buf[1:]
-    deltas.sub_(b)
-    return Loaded(work, b, deltas, _stats_for(stats, name, full, rows, device), nbytes)
+            read_into = getattr(src, "read_into", None)
+            if read_into is not None:  # straight from the file into the fp32 buffer (distac.io)
+                nbytes += read_into(name, rows, buf[j])
+            else:
+                raw = _read(src, name, rows)
+                nbytes += raw.numel() * raw.element_size()
+                buf[j].copy_(raw)  # one pass: source dtype -> fp32, straight into the buffer
+        # One reduction catches NaN/Inf anywhere in the N+1 inputs; only then find the culprit.
+        if not bool(torch.isfinite(buf.sum())):
+            for j, src in enumerate(srcs):
+                if not bool(torch.isfinite(buf[j]).all()):
+                    part = "" if rows is None else f" (rows {rows[0]}:{rows[1]})"
+                    raise DistacError(f"{_where(src, name)}: tensor '{name}'{part} contains NaN or Inf")
+        b, deltas = buf[0], buf[1:]
+        deltas.sub_(b)
+        st = _stats_for(stats, name, full, rows, device)
+    except BaseException:
+        if pool is not None:
+            pool.give(flat)
+        raise
+    return Loaded(work, b, deltas, st, nbytes, flat)
 
 
-def _stream(items: Iterable[Work], load: Callable[[Work], Loaded], *, prefetch: bool) -> Iterator[Loaded]:
+def _stream(
+    items: Iterable[Work],
+    load: Callable[[Work], Loaded],
+    *,
+    prefetch: bool,
+    release: Callable[[Loaded], None] | None = None,
+) -> Iterator[Loaded]:
     """Yield loaded pieces in order; with ``prefetch``, a thread loads the next while the caller works.
 
     Two slots bound memory: the piece being consumed and the one being (or already) loaded.
+    ``release(item)`` runs once the caller is done with an item (it returns the pool buffer).
     An error in the reader is re-raised in the caller; an error in the caller stops the reader.
     """
     if not prefetch:
         for w in items:
-            yield load(w)
+            item = load(w)
+            yield item
+            if release is not None:
+                release(item)
         return
     q: queue.Queue = queue.Queue()
     slots = threading.Semaphore(2)
@@ -262,6 +321,8 @@ def _stream(items: Iterable[Work], load: Callable[[Work], Loaded], *, prefetch: 
             if item is None:
                 return
             yield item
+            if release is not None:
+                release(item)
             del item
             slots.release()
     finally:
@@ -325,7 +386,9 @@ def plan_merge(
             if pass_ == 2 and not sel.needs_second_pass:
                 break
             it = iter(pieces) if progress is None else _with_progress(pieces, progress, f"pre-pass {pass_}/2")
-            for item in _stream(it, lambda w: _load(base, models, w, stats, device), prefetch=prefetch):
+            pool = BufferPool(2 if prefetch else 1, device)
+            for item in _stream(it, lambda w, pool=pool: _load(base, models, w, stats, device, pool),
+                                prefetch=prefetch, release=lambda x, pool=pool: pool.give(x.buffer)):
                 w = item.work
                 ctx = TensorContext(w.name, tuple(base.shape(w.name)), _offset(base, w), stats=item.stats)
                 x = pre.transform(item.base, item.deltas, ctx) if pre.transform else item.deltas
@@ -424,7 +487,9 @@ def run_merge(
             else:
                 yield from (Work(k, r) for r in ranges)
 
-    for item in _stream(work(), lambda w: _load(base, models, w, stats, device), prefetch=prefetch):
+    pool = BufferPool(2 if prefetch else 1, device)
+    for item in _stream(work(), lambda w: _load(base, models, w, stats, device, pool), prefetch=prefetch,
+                        release=lambda x: pool.give(x.buffer)):
         w = item.work
         sink(w.name, item.base if w.copy else _merge_piece(plan, base, item))
         if on_piece is not None:

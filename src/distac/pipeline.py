@@ -49,6 +49,7 @@ from .engine import DEFAULT_CHUNK_BYTES, default_device, run_merge
 from .errors import DistacError, closest
 from .io import (
     DEFAULT_SHARD_BYTES,
+    BackgroundWriter,
     Checkpoint,
     ShardWriter,
     atomic_output_dir,
@@ -356,7 +357,7 @@ def merge_checkpoints(
         device: where to compute (default: CUDA when available, else CPU).
         max_shard_bytes: the largest safetensors shard ("1GB" by default; a larger tensor gets its own).
         chunk_bytes: budget for the (N+1) fp32 copies of one piece; larger tensors are merged in
-            row chunks when the method is element-wise (256 MiB by default).
+            row chunks when the method is element-wise (16 MiB by default).
         export_per_task: also write ``out/tasks/<name>/``, one complete model per fine-tuned model
             (merged shared weights + that model's head); needs ``heads`` in the config.
         quiet: no progress bar (it is also hidden when stderr is not a terminal).
@@ -389,7 +390,9 @@ def merge_checkpoints(
     layout = _layout(base, cfg.out_dtype)
     in_bytes = (len(models) + 1) * sum(base.nbytes(k) for k in base.keys())
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, layout, max_shard_bytes=shard, metadata={"distac_method": cfg.method.name})
+        writer = BackgroundWriter(
+            ShardWriter(tmp, layout, max_shard_bytes=shard, metadata={"distac_method": cfg.method.name})
+        )
         with Progress(total_bytes=in_bytes, total_items=len(layout), desc=f"merge ({cfg.method.name})",
                       quiet=quiet) as bar:
             try:
@@ -512,7 +515,7 @@ def _write_card(folder: Path, cfg: MergeConfig, params: Mapping[str, Any], title
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available).")
 @click.option("--shard-size", default="1GB", show_default=True, help="Largest output shard, e.g. 500MB, 2GiB.")
-@click.option("--chunk-size", default="256MiB", show_default=True,
+@click.option("--chunk-size", default="16MiB", show_default=True,
               help="Memory budget for the N+1 fp32 copies of one piece; larger tensors are row-chunked.")
 @click.option("--export-per-task", is_flag=True, help="Also write OUT/tasks/<name>/: one full model per task.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")

@@ -8,6 +8,7 @@ from .readers import Checkpoint as Checkpoint
 from .readers import open_checkpoint as open_checkpoint
 from .readers import resolve_weight_files as resolve_weight_files
 from .writer import DEFAULT_SHARD_BYTES as DEFAULT_SHARD_BYTES
+from .writer import BackgroundWriter as BackgroundWriter
 from .writer import ShardWriter as ShardWriter
 from .writer import atomic_output_dir as atomic_output_dir
 from .writer import copy_model_files as copy_model_files
@@ -16,6 +17,7 @@ from .writer import parse_size as parse_size
 __all__ = [
     "DEFAULT_SHARD_BYTES",
     "DTYPE_NAMES",
+    "BackgroundWriter",
     "Checkpoint",
     "ShardWriter",
     "atomic_output_dir",

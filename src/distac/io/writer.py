@@ -20,7 +20,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import queue
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -35,6 +37,7 @@ from .formats import TensorEntry, header_bytes
 __all__ = [
     "DEFAULT_SHARD_BYTES",
     "WEIGHT_SUFFIXES",
+    "BackgroundWriter",
     "ShardWriter",
     "atomic_output_dir",
     "copy_model_files",
@@ -119,6 +122,9 @@ class ShardWriter:
         self._fh = None
         self.bytes_written = 0
 
+    def dtype_of(self, name: str) -> torch.dtype:
+        return self.shards[self._shard_of[name]][name].dtype
+
     def _write_bytes(self, data: memoryview | bytes) -> None:
         """The one place bytes reach the disk (tests patch it to simulate a full disk)."""
         self._fh.write(data)
@@ -178,6 +184,57 @@ class ShardWriter:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+class BackgroundWriter:
+    """Run a :class:`ShardWriter`'s disk writes on a thread, so they overlap the next piece's merge.
+
+    ``write`` casts the tensor to its output dtype on the caller's thread (torch releases the
+    GIL while it works) and queues it; at most ``depth`` tensors wait, which bounds the memory.
+    An error on the writer thread (a full disk) is re-raised, unchanged, by the next ``write``
+    or by ``close``.
+    """
+
+    def __init__(self, writer: ShardWriter, *, depth: int = 2):
+        self.writer = writer
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="distac-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            if self._error is None:
+                try:
+                    self.writer.write(*job)
+                except BaseException as e:  # re-raised on the caller's thread
+                    self._error = e
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, name: str, t: Tensor) -> None:
+        self._check()
+        dtype = self.writer.dtype_of(name)
+        self._q.put((name, t.detach().to(device="cpu", dtype=dtype).contiguous()))
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+
+    def close(self) -> list[Path]:
+        self._stop()
+        self._check()
+        return self.writer.close()
+
+    def abort(self) -> None:
+        self._stop()
+        self.writer.abort()
 
 
 @contextmanager
