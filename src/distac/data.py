@@ -115,10 +115,19 @@ class Inputs:
         start, stop = step * batch_size, (step + 1) * batch_size
         parts = []
         for epoch in range(start // n, (stop - 1) // n + 1):
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, epoch)))
+            perm = self._epoch_perm(seed, epoch)
             lo, hi = max(start - epoch * n, 0), min(stop - epoch * n, n)
             parts.append(perm[lo:hi])
         return torch.cat(parts)
+
+    def _epoch_perm(self, seed: int, epoch: int) -> Tensor:
+        # one permutation per epoch, cached: drawing n numbers at every step would cost O(n) per step
+        key = (seed, epoch)
+        cache = self.__dict__.setdefault("_perm_cache", {})
+        if key not in cache:
+            cache.clear()
+            cache[key] = torch.randperm(len(self), generator=torch.Generator().manual_seed(_seed(seed, epoch)))
+        return cache[key]
 
 
 def _seed(seed: int, epoch: int) -> int:

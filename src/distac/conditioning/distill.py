@@ -373,8 +373,9 @@ def condition_with_report(
         acc.backward(kd)
         with torch.no_grad():
             live = [(p, a) for p, a in zip(params, anchors, strict=True) if p.grad is not None]
+            # fused multi-tensor ops: the anchor must not cost more than Adam's own update
             diffs = torch._foreach_sub([p for p, _ in live], [a for _, a in live])
-            anchor_sq = float(sum(d.double().pow(2).sum() for d in diffs)) if diffs else 0.0
+            anchor_sq = float(torch.stack(torch._foreach_norm(diffs)).double().pow(2).sum()) if diffs else 0.0
             if diffs and beta > 0:
                 torch._foreach_add_([p.grad for p, _ in live], diffs, alpha=2 * beta)
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
