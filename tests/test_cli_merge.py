@@ -293,3 +293,55 @@ def test_sidecar_of_the_wrong_kind_is_refused(project, capsys):
         cfg["models"][i]["parameters"] = {"fisher": "g.safetensors"}
     code, _, err = run(["merge", str(write_cfg(root, cfg)), "--out", str(root / "out")], capsys)
     assert code == 2 and "g.safetensors: holds 'gram' statistics, but the config uses it as 'fisher'" in err
+
+
+def test_hugging_face_model_round_trip(tmp_path):
+    """A tiny BERT classifier saved by transformers, merged with per-task heads, loads back in transformers."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=16, max_position_embeddings=16, num_labels=3)
+    torch.manual_seed(0)
+    base = transformers.BertForSequenceClassification(cfg).eval()
+    base.save_pretrained(tmp_path / "base")
+    tuned = {}
+    for name in ("sst2", "mnli"):
+        m = transformers.BertForSequenceClassification(cfg).eval()
+        m.load_state_dict(finetuned(base.state_dict(), len(tuned)))
+        m.save_pretrained(tmp_path / name)
+        tuned[name] = m
+    out = distac.merge_checkpoints(
+        {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"), "heads": ["classifier.*"],
+         "models": [{"model": str(tmp_path / n)} for n in tuned], "parameters": {"scale": 0.5}},
+        tmp_path / "merged", export_per_task=True, quiet=True,
+    )
+    merged, info = transformers.AutoModelForSequenceClassification.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    want = distac.merge(base.state_dict(), [m.state_dict() for m in tuned.values()], "task_arithmetic", scale=0.5,
+                        heads=["classifier.*"], device="cpu")
+    got = merged.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in got if k in want)
+    for name, m in tuned.items():
+        task = transformers.AutoModelForSequenceClassification.from_pretrained(out / "tasks" / name)
+        assert torch.equal(task.classifier.weight, m.classifier.weight)
+        dense = task.bert.encoder.layer[0].output.dense.weight
+        assert torch.equal(dense, merged.bert.encoder.layer[0].output.dense.weight)
+
+
+def test_unavailable_device_is_a_clear_error(project, capsys):
+    root = project[0]
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = run(["merge", str(root / "merge.yml"), "--out", str(root / "o"), "--device", "cuda"], capsys)
+    assert code == 2 and "CUDA is not available" in err
+    code, _, err = run(["merge", str(root / "merge.yml"), "--out", str(root / "o"), "--device", "tpu9"], capsys)
+    assert code == 2 and "--device 'tpu9'" in err
+    assert not (root / "o").exists()
+
+
+def test_export_task_models_needs_heads(project, capsys):
+    root = project[0]
+    cfg = yaml.safe_load((root / "merge.yml").read_text())
+    del cfg["heads"]
+    out = distac.merge_checkpoints(write_cfg(root, cfg), root / "plain", quiet=True)
+    with pytest.raises(distac.DistacError, match=r"no heads/<name>\.safetensors"):
+        distac.export_task_models(out)

@@ -202,3 +202,14 @@ def test_out_dtype_casts_only_float_tensors(tmp_path):
 def test_default_device_and_override():
     assert default_device("cpu") == torch.device("cpu")
     assert default_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_progress_helpers_count_and_stay_silent_off_a_terminal(capsys):
+    from distac.progress import Progress, track
+
+    assert list(track(range(5), desc="x")) == [0, 1, 2, 3, 4]
+    with Progress(total_bytes=100, total_items=2, desc="merge") as bar:
+        bar.update(nbytes=60, items=1)
+        bar.update(nbytes=40, items=1)
+        assert bar.items == 2
+    assert capsys.readouterr().err == ""  # pytest's stderr is not a TTY: no bar

@@ -456,6 +456,7 @@ def run_merge(
     chunk_bytes: int | None = None,
     prefetch: bool = False,
     on_piece: Callable[[str, int, bool], None] | None = None,
+    progress: Callable[[Iterator[str], str], Iterator[str]] | None = None,
 ) -> MergePlan:
     """Plan, pre-pass, then merge every tensor in the base's order and pass it to ``sink``.
 
@@ -465,13 +466,13 @@ def run_merge(
     With ``chunk_bytes``, a chunkable method's large tensors arrive at ``sink`` as consecutive row
     ranges (same name, in row order); without it every call is a whole tensor. ``prefetch`` reads
     the next piece on a background thread. ``on_piece(name, bytes_read, tensor_done)`` is called
-    after each piece (progress bars).
+    after each piece, and ``progress(names, description)`` wraps the pre-pass loops (progress bars).
     """
     stats = stats or {}
     device = torch.device(device)
     plan = plan_merge(
         base, models, method, params, head_patterns=head_patterns, stats=stats, device=device,
-        chunk_bytes=chunk_bytes, prefetch=prefetch,
+        chunk_bytes=chunk_bytes, prefetch=prefetch, progress=progress,
     )
     merged = set(plan.names)
     budget = chunk_bytes if plan.chunkable else None

@@ -35,7 +35,8 @@ from __future__ import annotations
 import copy
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ from .io import (
 from .io import parse_size as parse_size
 from .io.readers import SafetensorsFile
 from .methods import METHODS, Method, get_method
-from .progress import Progress
+from .progress import Progress, track
 from .taskvector import match_heads
 
 __all__ = [
@@ -381,14 +382,31 @@ def merge_checkpoints(
         raise DistacError(f"--device {device}: CUDA is not available on this machine")
     if export_per_task and not cfg.heads:
         raise DistacError("export_per_task needs 'heads' patterns in the config (which tensors are task-specific)")
-    base = open_checkpoint(cfg.base.path)
-    models = [open_checkpoint(m.path) for m in cfg.models]
-    stats = _open_stats(cfg)
+    with ExitStack() as opened:  # every checkpoint's file descriptors are closed, whatever happens
+        base = opened.enter_context(closing(open_checkpoint(cfg.base.path)))
+        models = [opened.enter_context(closing(open_checkpoint(m.path))) for m in cfg.models]
+        stats = _open_stats(cfg)
+        for src in stats.values():
+            for s in src if isinstance(src, list) else [src]:
+                opened.enter_context(closing(s))
+        _merge_into(cfg, out, base, models, stats, overwrite=overwrite, device=dev, shard=shard, chunk=chunk,
+                    export_per_task=export_per_task, quiet=quiet)
+    return out
+
+
+def _merge_into(cfg: MergeConfig, out: Path, base: Checkpoint, models: list[Checkpoint], stats: dict[str, Any], *,
+                overwrite: bool, device: torch.device, shard: int, chunk: int, export_per_task: bool,
+                quiet: bool) -> None:
+    """The merge proper: stream into a temporary folder, add heads, config files and card, rename."""
     heads = sorted(match_heads(base.keys(), cfg.heads), key=base.keys().index)
     if cfg.heads and not heads:
         raise DistacError(f"heads patterns {cfg.heads} match no tensor of {base.label}")
     layout = _layout(base, cfg.out_dtype)
     in_bytes = (len(models) + 1) * sum(base.nbytes(k) for k in base.keys())
+
+    def prepass_progress(names: Iterator[str], desc: str) -> Iterator[str]:
+        return track(names, desc=desc, unit="piece", quiet=quiet)
+
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         writer = BackgroundWriter(
             ShardWriter(tmp, layout, max_shard_bytes=shard, metadata={"distac_method": cfg.method.name})
@@ -398,7 +416,7 @@ def merge_checkpoints(
             try:
                 plan = run_merge(
                     base, models, cfg.method, cfg.params, writer.write, head_patterns=cfg.heads, stats=stats,
-                    device=dev, chunk_bytes=chunk, prefetch=True,
+                    device=device, chunk_bytes=chunk, prefetch=True, progress=prepass_progress,
                     on_piece=lambda _n, nbytes, done: bar.update(nbytes=nbytes, items=int(done)),
                 )
                 writer.close()
@@ -412,9 +430,6 @@ def merge_checkpoints(
         _write_card(tmp, cfg, plan.params, out.name)
         if export_per_task:
             export_task_models(tmp, tmp / "tasks", max_shard_bytes=shard, quiet=quiet)
-    for c in (base, *models):
-        c.close()
-    return out
 
 
 def export_task_models(
