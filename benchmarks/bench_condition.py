@@ -11,7 +11,7 @@
 
 Usage::
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_condition.py --model vit-tiny --batch 32 --steps 10
+    OMP_NUM_THREADS=1 python benchmarks/bench_condition.py --model vit-tiny --batch 32 --steps 10 --threads 1
 """
 
 from __future__ import annotations
@@ -59,33 +59,37 @@ def build(name: str) -> tuple[nn.Module, tuple[int, ...], int]:
     return _Logits(transformers.ViTForImageClassification(cfg)), (3, image, image), 10
 
 
-def finetune_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int) -> float:
-    """Wall time of ``steps`` plain fine-tuning steps (CE on labels, clip 1.0, AdamW wd 0.1)."""
+def finetune_step_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int) -> list[float]:
+    """Wall time of each of ``steps`` plain fine-tuning steps (CE on labels, clip 1.0, AdamW wd 0.1)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
     g = torch.Generator().manual_seed(0)
     model.train()
-    t0 = time.perf_counter()
+    times = []
     for _ in range(steps):
+        t0 = time.perf_counter()
         idx = torch.randint(0, len(x), (batch,), generator=g)
         loss = F.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    return time.perf_counter() - t0
+        times.append(time.perf_counter() - t0)
+    return times
 
 
-def condition_seconds(model: nn.Module, base: dict, ft: dict, x: torch.Tensor, steps: int, batch: int) -> float:
+def condition_step_seconds(model: nn.Module, base: dict, ft: dict, x: torch.Tensor, steps: int, batch: int
+                           ) -> list[float]:
+    """Wall time of each step of distac's real conditioning loop (``ConditionReport.step_seconds``)."""
     res = condition_with_report(model, base, ft, Inputs(x), mode="norm", kappa=0.5, steps=steps, batch_size=batch,
                                 warmup=0, device="cpu", progress=False, eval_examples=batch)
-    return res.report.seconds
+    return res.report.step_seconds
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=["mlp", "vit-tiny", "vit-b32"], default="vit-tiny")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=10, help="steps of the short run (the long run does twice as many)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per block")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is reported")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the numbers here")
@@ -99,16 +103,12 @@ def main() -> None:
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ft = {k: (v + 0.01 * torch.randn_like(v)) if v.is_floating_point() else v.clone() for k, v in base.items()}
 
-    finetune_seconds(model, x, y, 2, a.batch)  # warm up allocators and kernels
-    condition_seconds(model, base, ft, x, 2, a.batch)
-    # interleaved repeats, median of the per-step differences: the machine may be shared and noisy
-    ft_steps, cd_steps = [], []
+    # interleaved blocks; the median over all steps (after each block's first) resists a shared, noisy machine
+    ft_times, cd_times = [], []
     for _ in range(a.repeats):
-        ft_steps.append((finetune_seconds(model, x, y, 2 * a.steps, a.batch)
-                         - finetune_seconds(model, x, y, a.steps, a.batch)) / a.steps)
-        cd_steps.append((condition_seconds(model, base, ft, x, 2 * a.steps, a.batch)
-                         - condition_seconds(model, base, ft, x, a.steps, a.batch)) / a.steps)
-    ft_step, cd_step = statistics.median(ft_steps), statistics.median(cd_steps)
+        ft_times += finetune_step_seconds(model, x, y, a.steps + 1, a.batch)[1:]
+        cd_times += condition_step_seconds(model, base, ft, x, a.steps + 1, a.batch)[1:]
+    ft_step, cd_step = statistics.median(ft_times), statistics.median(cd_times)
     ratio = cd_step / ft_step
     rows = {}
     for name, size in DATASETS.items():
@@ -126,7 +126,9 @@ def main() -> None:
         "finetune_step_s": ft_step,
         "condition_step_s": cd_step,
         "step_ratio": ratio,
-        "repeats": {"finetune_step_s": ft_steps, "condition_step_s": cd_steps},
+        "steps_timed": len(ft_times),
+        "quartiles_s": {"finetune": statistics.quantiles(ft_times, n=4),
+                        "condition": statistics.quantiles(cd_times, n=4)},
         "cost_fraction": rows,
     }
     print(json.dumps(out, indent=2))

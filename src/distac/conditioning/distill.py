@@ -107,6 +107,7 @@ class ConditionReport:
     confidence_after: dict[str, Any] | None = None  # the student's
     loss_curve: list[float] = field(default_factory=list)  # total loss per step (KD + anchor)
     norm_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, ‖θ − θ_0‖)
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each step run in this call
     steps_done: int = 0
     resumed_from: int | None = None
     seconds: float = 0.0
@@ -360,6 +361,7 @@ def condition_with_report(
         )
 
     for step in range(start, steps):
+        t_step = time.perf_counter()
         batch = batch_to(batches.get(step), dev)
         with torch.no_grad():
             zt = forward_logits(teacher, batch)
@@ -385,6 +387,7 @@ def condition_with_report(
         optimizer.step()
         scheduler.step()
         report.loss_curve.append(kd_all + beta * anchor_sq)
+        report.step_seconds.append(time.perf_counter() - t_step)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             norm = current_norm()
             report.norm_curve.append((step + 1, norm))
