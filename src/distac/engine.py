@@ -344,6 +344,38 @@ def _offset(base: TensorSource, w: Work) -> int:
     return 0 if w.rows is None else w.rows[0] * _numel(base.shape(w.name)[1:])
 
 
+class _Batcher:
+    """Feed :class:`KthMagnitude` in batches of at least ``min_numel`` values per model.
+
+    Each ``add`` costs a 65 536-bin histogram whatever the input size, so the many small tensors
+    of a real model (norms, biases: hundreds of them) are gathered first. Histograms do not care
+    about order, so the thresholds are unchanged; the memory held is N × ``min_numel`` fp32.
+    """
+
+    def __init__(self, sel: KthMagnitude, n: int, min_numel: int = 1 << 20):
+        self.sel, self.min_numel = sel, min_numel
+        self.pending: list[list[Tensor]] = [[] for _ in range(n)]
+        self.count = 0
+
+    def add(self, x: Tensor) -> None:
+        if x[0].numel() >= self.min_numel:  # large pieces go straight in
+            for i in range(x.shape[0]):
+                self.sel.add(i, x[i].cpu())
+            return
+        for i in range(x.shape[0]):  # x may live in a reused buffer: keep copies
+            self.pending[i].append(x[i].reshape(-1).cpu().clone())
+        self.count += x[0].numel()
+        if self.count >= self.min_numel:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.count:
+            for i, parts in enumerate(self.pending):
+                self.sel.add(i, torch.cat(parts))
+                parts.clear()
+        self.count = 0
+
+
 def plan_merge(
     base: TensorSource,
     models: Sequence[TensorSource],
@@ -387,13 +419,14 @@ def plan_merge(
                 break
             it = iter(pieces) if progress is None else _with_progress(pieces, progress, f"pre-pass {pass_}/2")
             pool = BufferPool(2 if prefetch else 1, device)
+            batch = _Batcher(sel, len(models))
             for item in _stream(it, lambda w, pool=pool: _load(base, models, w, stats, device, pool),
                                 prefetch=prefetch, release=lambda x, pool=pool: pool.give(x.buffer)):
                 w = item.work
                 ctx = TensorContext(w.name, tuple(base.shape(w.name)), _offset(base, w), stats=item.stats)
                 x = pre.transform(item.base, item.deltas, ctx) if pre.transform else item.deltas
-                for i in range(len(models)):
-                    sel.add(i, x[i].cpu())
+                batch.add(x)
+            batch.flush()
             if pass_ == 1:
                 sel.next_pass()
         plan.thresholds = sel.result().to(device)
