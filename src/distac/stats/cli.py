@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -57,13 +58,16 @@ def _device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _batches(inputs: Any, batch_size: int, with_labels: bool) -> list[Any]:
+def _batches(inputs: Any, batch_size: int, n_examples: int | None, with_labels: bool) -> Iterator[Any]:
+    """Consecutive slices (views, no copies) of the first ``n_examples``, with labels when asked."""
     if batch_size < 1:
         raise DistacError(f"--batch-size must be >= 1, got {batch_size}")
-    xs = inputs.batches(batch_size)
-    if not with_labels:
-        return xs
-    return list(zip(xs, inputs.label_batches(batch_size), strict=True))
+    if with_labels and inputs.labels is None:
+        raise DistacError(f"{inputs.source}: no labels (give --label-column or --labels)")
+    stop = len(inputs) if n_examples is None else min(n_examples, len(inputs))
+    for i in range(0, stop, batch_size):
+        idx = slice(i, min(i + batch_size, stop))
+        yield (inputs.select(idx), inputs.labels[idx]) if with_labels else inputs.select(idx)
 
 
 @click.group("stats")
@@ -102,7 +106,7 @@ def fisher_cmd(model: str, data: str, out: str, estimator: str, scale: str, seed
     loaded, inputs = _load(model, data, factory=factory, num_labels=num_labels, need_labels=need, **data_kw)
     info: dict[str, Any] = {}
     f = fisher_diagonal(
-        loaded.module, _batches(inputs, batch_size, need), estimator=estimator, n_examples=n_examples,
+        loaded.module, _batches(inputs, batch_size, n_examples, need), estimator=estimator, n_examples=n_examples,
         scale=scale, seed=seed, device=_device(device), progress=True, info=info,
     )
     path = save_stats(
@@ -136,7 +140,7 @@ def gram_cmd(model: str, data: str, out: str, scale: str, factory: str | None, n
     loaded, inputs = _load(model, data, factory=factory, num_labels=num_labels, need_labels=False, **data_kw)
     info: dict[str, Any] = {}
     g = gram_matrices(
-        loaded.module, _batches(inputs, batch_size, False), n_examples=n_examples, scale=scale,
+        loaded.module, _batches(inputs, batch_size, n_examples, False), n_examples=n_examples, scale=scale,
         device=_device(device), progress=True, info=info,
     )
     path = save_stats(
