@@ -402,7 +402,10 @@ def _merge_into(cfg: MergeConfig, out: Path, base: Checkpoint, models: list[Chec
     if cfg.heads and not heads:
         raise DistacError(f"heads patterns {cfg.heads} match no tensor of {base.label}")
     layout = _layout(base, cfg.out_dtype)
-    in_bytes = (len(models) + 1) * sum(base.nbytes(k) for k in base.keys())
+    # what the engine will read: N+1 copies of each merged tensor, one (the base's) of the rest
+    head_set = set(heads)
+    in_bytes = sum(base.nbytes(k) * (len(models) + 1 if base.dtype(k).is_floating_point and k not in head_set else 1)
+                   for k in base.keys())
 
     def prepass_progress(names: Iterator[str], desc: str) -> Iterator[str]:
         return track(names, desc=desc, unit="piece", quiet=quiet)
