@@ -175,3 +175,11 @@ def test_parse_size(text, n):
 def test_parse_size_rejects(text):
     with pytest.raises(DistacError):
         parse_size(text)
+
+
+@pytest.mark.parametrize("form", ["sharded", "hf", "pt"])
+def test_tiny_checkpoints_fixture_reads_back(tiny_checkpoints, form):
+    base_path, paths, base, models = tiny_checkpoints(3, form=form)
+    _assert_same(open_checkpoint(base_path), base)
+    for p, m in zip(paths, models, strict=True):
+        _assert_same(open_checkpoint(p), m)
