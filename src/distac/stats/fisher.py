@@ -181,7 +181,8 @@ def fisher_diagonal(
             pairs, or dicts with a ``labels`` entry.
         estimator: ``"sampled"`` (default; one label drawn from the model per example, seeded:
             official UBGM), ``"exact"`` (expectation over all C classes, as C−1 vjps through a
-            factor of diag(p) − ppᵀ after one forward pass: official Matena & Raffel), ``"empirical"`` (true labels).
+            factor of diag(p) − ppᵀ after one forward pass: official Matena & Raffel) or
+            ``"empirical"`` (true labels).
         labels: true labels in data order, for ``"empirical"`` when the batches carry none.
         params: parameter names to include (default: every parameter with ``requires_grad``).
             Tied aliases (e.g. a tied LM head) get the same values under their own names.
