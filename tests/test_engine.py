@@ -213,3 +213,15 @@ def test_progress_helpers_count_and_stay_silent_off_a_terminal(capsys):
         bar.update(nbytes=40, items=1)
         assert bar.items == 2
     assert capsys.readouterr().err == ""  # pytest's stderr is not a TTY: no bar
+
+
+def test_in_memory_result_never_aliases_the_inputs():
+    base = tiny_state(0)
+    models = [finetuned(base, 1)]
+    out = distac.merge(base, models, "task_arithmetic", heads=["classifier.*"], device="cpu")
+    for k, v in out.items():
+        assert v.data_ptr() != base[k].data_ptr() and all(v.data_ptr() != m[k].data_ptr() for m in models), k
+    before = {k: v.clone() for k, v in base.items()}
+    for v in out.values():
+        v.zero_()
+    assert all(torch.equal(base[k], before[k]) for k in base)

@@ -573,7 +573,10 @@ def merge(
     dtypes = {k: v.dtype for k, v in base.items()}
 
     def sink(name: str, t: Tensor) -> None:
-        out[name] = t.to(device=base[name].device, dtype=dtypes[name])
+        r = t.to(device=base[name].device, dtype=dtypes[name])
+        # copied entries (heads, int buffers) arrive as the caller's own tensors: never hand them
+        # back, or an in-place edit of the result would change the input
+        out[name] = r.clone() if r is base[name] else r
 
     run_merge(
         DictSource(base, "base"),
