@@ -17,7 +17,8 @@ runner in the anchors venv) on the directories written by ``gen_checkpoints.py``
   benchmark's own files; ``drop_caches`` needs privileges we do not have), so reads are cold.
 * ``bound_s``: the I/O bound on this disk, ``in_bytes/R_read + out_bytes/R_write`` (one disk, no
   overlap: anchors.md §5.4), with R_read (cold sequential read of the base checkpoint) and R_write
-  (1 GiB written with ``fdatasync``) measured in the same session, before and after the runs.
+  (512 MiB of random bytes written with ``fdatasync``) measured right before each run: the disk is
+  shared with other users and its throughput moves by 3-4x within minutes.
 
 Usage::
 
@@ -35,7 +36,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import threading
@@ -318,20 +318,22 @@ def rss_target_mb(data: Data) -> float:
 
 # --- the suite ---------------------------------------------------------------------------------------------------
 def run_suite(data: Data, names: list[str], *, repeat: int, results: Path, scratch: Path, rss_cap_mb: float,
-              timeout_s: float, threads: int) -> None:
+              timeout_s: float, threads: int, disk_write_bytes: int = 512 * MB) -> None:
     scratch.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     inputs = [data.base, *data.models, *(data.fishers() if any(n.startswith("gm_") for n in names) else [])]
-    disk0 = disk_throughput(data, scratch)
-    print(f"disk: {disk0}", flush=True)
     rows = []
-    for rep in range(repeat):
+    seen: dict[str, int] = {}
+    for _ in range(repeat):
         for name in names:
+            rep = seen[name] = seen.get(name, -1) + 1  # a name listed twice (A/B/A) counts as two repetitions
             family, tool, build = RUNS[name]
             out = scratch / f"out-{name}"
             shutil.rmtree(out, ignore_errors=True)
             argv = build(data, out, scratch)
+            # the disk is shared: measure its throughput right before each run, so each run has its own bound
+            disk = disk_throughput(data, scratch, write_bytes=disk_write_bytes)
             evict(inputs)
             time.sleep(0.5)
             evict(inputs)  # a second call catches pages that were still on per-CPU LRU lists
@@ -340,19 +342,16 @@ def run_suite(data: Data, names: list[str], *, repeat: int, results: Path, scrat
                         timeout_s=timeout_s)
             row = {"run": name, "family": family, "tool": tool, "rep": rep, "n": data.n, "dtype": data.dtype,
                    "params": data.manifest["params"], "data": str(data.root), "cmd": " ".join(argv),
-                   "inputs_cached_mb": cached, **asdict(m)}
+                   "inputs_cached_mb": cached, **asdict(m),
+                   "disk_read_mb_s": disk["read_mb_s"], "disk_write_mb_s": disk["write_mb_s"],
+                   "bound_s": round(io_bound_s(data, disk), 2)}
+            row.update(rss_target_mb=round(rss_target_mb(data), 1), threads=threads,
+                       date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             rows.append(row)
             print(json.dumps(row), flush=True)
             shutil.rmtree(out, ignore_errors=True)
-    disk1 = disk_throughput(data, scratch)
-    print(f"disk: {disk1}", flush=True)
-    disk = {k: round(statistics.mean([disk0[k], disk1[k]]), 1) for k in disk0}
-    bound = io_bound_s(data, disk)
     with open(results, "a") as fh:
         for r in rows:
-            r.update(disk_read_mb_s=disk["read_mb_s"], disk_write_mb_s=disk["write_mb_s"], bound_s=round(bound, 2),
-                     rss_target_mb=round(rss_target_mb(data), 1), threads=threads,
-                     date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             fh.write(json.dumps(r) + "\n")
 
 
@@ -363,7 +362,8 @@ def main() -> None:
     r = sub.add_parser("run", help="run a suite, append JSON lines to --results")
     r.add_argument("--data", type=Path, required=True, help="a directory written by gen_checkpoints.py")
     r.add_argument("--n", type=int, default=2, help="use the first N fine-tunes")
-    r.add_argument("--runs", required=True, help="comma-separated run names (see `list`)")
+    r.add_argument("--runs", required=True,
+                   help="comma-separated run names (see `list`); a name may appear twice, e.g. A,B,A")
     r.add_argument("--repeat", type=int, default=1, help="interleaved repetitions (A/B/A/B...)")
     r.add_argument("--results", type=Path, required=True)
     r.add_argument("--scratch", type=Path, default=Path("/tmp/distac-bench/scratch"))
