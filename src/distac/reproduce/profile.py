@@ -58,7 +58,9 @@ class Profile:
     grid_linear: tuple[float, ...] = tuple(round(0.1 * i, 2) for i in range(1, 11))
     grid_spectral: tuple[float, ...] = tuple(round(0.25 * i, 2) for i in range(1, 13))
     # second experiment (gradient matching vs TA vs Fisher): the α sweep, evaluated on test
-    alpha_sweep: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.25, 1.5)
+    alpha_sweep: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.5)
+    # merge methods of the grid (None: every method of grid.METHOD_SPECS registered in distac.METHODS)
+    methods: tuple[str, ...] | None = None
 
     def manifest(self) -> dict[str, Any]:
         """The parts that determine the zoo's weights (for the cache manifest)."""
@@ -89,17 +91,20 @@ QUICK = replace(
     FULL,
     name="quick",
     vit=ViTConfig(dim=32, depth=2, heads=2),
-    n_pretrain=400,
-    n_train=256,
-    n_val=64,
-    n_test=96,
-    pretrain_steps=30,
-    ideal=Recipe(lr=1e-3, steps=20, batch=32, warmup=2),
-    long=Recipe(lr=8e-3, steps=40, batch=32, warmup=2),
-    smooth=Recipe(lr=1e-3, steps=20, batch=32, warmup=2, label_smoothing=0.6),
-    distac=DistacRecipe(steps=10, batch=32),
-    fisher_examples=32,
-    grid_linear=(0.3, 0.6, 1.0),
-    grid_spectral=(0.5, 1.5),
-    alpha_sweep=(0.3, 1.0),
+    n_pretrain=256,
+    n_train=192,
+    n_val=48,
+    n_test=64,
+    pretrain_steps=20,
+    pretrain_batch=32,
+    ideal=Recipe(lr=1e-3, steps=15, batch=32, warmup=2),
+    long=Recipe(lr=8e-3, steps=30, batch=32, warmup=2),
+    smooth=Recipe(lr=1e-3, steps=15, batch=32, warmup=2, label_smoothing=0.6),
+    distac=DistacRecipe(steps=5, batch=32),
+    fisher_examples=16,
+    grid_linear=(0.5, 1.0),
+    grid_spectral=(1.0, 2.0),
+    alpha_sweep=(0.5, 1.0),
+    # one method per code path of the grid: linear α, global pre-pass, spectral, Fisher, non-linear α
+    methods=("task_arithmetic", "ties", "tsv_m", "fisher", "gradient_matching"),
 )

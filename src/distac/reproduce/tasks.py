@@ -13,6 +13,7 @@ reported (the protocol of the DisTaC/TSV/TALL code, merge-methods.md §4).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -127,7 +128,7 @@ def make_tasks(
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     pre = Split(x[idx[:n_pretrain]], y[idx[:n_pretrain]])
     cuts = np.cumsum([n_pretrain, n_train, n_val, n_test])
-    parts = [idx[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    parts = [idx[a:b] for a, b in itertools.pairwise(cuts)]
     tasks = [
         TaskData(spec, *(Split(spec.transform(x[p]).contiguous(), spec.label(y[p])) for p in parts))
         for spec in TASKS

@@ -43,9 +43,9 @@ from .report import (
     write_text,
 )
 from .tasks import load_digits_5000, make_tasks
-from .zoo import SETTINGS, body_norms, build_or_load_zoo
+from .zoo import SETTINGS, Zoo, body_norms, build_or_load_zoo
 
-__all__ = ["SWEEP_METHODS", "run_vision"]
+__all__ = ["SWEEP_METHODS", "run_suite", "run_vision"]
 
 # the gradient-matching paper's comparison (merge-methods.md §1.5)
 SWEEP_METHODS = ("task_arithmetic", "fisher", "gradient_matching")
@@ -96,11 +96,43 @@ def run_vision(
     command: str = "distac reproduce",
 ) -> dict[str, Any]:
     """Run the whole vision suite and write ``out/`` (results.md, CSVs, PNGs, run.json)."""
+    bar = _bar(progress)
+
+    def zoo_for(seed: int) -> Zoo:
+        return build_or_load_zoo(profile, cache=cache, seed=seed, progress=bar, log=log)
+
+    def prior_data(zoo: Zoo) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = load_digits_5000()
+        pre, _ = make_tasks(x, y, n_pretrain=profile.n_pretrain, n_train=profile.n_train, n_val=profile.n_val,
+                            n_test=profile.n_test)
+        return pre.x, pre.y
+
+    return run_suite(profile, zoo_for, suite="vision", out=out, seeds=seeds, progress=progress, log=log,
+                     command=command, prior_data=prior_data)
+
+
+def run_suite(
+    profile: Profile,
+    zoo_for: Callable[[int], Zoo],
+    *,
+    suite: str,
+    out: Path,
+    seeds: int,
+    progress: bool,
+    log: Callable[[str], None],
+    command: str,
+    prior_data: Callable[[Zoo], tuple[torch.Tensor, torch.Tensor]] | None,
+) -> dict[str, Any]:
+    """Zoo per seed -> source sets -> grid -> α sweep -> ``out/`` (shared by the vision and text suites).
+
+    ``prior_data(zoo)`` gives the pre-training inputs and labels for gradient matching's H_0 (the
+    base's Fisher with its pre-training head); without it H_0 is the method's δ_0 prior only.
+    """
     t_start = time.perf_counter()
     machine = _machine()
     out.mkdir(parents=True, exist_ok=True)
     bar = _bar(progress)
-    specs = available_specs()
+    specs = available_specs(profile.methods)
     if not specs:
         raise RuntimeError("no merge method of the grid is registered in distac.METHODS")
     cells: list[CellResult] = []
@@ -112,7 +144,7 @@ def run_vision(
     labels_y: dict[str, torch.Tensor] = {}
     for seed in range(seeds):
         t0 = time.perf_counter()
-        zoo = build_or_load_zoo(profile, cache=cache, seed=seed, progress=bar, log=log)
+        zoo = zoo_for(seed)
         timings[f"seed{seed}_zoo_s"] = round(time.perf_counter() - t0, 1)
         names = task_names(zoo.tasks)
         labels_y = {td.spec.name: td.test.y for td in zoo.tasks}
@@ -126,11 +158,9 @@ def run_vision(
             fcache: dict[int, dict[str, torch.Tensor]] = {}
             for s in bar(sets, "fishers"):
                 add_fishers(s, zoo, evaluator, cache=fcache, progress=False)
-            if any(s.base_fisher for s in specs):
-                x, y = load_digits_5000()
-                pre, _ = make_tasks(x, y, n_pretrain=profile.n_pretrain, n_train=profile.n_train,
-                                    n_val=profile.n_val, n_test=profile.n_test)
-                bf = base_fisher(zoo, evaluator, pre.x, pre.y, progress=False)
+            if prior_data is not None and any(s.base_fisher for s in specs):
+                px, py = prior_data(zoo)
+                bf = base_fisher(zoo, evaluator, px, py, progress=False)
         timings[f"seed{seed}_fisher_s"] = round(time.perf_counter() - t0, 1)
         if seed == 0:
             seed0_sources = [(s, own_accuracy(evaluator, s)) for s in sets]
@@ -147,6 +177,7 @@ def run_vision(
                 alpha_sweep(evaluator, spec, ideal, profile.alpha_sweep, base=zoo.base, base_fisher=bf)
             )
         timings[f"seed{seed}_sweep_s"] = round(time.perf_counter() - t0, 1)
+        log(f"{suite}: seed {seed} done, timings {timings}")
     wall = time.perf_counter() - t_start
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     machine["loadavg_1m_at_end"] = round(load[0], 2)
@@ -154,7 +185,7 @@ def run_vision(
     labels = list(dict.fromkeys(c.label for c in cells))
     tgt = targets(cells, sweeps)
     meta = {
-        "suite": "vision",
+        "suite": suite,
         "profile": profile.name,
         "command": command,
         "date_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -186,7 +217,7 @@ def _markdown(
 ) -> str:
     m = meta["machine"]
     parts = [
-        f"# distac reproduce: vision suite ({meta['profile']} profile)",
+        f"# distac reproduce: {meta['suite']} suite ({meta['profile']} profile)",
         "",
         f"* command: `{meta['command']}`",
         f"* date: {meta['date_utc']}; wall time: {meta['wall_time_s']:.0f} s; seeds: {meta['seeds']}",
@@ -200,7 +231,8 @@ def _markdown(
         headline_table(cells, labels),
         "",
         "Normalised accuracy divides by each task's *ideal* fine-tuned test accuracy in every column. "
-        "Naive rescaling under low confidence is κ = 1, i.e. the raw models, so it has no column.",
+        "Naive rescaling under low confidence is κ = 1, i.e. the raw models, so it has no column. "
+        "± is the sd over seeds.",
         "",
         "## Targets",
         "",

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import DistacError
 from .profile import Profile
@@ -66,15 +66,17 @@ class Zoo:
     models: dict[str, StateDict]  # "<task>__<recipe>" -> θ_t
     own_acc: dict[str, float]  # "<task>__<recipe>" -> test accuracy of θ_t on its own task
     path: Path
+    # builds an empty model of the zoo's architecture (default: the profile's TinyViT)
+    factory: Callable[[], nn.Module] | None = None
 
     def setting(self, setting: str) -> list[StateDict]:
         """The 8 fine-tuned state dicts of one setting, in task order."""
         rec = setting_recipes(self.profile, setting)
         return [self.models[f"{td.spec.name}__{rec[td.spec.name][0]}"] for td in self.tasks]
 
-    def model(self) -> TinyViT:
-        """A fresh :class:`TinyViT` with this zoo's architecture and heads (weights: θ_0)."""
-        m = TinyViT(self.profile.vit, _head_sizes(self.tasks))
+    def model(self) -> Any:
+        """A fresh model with this zoo's architecture and heads (weights: θ_0)."""
+        m = self.factory() if self.factory is not None else TinyViT(self.profile.vit, _head_sizes(self.tasks))
         m.load_state_dict(self.base)
         return m
 
@@ -159,8 +161,8 @@ def _build(
     x, y = load_digits_5000()
     pre, _ = make_tasks(x, y, n_pretrain=profile.n_pretrain, n_train=profile.n_train, n_val=profile.n_val,
                         n_test=profile.n_test)
-    body = pretrain(profile.vit, pre, steps=profile.pretrain_steps, lr=profile.pretrain_lr, batch=profile.pretrain_batch,
-                    seed=1000 + seed,
+    body = pretrain(profile.vit, pre, steps=profile.pretrain_steps, lr=profile.pretrain_lr,
+                    batch=profile.pretrain_batch, seed=1000 + seed,
                     progress=progress)
     model = TinyViT(profile.vit, _head_sizes(tasks))
     model.load_state_dict(body, strict=False)

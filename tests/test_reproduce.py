@@ -1,0 +1,119 @@
+"""distac reproduce: the quick vision profile end to end, plus the grid's pure pieces."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import distac
+from distac.reproduce.grid import METHOD_SPECS, Evaluator, SourceSet, kappas, merge_fn, select_alpha
+from distac.reproduce.profile import QUICK
+from distac.reproduce.tasks import TASKS, make_tasks
+from distac.reproduce.vit import TinyViT, ViTConfig
+from distac.reproduce.zoo import build_or_load_zoo
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _silent(it, _desc):
+    return it
+
+
+def test_kappa_shrinks_long_vectors_to_the_mean_of_the_others():
+    k = kappas([1.0, 1.0, 6.0], ["a", "b", "c"], ["c"], "norm")
+    assert k == {"c": pytest.approx(1 / 6)}
+    assert kappas([1.0, 1.0, 6.0], ["a", "b", "c"], ["c"], "conf") == {"c": 1.0}
+
+
+class _FakeEval:
+    """select_alpha only needs accuracy() and normalised(); scores follow a fixed curve."""
+
+    def __init__(self, curve):
+        self.curve = curve
+        self.calls = []
+
+    def accuracy(self, state, heads_from, split):
+        self.calls.append(state)
+        return [self.curve[state]]
+
+    def normalised(self, acc, split):
+        return acc
+
+
+def test_select_alpha_picks_the_best_and_stops_after_patience():
+    curve = {0.1: 0.5, 0.2: 0.8, 0.3: 0.7, 0.4: 0.6, 0.5: 0.55, 0.6: 0.99}
+    ev = _FakeEval(curve)
+    a, searched = select_alpha(ev, lambda x: x, [], sorted(curve), patience=3)
+    assert a == 0.2
+    assert ev.calls == [0.1, 0.2, 0.3, 0.4, 0.5]  # 0.6 is never tried: 3 values without a gain
+    assert [s for _, s in searched] == [0.5, 0.8, 0.7, 0.6, 0.55]
+
+
+def test_linear_merge_interpolation_matches_a_direct_merge():
+    torch.manual_seed(0)
+    m = TinyViT(ViTConfig(dim=16, depth=1, heads=2), {"a": 3, "b": 2})
+    base = {k: v.clone() for k, v in m.state_dict().items()}
+    models = [{k: v + 0.01 * torch.randn_like(v) for k, v in base.items()} for _ in range(2)]
+    sources = SourceSet("ideal", "raw", models, [], [1.0, 1.0])
+    for spec in METHOD_SPECS:
+        if spec.method not in ("task_arithmetic", "ties", "tsv_m") or spec.method not in distac.METHODS:
+            continue
+        at = merge_fn(spec, base, sources, None)
+        direct = distac.merge(base, models, spec.method, heads=["heads.*"], scale=0.3, **spec.params)
+        for k in base:
+            torch.testing.assert_close(at(0.3)[k], direct[k], rtol=1e-5, atol=1e-6)
+
+
+def test_tasks_are_distinct_and_splits_disjoint():
+    x = torch.rand(100, 28, 28)
+    y = torch.arange(100) % 10
+    pre, tasks = make_tasks(x, y, n_pretrain=40, n_train=30, n_val=10, n_test=20)
+    assert len(tasks) == len(TASKS) == 8 and len(pre.x) == 40
+    assert all(len(t.train.x) == 30 and len(t.val.x) == 10 and len(t.test.x) == 20 for t in tasks)
+    assert len({t.spec.name for t in tasks}) == 8
+    # same source images, different transforms: no two tasks see identical training inputs
+    flat = [t.train.x.flatten() for t in tasks]
+    assert all(not torch.equal(flat[i], flat[j]) for i in range(8) for j in range(i + 1, 8))
+    with pytest.raises(distac.DistacError, match="need"):
+        make_tasks(x, y, n_pretrain=90, n_train=30, n_val=10, n_test=20)
+
+
+def test_quick_profile_end_to_end(tmp_path):
+    from distac.cli import cli
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = ["reproduce", "--quick", "--out", str(out), "--cache", str(cache), "--no-progress"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert "zoo: built" in res.output
+    md = (out / "results.md").read_text()
+    for needle in ("## Mean test accuracy", "## Targets", "## ECE", "TA", "+ DisTaC", "wall time"):
+        assert needle in md
+    for png in ("headline.png", "norms.png", "reliability.png", "alpha.png"):
+        assert (out / png).stat().st_size > 1000, png
+    rows = list(csv.DictReader((out / "cells.csv").open()))
+    methods = {r["method"] for r in rows}
+    assert methods == {s.method for s in METHOD_SPECS if s.method in distac.METHODS and s.method in QUICK.methods}
+    # 6 source sets (ideal/norm/conf raw, norm rescaled, norm/conf DisTaC) × methods × (8 tasks + mean)
+    assert len(rows) == 6 * len(methods) * 9
+    for r in rows:
+        assert 0.0 <= float(r["test_acc"]) <= 1.0 and float(r["ece_before"]) >= 0.0
+    run = json.loads((out / "run.json").read_text())
+    assert run["profile"] == "quick" and run["wall_time_s"] > 0 and run["targets"]
+
+    manifest = json.loads((cache / "quick" / "seed0" / "manifest.json").read_text())
+    assert manifest["seed"] == 0 and len(manifest["own_test_accuracy"]) == len(manifest["models"])
+    # a second load comes from the cache; a changed recipe makes it stale and rebuilds
+    logs: list[str] = []
+    zoo = build_or_load_zoo(QUICK, cache=cache, progress=_silent, log=logs.append)
+    assert logs == [f"zoo: loaded {len(manifest['models'])} models from {cache / 'quick' / 'seed0'}"]
+    assert torch.equal(zoo.base["patch.weight"], Evaluator(zoo).model.state_dict()["patch.weight"])
+    stale = replace(QUICK, pretrain_steps=QUICK.pretrain_steps + 1)
+    logs.clear()
+    build_or_load_zoo(stale, cache=cache, progress=_silent, log=logs.append)
+    assert any("stale" in m for m in logs) and logs[-1].startswith("zoo: built")
