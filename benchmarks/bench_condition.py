@@ -85,6 +85,14 @@ def condition_step_seconds(model: nn.Module, base: dict, ft: dict, x: torch.Tens
     return res.report.step_seconds
 
 
+def _cpu_per_step(run, n: int) -> float:
+    t0 = time.process_time()
+    run(n)
+    t1 = time.process_time()
+    run(2 * n)
+    return ((time.process_time() - t1) - (t1 - t0)) / n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=["mlp", "vit-tiny", "vit-b32"], default="vit-tiny")
@@ -104,11 +112,16 @@ def main() -> None:
     ft = {k: (v + 0.01 * torch.randn_like(v)) if v.is_floating_point() else v.clone() for k, v in base.items()}
 
     # interleaved blocks; the median over all steps (after each block's first) resists a shared, noisy machine
-    ft_times, cd_times = [], []
+    ft_times, cd_times, ft_cpu, cd_cpu = [], [], [], []
     for _ in range(a.repeats):
         ft_times += finetune_step_seconds(model, x, y, a.steps + 1, a.batch)[1:]
         cd_times += condition_step_seconds(model, base, ft, x, a.steps + 1, a.batch)[1:]
+        # CPU time (one thread) does not count waiting for a busy core: a second, steadier view.
+        # Per step = (CPU of 2n steps − CPU of n steps) / n, so set-up and evaluation cancel.
+        ft_cpu.append(_cpu_per_step(lambda k: finetune_step_seconds(model, x, y, k, a.batch), a.steps))
+        cd_cpu.append(_cpu_per_step(lambda k: condition_step_seconds(model, base, ft, x, k, a.batch), a.steps))
     ft_step, cd_step = statistics.median(ft_times), statistics.median(cd_times)
+    cpu_ratio = statistics.median(cd_cpu) / statistics.median(ft_cpu)
     ratio = cd_step / ft_step
     rows = {}
     for name, size in DATASETS.items():
@@ -126,6 +139,8 @@ def main() -> None:
         "finetune_step_s": ft_step,
         "condition_step_s": cd_step,
         "step_ratio": ratio,
+        "cpu_time_per_step_s": {"finetune": statistics.median(ft_cpu), "condition": statistics.median(cd_cpu)},
+        "cpu_step_ratio": cpu_ratio,
         "steps_timed": len(ft_times),
         "quartiles_s": {"finetune": statistics.quantiles(ft_times, n=4),
                         "condition": statistics.quantiles(cd_times, n=4)},

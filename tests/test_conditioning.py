@@ -288,3 +288,7 @@ def test_cli_bad_input_writes_nothing(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         main([*base, "--data", "long=xtr.npy", "--kappa", "0"])
     assert e.value.code == 2 and not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--data", "long=xtr.npy"])
+    assert e.value.code == 2 and "already exists" in capsys.readouterr().err

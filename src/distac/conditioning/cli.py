@@ -125,6 +125,7 @@ def diagnose_command(base, arch, arch_kwargs, models, data, labels, column, labe
     from ..io import atomic_output_dir
     from .diagnose import Thresholds, diagnose
 
+    _check_out(out, overwrite)
     loaded, finetuned, _, inputs = _setup(base, arch, arch_kwargs, models, heads, False, data, labels, column,
                                           label_column, False, max_length)
     with_labels = {n: x for n, x in inputs.items() if x.labels is not None}
@@ -170,6 +171,7 @@ def condition_command(base, arch, arch_kwargs, models, data, labels, column, lab
     from .diagnose import diagnose
     from .distill import _make_accelerator, condition_with_report
 
+    _check_out(out, overwrite)  # before a long run, not after it
     loaded, finetuned, paths, inputs = _setup(base, arch, arch_kwargs, models, heads, True, data, labels, column,
                                               label_column, False, max_length)
     chosen = list(tasks)
@@ -214,6 +216,11 @@ def condition_command(base, arch, arch_kwargs, models, data, labels, column, lab
     if not results:
         click.echo("nothing flagged: no task conditioned (use --task and --mode to force one)")
     click.echo(f"wrote {out}")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise DistacError(f"{out}: output directory already exists; pass --overwrite to replace it")
 
 
 def _pct(x: float | None) -> str:
