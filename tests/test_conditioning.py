@@ -196,6 +196,9 @@ def test_architecture_mismatch_and_empty_data():
                          device="cpu")
     with pytest.raises(DistacError, match="empty"):
         distac.condition(make_mlp(), z["base"], z["long"], [], mode="norm", kappa=0.5, steps=2, device="cpu")
+    with pytest.raises(DistacError, match="data of task 'long' does not fit the model"):
+        distac.condition(make_mlp(), z["base"], {"long": z["long"]}, xtr[:, :60], task="long", mode="norm",
+                         kappa=0.5, steps=2, device="cpu")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..data import Inputs, iter_batches
+from ..data import Inputs, check_fits, iter_batches
 from ..errors import DistacError
 from ..models import Batch, check_head_patterns, default_head_patterns
 from ..taskvector import TaskVector, check_compatible, split_heads
@@ -69,3 +69,16 @@ def label_tensor(labels: Any, what: str) -> Tensor:
 def check_positive(name: str, value: float | None) -> None:
     if value is not None and not value > 0:
         raise DistacError(f"{name} must be > 0, got {value}")
+
+
+def check_data_fits(model: nn.Module, data: Any, what: str) -> None:
+    """Run two examples of ``data`` through ``model`` before a long job (names ``what`` on a mismatch)."""
+    if isinstance(data, Inputs):
+        inputs = data
+    else:
+        first = next(iter(data), None) if not isinstance(data, Tensor) else data
+        if first is None:
+            raise DistacError(f"{what}: the dataset is empty")
+        inputs = Inputs(first, source=what) if not isinstance(first, Inputs) else first
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    check_fits(model, inputs, device=device)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..errors import DistacError
 from ..evaluate import accuracy, collect_logits, confidence_stats, ece
 from ._common import (
+    check_data_fits,
     check_model_state,
     eval_batches,
     label_tensor,
@@ -236,6 +237,7 @@ def diagnose(
         ratio = norms[n] / others_mean if others_mean else None
         t = TaskDiagnosis(n, norms[n], ratio, vectors[n].norms())
         if data is not None and n in data:
+            check_data_fits(model, data[n], f"data of task '{n}'")
             state = {k: v.to(dev) for k, v in finetuned[n].items()}
             logits = collect_logits(
                 model, eval_batches(data[n], batch_size, f"data of task '{n}'"), state=state, device=dev,

@@ -53,7 +53,14 @@ from ..errors import DistacError
 from ..evaluate import confidence_stats
 from ..models import Batch, batch_to, forward_logits
 from ..models import batch_size as _batch_len
-from ._common import check_model_state, check_positive, resolve_device, resolve_heads, shared_vector
+from ._common import (
+    check_data_fits,
+    check_model_state,
+    check_positive,
+    resolve_device,
+    resolve_heads,
+    shared_vector,
+)
 from .diagnose import CONFIDENCE_TEMPS, NORM_TEMPS, Thresholds, diagnose, recommend, write_text_atomic
 
 __all__ = [
@@ -245,6 +252,7 @@ def condition_with_report(
         )
     check_model_state(model, base)
     patterns = resolve_heads(model, base, heads)
+    check_data_fits(model, task_data, f"data of task '{name}'")
     tau = shared_vector(base, ft, patterns, f"fine-tuned model '{name}'")
     norm_before = tau.norm()
     if norm_before == 0:
@@ -444,7 +452,7 @@ def _select_data(data: Any, name: str, ft_map: Mapping[str, Any]) -> Any:
             raise DistacError(f"no data for task '{name}' (data given for {list(data)})")
         data = data[name]
     if isinstance(data, Tensor) or _is_state_dict(data):
-        data = Inputs(data)
+        data = Inputs(data, source=f"data of task '{name}'")
     return data
 
 
