@@ -179,3 +179,29 @@ def test_labels_files(tmp_path):
     (tmp_path / "bad.txt").write_text("cat\n")
     with pytest.raises(DistacError, match="integer class ids"):
         load_labels(tmp_path / "bad.txt")
+
+
+def test_condition_cli_on_a_hugging_face_classifier(bert_dir, tmp_path, monkeypatch):
+    """Text through the model's own tokenizer; the conditioned model comes back as an HF directory."""
+    from distac.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    m = load_model(bert_dir)
+    g = torch.Generator().manual_seed(0)
+    ft = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in m.state.items()}
+    save_state_like(ft, tmp_path / "ft", m)
+    (tmp_path / "train.csv").write_text("text\n" + "".join(f"{a} {b} was {c}\n" for a, b, c in
+                                                            zip(WORDS, WORDS[3:] + WORDS[:3], WORDS[::-1],
+                                                                strict=True)))
+    try:
+        main(["condition", "--base", str(bert_dir), "--model", "sst=ft", "--data", "sst=train.csv", "--mode", "norm",
+              "--kappa", "0.5", "--steps", "3", "--batch-size", "4", "--out", "cond", "-q", "--device", "cpu"])
+    except SystemExit as e:
+        assert e.code in (0, None)
+    out = load_model(tmp_path / "cond" / "sst")
+    assert out.kind == "hf" and out.tokenizer is not None
+    report = json.loads((tmp_path / "cond" / "sst.report.json").read_text())
+    assert report["kappa"] == 0.5 and report["steps_done"] == 3
+    # the head (classifier.*) is frozen; the body moved towards θ_0 + κτ
+    assert torch.allclose(out.state["classifier.weight"], ft["classifier.weight"])
+    assert report["norm_after"] < 0.75 * report["norm_before"]
