@@ -6,6 +6,8 @@ runner in the anchors venv) on the directories written by ``gen_checkpoints.py``
 * ``wall_s``: wall time of the process, from spawn to exit (what a user waits for). The output is
   then still partly in the page cache; ``flush_s`` is the time ``fdatasync`` of the output files
   takes after the exit, and ``durable_s = wall_s + flush_s`` is comparable to the I/O bound.
+* ``cpu_s``: user + system CPU seconds of the process tree (``wait4``); ``cpu_s / wall_s`` near
+  the number of free cores means the run is compute-bound.
 * ``peak_rss_mb``: the peak of the RSS summed over the process tree, sampled every 50 ms with
   psutil; ``maxrss_mb`` is ``ru_maxrss`` from ``wait4`` (largest single process, exact peak).
   RSS counts file pages mapped by safetensors' mmap as well as anonymous memory.
@@ -216,6 +218,7 @@ def fsync_tree(root: Path) -> float:
 @dataclass
 class Measured:
     wall_s: float
+    cpu_s: float
     flush_s: float
     peak_rss_mb: float
     maxrss_mb: float
@@ -268,7 +271,7 @@ def measure(argv: list[str], *, log: Path, env: dict[str, str], rss_cap_mb: floa
     io1 = _self_io()
     flush = fsync_tree(out) if out.exists() and proc.returncode == 0 else 0.0
     return Measured(
-        wall_s=round(wall, 2), flush_s=round(flush, 2), peak_rss_mb=round(peak, 1),
+        wall_s=round(wall, 2), cpu_s=round(ru.ru_utime + ru.ru_stime, 2), flush_s=round(flush, 2), peak_rss_mb=round(peak, 1),
         maxrss_mb=round(ru.ru_maxrss / 1024, 1),
         read_mb=round((io1["read_bytes"] - io0["read_bytes"]) / MB, 1),
         write_mb=round((io1["write_bytes"] - io0["write_bytes"]) / MB, 1),
@@ -342,7 +345,8 @@ def run_suite(data: Data, names: list[str], *, repeat: int, results: Path, scrat
                         timeout_s=timeout_s)
             row = {"run": name, "family": family, "tool": tool, "rep": rep, "n": data.n, "dtype": data.dtype,
                    "params": data.manifest["params"], "data": str(data.root), "cmd": " ".join(argv),
-                   "inputs_cached_mb": cached, **asdict(m),
+                   "inputs_cached_mb": cached,
+                   "inputs_mb": round(sum(f.stat().st_size for f in _files(inputs)) / MB, 1), **asdict(m),
                    "disk_read_mb_s": disk["read_mb_s"], "disk_write_mb_s": disk["write_mb_s"],
                    "bound_s": round(io_bound_s(data, disk), 2)}
             row.update(rss_target_mb=round(rss_target_mb(data), 1), threads=threads,
