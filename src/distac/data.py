@@ -148,6 +148,7 @@ class _Raw:
     values: list[Any] | np.ndarray
     labels: Sequence[Any] | np.ndarray | None
     kind: str  # "text", "image" or "array"
+    files: list[Path] | None = None  # image files, to name the culprit on a size mismatch
 
 
 def load_inputs(
@@ -275,9 +276,7 @@ def _read_image_folder(p: Path, **_: Any) -> _Raw:
     if classes and all(f.parent != p for f in files):
         index = {c: i for i, c in enumerate(classes)}
         labels = [index[f.parent.relative_to(p).parts[0]] for f in files]
-    raw = _Raw(images, labels, "image")
-    raw.files = files  # type: ignore[attr-defined]  # to name the culprit on a size mismatch
-    return raw
+    return _Raw(images, labels, "image", files)
 
 
 def _read_hf_dataset(p: Path, *, column: str | None, label_column: str | None, split: str | None, **_: Any) -> _Raw:
@@ -341,7 +340,7 @@ def _to_tensors(
             return image_processor(list(raw.values), return_tensors="pt")["pixel_values"]
         arrays = [np.asarray(im, dtype=np.float32) / 255.0 for im in raw.values]
         shape = arrays[0].shape
-        files = getattr(raw, "files", None)
+        files = raw.files
         for i, a in enumerate(arrays):
             if a.shape != shape:
                 name = files[i] if files else f"image {i}"

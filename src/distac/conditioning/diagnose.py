@@ -123,7 +123,10 @@ class DiagnoseReport:
                 ",".join(t.flags) or "-", f"{t.kappa:.3g}", f"{t.t_teacher:g}", f"{t.t_student:g}",
             ])
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-        line = lambda r: "  ".join(s.ljust(w) for s, w in zip(r, widths, strict=True))  # noqa: E731
+
+        def line(r: list[str]) -> str:
+            return "  ".join(s.ljust(w) for s, w in zip(r, widths, strict=True))
+
         return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
     def figure(self, path: str | Path) -> Path:

@@ -456,7 +456,19 @@ def _select_data(data: Any, name: str, ft_map: Mapping[str, Any]) -> Any:
     return data
 
 
-def _auto_mode(model, base, ft_map, name, task_data, patterns, target_norm, others_mean, norm, thresholds, device):
+def _auto_mode(
+    model: nn.Module,
+    base: Mapping[str, Tensor],
+    ft_map: Mapping[str, Mapping[str, Tensor]],
+    name: str,
+    task_data: Any,
+    patterns: list[str],
+    target_norm: float | None,
+    others_mean: float | None,
+    norm: float,
+    thresholds: Thresholds | None,
+    device: torch.device | str | None,
+) -> str:
     """``auto``: diagnose the task (confidence on its data, norm against the others or ``target_norm``)."""
     th = thresholds or Thresholds()
     rep = diagnose(model, base, ft_map, {name: task_data if isinstance(task_data, Inputs) else list(task_data)},
@@ -519,7 +531,17 @@ def _agreement(model: nn.Module, batches: list[Batch], teacher_logits: Tensor, d
     return float((_logits(model, batches, dev).argmax(-1) == teacher_logits.argmax(-1)).float().mean())
 
 
-def _save_checkpoint(path: Path, fingerprint, step, names, params, optimizer, scheduler, report) -> None:
+def _save_checkpoint(
+    path: Path,
+    fingerprint: dict[str, Any],
+    step: int,
+    names: list[str],
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    report: ConditionReport,
+) -> None:
+    """Write the resumable state (temporary file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save({
@@ -534,7 +556,16 @@ def _save_checkpoint(path: Path, fingerprint, step, names, params, optimizer, sc
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, fingerprint, names, params, optimizer, scheduler, report) -> int:
+def _load_checkpoint(
+    path: Path,
+    fingerprint: dict[str, Any],
+    names: list[str],
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    report: ConditionReport,
+) -> int:
+    """Restore a saved state into the live parameters/optimizer/scheduler; return the step to continue from."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
