@@ -271,7 +271,8 @@ def measure(argv: list[str], *, log: Path, env: dict[str, str], rss_cap_mb: floa
     io1 = _self_io()
     flush = fsync_tree(out) if out.exists() and proc.returncode == 0 else 0.0
     return Measured(
-        wall_s=round(wall, 2), cpu_s=round(ru.ru_utime + ru.ru_stime, 2), flush_s=round(flush, 2), peak_rss_mb=round(peak, 1),
+        wall_s=round(wall, 2), cpu_s=round(ru.ru_utime + ru.ru_stime, 2), flush_s=round(flush, 2),
+        peak_rss_mb=round(peak, 1),
         maxrss_mb=round(ru.ru_maxrss / 1024, 1),
         read_mb=round((io1["read_bytes"] - io0["read_bytes"]) / MB, 1),
         write_mb=round((io1["write_bytes"] - io0["write_bytes"]) / MB, 1),
