@@ -178,15 +178,20 @@ def condition_command(base, arch, arch_kwargs, models, data, labels, column, lab
     for t in chosen:
         if t not in finetuned:
             raise DistacError(f"--task '{t}' is not one of the --model names {list(finetuned)}")
-    if not chosen:
-        if len(finetuned) == 1:
-            chosen = list(finetuned)
-        elif mode == "auto":
-            rep = diagnose(loaded.module, loaded.state, finetuned, inputs, heads=loaded.head_patterns,
-                           batch_size=batch_size, max_batches=8, device=device)
-            chosen = rep.flagged
-        else:
+    modes = dict.fromkeys(chosen or finetuned, mode)
+    if mode == "auto":
+        # one diagnosis over every task and its data, so each task is judged against all the others
+        rep = diagnose(loaded.module, loaded.state, finetuned, inputs, heads=loaded.head_patterns,
+                       batch_size=batch_size, max_batches=8, device=device)
+        modes = {t: rep[t].mode for t in (chosen or rep.flagged)}
+        for t in [t for t, m in modes.items() if m == "none"]:
+            click.echo(f"{t}: nothing flagged, not conditioned", err=True)
+            del modes[t]
+        chosen = list(modes)
+    elif not chosen:
+        if len(finetuned) != 1:
             raise DistacError(f"several models given; say which to condition with --task ({list(finetuned)})")
+        chosen = list(finetuned)
     missing = [t for t in chosen if t not in inputs]
     if missing:
         raise DistacError(f"no --data for task(s) {missing}: conditioning needs each task's unlabeled inputs")
@@ -194,7 +199,8 @@ def condition_command(base, arch, arch_kwargs, models, data, labels, column, lab
     results = {}
     for t in chosen:
         results[t] = condition_with_report(
-            loaded.module, loaded.state, finetuned, inputs, task=t, mode=mode, kappa=kappa, target_norm=target_norm,
+            loaded.module, loaded.state, finetuned, inputs, task=t, mode=modes[t], kappa=kappa,
+            target_norm=target_norm,
             t_teacher=t_teacher, t_student=t_student, beta=beta, steps=steps, lr=lr, batch_size=batch_size,
             warmup=warmup, seed=seed, heads=loaded.head_patterns,
             state_dir=(state_dir / t) if state_dir is not None else None, save_every=save_every,

@@ -264,8 +264,8 @@ def condition_with_report(
 
     # ---- settings from the mode ---------------------------------------------------------------
     if mode == "auto":
-        mode = _auto_mode(model, base, ft_map or {name: ft}, name, task_data, patterns, target_norm,
-                          others_mean, norm_before, thresholds, device)
+        mode = _auto_mode(model, base, ft_map or {name: ft}, name, _auto_data(data, name, task_data, ft_map),
+                          patterns, target_norm, others_mean, norm_before, thresholds, device)
     target = target_norm if target_norm is not None else others_mean
     if mode in ("norm", "both"):
         if kappa is None:
@@ -461,7 +461,7 @@ def _auto_mode(
     base: Mapping[str, Tensor],
     ft_map: Mapping[str, Mapping[str, Tensor]],
     name: str,
-    task_data: Any,
+    auto_data: dict[str, Any],
     patterns: list[str],
     target_norm: float | None,
     others_mean: float | None,
@@ -469,14 +469,24 @@ def _auto_mode(
     thresholds: Thresholds | None,
     device: torch.device | str | None,
 ) -> str:
-    """``auto``: diagnose the task (confidence on its data, norm against the others or ``target_norm``)."""
+    """``auto``: diagnose the task (confidence on the data given, relative to the other tasks' when their data is
+    given too; norm against ``target_norm`` or the other tasks' mean), as :func:`diagnose` would flag it.
+    """
     th = thresholds or Thresholds()
-    rep = diagnose(model, base, ft_map, {name: task_data if isinstance(task_data, Inputs) else list(task_data)},
-                   heads=patterns, thresholds=th, max_batches=8, device=device)
+    rep = diagnose(model, base, ft_map, auto_data, heads=patterns, thresholds=th, max_batches=8, device=device)
     ref = target_norm if target_norm is not None else others_mean
     outlier = ref is not None and norm / ref >= th.norm_ratio
     low = "low_confidence" in rep[name].flags
     return recommend(norm=norm, others_mean=ref, norm_outlier=outlier, low_confidence=low)[0]
+
+
+def _auto_data(data: Any, name: str, task_data: Any, ft_map: Mapping[str, Any]) -> dict[str, Any]:
+    """Data for ``auto``'s diagnosis: every task's when ``data`` maps tasks to inputs, else this task's."""
+    own = task_data if isinstance(task_data, Inputs) else list(task_data)
+    if not (isinstance(data, Mapping) and not _is_state_dict(data)):
+        return {name: own}
+    out = {n: _select_data(data, n, ft_map) for n in data if n in ft_map and n != name}
+    return {**{n: d if isinstance(d, Inputs) else list(d) for n, d in out.items()}, name: own}
 
 
 def _make_accelerator(device: torch.device | str | None):
