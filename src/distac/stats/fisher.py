@@ -316,8 +316,13 @@ def _run_batch(
                         out[k] = out[k] + v if k in out else v
                 return out, m
             xm = _additive_mask(x) if m == "vmap-4d-mask" else x
-            sq = vmap(one, chunk_size=chunk)(xm, y, u)
-            return {k: v.sum(0) for k, v in sq.items()}, m
+            # chunks summed as they come: vmap's own chunk_size would concatenate all (B, *S) outputs
+            acc: dict[str, Tensor] = {}
+            for i in range(0, y.shape[0], chunk):
+                part = {k: v[i : i + chunk] for k, v in xm.items()} if isinstance(xm, Mapping) else xm[i : i + chunk]
+                for k, v in vmap(one)(part, y[i : i + chunk], u[i : i + chunk]).items():
+                    acc[k] = acc[k] + v.sum(0) if k in acc else v.sum(0)
+            return acc, m
         except _Unsupported:
             continue
         except RuntimeError as e:
