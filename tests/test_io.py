@@ -183,3 +183,11 @@ def test_tiny_checkpoints_fixture_reads_back(tiny_checkpoints, form):
     _assert_same(open_checkpoint(base_path), base)
     for p, m in zip(paths, models, strict=True):
         _assert_same(open_checkpoint(p), m)
+
+
+def test_trainer_folder_pickles_are_not_taken_for_weights(tmp_path):
+    state = tiny_state(1)
+    folder = write_checkpoint(state, tmp_path / "run", form="hf_bin")
+    torch.save({"lr": 1.0, "obj": _Custom()}, folder / "training_args.bin")
+    torch.save({"state": {}}, folder / "optimizer.pt")
+    _assert_same(open_checkpoint(folder), state)

@@ -34,6 +34,7 @@ from .formats import TensorEntry, read_header
 __all__ = ["Checkpoint", "SafetensorsFile", "TorchFile", "open_checkpoint", "resolve_weight_files"]
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+_NOT_WEIGHTS = ("training_args", "optimizer", "scheduler", "rng_state", "scaler")
 
 
 class SafetensorsFile:
@@ -204,8 +205,10 @@ def resolve_weight_files(path: str | Path) -> list[Path]:
         raise DistacError(f"{p}: no such file or directory")
     if p.is_file():
         return _files_from_index(p) if p.name.endswith(".json") else [p]
-    for pattern in ("*.safetensors.index.json", "*.safetensors", "*.bin.index.json", "*.bin", "*.pt", "*.pth"):
-        found = sorted(p.glob(pattern))
+    for pattern in ("*.safetensors.index.json", "*.safetensors", "*.bin.index.json", "pytorch_model*.bin", "*.bin",
+                    "*.pt", "*.pth"):
+        # Trainer output folders also hold pickles that are not weights (training_args.bin, optimizer.pt)
+        found = sorted(f for f in p.glob(pattern) if not f.name.startswith(_NOT_WEIGHTS))
         if found:
             if pattern.endswith(".index.json"):
                 if len(found) > 1:
