@@ -345,3 +345,20 @@ def test_export_task_models_needs_heads(project, capsys):
     out = distac.merge_checkpoints(write_cfg(root, cfg), root / "plain", quiet=True)
     with pytest.raises(distac.DistacError, match=r"no heads/<name>\.safetensors"):
         distac.export_task_models(out)
+
+
+def test_export_applies_calibrated_temperature_to_the_final_head_layer(project, capsys):
+    """A task calibrated by `distac calibrate` is exported with logits/T (its head's last linear ÷ T)."""
+    from distac.conditioning.calibrate import CalibrationResult, write_temperatures
+
+    root, _cfg, _base, models = project
+    merged = root / "merged"
+    code, _, err = run(["merge", str(root / "merge.yml"), "--out", str(merged), "-q"], capsys)
+    assert code == 0, err
+    res = CalibrationResult(temperature=2.5, nll_before=0.0, nll_after=0.0, ece_before=0.0, ece_after=0.0, n=0)
+    write_temperatures(merged, {"a": res})
+    out = distac.export_task_models(merged)
+    task_a, task_b = load_dir(out["a"]), load_dir(out["ft_b"])
+    torch.testing.assert_close(task_a["classifier.weight"], models[0]["classifier.weight"] / 2.5)
+    torch.testing.assert_close(task_a["classifier.bias"], models[0]["classifier.bias"] / 2.5)
+    assert torch.equal(task_b["classifier.weight"], models[1]["classifier.weight"])  # not calibrated: unchanged

@@ -45,8 +45,9 @@ import click
 import torch
 import yaml
 from safetensors.torch import save_file
+from torch import Tensor
 
-from .engine import DEFAULT_CHUNK_BYTES, default_device, run_merge
+from .engine import DEFAULT_CHUNK_BYTES, TensorSource, default_device, run_merge
 from .errors import DistacError, closest
 from .io import (
     DEFAULT_SHARD_BYTES,
@@ -448,8 +449,15 @@ def export_task_models(
     Reads ``merged/heads/<name>.safetensors`` (written by :func:`merge_checkpoints` when the config
     has ``heads``) and writes ``out/<name>/`` (default ``merged/tasks/<name>/``), each with the
     merged folder's config/tokenizer files. Returns ``{name: folder}``.
+
+    When ``merged/temperatures.json`` (written by ``distac calibrate``) holds a temperature T for a
+    task, the exported model is calibrated: its logits are divided by T, which for the head's final
+    linear layer is the same as dividing that layer's weight and bias by T (see :func:`_temperature_scaled`).
     """
+    from .conditioning.calibrate import read_temperatures
+
     merged = Path(merged)
+    temperatures = read_temperatures(merged)
     head_files = sorted((merged / "heads").glob("*.safetensors")) if (merged / "heads").is_dir() else []
     if not head_files:
         raise DistacError(f"{merged}: no heads/<name>.safetensors; merge with 'heads' patterns in the config first")
@@ -465,12 +473,16 @@ def export_task_models(
                 raise DistacError(f"{hf}: head tensors {missing[:3]} are not in the merged model {merged}")
             folder = tmp / hf.stem
             folder.mkdir()
-            writer = ShardWriter(folder, layout, max_shard_bytes=parse_size(max_shard_bytes),
-                                 metadata={"distac_task": hf.stem})
+            meta = {"distac_task": hf.stem}
+            scaled: dict[str, Tensor] = {}
+            if hf.stem in temperatures:
+                scaled = _temperature_scaled(head, temperatures[hf.stem], hf)
+                meta["distac_temperature"] = repr(temperatures[hf.stem])
+            writer = ShardWriter(folder, layout, max_shard_bytes=parse_size(max_shard_bytes), metadata=meta)
             hk = set(head.keys())
             try:
                 for k in src.keys():
-                    writer.write(k, head.get(k) if k in hk else src.get(k))
+                    writer.write(k, scaled[k] if k in scaled else head.get(k) if k in hk else src.get(k))
                 writer.close()
             except BaseException:
                 writer.abort()
@@ -478,6 +490,23 @@ def export_task_models(
             copy_model_files(merged, folder)
             result[hf.stem] = out / hf.stem
     return result
+
+
+def _temperature_scaled(head: TensorSource, temperature: float, path: Path) -> dict[str, Tensor]:
+    """The head's final linear layer divided by T: softmax(W x / T + b / T) = softmax((W x + b) / T).
+
+    The final layer is the last 2-D ``*.weight`` in the head file's order (classification heads end
+    with their output projection), together with the ``*.bias`` of the same module when present.
+    """
+    weights = [k for k in head.keys() if k.endswith("weight") and len(head.shape(k)) == 2]
+    if not weights:
+        raise DistacError(f"{path}: a temperature is calibrated for this task, but its head has no 2-D weight to scale")
+    w = weights[-1]
+    out = {w: (head.get(w).float() / temperature).to(head.dtype(w))}
+    b = w[: -len("weight")] + "bias"
+    if b in head.keys():
+        out[b] = (head.get(b).float() / temperature).to(head.dtype(b))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
