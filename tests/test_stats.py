@@ -411,3 +411,27 @@ def test_verify_sidecar_streams_against_a_checkpoint_file(tmp_path):
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "o.safetensors"))
     with pytest.raises(DistacError, match="different model"):
         verify_sidecar(path, open_checkpoint(tmp_path / "o.safetensors"))
+
+
+def test_linear_shortcut_matches_autograd_on_token_inputs_and_falls_back_when_weights_are_reused():
+    class TokenMLP(nn.Module):
+        """Linear layers on (B, T, d) inputs: per-example gradients sum over positions first."""
+
+        def __init__(self, reuse: bool = False) -> None:
+            super().__init__()
+            self.a, self.b, self.reuse = nn.Linear(3, 5), nn.Linear(5, 4), reuse
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            if self.reuse:  # the weight used outside its module: hooks alone would miss this term
+                h = h + x @ self.a.weight.T
+            return self.b(h).mean(1)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 7, 3), torch.randint(0, 4, (6,))
+    for reuse in (False, True):
+        model = TokenMLP(reuse)
+        f = fisher_diagonal(model, [(x, y)], estimator="empirical", progress=False)
+        ref = {k: sum(g[k].pow(2) for g in per_example_grads(model, x, y)) for k in f}
+        for k in f:
+            torch.testing.assert_close(f[k], ref[k], rtol=1e-4, atol=1e-7, msg=f"{k} reuse={reuse}")

@@ -215,6 +215,8 @@ def fisher_diagonal(
     n_classes = 0
     mode = "vmap"
     one = _per_example_sq_grads(model, sel, frozen, estimator)
+    # models whose selected parameters are all plain nn.Linear layers take a matmul shortcut
+    linear = _linear_owners(model, sel)
     total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in sel.items()}
     n_params = sum(v.numel() for v in sel.values())
     gen = torch.Generator().manual_seed(seed)
@@ -258,8 +260,14 @@ def fisher_diagonal(
             chunk = max(1, _CHUNK_BYTES // (4 * per_example))
             # the math SDPA kernel is built from ops vmap batches natively (the fused CPU kernel's
             # backward has no batching rule and would fall back to a slow per-example loop)
-            with sdpa_kernel(SDPBackend.MATH):
-                sq, mode = _run_batch(one, x, yy, u, min(chunk, b), mode)
+            sq = None
+            if linear is not None and seen == 0 and not _agrees(model, linear, sel, frozen, one, x, yy, u, estimator):
+                linear = None  # the layers are used some other way: per-example vmap
+            if linear is not None:
+                sq = _linear_batch(model, linear, sel, frozen, x, yy, u, estimator)
+            if sq is None:
+                with sdpa_kernel(SDPBackend.MATH):
+                    sq, mode = _run_batch(one, x, yy, u, min(chunk, b), mode)
             for k, v in sq.items():
                 total[k] += v
             seen += b
@@ -275,6 +283,22 @@ def fisher_diagonal(
     if info is not None:
         info.update(n_examples=seen, data_fingerprint=h.hexdigest(), estimator=estimator, scale=scale)
     return out
+
+
+def _agrees(
+    model: nn.Module, linear: Mapping[str, nn.Linear], sel: dict[str, Tensor], frozen: dict[str, Tensor],
+    one: Callable[..., dict[str, Tensor]], x: Batch, y: Tensor, u: Tensor, estimator: str,
+) -> bool:
+    """Check the Linear shortcut against vmap on the first few examples (a model that uses a Linear's
+    weight outside its forward, or mixes examples, would differ)."""
+    n = min(4, y.shape[0])
+    xs = {k: v[:n] for k, v in x.items()} if isinstance(x, Mapping) else x[:n]
+    fast = _linear_batch(model, linear, sel, frozen, xs, y[:n], u[:n], estimator)
+    with sdpa_kernel(SDPBackend.MATH):
+        ref, _ = _run_batch(one, xs, y[:n], u[:n], n, "vmap")
+    return fast is not None and all(
+        torch.allclose(fast[k], ref[k], rtol=1e-3, atol=1e-5 * float(ref[k].abs().max()) + 1e-12) for k in ref
+    )
 
 
 _MODES = ("vmap", "vmap-4d-mask", "loop")
@@ -329,6 +353,93 @@ def _run_batch(
             if "vmap" not in str(e) or m == "loop":
                 raise
     raise AssertionError("unreachable: the loop mode always returns or raises")
+
+
+def _linear_owners(model: nn.Module, sel: Mapping[str, Tensor]) -> dict[str, nn.Linear] | None:
+    """``{module name: nn.Linear}`` when every selected parameter is the weight or bias of a plain
+    ``nn.Linear`` used by no other module (no ties); None otherwise."""
+    owner: dict[str, str] = {}
+    mods: dict[str, nn.Linear] = {}
+    for name, m in model.named_modules():
+        if type(m) is nn.Linear:  # exact type: subclasses may bypass forward (MultiheadAttention.out_proj)
+            mods[name] = m
+            for pn in ("weight", "bias"):
+                if getattr(m, pn, None) is not None:
+                    owner[f"{name}.{pn}" if name else pn] = name
+    if not sel or any(k not in owner for k in sel):
+        return None
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    if any(uses.get(id(p), 0) > 1 for k, p in model.named_parameters() if k in sel):
+        return None
+    return {owner[k]: mods[owner[k]] for k in sel}
+
+
+def _linear_batch(
+    model: nn.Module,
+    owners: Mapping[str, nn.Linear],
+    params: dict[str, Tensor],
+    frozen: dict[str, Tensor],
+    x: Batch,
+    y: Tensor,
+    u: Tensor,
+    estimator: str,
+) -> dict[str, Tensor] | None:
+    """Σ over the batch of per-example squared gradients for models whose selected parameters are all
+    ``nn.Linear`` weights/biases, from one batched forward and backward pass(es).
+
+    A Linear layer's per-example gradient is δ_nᵀ X_n (δ: gradient at its output, X: its input,
+    rows = positions), so with 2-D inputs Σ_n (δ_n x_nᵀ)² = (δ²)ᵀ(x²) is one matmul and no
+    per-example gradient is ever materialised. δ_n of example n's loss equals the δ of the summed
+    loss because examples do not interact in an eval-mode forward. Returns None when a hooked layer
+    did not run (its weight is used some other way), so the caller falls back to vmap.
+    """
+    inputs: dict[str, Tensor] = {}
+    outputs: dict[str, Tensor] = {}
+
+    def hook(name: str):
+        def fn(_m: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
+            inputs[name], outputs[name] = args[0].detach(), out
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in owners.items()]
+    try:
+        with torch.enable_grad():
+            req = {k: v.detach().requires_grad_() for k, v in params.items()}
+            z = forward_logits(BoundModule(model, (req, frozen)), x).float()
+    finally:
+        for h in handles:
+            h.remove()
+    if set(outputs) != set(owners) or any(o.shape[0] != y.shape[0] for o in outputs.values()):
+        return None
+    prob = torch.softmax(z.detach(), -1)
+    if estimator == "exact":
+        evals, evecs = torch.linalg.eigh(torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :])
+        cots = list((evecs[..., 1:] * evals[:, None, 1:].clamp(min=0).sqrt()).unbind(-1))  # C−1 × (B, C)
+    else:
+        if estimator == "sampled":  # the same inverse-CDF draw as the vmap path
+            cdf = prob.cumsum(-1)
+            y = (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=prob.shape[-1] - 1)
+        cots = [prob - nn.functional.one_hot(y, prob.shape[-1]).to(prob)]  # ∂(−log p_y)/∂z
+    names = list(owners)
+    out: dict[str, Tensor] = {}
+    for j, cot in enumerate(cots):
+        deltas = torch.autograd.grad(z, [outputs[n] for n in names], cot, retain_graph=j < len(cots) - 1)
+        for n, d in zip(names, deltas, strict=True):
+            a, d = inputs[n].float(), d.float()
+            if a.dim() == 2:
+                gw = (d * d).T @ (a * a)
+                gb = (d * d).sum(0)
+            else:  # (B, ..., features): sum over positions inside each example first
+                a, d = a.reshape(a.shape[0], -1, a.shape[-1]), d.reshape(d.shape[0], -1, d.shape[-1])
+                gw = torch.einsum("bto,bti->boi", d, a).pow(2).sum(0)
+                gb = d.sum(1).pow(2).sum(0)
+            for key, val in ((f"{n}.weight" if n else "weight", gw), (f"{n}.bias" if n else "bias", gb)):
+                if key in params:
+                    out[key] = out[key] + val if key in out else val
+    return out
 
 
 def _first(x: Batch) -> Batch:
