@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 import distac
+from distac.errors import DistacError
 from distac.evaluate import ece
 
 from .profile import Profile
@@ -124,7 +125,14 @@ class Evaluator:
         return float((z.argmax(-1) == data.y).float().mean())
 
     def normalised(self, acc: Sequence[float], split: str) -> list[float]:
+        """Merged accuracy ÷ the ideal fine-tuned model's accuracy on the same split, per task."""
         ref = self.ideal_val if split == "val" else self.ideal_test
+        for td, r in zip(self.tasks, ref, strict=True):
+            if r <= 0:
+                raise DistacError(
+                    f"task '{td.spec.name}': its ideal fine-tuned model has accuracy 0 on the {split} split, so "
+                    "normalised accuracy is undefined; fine-tune longer or use a larger split"
+                )
         return [a / r for a, r in zip(acc, ref, strict=True)]
 
     def task_model(self, state: StateDict, task: str) -> TinyViT:

@@ -180,11 +180,11 @@ TEXT_QUICK = replace(
     TEXT_PROFILE,
     name="text-quick",
     n_train=32,
-    n_val=16,
-    n_test=16,
-    ideal=Recipe(lr=5e-5, steps=3, batch=8, warmup=1),
-    long=Recipe(lr=5e-4, steps=6, batch=8, warmup=1),
-    smooth=Recipe(lr=5e-5, steps=3, batch=8, warmup=1, label_smoothing=0.6),
+    n_val=32,
+    n_test=32,
+    ideal=Recipe(lr=1e-4, steps=4, batch=8, warmup=1),
+    long=Recipe(lr=1e-3, steps=8, batch=8, warmup=1),
+    smooth=Recipe(lr=1e-4, steps=4, batch=8, warmup=1, label_smoothing=0.6),
     distac=DistacRecipe(steps=2, lr=5e-5, batch=8),
     fisher_examples=4,
     grid_linear=(0.5,),
@@ -219,7 +219,8 @@ def build_text_zoo(profile: Profile, *, seed: int, progress: Any, log: Callable[
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     own = {f"{td.spec.name}__probe": evaluate(model, td.spec.name, td.test) for td in tasks}
     recipes = {"ideal": profile.ideal, "long": profile.long, "smooth": profile.smooth}
-    keys = sorted({f"{t}__{r}" for s in SETTINGS for t, (r, _) in setting_recipes(profile, s).items()})
+    names = [td.spec.name for td in tasks]
+    keys = sorted({f"{t}__{r}" for s in SETTINGS for t, (r, _) in setting_recipes(profile, s, names).items()})
     by_name = {td.spec.name: td for td in tasks}
     models = {}
     for i, key in enumerate(keys):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,9 +43,11 @@ def default_cache() -> Path:
     return Path(root) / "zoo"
 
 
-def setting_recipes(profile: Profile, setting: str) -> dict[str, tuple[str, Recipe]]:
-    """Task -> (recipe name, recipe) in one setting (ideal / norm / conf)."""
-    names = [t.name for t in _task_specs()]
+def setting_recipes(
+    profile: Profile, setting: str, names: Sequence[str] | None = None
+) -> dict[str, tuple[str, Recipe]]:
+    """Task -> (recipe name, recipe) in one setting (ideal / norm / conf); tasks default to the vision suite's."""
+    names = [t.name for t in _task_specs()] if names is None else list(names)
     perturbed = {"ideal": (), "norm": profile.norm_tasks, "conf": profile.conf_tasks}[setting]
     alt = {"ideal": ("ideal", profile.ideal), "norm": ("long", profile.long), "conf": ("smooth", profile.smooth)}
     return {t: (alt[setting] if t in perturbed else ("ideal", profile.ideal)) for t in names}
@@ -71,7 +73,7 @@ class Zoo:
 
     def setting(self, setting: str) -> list[StateDict]:
         """The 8 fine-tuned state dicts of one setting, in task order."""
-        rec = setting_recipes(self.profile, setting)
+        rec = setting_recipes(self.profile, setting, [td.spec.name for td in self.tasks])
         return [self.models[f"{td.spec.name}__{rec[td.spec.name][0]}"] for td in self.tasks]
 
     def model(self) -> Any:
