@@ -108,7 +108,7 @@ def _unsafe_alpha_message(name: str, h0: Tensor, h: Tensor, a: Tensor, n_bad: in
         f"gradient_matching: H̄ = H_0 + Σ α_t H_t ≤ 0 at {n_bad} element(s) of tensor '{name}' "
         f"(scale = {alphas if len(set(alphas)) > 1 else alphas[0]})"
     )
-    if c <= 0:
+    if not 0 < c < float("inf"):  # H_0 = 0 there, or only zero-scale tasks have curvature there
         return head + "; no negative scale is safe where H_0 = 0: pass a prior (prior=...) or base_fisher, or set clamp"
     shown = safe if len(set(alphas)) > 1 else safe[0]
     return (
