@@ -188,6 +188,10 @@ def test_regmean_full_gram_is_least_squares_and_handles_orientation():
     conv = distac.merge({"sq": base["sq"].T.contiguous()}, [{"sq": m["sq"].T.contiguous()} for m in models],
                         "regmean", grams=[{"sq": gr["sq"]} for gr in grams], reduce_nondiag=1.0, layout="in_out")
     torch.testing.assert_close(conv["sq"], out["sq"].T, rtol=1e-4, atol=1e-4)
+    # a non-square (in, out) weight is oriented by the Gram's size, whatever the layout parameter says
+    conv = distac.merge({"lin": base["lin"].T.contiguous()}, [{"lin": m["lin"].T.contiguous()} for m in models],
+                        "regmean", grams=[{"lin": gr["lin"]} for gr in grams], reduce_nondiag=1.0)
+    torch.testing.assert_close(conv["lin"], out["lin"].T, rtol=1e-4, atol=1e-4)
 
 
 def test_regmean_singular_gram_gets_a_ridge_not_a_crash():
