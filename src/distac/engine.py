@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .errors import DistacError
 from .methods import Method, TensorContext, get_method
+from .methods._registry import missing_statistic
 from .taskvector import match_heads
 from .thresholds import KthMagnitude, kth_smallest_rank
 
@@ -398,6 +399,9 @@ def plan_merge(
     """
     m = get_method(method) if isinstance(method, str) else method
     resolved = m.resolve(params, len(models))
+    for stat in m.stats:  # "name?" is optional
+        if not stat.endswith("?") and not (stats or {}).get(stat):
+            raise missing_statistic(m.name, stat)
     _check_sources(base, models)
     device = torch.device(device)
     heads = match_heads(base.keys(), head_patterns)

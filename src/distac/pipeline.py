@@ -62,6 +62,7 @@ from .io import (
 from .io import parse_size as parse_size
 from .io.readers import SafetensorsFile
 from .methods import METHODS, Method, get_method
+from .methods._registry import missing_statistic
 from .progress import Progress, track
 from .taskvector import match_heads
 
@@ -310,9 +311,8 @@ def _open_stats(cfg: MergeConfig) -> dict[str, Any]:
             raise DistacError(
                 f"method '{cfg.method.name}' does not use '{key}' statistics; remove them from the config"
             )
-    for key in required - set(stats):
-        raise DistacError(f"method '{cfg.method.name}' needs '{key}' statistics: set `{key}: PATH` in each model's "
-                          "parameters (see `distac stats`)")
+    for key in sorted(required - set(stats)):
+        raise missing_statistic(cfg.method.name, key)
     return stats
 
 

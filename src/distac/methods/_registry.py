@@ -35,6 +35,7 @@ from ..errors import DistacError, closest
 
 __all__ = [
     "METHOD_PARAM_NAMES",
+    "STATISTICS",
     "Method",
     "OneOf",
     "ParamSpec",
@@ -42,6 +43,7 @@ __all__ = [
     "Prepass",
     "Range",
     "TensorContext",
+    "missing_statistic",
 ]
 
 
@@ -131,6 +133,23 @@ class Prepass:
     density: Sequence[float] | None = None
     transform: Callable[[Tensor, Tensor, TensorContext], Tensor] | None = None
     stat_norms: tuple[str, ...] = ()
+
+
+#: How to compute each statistic a method can declare in ``Method.stats``: (CLI command, Python argument).
+STATISTICS: dict[str, tuple[str, str]] = {
+    "fisher": ("distac stats fisher MODEL DATA --out MODEL.fisher.safetensors", "fishers=[...]"),
+    "base_fisher": ("distac stats fisher BASE BASE_DATA --out BASE.fisher.safetensors", "base_fisher=..."),
+    "gram": ("distac stats gram MODEL DATA --out MODEL.gram.safetensors", "grams=[...]"),
+}
+
+
+def missing_statistic(method: str, stat: str) -> DistacError:
+    """The error for a statistic a method needs and was not given, with the command that computes it."""
+    cmd, arg = STATISTICS[stat]
+    return DistacError(
+        f"method '{method}' needs '{stat}' statistics for every model, and none were given; compute them with "
+        f"`{cmd}` and pass them ({arg} in Python, `{stat.removeprefix('base_')}: PATH` in the model's YAML parameters)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,21 +13,14 @@ import torch
 from torch import Tensor
 
 from ..errors import DistacError
-from ._registry import Method, OneOf, PerModel, Prepass, Range, TensorContext
+from ._registry import STATISTICS, Method, OneOf, PerModel, Prepass, Range, TensorContext
 from .basic import Weights, model_weights
 
 __all__ = ["METHODS", "fisher", "gradient_matching", "missing_stats_error", "regmean"]
 
-_COMMANDS = {
-    "fisher": ("distac stats fisher MODEL DATA --out MODEL.fisher.safetensors", "fishers=[...]"),
-    "base_fisher": ("distac stats fisher BASE BASE_DATA --out BASE.fisher.safetensors", "base_fisher=..."),
-    "gram": ("distac stats gram MODEL DATA --out MODEL.gram.safetensors", "grams=[...]"),
-}
-
-
 def missing_stats_error(method: str, stat: str, name: str) -> DistacError:
     """The error for a tensor that arrives without the statistic a method needs, with the fix."""
-    cmd, arg = _COMMANDS[stat]
+    cmd, arg = STATISTICS[stat]
     return DistacError(
         f"method '{method}' needs the '{stat}' statistic of every model for tensor '{name}', and at least one "
         f"is missing; compute it with `{cmd}` and pass it ({arg} in Python, the model's '{stat}' entry in "
