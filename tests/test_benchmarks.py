@@ -107,7 +107,8 @@ def test_distac_run_reproduces_task_arithmetic(tmp_path: Path, data: Path) -> No
 
 
 def test_report_ratios_and_failures() -> None:
-    common = {"data": "/x/set", "n": 2, "family": "task_arithmetic", "flush_s": 0.0, "read_mb": 1.0,
+    common = {"data": "/x/set", "n": 2, "family": "task_arithmetic", "flush_s": 0.0, "read_mb": 1.0, "rchar_mb": 1.0,
+              "cpu_s": 1.0, "params": 10,
               "write_mb": 1.0, "rss_target_mb": 100.0, "disk_read_mb_s": 100.0, "disk_write_mb_s": 50.0,
               "peak_rss_mb": 10.0}
     rows = [
