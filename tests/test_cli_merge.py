@@ -362,3 +362,32 @@ def test_export_applies_calibrated_temperature_to_the_final_head_layer(project, 
     torch.testing.assert_close(task_a["classifier.weight"], models[0]["classifier.weight"] / 2.5)
     torch.testing.assert_close(task_a["classifier.bias"], models[0]["classifier.bias"] / 2.5)
     assert torch.equal(task_b["classifier.weight"], models[1]["classifier.weight"])  # not calibrated: unchanged
+
+
+def test_yaml_sidecars_are_checked_against_their_models(project, capsys):
+    """A Fisher computed on another model, or on the mean scale, is refused before anything is written."""
+    from distac.stats import save_stats
+
+    root, _cfg, base, models = project
+    fishers = [{k: v.float().abs() + 0.1 for k, v in m.items() if v.is_floating_point()} for m in models]
+    save_stats(root / "a.fisher.safetensors", fishers[0], kind="fisher", model=models[0], n_examples=8,
+               scale="sum", estimator="sampled")
+    # computed on model b, but listed for model a's partner below
+    save_stats(root / "b.fisher.safetensors", fishers[1], kind="fisher", model=models[0], n_examples=8,
+               scale="sum", estimator="sampled")
+    cfg = {"merge_method": "gradient_matching", "base_model": "base",
+           "models": [{"model": "ft_a", "parameters": {"fisher": "a.fisher.safetensors"}},
+                      {"model": "ft_b.safetensors", "parameters": {"fisher": "b.fisher.safetensors"}}],
+           "parameters": {"prior": 1.0}}
+    code, _, err = run(["merge", str(write_cfg(root, cfg)), "--out", str(root / "gm"), "-q"], capsys)
+    assert code == 2 and "b.fisher.safetensors" in err and "different model" in err and "ft_b" in err
+    assert not (root / "gm").exists()
+    # the right model, but the mean scale: gradient matching needs H_t = N × mean Fisher
+    save_stats(root / "b.fisher.safetensors", fishers[1], kind="fisher", model=models[1], n_examples=8,
+               scale="mean", estimator="sampled")
+    code, _, err = run(["merge", str(write_cfg(root, cfg)), "--out", str(root / "gm"), "-q"], capsys)
+    assert code == 2 and "mean scale" in err and "sum" in err
+    save_stats(root / "b.fisher.safetensors", fishers[1], kind="fisher", model=models[1], n_examples=8,
+               scale="sum", estimator="sampled")
+    code, _, err = run(["merge", str(write_cfg(root, cfg)), "--out", str(root / "gm"), "-q"], capsys)
+    assert code == 0, err

@@ -281,29 +281,52 @@ def _check_out_path(out: Path, inputs: Sequence[Path]) -> None:
 _SIDECAR_KINDS = {"fisher": ("fisher", "adam"), "gram": ("gram",)}
 
 
-def _open_sidecar(path: Path, key: str, what: str) -> Checkpoint:
-    """Open a statistics file lazily. A ``distac.stats`` sidecar must hold the right kind of statistic;
-    a plain safetensors file keyed like the model is taken as is. (The model fingerprint check of
-    :func:`distac.stats.verify_sidecar` is not run here: it would read every model once more.)"""
+def _open_sidecar(path: Path, key: str, what: str, model: Checkpoint) -> Checkpoint:
+    """Open a statistics file lazily, after checking it against the model it was computed on.
+
+    A ``distac.stats`` sidecar must hold the right kind of statistic, on the sum scale for Fishers,
+    with the model's keys and shapes, and the model's fingerprint (:func:`distac.stats.verify_sidecar`
+    with ``check_values=False``: it reads headers and the ≤ 64 sampled rows per tensor of the
+    fingerprint, not the model; the methods check the values as they merge). A plain safetensors
+    file keyed like the model is taken as is."""
+    from .stats.sidecar import verify_sidecar
+
     src = open_checkpoint(path, label=f"{what} ({path})")
     meta = read_header(src.files[0].path)[1] if isinstance(src.files[0], SafetensorsFile) else {}
-    if meta.get("format", "").startswith("distac-stats/") and meta.get("kind") not in _SIDECAR_KINDS[key]:
-        raise DistacError(f"{path}: holds '{meta.get('kind')}' statistics, but the config uses it as '{key}'")
+    if meta.get("format", "").startswith("distac-stats/"):
+        if meta.get("kind") not in _SIDECAR_KINDS[key]:
+            src.close()
+            raise DistacError(f"{path}: holds '{meta.get('kind')}' statistics, but the config uses it as '{key}'")
+        try:
+            verify_sidecar(path, model, scale="sum" if key == "fisher" else None, check_values=False)
+        except DistacError as e:
+            src.close()
+            raise DistacError(f"{e} (the {what}, checked against {model.label})") from None
     return src
 
 
-def _open_stats(cfg: MergeConfig) -> dict[str, Any]:
-    """Open statistics sidecars lazily as ``{"fisher": [..N], "base_fisher": src, "gram": [..N]}``."""
+def _open_stats(
+    cfg: MergeConfig, base: Checkpoint, models: Sequence[Checkpoint], opened: ExitStack
+) -> dict[str, Any]:
+    """Open statistics sidecars lazily as ``{"fisher": [..N], "base_fisher": src, "gram": [..N]}``.
+
+    Each one is registered with ``opened`` as soon as it is open, so an error on a later one still
+    closes it."""
     stats: dict[str, Any] = {}
+
+    def open_(path: Path, key: str, what: str, model: Checkpoint) -> Checkpoint:
+        return opened.enter_context(closing(_open_sidecar(path, key, what, model)))
+
     for key in STAT_KEYS:
         have = [m for m in cfg.models if key in m.stats]
         if have and len(have) != len(cfg.models):
             missing = [m.name for m in cfg.models if key not in m.stats]
             raise DistacError(f"'{key}' statistics are given for some models but not for {missing}")
         if have:
-            stats[key] = [_open_sidecar(m.stats[key], key, f"{key} of {m.name}") for m in have]
+            stats[key] = [open_(m.stats[key], key, f"{key} of {m.name}", src)
+                          for m, src in zip(cfg.models, models, strict=True)]
     if "fisher" in cfg.base.stats:
-        stats["base_fisher"] = _open_sidecar(cfg.base.stats["fisher"], "fisher", "base fisher")
+        stats["base_fisher"] = open_(cfg.base.stats["fisher"], "fisher", "base fisher", base)
     wanted = {s.rstrip("?") for s in cfg.method.stats}
     required = {s for s in cfg.method.stats if not s.endswith("?")}
     for key in stats:
@@ -386,10 +409,7 @@ def merge_checkpoints(
     with ExitStack() as opened:  # every checkpoint's file descriptors are closed, whatever happens
         base = opened.enter_context(closing(open_checkpoint(cfg.base.path)))
         models = [opened.enter_context(closing(open_checkpoint(m.path))) for m in cfg.models]
-        stats = _open_stats(cfg)
-        for src in stats.values():
-            for s in src if isinstance(src, list) else [src]:
-                opened.enter_context(closing(s))
+        stats = _open_stats(cfg, base, models, opened)
         _merge_into(cfg, out, base, models, stats, overwrite=overwrite, device=dev, shard=shard, chunk=chunk,
                     export_per_task=export_per_task, quiet=quiet)
     return out

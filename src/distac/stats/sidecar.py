@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -62,6 +63,34 @@ class _SourceView(Mapping[str, Tensor]):
     def __len__(self) -> int:
         return len(self._keys)
 
+    def shape_of(self, k: str) -> tuple[int, ...]:
+        shape = getattr(self._src, "shape", None)
+        if callable(shape):  # an engine TensorSource: from the checkpoint header
+            return tuple(shape(k))
+        if hasattr(self._src, "get_slice"):  # a safetensors handle: from its header
+            return tuple(self._src.get_slice(k).get_shape())
+        return tuple(self[k].shape)
+
+    def strided(self, k: str, step: int) -> Tensor:
+        """``flat[::step]`` of tensor ``k``, reading only the rows that hold those entries.
+
+        A fingerprint samples ≤ 64 values per tensor, so checking a sidecar against a multi-GB
+        checkpoint reads ≤ 64 rows of each tensor instead of all of it.
+        """
+        shape = self.shape_of(k)
+        get_rows = getattr(self._src, "get_rows", None)
+        if len(shape) < 2 or get_rows is None:
+            return self[k].reshape(-1)[::step]
+        numel = math.prod(shape)
+        row_len = numel // shape[0]
+        idx = torch.arange(0, numel, step)
+        rows = idx // row_len
+        out = torch.empty(len(idx), dtype=self._src.dtype(k) if hasattr(self._src, "dtype") else torch.float32)
+        for r in torch.unique(rows).tolist():
+            sel = rows == r
+            out[sel] = get_rows(k, r, r + 1).reshape(-1)[idx[sel] - r * row_len].to(out.dtype)
+        return out
+
 
 def _state(model: Any) -> Mapping[str, Tensor]:
     if isinstance(model, nn.Module):
@@ -69,6 +98,12 @@ def _state(model: Any) -> Mapping[str, Tensor]:
     if isinstance(model, Mapping):
         return model
     return _SourceView(model)
+
+
+def _shape(state: Mapping[str, Tensor], k: str) -> tuple[int, ...]:
+    # a _SourceView answers from the checkpoint header; reading the tensor just for its shape would
+    # read the whole model
+    return state.shape_of(k) if isinstance(state, _SourceView) else tuple(state[k].shape)
 
 
 def model_fingerprint(model: Mapping[str, Tensor] | nn.Module, keys: list[str] | None = None) -> str:
@@ -83,11 +118,12 @@ def model_fingerprint(model: Mapping[str, Tensor] | nn.Module, keys: list[str] |
     for k in names:
         if k not in state:
             raise DistacError(f"model_fingerprint: the model has no tensor '{k}'{closest(k, state)}")
-        t = state[k].detach().reshape(-1)
-        step = max(1, t.numel() // _SAMPLE)
+        shape = _shape(state, k)
+        step = max(1, math.prod(shape) // _SAMPLE)
+        sample = state.strided(k, step) if isinstance(state, _SourceView) else state[k].detach().reshape(-1)[::step]
         h.update(k.encode())
-        h.update(str(tuple(state[k].shape)).encode())
-        h.update(t[::step].to("cpu", torch.float32).to(torch.float64).numpy().tobytes())
+        h.update(str(shape).encode())
+        h.update(sample.to("cpu", torch.float32).to(torch.float64).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -98,29 +134,35 @@ def check_stats(
     kind: str = "fisher",
     fingerprint: str | None = None,
     label: str = "statistics",
+    check_values: bool = True,
 ) -> None:
     """Raise :class:`DistacError` unless ``stats`` fits ``model_state``.
 
     Checks: every key is a model tensor; shapes match (Fisher/Adam: the parameter's shape; Gram:
     (d, d) with d one of the 2-D weight's dimensions); values are finite; curvature is
     non-negative (Gram: non-negative diagonal); and, when ``fingerprint`` is given, the model's
-    fingerprint over the sidecar's keys equals it.
+    fingerprint over the sidecar's keys equals it. ``check_values=False`` skips the value checks
+    (keys, shapes and fingerprint only), so nothing but headers and the fingerprint's sampled rows
+    is read; the curvature methods check values again as they merge.
     """
     if kind not in KINDS:
         raise DistacError(f"{label}: kind '{kind}' is not one of {list(KINDS)}")
     state = _state(model_state)
     if not stats:
         raise DistacError(f"{label}: holds no tensors")
-    for k, v in stats.items():
+    for k in stats:
         if k not in state:
             raise DistacError(f"{label}: tensor '{k}' is not in the model{closest(k, state)} (keys do not match)")
-        want = tuple(state[k].shape)
-        got = tuple(v.shape)
+        want = _shape(state, k)
+        got = _shape(stats, k)
         if kind == "gram":
             if len(want) != 2 or len(got) != 2 or got[0] != got[1] or got[0] not in want:
                 raise DistacError(f"{label}: Gram '{k}' has shape {got}, expected (d, d) with d in the weight's {want}")
         elif got != want:
             raise DistacError(f"{label}: tensor '{k}' has shape {got}, the model has {want}")
+        if not check_values:
+            continue
+        v = stats[k]
         if not torch.isfinite(v).all():
             raise DistacError(f"{label}: tensor '{k}' contains NaN or Inf")
         diag = v.diagonal() if kind == "gram" else v
@@ -237,6 +279,7 @@ def verify_sidecar(
     *,
     kind: str | None = None,
     scale: str | None = None,
+    check_values: bool = True,
 ) -> dict[str, Any]:
     """Check a sidecar file against a model before a merge reads it; return its metadata.
 
@@ -256,5 +299,5 @@ def verify_sidecar(
         )
     with safe_open(str(path), framework="pt") as f:
         check_stats(_SourceView(f, "get_tensor"), model, kind=meta["kind"], fingerprint=meta["model_fingerprint"],
-                    label=str(path))
+                    label=str(path), check_values=check_values)
     return meta
