@@ -34,6 +34,7 @@ global batch, so W processes compute the same update as one (up to float summati
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import os
@@ -416,6 +417,13 @@ def condition_with_report(
     report.confidence_after = confidence_stats(_logits(student, eval_set, dev)).to_dict()
     report.seconds = time.perf_counter() - t0
     return ConditionResult(result_state(), report)
+
+
+# `condition` forwards to `condition_with_report`; give it that function's keyword-only signature, so
+# help(distac.condition) and inspect.signature show every option instead of **options.
+condition.__signature__ = inspect.signature(condition_with_report).replace(  # type: ignore[attr-defined]
+    return_annotation="StateDict"
+)
 
 
 # ------------------------------------------------------------------------------------------------
