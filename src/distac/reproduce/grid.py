@@ -12,6 +12,8 @@ Calls into the rest of distac are limited to ``distac.merge``, ``distac.conditio
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -255,10 +257,17 @@ def run_cell(
         name = td.spec.name
         task_state = dict(state)
         task_state[f"heads.{name}.weight"] = src[f"heads.{name}.weight"]
-        t = float(distac.calibrate(evaluator.task_model(task_state, name), task_state, td.val.x, td.val.y))
+        try:
+            t = float(distac.calibrate(evaluator.task_model(task_state, name), task_state, td.val.x, td.val.y))
+        except RuntimeError as e:
+            # seen with tiny validation splits that the merged model separates perfectly: the NLL
+            # optimum is T -> 0 and L-BFGS overflows. Recorded as NaN (visible in the tables), not hidden.
+            warnings.warn(f"{spec.method}/{sources.setting}/{sources.source}: calibrating task '{name}' failed: {e}",
+                          stacklevel=2)
+            t = math.nan
         temps.append(t)
         before.append(ece(z, td.test.y))
-        after.append(ece(z, td.test.y, temperature=t))
+        after.append(ece(z, td.test.y, temperature=t) if math.isfinite(t) else math.nan)
     return CellResult(
         spec.method, spec.label, sources.setting, sources.source, alpha, max(s for _, s in curve), acc,
         evaluator.normalised(acc, "test"), before, after, temps, curve, test_logits,

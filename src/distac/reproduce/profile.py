@@ -54,11 +54,14 @@ class Profile:
     conf_tasks: tuple[str, ...]
     distac: DistacRecipe = field(default_factory=DistacRecipe)
     fisher_examples: int = 256
-    # α grids (merge-methods.md §4, §8, §9): linear-family methods and spectral (TSV/Iso) methods
-    grid_linear: tuple[float, ...] = tuple(round(0.1 * i, 2) for i in range(1, 11))
-    grid_spectral: tuple[float, ...] = tuple(round(0.25 * i, 2) for i in range(1, 13))
+    # α grids (merge-methods.md §4, §8, §9), searched upwards with early stopping: methods whose α
+    # scales a sum of task vectors get the DisTaC code's linspace(0, 1, 21) without 0; the others
+    # the TSV/Iso code's linspace(0, 3, 31) without 0. (A first run with coarser grids starting at 0.1
+    # and 0.25 selected the lowest value for every method: the grid did not bracket the optimum.)
+    grid_linear: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 21))
+    grid_spectral: tuple[float, ...] = tuple(round(0.1 * i, 2) for i in range(1, 31))
     # second experiment (gradient matching vs TA vs Fisher): the α sweep, evaluated on test
-    alpha_sweep: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.5)
+    alpha_sweep: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.5)
     # merge methods of the grid (None: every method of grid.METHOD_SPECS registered in distac.METHODS)
     methods: tuple[str, ...] | None = None
 

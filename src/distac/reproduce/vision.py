@@ -142,6 +142,7 @@ def run_suite(
     timings: dict[str, float] = {}
     names: list[str] = []
     labels_y: dict[str, torch.Tensor] = {}
+    base_rows: list[tuple[float, float]] = []
     for seed in range(seeds):
         t0 = time.perf_counter()
         zoo = zoo_for(seed)
@@ -149,6 +150,9 @@ def run_suite(
         names = task_names(zoo.tasks)
         labels_y = {td.spec.name: td.test.y for td in zoo.tasks}
         evaluator = Evaluator(zoo)
+        # the reference point α = 0: the pre-trained body with the probed (zero-shot-like) heads
+        zero = evaluator.accuracy(zoo.base, zoo.setting("ideal"), "test")
+        base_rows.append((100 * sum(zero) / len(zero), 100 * sum(evaluator.normalised(zero, "test")) / len(zero)))
         t0 = time.perf_counter()
         sets = _source_sets(zoo, evaluator, progress=progress, log=log)
         timings[f"seed{seed}_distac_s"] = round(time.perf_counter() - t0, 1)
@@ -195,6 +199,8 @@ def run_suite(
         "timings": timings,
         "methods": [s.method for s in specs],
         "profile_manifest": json.loads(json.dumps(profile.manifest())),
+        "base_test_acc": [round(a, 2) for a, _ in base_rows],
+        "base_test_norm_acc": [round(n, 2) for _, n in base_rows],
     }
     write_csv(out / "cells.csv", cells, names, cell_seeds)
     plots = write_plots(out, cells, seed0_sources, sweeps, names, labels_y)
@@ -229,6 +235,9 @@ def _markdown(
         "## Mean test accuracy (normalised accuracy), α selected on validation",
         "",
         headline_table(cells, labels),
+        "",
+        f"Reference, α = 0 (pre-trained body with the probed heads): {meta['base_test_acc']} "
+        f"({meta['base_test_norm_acc']}) per seed.",
         "",
         "Normalised accuracy divides by each task's *ideal* fine-tuned test accuracy in every column. "
         "Naive rescaling under low confidence is κ = 1, i.e. the raw models, so it has no column. "
