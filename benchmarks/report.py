@@ -136,11 +136,34 @@ def plot(summary: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+def svd_markdown(rows: list[dict]) -> str:
+    """Table of ``bench_svd.py`` rows: time per matrix against size, randomized-SVD error, TSV-M/Iso-C."""
+    head = ("| matrix | shape | N | k = r/N | exact SVD s | randomized SVD s | excess rank-k error | "
+            "max top-k σ error | tsv_m exact s | tsv_m low-rank s | ‖Δ_lowrank − Δ_exact‖/‖Δ_exact‖ | "
+            "iso_c s | device |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in sorted(rows, key=lambda r: (r["n_models"], r["numel"])):
+        def opt(key: str, fmt: str, r: dict = r) -> str:
+            return format(r[key], fmt) if key in r else "—"
+
+        lines.append(
+            f"| {r['tensor'].split('.')[-2]} | {r['shape'][0]}×{r['shape'][1]} | {r['n_models']} | {r['k']} | "
+            f"{r['svd_exact_s']:.2f} | {r['svd_lowrank_s']:.2f} | {r['lowrank_excess_error']:.2%} | "
+            f"{r['topk_sigma_max_rel_error']:.1%} | {opt('tsvm_exact_s', '.1f')} | {opt('tsvm_lowrank_s', '.1f')} | "
+            f"{opt('tsvm_lowrank_rel_diff', '.1%')} | {opt('isoc_s', '.1f')} | {r['device']} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", type=Path, nargs="+")
     ap.add_argument("--plot", type=Path)
+    ap.add_argument("--svd", action="store_true", help="the inputs are bench_svd.py rows")
     a = ap.parse_args()
+    if a.svd:
+        print(svd_markdown(load(a.results)))
+        return
     summary = summarise(load(a.results))
     print(markdown(summary))
     if a.plot:
