@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -48,6 +48,27 @@ def split_labels(item: Any) -> tuple[Batch, Tensor | None]:
         x = {k: v for k, v in item.items() if k != "labels"}
         return x, torch.as_tensor(item["labels"])
     return item, None
+
+
+def take_examples(batches: Iterable[Any], n_examples: int | None, h: Any) -> Iterator[tuple[Batch, Tensor | None, int]]:
+    """Yield ``(x, y, b)`` per batch until ``n_examples`` examples (the last batch cut to fit).
+
+    ``y`` is the batch's labels or None (:func:`split_labels`); each ``x`` also feeds the data
+    fingerprint ``h``. Shared by the Fisher and Gram collectors.
+    """
+    seen = 0
+    for item in batches:
+        if n_examples is not None and seen >= n_examples:
+            return
+        x, y = split_labels(item)
+        b = batch_size(x)
+        if n_examples is not None and seen + b > n_examples:
+            b = n_examples - seen
+            x = {k: v[:b] for k, v in x.items()} if isinstance(x, Mapping) else x[:b]
+            y = None if y is None else y[:b]
+        data_fingerprint_update(h, x)
+        yield x, y, b
+        seen += b
 
 
 def data_fingerprint_update(h: Any, batch: Batch) -> None:
@@ -226,15 +247,7 @@ def fisher_diagonal(
     show = progress and sys.stderr.isatty()  # same rule as distac.progress: bars on terminals only
     bar = tqdm(total=n_examples, unit="ex", desc=f"fisher ({estimator})", disable=not show, leave=False)
     try:
-        for item in batches:
-            if n_examples is not None and seen >= n_examples:
-                break
-            x, y = split_labels(item)
-            b = batch_size(x)
-            if n_examples is not None and seen + b > n_examples:
-                b = n_examples - seen
-                x = {k: v[:b] for k, v in x.items()} if isinstance(x, Mapping) else x[:b]
-                y = None if y is None else y[:b]
+        for x, y, b in take_examples(batches, n_examples, h):
             if y is None and label_list is not None:
                 if seen + b > label_list.numel():
                     raise DistacError(f"fisher_diagonal: labels has {label_list.numel()} entries, data has more")
@@ -244,7 +257,6 @@ def fisher_diagonal(
                     "fisher_diagonal: estimator 'empirical' needs true labels: (x, y) batches, a 'labels' "
                     "entry in dict batches, or labels=[...]"
                 )
-            data_fingerprint_update(h, x)
             x = batch_to(dict(x) if isinstance(x, Mapping) else x, dev)
             yy = (y if y is not None else torch.zeros(b, dtype=torch.long)).to(dev, torch.long)
             u = torch.rand(b, generator=gen, dtype=torch.float32).to(dev)

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import DistacError, closest
-from ..models import batch_size, batch_to, forward_logits
-from .fisher import BoundModule, data_fingerprint_update, split_labels
+from ..models import batch_to, forward_logits
+from .fisher import BoundModule, take_examples
 
 __all__ = ["gram_layouts", "gram_matrices", "linear_layers"]
 
@@ -129,15 +129,7 @@ def gram_matrices(
     bar = tqdm(total=n_examples, unit="ex", desc="gram", disable=not show, leave=False)
     try:
         with torch.no_grad():
-            for item in batches:
-                if n_examples is not None and seen >= n_examples:
-                    break
-                x, _ = split_labels(item)
-                b = batch_size(x)
-                if n_examples is not None and seen + b > n_examples:
-                    b = n_examples - seen
-                    x = {k: v[:b] for k, v in x.items()} if isinstance(x, Mapping) else x[:b]
-                data_fingerprint_update(h, x)
+            for x, _, b in take_examples(batches, n_examples, h):
                 x = batch_to(dict(x) if isinstance(x, Mapping) else x, dev)
                 mask = x.get("attention_mask") if isinstance(x, Mapping) else None
                 current["mask"] = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
