@@ -106,9 +106,13 @@ def plot(summary: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sets = sorted({(s["data"], s["n"]) for s in summary})
-    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 3.8), squeeze=False)
+    cols = min(2, len(sets))
+    nrows = -(-len(sets) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(sets):]:
+        ax.set_visible(False)
     colors = {"distac": "#1b9e77", "mergekit": "#d95f02", "fusionbench": "#7570b3"}
-    for ax, (data, n) in zip(axes[0], sets, strict=True):
+    for ax, (data, n) in zip(axes.flat, sets, strict=False):
         rows = [s for s in summary if s["data"] == data and s["n"] == n]
         fams = list(dict.fromkeys(s["family"] for s in rows))
         width = 0.8 / len(TOOLS)
@@ -126,10 +130,11 @@ def plot(summary: list[dict], path: Path) -> None:
                 else:
                     ax.bar(x, 0, width, color=colors[tool], label=label)
                     ax.text(x, 0, "✗", ha="center", va="bottom", color=colors[tool], fontsize=12)
-        bound = rows[0]["bound_s"]
+        bound = statistics.median(x["bound_s"] for x in rows)
         ax.axhline(bound, ls="--", color="k", lw=1, label=f"I/O bound {bound:.1f} s")
         ax.set_xticks(range(len(fams)), [f.replace(" (", "\n(") for f in fams], fontsize=7)
-        ax.set_title(f"{data}, N={n}", fontsize=9)
+        ax.set_xlim(-0.6, max(len(fams), 2) - 0.4)
+        ax.set_title(f"{data}, N={n} (✗ = killed at the 10 GB RSS cap)", fontsize=9)
         ax.set_ylabel("wall time (s)")
         ax.legend(fontsize=7)
     fig.tight_layout()
