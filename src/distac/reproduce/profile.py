@@ -53,6 +53,8 @@ class Profile:
     smooth: Recipe
     conf_tasks: tuple[str, ...]
     distac: DistacRecipe = field(default_factory=DistacRecipe)
+    # probe heads fitted on this many images per class (None: the whole training split)
+    probe_shots: int | None = None
     fisher_examples: int = 256
     # α grids (merge-methods.md §4, §8, §9), searched upwards with early stopping: methods whose α
     # scales a sum of task vectors get the DisTaC code's linspace(0, 1, 21) without 0; the others
@@ -68,7 +70,7 @@ class Profile:
     def manifest(self) -> dict[str, Any]:
         """The parts that determine the zoo's weights (for the cache manifest)."""
         keys = ("vit", "n_pretrain", "n_train", "n_val", "n_test", "pretrain_steps", "pretrain_lr", "pretrain_batch",
-                "ideal", "long", "norm_tasks", "smooth", "conf_tasks")
+                "ideal", "long", "norm_tasks", "smooth", "conf_tasks", "probe_shots")
         d = asdict(self)
         return {k: d[k] for k in keys}
 

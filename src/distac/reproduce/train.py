@@ -120,20 +120,29 @@ def _features(model: TinyViT, x: Tensor, chunk: int = 1024) -> Tensor:
     return torch.cat([model.features(x[i : i + chunk]) for i in range(0, len(x), chunk)])
 
 
-def probe_heads(model: TinyViT, tasks: list[TaskData], *, steps: int = 300, lr: float = 0.05, seed: int = 0) -> None:
+def probe_heads(
+    model: TinyViT, tasks: list[TaskData], *, steps: int = 300, lr: float = 0.05, seed: int = 0,
+    shots: int | None = None,
+) -> None:
     """Fit each task's head as a linear probe on the frozen body's features (in place).
 
     This plays the role of CLIP's zero-shot head: a head that works on the pre-trained features and
-    stays frozen afterwards. Full-batch Adam on CE(s·W f); features are computed once.
+    stays frozen afterwards. Full-batch Adam on CE(s·W f); features are computed once. With ``shots``
+    only the first ``shots`` training images of each class are used (a few-shot probe: like a
+    zero-shot head, it is not fitted to the task's full training set).
     """
     torch.manual_seed(seed)
     for td in tasks:
-        feats = _features(model, td.train.x)
+        x, y = td.train.x, td.train.y
+        if shots is not None:
+            keep = torch.cat([torch.nonzero(y == c).flatten()[:shots] for c in range(td.spec.classes)])
+            x, y = x[keep], y[keep]
+        feats = _features(model, x)
         head = model.heads[td.spec.name]
         with torch.enable_grad():
             opt = torch.optim.Adam(head.parameters(), lr=lr)
             for _ in range(steps):
-                loss = F.cross_entropy(model.logits(feats, td.spec.name), td.train.y)
+                loss = F.cross_entropy(model.logits(feats, td.spec.name), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

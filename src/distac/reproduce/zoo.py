@@ -168,7 +168,7 @@ def _build(
                     progress=progress)
     model = TinyViT(profile.vit, _head_sizes(tasks))
     model.load_state_dict(body, strict=False)
-    probe_heads(model, tasks, seed=seed)
+    probe_heads(model, tasks, seed=seed, shots=profile.probe_shots)
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     _atomic_save(base, path / "base.safetensors")
     recipes = {"ideal": profile.ideal, "long": profile.long, "smooth": profile.smooth}
