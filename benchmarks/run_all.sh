@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The full merge benchmark behind docs/performance.md. Needs ~25 GB free under $DATA and the
 # anchors venv (benchmarks/setup_anchors.sh). Results: JSON lines under $DATA/results; then
-#   python benchmarks/report.py $DATA/results/*.jsonl --plot docs/performance.png
+#   python benchmarks/report.py $DATA/results/{bf16-1g-n2,fp32-2g-n2,bf16-1g-n8,bf16-small-n2}.jsonl --plot docs/performance.png
+#   python benchmarks/report.py --svd $DATA/results/svd-n*.jsonl
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
