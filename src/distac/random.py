@@ -64,17 +64,62 @@ def _lowbias32(x: Tensor) -> Tensor:
 
 
 def hash32(key: tuple[int, int], counter: Tensor) -> Tensor:
-    """32-bit hash of int64 counters (any non-negative value < 2**63) under a 64-bit key."""
+    """32-bit hash of int64 counters (any non-negative value < 2**63) under a 64-bit key.
+
+    The reference form of the hash; :func:`uniform` computes the same bits in place.
+    """
     k0, k1 = key
     h = _lowbias32((counter & _M32) ^ k0)
     return _lowbias32(h ^ (counter >> 32) ^ k1)
+
+
+def _lowbias32_(x: Tensor, tmp: Tensor) -> None:
+    """:func:`_lowbias32` in place on ``x``, using ``tmp`` (same shape) as the only scratch space."""
+    for shift, c in ((16, _C1), (15, _C2)):
+        torch.bitwise_right_shift(x, shift, out=tmp)
+        x.bitwise_xor_(tmp)
+        if c >> 31:  # _mulmod32: the 2^31·(x & 1) term of a multiplier with bit 31 set
+            torch.bitwise_and(x, 1, out=tmp)
+            tmp.bitwise_left_shift_(31)
+            x.mul_(c & 0x7FFFFFFF).add_(tmp)
+        else:
+            x.mul_(c)
+        x.bitwise_and_(_M32)
+    torch.bitwise_right_shift(x, 16, out=tmp)
+    x.bitwise_xor_(tmp)
+
+
+#: counters per block: the int64 scratch of one block (2 × 512 KiB) stays in cache, where a chain of
+#: ~20 whole-tensor ops would stream every intermediate through memory.
+_BLOCK = 1 << 16
 
 
 def uniform(key: tuple[int, int], offset: int, numel: int, *, device: torch.device | str = "cpu") -> Tensor:
     """``numel`` uniform fp32 numbers in [0, 1) for the counters ``offset .. offset + numel - 1``.
 
     The top 24 bits of the hash are used, so every value is exactly representable in fp32 and
-    ``u < 1`` always holds (a keep probability of 1 keeps everything).
+    ``u < 1`` always holds (a keep probability of 1 keeps everything). Equal, bit for bit, to
+    ``(hash32(key, counters) >> 8) / 2**24`` (tested); computed in place, block by block.
     """
-    counter = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
-    return (hash32(key, counter) >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    k0, k1 = key
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    x = torch.empty(min(numel, _BLOCK), dtype=torch.int64, device=device)
+    tmp = torch.empty_like(x)
+    for start in range(0, numel, _BLOCK):
+        n = min(_BLOCK, numel - start)
+        xb, tb = x[:n], tmp[:n]
+        lo = offset + start
+        torch.arange(lo, lo + n, dtype=torch.int64, device=device, out=xb)
+        hi_words = lo >> 32 != (lo + n - 1) >> 32 or lo >> 32
+        if hi_words:  # counters ≥ 2^32: the high word enters the second round
+            torch.bitwise_right_shift(xb, 32, out=tb)
+            high = tb.clone()
+        xb.bitwise_and_(_M32).bitwise_xor_(k0)
+        _lowbias32_(xb, tb)
+        xb.bitwise_xor_(k1)
+        if hi_words:
+            xb.bitwise_xor_(high)
+        _lowbias32_(xb, tb)
+        xb.bitwise_right_shift_(8)
+        out[start : start + n] = xb
+    return out.mul_(1.0 / (1 << 24))
