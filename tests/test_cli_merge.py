@@ -368,7 +368,7 @@ def test_yaml_sidecars_are_checked_against_their_models(project, capsys):
     """A Fisher computed on another model, or on the mean scale, is refused before anything is written."""
     from distac.stats import save_stats
 
-    root, _cfg, base, models = project
+    root, _cfg, _base, models = project
     fishers = [{k: v.float().abs() + 0.1 for k, v in m.items() if v.is_floating_point()} for m in models]
     save_stats(root / "a.fisher.safetensors", fishers[0], kind="fisher", model=models[0], n_examples=8,
                scale="sum", estimator="sampled")

@@ -122,9 +122,9 @@ def test_missing_statistics_error_gives_the_command():
     del partial[1]["b"]
     with pytest.raises(DistacError, match=r"tensor 'b'.*distac stats fisher"):
         distac.merge(base, models, "gradient_matching", fishers=partial)
-    with pytest.raises(DistacError, match="'fisher' statistics.*`distac stats fisher MODEL DATA"):
+    with pytest.raises(DistacError, match=r"'fisher' statistics.*`distac stats fisher MODEL DATA"):
         distac.merge(base, models, "fisher")
-    with pytest.raises(DistacError, match="'gram' statistics.*`distac stats gram MODEL DATA"):
+    with pytest.raises(DistacError, match=r"'gram' statistics.*`distac stats gram MODEL DATA"):
         distac.merge(base, models, "regmean")
     bad = [dict(f) for f in fishers]
     bad[0]["w"] = -bad[0]["w"]

@@ -315,3 +315,20 @@ def test_every_method_is_documented() -> None:
     for m in distac.METHODS.values():
         assert m.summary and m.paper, m.name
         assert m.fn.__doc__ and len(m.fn.__doc__) > 80, m.name
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_per_tensor_ties_in_row_blocks_equals_whole_tensor(method, monkeypatch):
+    """scope='tensor' computes thresholds on the whole tensor, then merges it in row blocks to bound memory."""
+    import distac.methods.sparse as sparse
+
+    g = torch.Generator().manual_seed(11)
+    base = {"w": torch.randn(37, 5, generator=g)}
+    models = [{"w": base["w"] + torch.randn(37, 5, generator=g)} for _ in range(3)]
+    params: dict[str, Any] = {"scope": "tensor", "weights": [1.0, -0.5, 2.0]}
+    if method == "dare_ties":
+        params["trim_density"] = 0.3
+    whole = distac.merge(base, models, method, device="cpu", **params)
+    monkeypatch.setattr(sparse, "_BLOCK_ELEMS", 3 * 5 * 4)  # blocks of 4 rows, the last one partial
+    blocked = distac.merge(base, models, method, device="cpu", **params)
+    assert torch.equal(whole["w"], blocked["w"])

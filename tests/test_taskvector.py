@@ -64,7 +64,7 @@ def test_apply_to_roundtrip_keeps_dtype_and_copies_buffers():
 def test_mismatched_models_name_the_tensor():
     base, ft = _sd(0), _sd(1)
     ft["enc.w"] = torch.randn(5, 3)
-    with pytest.raises(DistacError, match="enc.w"):
+    with pytest.raises(DistacError, match=r"enc\.w"):
         TaskVector.from_models(base, ft)
     del ft["enc.b"]
     with pytest.raises(DistacError, match="missing"):

@@ -211,6 +211,27 @@ def disjoint_merge(x: Tensor, sign: Tensor, merge_fn: str) -> Tensor:
     return total / agree.sum(0, dtype=x.dtype).clamp(min=1)
 
 
+#: elements of (N, rows, ...) per block in :func:`_blockwise` (16 MiB of fp32)
+_BLOCK_ELEMS = 1 << 22
+
+
+def _blockwise(deltas: Tensor, fn) -> Tensor:
+    """``fn(deltas)`` computed over blocks of rows, for an element-wise ``fn: (N, *S) -> S``.
+
+    Once per-tensor thresholds are known the rest of TIES is element-wise, but its masks and
+    weighted copies are (N, *S) temporaries; on a whole embedding matrix they cost several times
+    the inputs. Blocks of rows cap them at a few × 16 MiB, whatever the tensor's size.
+    """
+    if deltas.dim() < 2 or deltas.numel() <= _BLOCK_ELEMS:
+        return fn(deltas)
+    rows = deltas.shape[1]
+    step = max(1, _BLOCK_ELEMS // max(1, deltas[:, :1].numel()))
+    out = torch.empty(deltas.shape[1:], dtype=deltas.dtype, device=deltas.device)
+    for r in range(0, rows, step):
+        out[r : r + step] = fn(deltas[:, r : r + step])
+    return out
+
+
 def _combine(
     sparse: Tensor, *, weights: float | list[float] | None, elect: bool, merge_fn: str, scale: float
 ) -> Tensor:
@@ -246,7 +267,10 @@ def ties(
     sum of the agreeing weights; the DisTaC repository keeps the top 10% (``density=0.1``).
     """
     thr = magnitude_thresholds(deltas, density=density, scope=scope, ctx=ctx)
-    return _combine(trim_magnitude(deltas, thr), weights=weights, elect=True, merge_fn=merge_fn, scale=scale)
+    return _blockwise(
+        deltas,
+        lambda d: _combine(trim_magnitude(d, thr), weights=weights, elect=True, merge_fn=merge_fn, scale=scale),
+    )
 
 
 def dare_linear(
@@ -298,7 +322,10 @@ def dare_ties(
     """
     dropped = dare(deltas, density=density, seed=seed, ctx=ctx)
     thr = magnitude_thresholds(dropped, density=trim_density, scope=scope, ctx=ctx)
-    return _combine(trim_magnitude(dropped, thr), weights=weights, elect=True, merge_fn=merge_fn, scale=scale)
+    return _blockwise(
+        dropped,
+        lambda d: _combine(trim_magnitude(d, thr), weights=weights, elect=True, merge_fn=merge_fn, scale=scale),
+    )
 
 
 def breadcrumbs(
