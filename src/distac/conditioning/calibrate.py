@@ -2,9 +2,10 @@
 
 DisTaC makes sources over-confident on purpose and recommends calibrating the *merged* model. For each
 task, with the merged shared weights and that task's head, distac fits one scalar T > 0 that
-minimises the NLL of ``softmax(z / T)`` on labeled held-out data. The search runs over log T (so T
-stays positive) with L-BFGS (strong-Wolfe line search) from T = 1; NLL(1/T) is convex in 1/T, so the
-single minimum is found. If the optimiser ends worse than T = 1 (it never should), T = 1 is kept.
+minimises the NLL of ``softmax(z / T)`` on labeled held-out data. NLL is convex in 1/T, hence
+unimodal in log T, so a golden-section search over log T in [0.01, 100] finds the single minimum
+(separable data, whose NLL only falls as T → 0, gets the bound 0.01). If the result were ever worse
+than T = 1, T = 1 is kept.
 
 Temperatures are stored next to the merged weights in ``temperatures.json``::
 
@@ -64,23 +65,40 @@ class CalibrationResult:
         return asdict(self)
 
 
-def fit_temperature(logits: Tensor, labels: Tensor, *, max_iter: int = 100) -> CalibrationResult:
-    """Fit T = exp(s) minimising mean NLL(softmax(logits / T), labels) with L-BFGS over s."""
+#: T is searched in [1/100, 100]. Separable validation data (every example right) has NLL → 0 as
+#: T → 0 with no finite minimum; the bound turns that into T = 0.01 instead of an overflow.
+T_BOUNDS = (1e-2, 1e2)
+
+
+def fit_temperature(logits: Tensor, labels: Tensor, *, tol: float = 1e-6) -> CalibrationResult:
+    """Fit T minimising mean NLL(softmax(logits / T), labels) over T in :data:`T_BOUNDS`.
+
+    The NLL is convex in 1/T, hence unimodal in s = log T, so a golden-section search over s finds
+    the minimum to ``tol`` (in s) without gradients, line searches or any risk of diverging to
+    T → 0 (an earlier L-BFGS version overflowed on small, separable validation splits).
+    """
     logits, labels = logits.detach().float().cpu(), labels.detach().long().cpu()
     before = nll(logits, labels)  # also checks shapes and label range
-    log_t = torch.zeros((), requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), labels)
-        loss.backward()
-        return loss
+    def f(s: float) -> float:
+        return float(F.cross_entropy(logits / math.exp(s), labels))
 
-    opt.step(closure)
-    t = float(log_t.detach().exp())
-    after = nll(logits, labels, temperature=t) if math.isfinite(t) and t > 0 else math.inf
-    if not after <= before:
+    lo, hi = math.log(T_BOUNDS[0]), math.log(T_BOUNDS[1])
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = f(a), f(b)
+    while hi - lo > tol:
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = f(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = f(b)
+    t = math.exp((lo + hi) / 2)
+    after = nll(logits, labels, temperature=t)
+    if not after <= before:  # T = 1 is kept if the search were ever worse
         t, after = 1.0, before
     return CalibrationResult(
         temperature=t, nll_before=before, nll_after=after,

@@ -260,8 +260,8 @@ def run_cell(
         try:
             t = float(distac.calibrate(evaluator.task_model(task_state, name), task_state, td.val.x, td.val.y))
         except RuntimeError as e:
-            # seen with tiny validation splits that the merged model separates perfectly: the NLL
-            # optimum is T -> 0 and L-BFGS overflows. Recorded as NaN (visible in the tables), not hidden.
+            # a failed calibration (e.g. an empty or degenerate validation split) is recorded as NaN,
+            # visible in the tables, rather than aborting the whole grid.
             warnings.warn(f"{spec.method}/{sources.setting}/{sources.source}: calibrating task '{name}' failed: {e}",
                           stacklevel=2)
             t = math.nan
