@@ -241,6 +241,16 @@ def _combine(
     return scale * merged
 
 
+def _trim_elect_merge(
+    x: Tensor, thresholds: Tensor, *, weights: float | list[float] | None, merge_fn: str, scale: float
+) -> Tensor:
+    """TIES after the thresholds are known: trim, weight, elect, disjoint merge, scale — in row blocks."""
+    return _blockwise(
+        x,
+        lambda d: _combine(trim_magnitude(d, thresholds), weights=weights, elect=True, merge_fn=merge_fn, scale=scale),
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # registered methods
 # ----------------------------------------------------------------------------------------------
@@ -267,10 +277,7 @@ def ties(
     sum of the agreeing weights; the DisTaC repository keeps the top 10% (``density=0.1``).
     """
     thr = magnitude_thresholds(deltas, density=density, scope=scope, ctx=ctx)
-    return _blockwise(
-        deltas,
-        lambda d: _combine(trim_magnitude(d, thr), weights=weights, elect=True, merge_fn=merge_fn, scale=scale),
-    )
+    return _trim_elect_merge(deltas, thr, weights=weights, merge_fn=merge_fn, scale=scale)
 
 
 def dare_linear(
@@ -322,10 +329,7 @@ def dare_ties(
     """
     dropped = dare(deltas, density=density, seed=seed, ctx=ctx)
     thr = magnitude_thresholds(dropped, density=trim_density, scope=scope, ctx=ctx)
-    return _blockwise(
-        dropped,
-        lambda d: _combine(trim_magnitude(d, thr), weights=weights, elect=True, merge_fn=merge_fn, scale=scale),
-    )
+    return _trim_elect_merge(dropped, thr, weights=weights, merge_fn=merge_fn, scale=scale)
 
 
 def breadcrumbs(

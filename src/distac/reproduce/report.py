@@ -10,7 +10,7 @@ import csv
 import io
 import os
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,46 +72,38 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def headline_table(cells: Sequence[CellResult], labels: Sequence[str]) -> str:
     """Method × column: mean test accuracy (normalised accuracy), mean ± sd over seeds."""
+    return _method_by_column(
+        cells, labels, lambda cs: f"{_fmt([c.mean_acc for c in cs])} ({_fmt([c.mean_norm for c in cs])})"
+    )
+
+
+def _method_by_column(
+    cells: Sequence[CellResult], labels: Sequence[str], fmt: Callable[[list[CellResult]], str]
+) -> str:
+    """A method × (setting, source) markdown table; ``fmt`` renders one cell's results over seeds."""
     by = _by_key(cells)
     rows = []
     for lab in labels:
         row = [lab]
         for setting, source in COLUMNS:
             cs = by.get((lab, setting, source))
-            row.append(f"{_fmt([c.mean_acc for c in cs])} ({_fmt([c.mean_norm for c in cs])})" if cs else "–")
+            row.append(fmt(cs) if cs else "–")
         rows.append(row)
     return _md_table(["method", *(_COL_TITLE[c] for c in COLUMNS)], rows)
 
 
 def ece_table(cells: Sequence[CellResult], labels: Sequence[str]) -> str:
     """Method × column: mean test ECE (%) before → after per-task temperature scaling."""
-    by = _by_key(cells)
-    rows = []
-    for lab in labels:
-        row = [lab]
-        for setting, source in COLUMNS:
-            cs = by.get((lab, setting, source))
-            if not cs:
-                row.append("–")
-                continue
-            b = [100 * statistics.fmean(c.ece_before) for c in cs]
-            a = [100 * statistics.fmean(c.ece_after) for c in cs]
-            row.append(f"{_fmt(b)} → {_fmt(a)}")
-        rows.append(row)
-    return _md_table(["method", *(_COL_TITLE[c] for c in COLUMNS)], rows)
+    return _method_by_column(
+        cells, labels,
+        lambda cs: f"{_fmt([100 * statistics.fmean(c.ece_before) for c in cs])} → "
+                   f"{_fmt([100 * statistics.fmean(c.ece_after) for c in cs])}",
+    )
 
 
 def alpha_table(cells: Sequence[CellResult], labels: Sequence[str]) -> str:
     """The α selected on validation per cell (seed 0's, then the others)."""
-    by = _by_key(cells)
-    rows = []
-    for lab in labels:
-        row = [lab]
-        for setting, source in COLUMNS:
-            cs = by.get((lab, setting, source))
-            row.append("/".join(f"{c.alpha:g}" for c in cs) if cs else "–")
-        rows.append(row)
-    return _md_table(["method", *(_COL_TITLE[c] for c in COLUMNS)], rows)
+    return _method_by_column(cells, labels, lambda cs: "/".join(f"{c.alpha:g}" for c in cs))
 
 
 def sources_table(sources: Sequence[tuple[SourceSet, list[float]]], names: Sequence[str]) -> str:
