@@ -469,19 +469,6 @@ def _merge_piece(plan: MergePlan, base: TensorSource, item: Loaded) -> Tensor:
     return item.base + out
 
 
-def merge_one(
-    plan: MergePlan,
-    base: TensorSource,
-    models: Sequence[TensorSource],
-    name: str,
-    *,
-    stats: Mapping[str, Any] | None = None,
-    device: torch.device | str = "cpu",
-) -> Tensor:
-    """Merge one tensor (whole) and return it in fp32 (the writer casts)."""
-    return _merge_piece(plan, base, _load(base, models, Work(name), stats or {}, torch.device(device)))
-
-
 def run_merge(
     base: TensorSource,
     models: Sequence[TensorSource],
