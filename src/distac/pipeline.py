@@ -277,8 +277,6 @@ def _check_out_path(out: Path, inputs: Sequence[Path]) -> None:
             raise DistacError(f"{out}: the output directory overlaps the input {p}; choose another --out")
 
 
-#: sidecar kinds (``distac.stats`` metadata) accepted for each config key
-_SIDECAR_KINDS = {"fisher": ("fisher", "adam"), "gram": ("gram",)}
 
 
 def _open_sidecar(path: Path, key: str, what: str, model: Checkpoint) -> Checkpoint:
@@ -289,12 +287,12 @@ def _open_sidecar(path: Path, key: str, what: str, model: Checkpoint) -> Checkpo
     with ``check_values=False``: it reads headers and the ≤ 64 sampled rows per tensor of the
     fingerprint, not the model; the methods check the values as they merge). A plain safetensors
     file keyed like the model is taken as is."""
-    from .stats.sidecar import verify_sidecar
+    from .stats.sidecar import ACCEPTED_KINDS, verify_sidecar
 
     src = open_checkpoint(path, label=f"{what} ({path})")
     meta = read_header(src.files[0].path)[1] if isinstance(src.files[0], SafetensorsFile) else {}
     if meta.get("format", "").startswith("distac-stats/"):
-        if meta.get("kind") not in _SIDECAR_KINDS[key]:
+        if meta.get("kind") not in ACCEPTED_KINDS[key]:
             src.close()
             raise DistacError(f"{path}: holds '{meta.get('kind')}' statistics, but the config uses it as '{key}'")
         try:

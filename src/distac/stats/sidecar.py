@@ -41,6 +41,8 @@ __all__ = [
 
 FORMAT = "distac-stats/1"
 KINDS = ("fisher", "adam", "gram")
+#: sidecar kinds accepted where a statistic is asked for: Adam second moments stand in for a Fisher
+ACCEPTED_KINDS = {"fisher": ("fisher", "adam"), "adam": ("adam",), "gram": ("gram",)}
 _SAMPLE = 64  # values per tensor in the fingerprint: cheap, yet any fine-tuning step changes them
 
 
@@ -289,7 +291,7 @@ def verify_sidecar(
     methods expect ``"sum"``).
     """
     meta = read_stats_metadata(path)
-    accepted = {"fisher": ("fisher", "adam")}.get(kind or "", (kind,)) if kind else KINDS
+    accepted = ACCEPTED_KINDS.get(kind, (kind,)) if kind else KINDS
     if meta["kind"] not in accepted:
         raise DistacError(f"{path}: holds '{meta['kind']}' statistics, expected {kind}")
     if scale is not None and meta["scale"] != scale:
