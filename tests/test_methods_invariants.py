@@ -279,6 +279,15 @@ def test_hash_matches_python_reference_without_overflow() -> None:
     assert stream_key(0, "w") == stream_key(0, "w") and stream_key(0, "w") != stream_key(0, "w", 0)
 
 
+@pytest.mark.parametrize("offset", [0, 2**32 - 70_000, 2**40 + 3])
+def test_in_place_uniform_is_the_reference_hash(offset: int) -> None:
+    """uniform() computes hash32 in place, block by block: same bits, across blocks and past 2**32."""
+    key = stream_key(3, "emb.weight", 2)
+    n = 140_000  # > 2 blocks of 65 536; the middle offset straddles 2**32
+    want = (hash32(key, torch.arange(offset, offset + n, dtype=torch.int64)) >> 8).to(torch.float32) / 2**24
+    assert torch.equal(uniform(key, offset, n), want)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_dare_same_on_cuda_and_cpu() -> None:
     d = torch.randn(2, 1000, 3, generator=G)
