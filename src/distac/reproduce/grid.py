@@ -79,7 +79,10 @@ METHOD_SPECS: tuple[MethodSpec, ...] = (
     MethodSpec("tsv_m", "TSV-M", "mean"),
     MethodSpec("iso_c", "Iso-C", "mean"),
     MethodSpec("iso_cts", "Iso-CTS", "mean"),
-    MethodSpec("fisher", "Fisher", "mean", fisher=True),
+    # multi-task merging has no target model, so the floor goes to every model (FusionBench's
+    # convention): a parameter no task has curvature on (e.g. the embedding of a word none of the
+    # Fisher samples contains, half of MiniLM's entries) takes the mean of the τ_t, not τ of task 0.
+    MethodSpec("fisher", "Fisher", "mean", {"favor_target_model": False}, fisher=True),
     # H_t and H_0 on the sum scale; α enters the formula non-linearly, so every α is a merge
     MethodSpec("gradient_matching", "Gradient matching", "sum", fisher=True, base_fisher=True, linear=False),
 )
