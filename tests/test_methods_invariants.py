@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import distac
+import distac.random as R
 from distac import get_method
 from distac.methods import TensorContext
 from distac.methods.sparse import dare
@@ -281,11 +282,63 @@ def test_hash_matches_python_reference_without_overflow() -> None:
 
 @pytest.mark.parametrize("offset", [0, 2**32 - 70_000, 2**40 + 3])
 def test_in_place_uniform_is_the_reference_hash(offset: int) -> None:
-    """uniform() computes hash32 in place, block by block: same bits, across blocks and past 2**32."""
+    """uniform() computes hash32 in groups of aligned rows: same bits, across groups and past 2**32."""
     key = stream_key(3, "emb.weight", 2)
-    n = 140_000  # > 2 blocks of 65 536; the middle offset straddles 2**32
+    n = 140_000  # > one CPU group of 2**17 counters; the middle offset straddles 2**32
     want = (hash32(key, torch.arange(offset, offset + n, dtype=torch.int64)) >> 8).to(torch.float32) / 2**24
     assert torch.equal(uniform(key, offset, n), want)
+
+
+@pytest.mark.parametrize("offset", [0, 5, 2**14 - 3, 2**32 - 70_000, 2**40 + 3])
+def test_int32_path_is_the_reference_hash(offset: int) -> None:
+    """The torch int32 path (used on CUDA) gives hash32's bits; run here on the CPU, small and large groups."""
+    key = stream_key(3, "emb.weight", 2)
+    n = 100_003
+    want = hash32(key, torch.arange(offset, offset + n, dtype=torch.int64))
+    for group in (1, 3, 1024):
+        got = torch.cat([h.clone() for h, _ in R._hash_torch(key, offset, n, torch.device("cpu"), group)])
+        assert torch.equal(got.long() & 0xFFFFFFFF, want), group
+    assert R._int32_wraps(torch.device("cpu"))
+    # the int64 fallback for a device whose int32 multiply would not wrap
+    assert torch.equal(R._uniform_int64(key, offset, n, torch.device("cpu")), uniform(key, offset, n))
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 0.9, 1e-3, 1 - 2**-25, 0.5 + 2**-30, 0.5 - 2**-30, 1.0, 1e-45])
+def test_keep_mask_and_keep_where_equal_the_uniform_comparison(density: float) -> None:
+    key = stream_key(0, "layers.0.mlp.weight", 1)
+    offset, n = 2**32 - 40_000, 90_001
+    u = uniform(key, offset, n)
+    keep = u < density
+    assert torch.equal(R.keep_mask(key, offset, n, density), keep)
+    x = torch.randn(n, generator=G)
+    x[:7] = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3e38, -3e38, 1.0])
+    want = torch.where(keep, x, torch.zeros(()))
+    got = R.keep_where(key, offset, density, x)
+    # bit for bit, signed zeros included
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    # the non-fp32 fallback is the same
+    assert torch.equal(R.keep_where(key, offset, density, x.double()), want.double())
+
+
+def test_keep_threshold_is_the_fp32_comparison_at_the_boundary() -> None:
+    """m / 2**24 < density (as torch compares: density rounded to fp32) ⇔ m < keep_threshold(density)."""
+    for density in (0.2, 0.3, 0.5 + 2**-30, 0.5 - 2**-30, 2**-24, 3 * 2**-25, 0.999999):
+        t = R.keep_threshold(density)
+        m = torch.tensor([t - 2, t - 1, t, t + 1], dtype=torch.float32) / 2**24
+        assert (m < density).tolist() == [True, True, False, False], density
+
+
+def test_keep_mask_rate_and_independence() -> None:
+    """Empirical keep rate within 4 sigma, and no correlation between neighbouring entries or models."""
+    n = 1_000_000
+    for density in (0.1, 0.2, 0.5, 0.9):
+        a = R.keep_mask(stream_key(0, "w", 0), 12_345, n, density).float()
+        b = R.keep_mask(stream_key(0, "w", 1), 12_345, n, density).float()
+        sigma = (density * (1 - density) / n) ** 0.5
+        assert abs(float(a.mean()) - density) < 4 * sigma
+        for lag in (1, 2, 1536, 2**14):  # neighbours, a row of the benchmark matrices, a hash row
+            assert abs(float(torch.corrcoef(torch.stack([a[:-lag], a[lag:]]))[0, 1])) < 0.005, lag
+        assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 0.005
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

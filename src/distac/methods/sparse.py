@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DistacError
-from ..random import stream_key, uniform
+from ..random import keep_where, stream_key
 from ..thresholds import magnitude_threshold
 from ._registry import Method, OneOf, PerModel, Prepass, Range, TensorContext
 from .basic import Weights, model_weights
@@ -146,12 +146,12 @@ def dare(deltas: Tensor, *, density: float | list[float], seed: int | list[int],
     n = deltas.shape[0]
     dens, keys = _per_model(density, n), model_keys(seed, ctx.name, n)
     out = torch.empty_like(deltas)
-    per_model = deltas[0].numel()
     for i, d in enumerate(dens):
-        u = uniform(keys[i], ctx.offset, per_model, device=deltas.device)
-        keep = u.reshape(deltas.shape[1:]) < d
-        # δ/d, not δ·(1/d): exact for d = 1 and matches the reference's division.
-        out[i] = torch.where(keep, deltas[i] / d, torch.zeros((), dtype=deltas.dtype, device=deltas.device))
+        # = torch.where(uniform(...) < d, δ, 0) bit for bit, without materialising the uniforms
+        keep_where(keys[i], ctx.offset, d, deltas[i], out=out[i])
+        if d != 1:
+            # where(keep, δ, 0) / d = where(keep, δ/d, 0) exactly: δ/d, not δ·(1/d), as the reference
+            out[i].div_(d)
     return out
 
 
@@ -236,9 +236,10 @@ def _combine(
     sparse: Tensor, *, weights: float | list[float] | None, elect: bool, merge_fn: str, scale: float
 ) -> Tensor:
     """The last three columns of the table: weight, (elect + disjoint merge | sum), scale."""
-    x = model_weights(weights, sparse.shape[0], sparse) * sparse
+    # unit weights and scale 1 are skipped: 1·x = x exactly, and each costs a pass and a copy
+    x = sparse if weights is None else model_weights(weights, sparse.shape[0], sparse) * sparse
     merged = disjoint_merge(x, elect_sign(x), merge_fn) if elect else x.sum(0)
-    return scale * merged
+    return merged if scale == 1 else scale * merged
 
 
 def _trim_elect_merge(
