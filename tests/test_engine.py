@@ -32,7 +32,11 @@ PARAMS: dict[str, dict] = {
 #: extra cases beyond one per method
 EXTRA = [
     ("ties", {"density": 0.3, "scope": "tensor", "merge_fn": "sum"}),
+    ("ties", {"density": [0.2, 1.0], "scope": "tensor"}),  # one model keeps everything
+    ("ties", {"density": 1.0, "scope": "tensor"}),  # no threshold passes at all
     ("ties", {"density": [0.2, 0.5], "weights": [0.6, 1.0]}),
+    ("dare_ties", {"density": 0.7, "trim_density": 0.4, "seed": 1, "scope": "tensor"}),
+    ("consensus_ties", {"k": 1, "density": 0.4, "scope": "tensor"}),
 ]
 
 
@@ -109,6 +113,30 @@ def test_chunking_happens_only_for_chunkable_methods_and_keeps_offsets():
     emb = [s for n, s in seen["task_arithmetic"] if n == "embed.weight"]
     assert len(emb) > 1 and sum(s[0] for s in emb) == base["embed.weight"].shape[0]
     assert [s for n, s in seen["slerp"] if n == "embed.weight"] == [tuple(base["embed.weight"].shape)]
+
+
+def test_per_tensor_ties_is_chunked_with_two_threshold_passes_per_split_tensor():
+    """scope=tensor: a split tensor's pieces are read three times (two radix passes, then the merge),
+    a whole one once; only merge pieces reach the sink, and the result is the in-memory one."""
+    base = tiny_state(0)
+    models = [finetuned(base, i) for i in range(2)]
+    params = {"density": 0.3, "scope": "tensor"}
+    want = distac.merge(base, models, "ties", device="cpu", **params)
+    reads: dict[str, int] = {}
+
+    class Counting(DictSource):
+        def get_rows(self, name, start, stop):
+            reads[name] = reads.get(name, 0) + 1
+            return super().get_rows(name, start, stop)
+
+    got: dict[str, list] = {}
+    run_merge(Counting(base, "base"), [DictSource(m) for m in models], "ties", params,
+              lambda n, t: got.setdefault(n, []).append(t), chunk_bytes=256, prefetch=True)
+    assert len(got["embed.weight"]) > 1
+    pieces = len(got["embed.weight"])
+    assert reads["embed.weight"] == 3 * pieces
+    for k, v in want.items():
+        assert torch.equal(torch.cat(got[k]).to(v.dtype) if len(got[k]) > 1 else got[k][0].to(v.dtype), v), k
 
 
 def test_split_rows():

@@ -10,10 +10,11 @@ import torch
 
 import distac
 import distac.random as R
-from distac import get_method
+from distac import DistacError, get_method
 from distac.methods import TensorContext
 from distac.methods.sparse import dare
 from distac.random import hash32, stream_key, uniform
+from distac.thresholds import magnitude_threshold
 
 G = torch.Generator().manual_seed(1234)
 SHAPES = {"emb": (12, 8), "l1.weight": (8, 8), "l1.bias": (8,), "ln.weight": (8,), "head": (3, 8)}
@@ -121,7 +122,8 @@ def test_ties_global_scope_is_chunk_invariant() -> None:
     g = torch.Generator().manual_seed(1234)
     thr = torch.tensor([1.0, 0.5, 2.0])
     m = get_method("ties")
-    assert m.is_chunkable(m.resolve({}, 3)) and not m.is_chunkable(m.resolve({"scope": "tensor"}, 3))
+    # per-tensor scope is chunkable too: the engine hands split tensors their thresholds
+    assert m.is_chunkable(m.resolve({}, 3)) and m.is_chunkable(m.resolve({"scope": "tensor"}, 3))
     p = m.resolve({"merge_fn": "mean"}, 3)
     for _ in range(10):
         d = torch.randint(-2, 3, (3, 10, 6), generator=g).float()
@@ -129,6 +131,22 @@ def test_ties_global_scope_is_chunk_invariant() -> None:
         parts = [m(torch.zeros(r.shape[1:]), r, ctx=TensorContext("w", (10, 6), 6 * a, thr), **p)
                  for a, r in ((0, d[:, :4]), (4, d[:, 4:]))]
         assert torch.equal(whole, torch.cat(parts))
+
+
+def test_ties_tensor_scope_chunks_take_the_tensor_thresholds() -> None:
+    """Row chunks of a per-tensor TIES merge, given the whole tensor's thresholds, equal the whole merge;
+    a chunk without them is refused rather than trimmed by its own (wrong) quantile."""
+    g = torch.Generator().manual_seed(99)
+    m = get_method("ties")
+    p = m.resolve({"scope": "tensor", "density": [0.3, 0.5, 0.2]}, 3)
+    d = torch.randn(3, 10, 6, generator=g)
+    thr = torch.tensor([magnitude_threshold(d[i], q) for i, q in enumerate([0.3, 0.5, 0.2])])
+    whole = m(torch.zeros(10, 6), d, ctx=TensorContext("w", (10, 6)), **p)
+    parts = [m(torch.zeros(r.shape[1:]), r, ctx=TensorContext("w", (10, 6), 6 * a, thr), **p)
+             for a, r in ((0, d[:, :4]), (4, d[:, 4:]))]
+    assert torch.equal(whole, torch.cat(parts))
+    with pytest.raises(DistacError, match="row chunk without the tensor's thresholds"):
+        m(torch.zeros(4, 6), d[:, :4], ctx=TensorContext("w", (10, 6)), **p)
 
 
 def test_ties_weights_scale_and_negate() -> None:

@@ -16,7 +16,13 @@ Memory and speed (issue #6, anchors.md §5.4):
   element-wise (``Method.is_chunkable``); ``ctx.offset`` is the flat element offset of the piece,
   so counter-based randomness (DARE) gives the same result chunked or not;
 * a background thread reads the next piece while the current one is merged (I/O overlapped with
-  compute). At most two pieces are alive at once: the one being merged and the one prefetched.
+  compute). At most two pieces are alive at once: the one being merged and the one prefetched;
+* a method whose thresholds are *per tensor* (TIES ``scope: tensor``: a ``Prepass`` with
+  ``per_tensor``) is row-chunked too: before the pieces of a split tensor are merged, the engine
+  reads them twice more for that tensor's exact two-pass radix selection
+  (:class:`~distac.thresholds.KthMagnitude`) and passes the result as ``ctx.thresholds``. A tensor
+  that fits one piece is merged whole and the method computes its own threshold (``kthvalue``);
+  both give the same bits, so memory stays at a few pieces whatever the largest tensor.
 """
 
 from __future__ import annotations
@@ -135,6 +141,9 @@ class MergePlan:
     thresholds: Tensor | None = None
     norms: dict[str, Tensor] = field(default_factory=dict)
     chunkable: bool = False
+    #: the method's per-tensor threshold pre-pass (``Prepass`` with ``per_tensor``), run tensor by
+    #: tensor during the merge for tensors split into several pieces
+    tensor_prepass: Any = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +153,8 @@ class Work:
     name: str
     rows: tuple[int, int] | None = None
     copy: bool = False
+    #: 0: merge this piece; 1 or 2: feed it to pass 1 or 2 of its tensor's threshold selection
+    prepass: int = 0
 
 
 @dataclass
@@ -415,6 +426,9 @@ def plan_merge(
     pre = m.plan_prepass(resolved, len(models))
     if pre is None:
         return plan
+    if getattr(pre, "per_tensor", False):  # thresholds of each tensor, computed during the merge
+        plan.tensor_prepass = pre
+        return plan
     stats = stats or {}
     if pre.density is not None:
         total = sum(_numel(base.shape(k)) for k in names)
@@ -457,9 +471,10 @@ def _with_progress(pieces: list[Work], progress: Callable[[Iterator[str], str], 
         yield w
 
 
-def _merge_piece(plan: MergePlan, base: TensorSource, item: Loaded) -> Tensor:
+def _merge_piece(plan: MergePlan, base: TensorSource, item: Loaded, thresholds: Tensor | None = None) -> Tensor:
     w = item.work
-    ctx = TensorContext(w.name, tuple(base.shape(w.name)), _offset(base, w), plan.thresholds, item.stats, plan.norms)
+    thr = plan.thresholds if thresholds is None else thresholds
+    ctx = TensorContext(w.name, tuple(base.shape(w.name)), _offset(base, w), thr, item.stats, plan.norms)
     try:
         out = plan.method(item.base, item.deltas, ctx=ctx, **plan.params)
     except DistacError:
@@ -503,6 +518,10 @@ def run_merge(
     merged = set(plan.names)
     budget = chunk_bytes if plan.chunkable else None
     n_inputs = len(models) + 1
+    pre = plan.tensor_prepass
+
+    def ranks(k: str) -> list[int]:
+        return [kth_smallest_rank(_numel(base.shape(k)), d) for d in pre.density]
 
     def work() -> Iterator[Work]:
         for k in base.keys():
@@ -512,16 +531,37 @@ def run_merge(
             elif ranges is None:
                 yield Work(k)
             else:
+                if pre is not None and any(r > 0 for r in ranks(k)):  # this tensor's threshold passes
+                    yield from (Work(k, r, prepass=1) for r in ranges)
+                    yield from (Work(k, r, prepass=2) for r in ranges)
                 yield from (Work(k, r) for r in ranges)
 
+    sel: KthMagnitude | None = None
+    thresholds: dict[str, Tensor] = {}  # per-tensor thresholds of the split tensor being merged
     pool = BufferPool(2 if prefetch else 1, device)
     for item in _stream(work(), lambda w: _load(base, models, w, stats, device, pool), prefetch=prefetch,
                         release=lambda x: pool.give(x.buffer)):
         w = item.work
-        sink(w.name, item.base if w.copy else _merge_piece(plan, base, item))
+        last = w.rows is None or w.rows[1] == base.shape(w.name)[0]
+        if w.prepass:
+            if sel is None:
+                sel = KthMagnitude(ranks(w.name))
+            ctx = TensorContext(w.name, tuple(base.shape(w.name)), _offset(base, w), stats=item.stats)
+            x = pre.transform(item.base, item.deltas, ctx) if pre.transform else item.deltas
+            for i in range(x.shape[0]):
+                sel.add(i, x[i].cpu())
+            if last and w.prepass == 1:
+                sel.next_pass()
+            elif last:
+                thresholds = {w.name: sel.result().to(device)}
+                sel = None
+            continue
+        if pre is not None and w.rows is not None and w.name not in thresholds:
+            # a split tensor every model keeps whole (density 1): no passes were needed
+            thresholds = {w.name: KthMagnitude(ranks(w.name)).result().to(device)}
+        sink(w.name, item.base if w.copy else _merge_piece(plan, base, item, thresholds.get(w.name)))
         if on_piece is not None:
-            done = w.rows is None or w.rows[1] == base.shape(w.name)[0]
-            on_piece(w.name, item.nbytes, done)
+            on_piece(w.name, item.nbytes, last)
     return plan
 
 

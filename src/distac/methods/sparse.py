@@ -48,6 +48,7 @@ gamma           gamma                (no Breadcrumbs)                top_k_remov
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import torch
@@ -108,8 +109,10 @@ def magnitude_thresholds(
     """Per-model thresholds, shape (N,): the engine's global pre-pass, or this tensor's own.
 
     ``scope="global"`` (official TIES ``topk_values_mask`` over the flattened model, FusionBench,
-    TALL, DisTaC) reads ``ctx.thresholds``; ``scope="tensor"`` (mergekit, peft) computes the
-    threshold of this tensor alone with :func:`distac.thresholds.magnitude_threshold`.
+    TALL, DisTaC) reads ``ctx.thresholds``; ``scope="tensor"`` (mergekit, peft) uses the threshold
+    of this tensor alone: the engine's, computed over the row chunks of a tensor it splits (two-pass
+    radix selection), else :func:`distac.thresholds.magnitude_threshold` on the whole tensor. Both
+    equal ``torch.kthvalue`` on ``|τ|`` bit for bit.
     """
     if scope == "global":
         if ctx.thresholds is None:
@@ -118,6 +121,13 @@ def magnitude_thresholds(
                 "pre-pass; call the method through distac.merge, or use scope='tensor'"
             )
         return ctx.thresholds.to(deltas.device, deltas.dtype)
+    if ctx.thresholds is not None:
+        return ctx.thresholds.to(deltas.device, deltas.dtype)
+    if tuple(deltas.shape[1:]) != tuple(ctx.shape):
+        raise DistacError(
+            f"tensor '{ctx.name}': scope='tensor' got a row chunk without the tensor's thresholds; "
+            "the engine computes them for the tensors it splits"
+        )
     dens = _per_model(density, deltas.shape[0])
     return torch.tensor(
         [magnitude_threshold(deltas[i], d) for i, d in enumerate(dens)], dtype=deltas.dtype, device=deltas.device
@@ -440,29 +450,41 @@ def consensus_ties(
 # ----------------------------------------------------------------------------------------------
 # what the engine must do for each
 # ----------------------------------------------------------------------------------------------
-def _global_trim(key: str) -> Any:
-    """Pre-pass planner: exact global thresholds of ``params[key]`` when ``scope == "global"``."""
+@dataclass(frozen=True)
+class TensorPrepass(Prepass):
+    """A :class:`Prepass` whose thresholds are per tensor (``scope="tensor"``), not per model.
+
+    The engine does not run it over the whole model first: for each tensor it splits into row
+    chunks, it runs the two radix passes over that tensor's chunks just before merging them, and
+    hands the result to the method as ``ctx.thresholds``. Tensors it merges whole get none, and the
+    method computes their threshold itself. So per-tensor TIES is row-chunkable like global TIES.
+    """
+
+    per_tensor: bool = True
+
+
+def _trim_prepass(params: Mapping[str, Any], n: int, key: str, transform=None) -> Prepass:
+    dens = _per_model(params[key], n)
+    if params["scope"] == "global":
+        return Prepass(density=dens, transform=transform)
+    return TensorPrepass(density=dens, transform=transform)
+
+
+def _trim_planner(key: str) -> Any:
+    """Pre-pass planner: exact thresholds of ``params[key]``, over the model or per tensor (``scope``)."""
 
     def plan(params: Mapping[str, Any], n: int) -> Prepass | None:
-        return Prepass(density=_per_model(params[key], n)) if params["scope"] == "global" else None
+        return _trim_prepass(params, n, key)
 
     return plan
 
 
 def _dare_ties_prepass(params: Mapping[str, Any], n: int) -> Prepass | None:
-    if params["scope"] != "global":
-        return None
-
     def dared(base: Tensor, deltas: Tensor, ctx: TensorContext) -> Tensor:
         # the trim threshold is a quantile of the DARE'd (dropped and rescaled) task vector
         return dare(deltas, density=params["density"], seed=params["seed"], ctx=ctx)
 
-    return Prepass(density=_per_model(params["trim_density"], n), transform=dared)
-
-
-def _is_global(params: Mapping[str, Any]) -> bool:
-    # per-tensor thresholds need the whole tensor; global ones are known before any chunk
-    return params["scope"] == "global"
+    return _trim_prepass(params, n, "trim_density", dared)
 
 
 _FAMILY_NOTES = (
@@ -476,7 +498,7 @@ METHODS = (
         "ties", ties,
         summary="Trim to the top density by |τ| (global or per tensor), elect sign by mass, disjoint mean/sum.",
         paper="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708)",
-        chunkable=_is_global, prepass=_global_trim("density"),
+        prepass=_trim_planner("density"),
         notes="Official defaults (global top 20%, dis-mean, λ=1). FusionBench: merge_fn=sum, scale=0.3. "
               "mergekit/peft: scope=tensor. Zero elected sign -> +1 (official: whole-model majority). "
               + _FAMILY_NOTES,
@@ -493,7 +515,7 @@ METHODS = (
         "dare_ties", dare_ties,
         summary="DARE, then TIES (trim to trim_density, elect, disjoint merge) on the DARE'd task vectors.",
         paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)",
-        chunkable=_is_global, prepass=_dare_ties_prepass,
+        prepass=_dare_ties_prepass,
         notes="Global trim threshold computed on the DARE'd deltas. mergekit dare_ties = trim_density=1, "
               "merge_fn=sum, L1 rescale; FusionBench: density 0.5, merge_fn=sum, scale 0.5. " + _FAMILY_NOTES,
     ),
@@ -523,7 +545,7 @@ METHODS = (
         "consensus_ties", consensus_ties,
         summary="Consensus mask applied to the TIES (top density, disjoint sum) multi-task vector.",
         paper="Wang et al., Localizing Task Information (TALL masks / Consensus), ICML 2024 (arXiv 2405.07813)",
-        chunkable=_is_global, prepass=_global_trim("density"),
+        prepass=_trim_planner("density"),
         notes="Official use_ties: TIES k=20 with dis-sum for τ_MTL; TALL masks use the untrimmed τ_t.",
     ),
 )
