@@ -12,7 +12,7 @@ import distac
 import distac.random as R
 from distac import DistacError, get_method
 from distac.methods import TensorContext
-from distac.methods.sparse import dare
+from distac.methods.sparse import dare, disjoint_merge, elect_sign, trim_magnitude
 from distac.random import hash32, stream_key, uniform
 from distac.thresholds import magnitude_threshold
 
@@ -147,6 +147,36 @@ def test_ties_tensor_scope_chunks_take_the_tensor_thresholds() -> None:
     assert torch.equal(whole, torch.cat(parts))
     with pytest.raises(DistacError, match="row chunk without the tensor's thresholds"):
         m(torch.zeros(4, 6), d[:, :4], ctx=TensorContext("w", (10, 6)), **p)
+
+
+def _where_trim(d: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+    return torch.where(d.abs() >= thr.reshape(-1, *([1] * (d.dim() - 1))), d, torch.zeros(()))
+
+
+def _where_disjoint(x: torch.Tensor, sign: torch.Tensor, merge_fn: str) -> torch.Tensor:
+    agree = torch.where(sign > 0, x > 0, x < 0)
+    total = torch.where(agree, x, torch.zeros(())).sum(0)
+    return total if merge_fn == "sum" else total / agree.sum(0, dtype=x.dtype).clamp(min=1)
+
+
+def test_ties_steps_equal_their_torch_where_forms_bit_for_bit() -> None:
+    """trim / elect / disjoint merge avoid torch.where (slow on the CPU); same bits, signed zeros included."""
+    g = torch.Generator().manual_seed(5)
+    same = lambda a, b: torch.equal(a.view(torch.int32), b.view(torch.int32))  # noqa: E731
+    for trial in range(60):
+        n = 1 + trial % 4
+        d = torch.randint(-2, 3, (n, 5, 7), generator=g).float() if trial % 2 else torch.randn(n, 5, 7, generator=g)
+        d[torch.rand(d.shape, generator=g) < 0.15] = -0.0
+        picks = [float("-inf"), 0.0, -0.0, 0.5, 1.0, 2.0, 1e-45]
+        thr = torch.tensor([picks[int(i)] for i in torch.randint(0, len(picks), (n,), generator=g)])
+        t = trim_magnitude(d, thr)
+        assert same(t, _where_trim(d, thr)), trial
+        x = (torch.rand(n, 1, 1, generator=g) * 2 - 0.5) * t
+        s = torch.sign(x.sum(0))
+        assert same(elect_sign(x), torch.where(s == 0, torch.ones(()), s)), trial
+        for fn in ("sum", "mean"):
+            for sign in (elect_sign(x), torch.randint(-1, 2, x.shape[1:], generator=g).float()):
+                assert same(disjoint_merge(x, sign, fn), _where_disjoint(x, sign, fn)), (trial, fn)
 
 
 def test_ties_weights_scale_and_negate() -> None:

@@ -135,9 +135,24 @@ def magnitude_thresholds(
 
 
 def trim_magnitude(deltas: Tensor, thresholds: Tensor) -> Tensor:
-    """TIES trim: keep ``|τ_t| >= threshold_t`` (ties at the threshold are kept, as in the official code)."""
+    """TIES trim: keep ``|τ_t| >= threshold_t`` (ties at the threshold are kept, as in the official code).
+
+    Dropped entries become +0.0. For fp32 (what the engine passes) this is computed on the bit
+    patterns, 4.6x faster than ``torch.where`` on the CPU and equal to it bit for bit for finite
+    inputs (the engine rejects NaN/Inf): for non-negative floats the int32 pattern is monotone in
+    the value, so ``|τ| >= thr`` is ``(bits(τ) & 0x7FFFFFFF) - bits(thr) >= 0`` (no overflow: both
+    lie in [0, 2**31)), whose sign, spread by an arithmetic shift, masks ``bits(τ)``.
+    """
     thr = thresholds.reshape(-1, *([1] * (deltas.dim() - 1)))
-    return torch.where(deltas.abs() >= thr, deltas, torch.zeros((), dtype=deltas.dtype, device=deltas.device))
+    if deltas.dtype != torch.float32:
+        return torch.where(deltas.abs() >= thr, deltas, torch.zeros((), dtype=deltas.dtype, device=deltas.device))
+    # -inf (keep all) and -0.0 are the same as +0.0 for |τ| >= thr, and have non-negative bits
+    thr = thr.to(deltas.device, torch.float32)
+    thr_bits = torch.where(thr > 0, thr, torch.zeros((), device=thr.device)).view(torch.int32)
+    bits = deltas.view(torch.int32)
+    out = torch.bitwise_and(bits, 0x7FFFFFFF)  # bits of |τ|
+    out.sub_(thr_bits).bitwise_right_shift_(31)  # -1 (all ones) where |τ| < thr, else 0
+    return out.bitwise_not_().bitwise_and_(bits).view(torch.float32)
 
 
 def dare(deltas: Tensor, *, density: float | list[float], seed: int | list[int], ctx: TensorContext) -> Tensor:
@@ -202,8 +217,8 @@ def elect_sign(x: Tensor) -> Tensor:
     official code only where nonzero entries cancel exactly *and* the model's majority sign is
     negative. mergekit and peft leave the sign 0, which drops the coordinate.
     """
-    sign = torch.sign(x.sum(0))
-    return torch.where(sign == 0, torch.ones((), dtype=sign.dtype, device=sign.device), sign)
+    # = where(sign(s) == 0, 1, sign(s)) for every non-NaN s (s = -0.0 included), without a where
+    return (x.sum(0) >= 0).to(x.dtype).mul_(2).sub_(1)
 
 
 def disjoint_merge(x: Tensor, sign: Tensor, merge_fn: str) -> Tensor:
@@ -213,16 +228,26 @@ def disjoint_merge(x: Tensor, sign: Tensor, merge_fn: str) -> Tensor:
     (FusionBench ``merge_func: sum``, the TALL/Consensus multi-task vector, mergekit with
     ``normalize: false``).
     """
-    agree = torch.where(sign > 0, x > 0, x < 0)
-    total = torch.where(agree, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(0)
+    # Without torch.where (2.3 ns per entry on the CPU, unvectorised), same bits for finite x:
+    # with s = +1 where sign > 0 and -1 elsewhere, x_t agrees iff y_t = s·x_t > 0 (s·x_t is exact);
+    # clamp(y, min=0) zeroes the others, and s·Σ_t clamp(y_t) = Σ_{t∈A} x_t in the same order
+    # (negation is exact). + 0.0 turns a -0.0 total (no agreeing entry) into the +0.0 that the
+    # where-based sum gives; it changes no other value.
+    s = (sign > 0).to(x.dtype).mul_(2).sub_(1)
+    y = (x * s).clamp_(min=0)
+    total = y.sum(0).mul_(s).add_(0.0)
     if merge_fn == "sum":
         return total
     # count in x.dtype: a bool sum accumulates in int64, 5x slower on CPU (exact for counts < 2^24)
-    return total / agree.sum(0, dtype=x.dtype).clamp(min=1)
+    return total / (y > 0).sum(0, dtype=x.dtype).clamp(min=1)
 
 
-#: elements of (N, rows, ...) per block in :func:`_blockwise` (16 MiB of fp32)
-_BLOCK_ELEMS = 1 << 22
+#: elements of (N, rows, ...) per block in :func:`_blockwise` (4 MiB of fp32). Smaller than the
+#: engine's 16 MiB pieces on purpose: the TIES tail's ~5 temporaries of a 16 MiB piece overflow
+#: glibc's heap trim threshold, so every piece re-faulted its memory from the kernel (4.6 M page
+#: faults, 11 s of system time on the 1 GB per-tensor merge); in 4 MiB blocks they are reused
+#: (0.1 M faults) and stay in cache.
+_BLOCK_ELEMS = 1 << 20
 
 
 def _blockwise(deltas: Tensor, fn) -> Tensor:
@@ -230,7 +255,7 @@ def _blockwise(deltas: Tensor, fn) -> Tensor:
 
     Once per-tensor thresholds are known the rest of TIES is element-wise, but its masks and
     weighted copies are (N, *S) temporaries; on a whole embedding matrix they cost several times
-    the inputs. Blocks of rows cap them at a few × 16 MiB, whatever the tensor's size.
+    the inputs. Blocks of rows cap them at a few × 4 MiB, whatever the tensor's size.
     """
     if deltas.dim() < 2 or deltas.numel() <= _BLOCK_ELEMS:
         return fn(deltas)
