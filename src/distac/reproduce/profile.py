@@ -53,8 +53,6 @@ class Profile:
     smooth: Recipe
     conf_tasks: tuple[str, ...]
     distac: DistacRecipe = field(default_factory=DistacRecipe)
-    # probe heads fitted on this many images per class (None: the whole training split)
-    probe_shots: int | None = None
     fisher_examples: int = 256
     # α grids (merge-methods.md §4, §8, §9), searched upwards with early stopping: methods whose α
     # scales a sum of task vectors get the DisTaC code's linspace(0, 1, 21) without 0; the others
@@ -70,7 +68,7 @@ class Profile:
     def manifest(self) -> dict[str, Any]:
         """The parts that determine the zoo's weights (for the cache manifest)."""
         keys = ("vit", "n_pretrain", "n_train", "n_val", "n_test", "pretrain_steps", "pretrain_lr", "pretrain_batch",
-                "ideal", "long", "norm_tasks", "smooth", "conf_tasks", "probe_shots")
+                "ideal", "long", "norm_tasks", "smooth", "conf_tasks")
         d = asdict(self)
         return {k: d[k] for k in keys}
 
@@ -84,12 +82,12 @@ FULL = Profile(
     n_test=500,
     pretrain_steps=300,
     pretrain_lr=1e-3,
-    pretrain_batch=64,
+    pretrain_batch=128,
     ideal=Recipe(lr=5e-4, steps=120),
     long=Recipe(lr=4e-3, steps=240),
-    norm_tasks=("rot90", "invert"),
+    norm_tasks=("small", "edges"),
     smooth=Recipe(lr=5e-4, steps=120, label_smoothing=0.6),
-    conf_tasks=("rot180", "transpose", "flip_perm"),
+    conf_tasks=("rot35", "shear", "zoom"),
 )
 
 QUICK = replace(

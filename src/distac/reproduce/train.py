@@ -1,4 +1,4 @@
-"""Training loops of the vision suite: pre-training, linear probes, fine-tuning, evaluation.
+"""Training loops of the suites: pre-training, task heads, fine-tuning, evaluation.
 
 All loops are deterministic given their seed (a private ``torch.Generator``) and train on CPU in
 fp32. Heads are frozen during fine-tuning, as the CLIP zero-shot heads are in the DisTaC and
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .tasks import PRETRAIN_TRANSFORMS, Split, TaskData
+from .tasks import Split, TaskData
 from .vit import TinyViT, ViTConfig, set_head
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "predict_logits",
     "pretrain",
     "probe_heads",
+    "zero_shot_heads",
 ]
 
 StateDict = dict[str, Tensor]
@@ -74,17 +75,14 @@ def pretrain(
     seed: int = 0,
     progress: Progress = _no_progress,
 ) -> StateDict:
-    """Pre-train the body on upright digits plus a self-supervised pretext task; returns the body.
+    """Pre-train the body on upright digits (CE, random shifts); returns the body and the digit head.
 
-    Loss per step: CE(digit | upright image) + CE(transform id | transformed image), the transform
-    drawn from :data:`PRETRAIN_TRANSFORMS` (4 rotations × plain/inverted). The pretext task makes the
-    features orientation- and polarity-aware without ever showing a transformed digit's label.
-    Returns the body plus the digit head as ``heads.pretrain_digit.*`` (the pre-training task's
-    head, which gradient matching needs for the base's own Fisher H_0).
+    The digit head is returned as ``heads.pretrain_digit.*``: it is the semantic space the task heads
+    are built from (:func:`zero_shot_heads`) and the head gradient matching needs for H_0.
     """
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = TinyViT(cfg, {"digit": 10, "transform": len(PRETRAIN_TRANSFORMS)})
+    model = TinyViT(cfg, {"digit": 10})
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     n = len(data.x)
     model.train()
@@ -92,13 +90,7 @@ def pretrain(
         for group in opt.param_groups:
             group["lr"] = lr * _lr_factor(step, steps=steps, warmup=max(1, steps // 20))
         i = torch.randint(0, n, (batch,), generator=g)
-        x = _shift(data.x[i], g)
-        t = torch.randint(0, len(PRETRAIN_TRANSFORMS), (batch,), generator=g)
-        xt = torch.stack([PRETRAIN_TRANSFORMS[int(k)](x[j : j + 1])[0] for j, k in enumerate(t)])
-        feats = model.features(torch.cat([x, xt]))
-        loss = F.cross_entropy(model.logits(feats[:batch], "digit"), data.y[i]) + F.cross_entropy(
-            model.logits(feats[batch:], "transform"), t
-        )
+        loss = F.cross_entropy(model(_shift(data.x[i], g)), data.y[i])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -107,6 +99,24 @@ def pretrain(
     state.update({k.replace("heads.digit.", "heads.pretrain_digit."): v.detach().clone()
                   for k, v in model.state_dict().items() if k.startswith("heads.digit.")})
     return state
+
+
+@torch.no_grad()
+def zero_shot_heads(model: TinyViT, tasks: list[TaskData], digit_head: Tensor) -> None:
+    """Build each task's head from the pre-training digit head, without looking at task data (in place).
+
+    The row of class c is the mean of the digit-head rows of the digits that the task's label map
+    sends to c (a digit task copies the digit head; parity averages the even and the odd rows). This
+    is the role of CLIP's zero-shot head, the setting of the DisTaC paper: a head in the pre-trained
+    semantic space, not fitted to the task, that fine-tuning (heads frozen) aligns the features to.
+    A fitted linear probe would instead absorb most of what fine-tuning learns: with probe heads
+    the pre-trained model scored as well as every merge (docs/results.md).
+    """
+    digits = torch.arange(digit_head.shape[0])
+    for td in tasks:
+        cls = td.spec.label(digits)
+        rows = torch.stack([digit_head[cls == c].mean(0) for c in range(td.spec.classes)])
+        model.heads[td.spec.name].weight.copy_(rows)
 
 
 def body_state(model: TinyViT) -> StateDict:
@@ -121,22 +131,17 @@ def _features(model: TinyViT, x: Tensor, chunk: int = 1024) -> Tensor:
 
 
 def probe_heads(
-    model: TinyViT, tasks: list[TaskData], *, steps: int = 300, lr: float = 0.05, seed: int = 0,
-    shots: int | None = None,
+    model: TinyViT, tasks: list[TaskData], *, steps: int = 300, lr: float = 0.05, seed: int = 0
 ) -> None:
     """Fit each task's head as a linear probe on the frozen body's features (in place).
 
     This plays the role of CLIP's zero-shot head: a head that works on the pre-trained features and
-    stays frozen afterwards. Full-batch Adam on CE(s·W f); features are computed once. With ``shots``
-    only the first ``shots`` training images of each class are used (a few-shot probe: like a
-    zero-shot head, it is not fitted to the task's full training set).
+    stays frozen afterwards. Full-batch Adam on CE(s·W f); features are computed once. The text
+    suite uses it (MiniLM has no pre-training classification head to build zero-shot heads from).
     """
     torch.manual_seed(seed)
     for td in tasks:
         x, y = td.train.x, td.train.y
-        if shots is not None:
-            keep = torch.cat([torch.nonzero(y == c).flatten()[:shots] for c in range(td.spec.classes)])
-            x, y = x[keep], y[keep]
         feats = _features(model, x)
         head = model.heads[td.spec.name]
         with torch.enable_grad():

