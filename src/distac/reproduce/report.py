@@ -208,8 +208,13 @@ def write_plots(
     sweeps: Mapping[str, list[list[tuple[float, float, float]]]],
     names: Sequence[str],
     labels_y: Mapping[str, Any],
+    *,
+    base_norm: float | None = None,
 ) -> list[str]:
-    """headline.png (per method: ideal vs harmful vs DisTaC), norms.png, reliability.png, alpha.png."""
+    """headline.png (per method: ideal vs harmful vs DisTaC), norms.png, reliability.png, alpha.png.
+
+    ``base_norm``: the α = 0 reference (pre-trained body with the task heads), drawn in the headline.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,6 +232,8 @@ def write_plots(
         ideal = by.get((lab, "ideal", "raw"))
         if ideal:
             ax.axhline(statistics.fmean(c.mean_norm for c in ideal), color="#4c72b0", ls="--", label="ideal")
+        if base_norm is not None:
+            ax.axhline(base_norm, color="0.4", ls=":", label="pre-trained (α = 0)")
         for j, setting in enumerate(("norm", "conf")):
             for k, src in enumerate(("raw", "rescaled", "distac")):
                 cs = by.get((lab, setting, src))
@@ -236,12 +243,15 @@ def write_plots(
         ax.set_xticks([1, 5], ["norm mismatch", "low confidence"])
         ax.set_title(lab)
         ax.set_ylabel("norm. acc. (%)")
-        lo = min((c.mean_norm for c in cells if c.label == lab), default=0)
+        lo = min([c.mean_norm for c in cells if c.label == lab] + ([base_norm] if base_norm is not None else []),
+                 default=0)
         ax.set_ylim(max(0, lo - 10), 102)
     for ax in list(axes.flat)[len(labels):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7, loc="lower left")
+    handles, names_ = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, names_, loc="lower center", ncol=len(names_), fontsize=8, frameon=False)
     fig.suptitle("Normalised test accuracy: ideal (dashed) vs harmful zoo, naive rescaling and DisTaC")
+    fig.subplots_adjust(bottom=0.14)
     _save(fig, out / "headline.png")
     plt.close(fig)
     written.append("headline.png")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -203,12 +204,20 @@ def run_suite(
         "base_test_norm_acc": [round(n, 2) for _, n in base_rows],
     }
     write_csv(out / "cells.csv", cells, names, cell_seeds)
-    plots = write_plots(out, cells, seed0_sources, sweeps, names, labels_y)
+    base_norm = statistics.fmean(n for _, n in base_rows) if base_rows else None
+    plots = write_plots(out, cells, seed0_sources, sweeps, names, labels_y, base_norm=base_norm)
     md = _markdown(meta, cells, labels, seed0_sources, names, sweeps, tgt, plots)
     write_text(out / "results.md", md)
     write_text(out / "run.json", json.dumps(dict(meta, targets=tgt), indent=2, default=str))
     log(f"reproduce: wrote {out}/results.md ({wall:.0f}s)")
     return dict(meta, targets=tgt, cells=cells, sweeps=sweeps)
+
+
+def _mean_sd(values: list[float]) -> str:
+    """``61.2`` for one seed, ``61.2 ± 0.4`` (sd over seeds) for several."""
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def _markdown(
@@ -236,8 +245,8 @@ def _markdown(
         "",
         headline_table(cells, labels),
         "",
-        f"Reference, α = 0 (pre-trained body with the probed heads): {meta['base_test_acc']} "
-        f"({meta['base_test_norm_acc']}) per seed.",
+        f"Reference, α = 0 (the pre-trained body with the frozen task heads): {_mean_sd(meta['base_test_acc'])} "
+        f"({_mean_sd(meta['base_test_norm_acc'])}).",
         "",
         "Normalised accuracy divides by each task's *ideal* fine-tuned test accuracy in every column. "
         "Naive rescaling under low confidence is κ = 1, i.e. the raw models, so it has no column. "
