@@ -117,9 +117,15 @@ def calibration_report(
 ) -> CalibrationResult:
     """Run ``model`` with ``state`` (merged shared weights + one task's head) on labeled data and fit T."""
     dev = resolve_device(device)
-    model = model.to(dev)
-    st = {k: v.to(dev) for k, v in state.items()} if state is not None else None
-    logits = collect_logits(model, eval_batches(data, batch_size, "calibration data"), state=st, device=dev)
+    # nn.Module.to moves the caller's parameters in place: put them back afterwards (the model is
+    # documented as not modified).
+    home = next(iter(model.parameters()), torch.empty(0)).device
+    model.to(dev)
+    try:
+        st = {k: v.to(dev) for k, v in state.items()} if state is not None else None
+        logits = collect_logits(model, eval_batches(data, batch_size, "calibration data"), state=st, device=dev)
+    finally:
+        model.to(home)
     y = label_tensor(labels if labels is not None else data, "calibration labels")
     if y.shape[0] != logits.shape[0]:
         raise DistacError(f"calibration: {y.shape[0]} labels for {logits.shape[0]} examples")
