@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import distac
 from distac.reproduce.grid import METHOD_SPECS, SourceSet, kappas, merge_fn, select_alpha
 from distac.reproduce.profile import QUICK
-from distac.reproduce.tasks import TASKS, make_tasks
+from distac.reproduce.tasks import TASKS, Split, TaskData, make_tasks
 from distac.reproduce.vit import TinyViT, ViTConfig
 from distac.reproduce.zoo import build_or_load_zoo
 
@@ -81,6 +81,34 @@ def test_tasks_are_distinct_and_splits_disjoint():
     assert all(not torch.equal(flat[i], flat[j]) for i in range(8) for j in range(i + 1, 8))
     with pytest.raises(distac.DistacError, match="need"):
         make_tasks(x, y, n_pretrain=90, n_train=30, n_val=10, n_test=20)
+
+
+def test_task_transforms_keep_images_in_range_and_are_deterministic():
+    x = torch.rand(12, 28, 28)
+    for spec in TASKS:
+        a, b = spec.transform(x), spec.transform(x.clone())
+        assert a.shape == x.shape, spec.name
+        assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0 + 1e-6, spec.name
+        assert torch.equal(a, b), spec.name  # the noisy background is seeded, not drawn per call
+        labels = spec.label(torch.arange(10))
+        assert labels.min() >= 0 and labels.max() < spec.classes, spec.name
+        assert len(labels.unique()) == spec.classes, spec.name  # every class is reachable
+
+
+def test_zero_shot_heads_average_the_digit_rows_of_each_class():
+    from distac.reproduce.train import zero_shot_heads
+
+    torch.manual_seed(0)
+    parity = next(t for t in TASKS if t.name == "rotm35_parity")
+    digit = next(t for t in TASKS if t.label(torch.arange(10)).tolist() == list(range(10)))
+    m = TinyViT(ViTConfig(dim=16, depth=1, heads=2), {parity.name: 2, digit.name: 10})
+    w = torch.randn(10, 16)
+    x = torch.rand(4, 28, 28)
+    tasks = [TaskData(spec, *(Split(x, torch.zeros(4, dtype=torch.long)),) * 3) for spec in (parity, digit)]
+    zero_shot_heads(m, tasks, w)
+    assert torch.equal(m.heads[digit.name].weight, w)  # a digit task copies the digit head
+    even, odd = w[0::2].mean(0), w[1::2].mean(0)
+    assert torch.allclose(m.heads[parity.name].weight, torch.stack([even, odd]))
 
 
 def test_quick_profile_end_to_end(tmp_path):
