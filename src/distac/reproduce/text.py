@@ -31,9 +31,9 @@ from torch import Tensor, nn
 from ..errors import DistacError
 from .profile import FULL, DistacRecipe, Profile
 from .tasks import Split, TaskData, TaskSpec
-from .train import Recipe, evaluate, finetune, probe_heads
+from .train import Recipe, evaluate, probe_heads
 from .vision import _bar, run_suite
-from .zoo import SETTINGS, ZOO_VERSION, Zoo, _atomic_save, finish_cache, load_cached, setting_recipes, start_cache
+from .zoo import ZOO_VERSION, Zoo, _atomic_save, finetune_models, finish_cache, load_cached, model_keys, start_cache
 
 __all__ = [
     "TEXT_PROFILE", "TEXT_QUICK", "TEXT_TASKS", "TextClassifier", "build_text_zoo", "load_text_tasks", "run_text",
@@ -238,7 +238,7 @@ def build_text_zoo(
     tasks = load_text_tasks(tokenize, n_train=profile.n_train, n_val=profile.n_val, n_test=profile.n_test)
     sizes = {td.spec.name: td.spec.classes for td in tasks}
     names = [td.spec.name for td in tasks]
-    keys = sorted({f"{t}__{r}" for s in SETTINGS for t, (r, _) in setting_recipes(profile, s, names).items()})
+    keys = model_keys(profile, names)
 
     def factory() -> nn.Module:
         return TextClassifier(_backbone()[0], tok.pad_token_id, sizes)
@@ -257,17 +257,13 @@ def build_text_zoo(
     own = {f"{td.spec.name}__probe": evaluate(model, td.spec.name, td.test) for td in tasks}
     if path is not None:
         _atomic_save(base, path / "base.safetensors")
-    recipes = {"ideal": profile.ideal, "long": profile.long, "smooth": profile.smooth}
-    by_name = {td.spec.name: td for td in tasks}
-    models = {}
-    for i, key in enumerate(keys):
-        task, rname = key.split("__")
-        model.load_state_dict(base)
-        models[key] = finetune(model, by_name[task], recipes[rname], seed=100 * seed + i, progress=progress)
-        own[key] = evaluate(model, task, by_name[task].test)
+
+    def log_model(key: str) -> None:
+        task = key.split("__")[0]
         log(f"text zoo: {key}: test acc {own[key]:.3f} (probe {own[task + '__probe']:.3f})")
-        if path is not None:
-            _atomic_save(models[key], path / f"{key}.safetensors")
+
+    models = finetune_models(model, base, tasks, profile, keys, seed=seed, progress=progress, path=path, own=own,
+                             on_model=log_model)
     if path is not None:
         finish_cache(path, expected, own)
     return Zoo(profile, seed, tasks, base, models, own, path or Path("."), factory)

@@ -88,8 +88,45 @@ def _head_sizes(tasks: list[TaskData]) -> dict[str, int]:
     return {PRETRAIN_HEAD: 10, **{td.spec.name: td.spec.classes for td in tasks}}
 
 
+def model_keys(profile: Profile, names: Sequence[str] | None = None) -> list[str]:
+    """``"<task>__<recipe>"`` of every fine-tuned model the three settings use (sorted)."""
+    return sorted({f"{t}__{r}" for s in SETTINGS for t, (r, _) in setting_recipes(profile, s, names).items()})
+
+
+def finetune_models(
+    model: nn.Module,
+    base: StateDict,
+    tasks: Sequence[TaskData],
+    profile: Profile,
+    keys: Sequence[str],
+    *,
+    seed: int,
+    progress: Progress,
+    path: Path | None,
+    own: dict[str, float],
+    on_model: Callable[[str], None] | None = None,
+) -> dict[str, StateDict]:
+    """Fine-tune ``model`` from ``base`` for every key; own test accuracy into ``own``; saved under ``path``.
+
+    Model i gets seed ``100 * seed + i``; ``on_model(key)`` runs after each model (e.g. to log it).
+    """
+    recipes = {"ideal": profile.ideal, "long": profile.long, "smooth": profile.smooth}
+    by_name = {td.spec.name: td for td in tasks}
+    models: dict[str, StateDict] = {}
+    for i, key in enumerate(keys):
+        task, rname = key.split("__")
+        model.load_state_dict(base)
+        models[key] = finetune(model, by_name[task], recipes[rname], seed=100 * seed + i, progress=progress)
+        own[key] = evaluate(model, task, by_name[task].test)
+        if on_model is not None:
+            on_model(key)
+        if path is not None:
+            _atomic_save(models[key], path / f"{key}.safetensors")
+    return models
+
+
 def _expected_manifest(profile: Profile, seed: int) -> dict[str, Any]:
-    keys = sorted({f"{t}__{r}" for s in SETTINGS for t, (r, _) in setting_recipes(profile, s).items()})
+    keys = model_keys(profile)
     return {
         "version": ZOO_VERSION,
         "seed": seed,
@@ -202,16 +239,9 @@ def _build(
     zero_shot_heads(model, tasks, body[f"heads.{PRETRAIN_HEAD}.weight"])
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     _atomic_save(base, path / "base.safetensors")
-    recipes = {"ideal": profile.ideal, "long": profile.long, "smooth": profile.smooth}
-    models: dict[str, StateDict] = {}
     own: dict[str, float] = {}
-    by_name = {td.spec.name: td for td in tasks}
-    for i, key in enumerate(manifest["models"]):
-        task, rname = key.split("__")
-        model.load_state_dict(base)
-        models[key] = finetune(model, by_name[task], recipes[rname], seed=100 * seed + i, progress=progress)
-        own[key] = evaluate(model, task, by_name[task].test)
-        _atomic_save(models[key], path / f"{key}.safetensors")
+    models = finetune_models(model, base, tasks, profile, manifest["models"], seed=seed, progress=progress,
+                             path=path, own=own)
     finish_cache(path, manifest, own)
     log(f"zoo: built {len(models)} models in {path}")
     return Zoo(profile, seed, tasks, base, models, own, path)
