@@ -17,7 +17,6 @@ the heads are linear probes fitted on the pre-trained features. The runs quoted 
 (each with ``OMP_NUM_THREADS=1``; 3–5 minutes.)
 """
 
-import math
 import sys
 import time
 from dataclasses import replace
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import distac
-from distac.reproduce.tasks import Split, TaskData, TaskSpec, load_digits_5000
+from distac.reproduce.tasks import Split, TaskData, TaskSpec, _affine, _edges, _thick, load_digits_5000
 from distac.reproduce.train import Recipe, _lr_factor, _shift, body_state, evaluate, finetune, probe_heads
 from distac.reproduce.vit import TinyViT, ViTConfig
 
@@ -53,17 +52,8 @@ def shrink(x):  # 14x14 digit in the top-left quadrant
     return out
 
 
-def edges(x):
-    gx = (x[:, :, 1:] - x[:, :, :-1]).abs()
-    gy = (x[:, 1:] - x[:, :-1]).abs()
-    e = torch.zeros_like(x)
-    e[:, :, 1:] += gx
-    e[:, 1:] += gy
-    return e.clamp(0, 1)
-
-
-def dilate(x):
-    return F.max_pool2d(x[:, None], 3, 1, 1)[:, 0]
+# the suite's own transforms (src/distac/reproduce/tasks.py): outline, 3×3 dilation, rotate/zoom/shear
+edges, dilate, affine = _edges, _thick, _affine
 
 
 def noise(x):
@@ -82,17 +72,6 @@ def ident(x):
     return x
 
 
-def affine(deg=0.0, scale=1.0, shear=0.0):
-    a = math.radians(deg)
-    A = torch.tensor([[math.cos(a), -math.sin(a) + shear, 0.0], [math.sin(a), math.cos(a), 0.0]]) / scale
-
-    def f(x):
-        grid = F.affine_grid(A.expand(len(x), 2, 3), (len(x), 1, 28, 28), align_corners=False)
-        return F.grid_sample(x[:, None], grid, align_corners=False)[:, 0]
-
-    return f
-
-
 PERM = torch.tensor([3, 7, 0, 9, 2, 8, 1, 5, 4, 6])
 
 
@@ -100,47 +79,32 @@ def dig(y):
     return y
 
 
+# shared by the far-domain designs, and by the mild ones (which differ in their last task)
+FAR_TAIL = [
+    ("edges", edges, dig, 10),
+    ("noise_ge5", noise, lambda y: (y >= 5).long(), 2),
+    ("dilate_mod3", dilate, lambda y: y % 3, 3),
+]
+FAR_HEAD = [
+    ("rot90", rot(1), dig, 10),
+    ("rot180", rot(2), dig, 10),
+    ("invert", invert, dig, 10),
+    ("shrink", shrink, dig, 10),
+]
+MILD = [
+    ("rot35", affine(35), dig, 10),
+    ("rotm35_parity", affine(-35), lambda y: y % 2, 2),
+    ("small", affine(scale=0.6), dig, 10),
+    ("shear", affine(shear=0.6), dig, 10),
+    ("edges", edges, dig, 10),
+    ("noise_ge5", noise, lambda y: (y >= 5).long(), 2),
+    ("thick_mod3", dilate, lambda y: y % 3, 3),
+]
 DESIGNS = {
-    "domains": [
-        ("rot90", rot(1), dig, 10),
-        ("rot180", rot(2), dig, 10),
-        ("invert", invert, dig, 10),
-        ("shrink", shrink, dig, 10),
-        ("edges", edges, dig, 10),
-        ("noise_ge5", noise, lambda y: (y >= 5).long(), 2),
-        ("dilate_mod3", dilate, lambda y: y % 3, 3),
-        ("stripes_perm", stripes, lambda y: PERM[y], 10),
-    ],
-    "zs": [
-        ("rot90", rot(1), dig, 10),
-        ("rot180", rot(2), dig, 10),
-        ("invert", invert, dig, 10),
-        ("shrink", shrink, dig, 10),
-        ("edges", edges, dig, 10),
-        ("noise_ge5", noise, lambda y: (y >= 5).long(), 2),
-        ("dilate_mod3", dilate, lambda y: y % 3, 3),
-        ("transpose_parity", lambda x: x.transpose(1, 2), lambda y: y % 2, 2),
-    ],
-    "mild": [
-        ("rot35", affine(35), dig, 10),
-        ("rotm35_parity", affine(-35), lambda y: y % 2, 2),
-        ("small", affine(scale=0.6), dig, 10),
-        ("shear", affine(shear=0.6), dig, 10),
-        ("edges", edges, dig, 10),
-        ("noise_ge5", noise, lambda y: (y >= 5).long(), 2),
-        ("thick_mod3", dilate, lambda y: y % 3, 3),
-        ("invert", invert, dig, 10),
-    ],
-    "mild2": [
-        ("rot35", affine(35), dig, 10),
-        ("rotm35_parity", affine(-35), lambda y: y % 2, 2),
-        ("small", affine(scale=0.6), dig, 10),
-        ("shear", affine(shear=0.6), dig, 10),
-        ("edges", edges, dig, 10),
-        ("noise_ge5", noise, lambda y: (y >= 5).long(), 2),
-        ("thick_mod3", dilate, lambda y: y % 3, 3),
-        ("zoom", affine(scale=1.4), dig, 10),
-    ],
+    "domains": [*FAR_HEAD, *FAR_TAIL, ("stripes_perm", stripes, lambda y: PERM[y], 10)],
+    "zs": [*FAR_HEAD, *FAR_TAIL, ("transpose_parity", lambda x: x.transpose(1, 2), lambda y: y % 2, 2)],
+    "mild": [*MILD, ("invert", invert, dig, 10)],
+    "mild2": [*MILD, ("zoom", affine(scale=1.4), dig, 10)],
 }
 specs = [TaskSpec(n, t, l, c, n) for n, t, l, c in DESIGNS[design]]
 x, y = load_digits_5000()
