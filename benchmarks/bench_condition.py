@@ -48,14 +48,24 @@ class _Logits(nn.Module):
 def build(name: str) -> tuple[nn.Module, tuple[int, ...], int]:
     """(model, input shape without batch, classes)."""
     if name == "mlp":
-        return nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-                             nn.Linear(1024, 10)), (784,), 10
+        return (
+            nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)),
+            (784,),
+            10,
+        )
     import transformers
 
     sizes = {"vit-tiny": (192, 6, 3, 64, 16), "vit-b32": (768, 12, 12, 224, 32)}
     hidden, layers, heads, image, patch = sizes[name]
-    cfg = transformers.ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                                 intermediate_size=4 * hidden, image_size=image, patch_size=patch, num_labels=10)
+    cfg = transformers.ViTConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        image_size=image,
+        patch_size=patch,
+        num_labels=10,
+    )
     return _Logits(transformers.ViTForImageClassification(cfg)), (3, image, image), 10
 
 
@@ -77,11 +87,24 @@ def finetune_step_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, st
     return times
 
 
-def condition_step_seconds(model: nn.Module, base: dict, ft: dict, x: torch.Tensor, steps: int, batch: int
-                           ) -> list[float]:
+def condition_step_seconds(
+    model: nn.Module, base: dict, ft: dict, x: torch.Tensor, steps: int, batch: int
+) -> list[float]:
     """Wall time of each step of distac's real conditioning loop (``ConditionReport.step_seconds``)."""
-    res = condition_with_report(model, base, ft, Inputs(x), mode="norm", kappa=0.5, steps=steps, batch_size=batch,
-                                warmup=0, device="cpu", progress=False, eval_examples=batch)
+    res = condition_with_report(
+        model,
+        base,
+        ft,
+        Inputs(x),
+        mode="norm",
+        kappa=0.5,
+        steps=steps,
+        batch_size=batch,
+        warmup=0,
+        device="cpu",
+        progress=False,
+        eval_examples=batch,
+    )
     return res.report.step_seconds
 
 
@@ -142,8 +165,10 @@ def main() -> None:
         "cpu_time_per_step_s": {"finetune": statistics.median(ft_cpu), "condition": statistics.median(cd_cpu)},
         "cpu_step_ratio": cpu_ratio,
         "steps_timed": len(ft_times),
-        "quartiles_s": {"finetune": statistics.quantiles(ft_times, n=4),
-                        "condition": statistics.quantiles(cd_times, n=4)},
+        "quartiles_s": {
+            "finetune": statistics.quantiles(ft_times, n=4),
+            "condition": statistics.quantiles(cd_times, n=4),
+        },
         "cost_fraction": rows,
     }
     print(json.dumps(out, indent=2))

@@ -45,8 +45,15 @@ def tiny_bert(seq: int = 64) -> tuple[nn.Module, Callable[[int], Any], int]:
     # embeddings ≈ 25% of the parameters, close to BERT-base (21%): per-example gradients of an
     # embedding matrix are dense (B×V×d), so a toy-sized encoder under a large vocabulary would
     # measure mostly that
-    cfg = BertConfig(vocab_size=2000, hidden_size=128, num_hidden_layers=4, num_attention_heads=2,
-                     intermediate_size=512, max_position_embeddings=128, num_labels=2)
+    cfg = BertConfig(
+        vocab_size=2000,
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=512,
+        max_position_embeddings=128,
+        num_labels=2,
+    )
     model = BertForSequenceClassification(cfg)
 
     def batch(b: int) -> dict[str, torch.Tensor]:
@@ -95,13 +102,22 @@ def fisher_time(model: nn.Module, batches: list, estimator: str, device: torch.d
     return _since(t0, device)
 
 
-def bench(name: str, build: Callable[[], tuple[nn.Module, Callable[[int], Any], int]], n: int, b: int,
-          device: torch.device, repeats: int) -> dict[str, Any]:
+def bench(
+    name: str,
+    build: Callable[[], tuple[nn.Module, Callable[[int], Any], int]],
+    n: int,
+    b: int,
+    device: torch.device,
+    repeats: int,
+) -> dict[str, Any]:
     model, make, c = build()
     model.to(device)
     gen_batches = [make(b) for _ in range(n // b)]
-    to = (lambda x: {k: v.to(device) for k, v in x.items()}) if isinstance(gen_batches[0], dict) else (
-        lambda x: x.to(device))
+    to = (
+        (lambda x: {k: v.to(device) for k, v in x.items()})
+        if isinstance(gen_batches[0], dict)
+        else (lambda x: x.to(device))
+    )
     batches = [to(x) for x in gen_batches]
     labels = [torch.randint(0, c, (b,), device=device) for _ in batches]
     # warm-up (allocator, kernels, vmap tracing) on one batch each
@@ -121,8 +137,14 @@ def bench(name: str, build: Callable[[], tuple[nn.Module, Callable[[int], Any], 
             best[key] = (min(old[0], wall), min(old[1], cpu))
     ex = len(batches) * b
     n_params = sum(p.numel() for p in model.parameters())
-    row: dict[str, Any] = {"model": name, "params": n_params, "repeats": repeats, "classes": c, "examples": ex,
-                           "batch_size": b}
+    row: dict[str, Any] = {
+        "model": name,
+        "params": n_params,
+        "repeats": repeats,
+        "classes": c,
+        "examples": ex,
+        "batch_size": b,
+    }
     for key in ("train", "sampled", "exact"):
         wall, cpu = best[key]
         row[f"{key}_wall_s"], row[f"{key}_cpu_s"] = round(wall, 3), round(cpu, 3)
@@ -148,9 +170,11 @@ def main() -> None:
     device = torch.device(args.device)
     builds = {"mlp": mlp, "bert": tiny_bert}
     env = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "threads": args.threads, "python": platform.python_version(),
+        "threads": args.threads,
+        "python": platform.python_version(),
     }
     print(json.dumps(env), flush=True)
     rows = [bench(m, builds[m], args.n, args.batch_size, device, args.repeats) for m in args.models.split(",")]

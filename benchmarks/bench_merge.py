@@ -124,8 +124,14 @@ def mergekit_run(method: str, model_params: dict, params: dict) -> Builder:
         }
         path = scratch / f"{out.name}.yml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        return [str(ANCHORS / "bin/mergekit-yaml"), str(path), str(out), "--no-copy-tokenizer", "--quiet",
-                "--no-write-model-card"]
+        return [
+            str(ANCHORS / "bin/mergekit-yaml"),
+            str(path),
+            str(out),
+            "--no-copy-tokenizer",
+            "--quiet",
+            "--no-write-model-card",
+        ]
 
     return build
 
@@ -134,9 +140,23 @@ def fusionbench_run(method: str) -> Builder:
     """FusionBench's algorithm class on models loaded by its ``CausalLMPool`` (anchors/run_fusionbench.py)."""
 
     def build(d: Data, out: Path, scratch: Path) -> list[str]:
-        return [str(ANCHORS / "bin/python"), str(ROOT / "anchors/run_fusionbench.py"), method,
-                "--base", str(d.base), "--models", *map(str, d.models), "--out", str(out),
-                "--dtype", d.dtype, "--scale", str(SCALE), "--density", str(DENSITY)]
+        return [
+            str(ANCHORS / "bin/python"),
+            str(ROOT / "anchors/run_fusionbench.py"),
+            method,
+            "--base",
+            str(d.base),
+            "--models",
+            *map(str, d.models),
+            "--out",
+            str(out),
+            "--dtype",
+            d.dtype,
+            "--scale",
+            str(SCALE),
+            "--density",
+            str(DENSITY),
+        ]
 
     return build
 
@@ -144,22 +164,33 @@ def fusionbench_run(method: str) -> Builder:
 # name -> (method family for the report, tool, builder). The families pair runs that compute the same merge.
 RUNS: dict[str, tuple[str, str, Builder]] = {
     "ta_distac": ("task_arithmetic", "distac", distac_run("task_arithmetic", {"scale": SCALE})),
-    "ta_mergekit": ("task_arithmetic", "mergekit",
-                    mergekit_run("task_arithmetic", {"weight": 1.0}, {"lambda": SCALE})),
+    "ta_mergekit": ("task_arithmetic", "mergekit", mergekit_run("task_arithmetic", {"weight": 1.0}, {"lambda": SCALE})),
     "ta_fusionbench": ("task_arithmetic", "fusionbench", fusionbench_run("task_arithmetic")),
     # mergekit's TIES trims per tensor (argsort), normalize=true is the disjoint mean: distac scope=tensor.
-    "ties_tensor_distac": ("ties (per-tensor trim)", "distac", distac_run(
-        "ties", {"density": DENSITY, "scope": "tensor", "merge_fn": "mean", "scale": SCALE})),
-    "ties_tensor_mergekit": ("ties (per-tensor trim)", "mergekit", mergekit_run(
-        "ties", {"weight": 1.0, "density": DENSITY}, {"normalize": True, "lambda": SCALE})),
+    "ties_tensor_distac": (
+        "ties (per-tensor trim)",
+        "distac",
+        distac_run("ties", {"density": DENSITY, "scope": "tensor", "merge_fn": "mean", "scale": SCALE}),
+    ),
+    "ties_tensor_mergekit": (
+        "ties (per-tensor trim)",
+        "mergekit",
+        mergekit_run("ties", {"weight": 1.0, "density": DENSITY}, {"normalize": True, "lambda": SCALE}),
+    ),
     # FusionBench trims globally per task (kthvalue over the flattened model): distac scope=global.
-    "ties_global_distac": ("ties (global trim)", "distac", distac_run(
-        "ties", {"density": DENSITY, "scope": "global", "merge_fn": "mean", "scale": SCALE})),
+    "ties_global_distac": (
+        "ties (global trim)",
+        "distac",
+        distac_run("ties", {"density": DENSITY, "scope": "global", "merge_fn": "mean", "scale": SCALE}),
+    ),
     "ties_global_fusionbench": ("ties (global trim)", "fusionbench", fusionbench_run("ties")),
     # DARE + task arithmetic. Rescale: distac and FusionBench 1/density; mergekit matches the L1 norm.
     "dare_distac": ("dare (+TA)", "distac", distac_run("dare_linear", {"density": DENSITY, "scale": SCALE})),
-    "dare_mergekit": ("dare (+TA)", "mergekit", mergekit_run(
-        "dare_linear", {"weight": 1.0, "density": DENSITY}, {"lambda": SCALE})),
+    "dare_mergekit": (
+        "dare (+TA)",
+        "mergekit",
+        mergekit_run("dare_linear", {"weight": 1.0, "density": DENSITY}, {"lambda": SCALE}),
+    ),
     "dare_fusionbench": ("dare (+TA)", "fusionbench", fusionbench_run("dare")),
     # distac only
     "tsvm_exact_distac": ("tsv_m (exact SVD)", "distac", distac_run("tsv_m", {"scale": SCALE, "svd": "exact"})),
@@ -190,8 +221,9 @@ def evict(paths: list[Path]) -> None:
 def resident_mb(paths: list[Path]) -> float:
     """How much of these files is in the page cache (util-linux ``fincore``), to check eviction."""
     files = [str(f) for f in _files(paths)]
-    res = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *files],
-                         capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", *files], capture_output=True, text=True, check=False
+    )
     return round(sum(int(x) for x in res.stdout.split()) / MB, 1) if res.returncode == 0 else float("nan")
 
 
@@ -230,8 +262,9 @@ class Measured:
     killed: str = ""
 
 
-def measure(argv: list[str], *, log: Path, env: dict[str, str], rss_cap_mb: float, out: Path,
-            timeout_s: float) -> Measured:
+def measure(
+    argv: list[str], *, log: Path, env: dict[str, str], rss_cap_mb: float, out: Path, timeout_s: float
+) -> Measured:
     """Run ``argv`` to completion and measure it (see the module docstring). Kills the tree past
     ``rss_cap_mb`` or ``timeout_s`` (the machine is shared: an anchor must not OOM other users)."""
     io0 = _self_io()
@@ -271,14 +304,17 @@ def measure(argv: list[str], *, log: Path, env: dict[str, str], rss_cap_mb: floa
     io1 = _self_io()
     flush = fsync_tree(out) if out.exists() and proc.returncode == 0 else 0.0
     return Measured(
-        wall_s=round(wall, 2), cpu_s=round(ru.ru_utime + ru.ru_stime, 2), flush_s=round(flush, 2),
+        wall_s=round(wall, 2),
+        cpu_s=round(ru.ru_utime + ru.ru_stime, 2),
+        flush_s=round(flush, 2),
         peak_rss_mb=round(peak, 1),
         maxrss_mb=round(ru.ru_maxrss / 1024, 1),
         read_mb=round((io1["read_bytes"] - io0["read_bytes"]) / MB, 1),
         write_mb=round((io1["write_bytes"] - io0["write_bytes"]) / MB, 1),
         rchar_mb=round((io1["rchar"] - io0["rchar"]) / MB, 1),
         wchar_mb=round((io1["wchar"] - io0["wchar"]) / MB, 1),
-        rc=proc.returncode, killed=killed,
+        rc=proc.returncode,
+        killed=killed,
     )
 
 
@@ -321,11 +357,27 @@ def rss_target_mb(data: Data) -> float:
 
 
 # --- the suite ---------------------------------------------------------------------------------------------------
-def run_suite(data: Data, names: list[str], *, repeat: int, results: Path, scratch: Path, rss_cap_mb: float,
-              timeout_s: float, threads: int, disk_write_bytes: int = 512 * MB) -> None:
+def run_suite(
+    data: Data,
+    names: list[str],
+    *,
+    repeat: int,
+    results: Path,
+    scratch: Path,
+    rss_cap_mb: float,
+    timeout_s: float,
+    threads: int,
+    disk_write_bytes: int = 512 * MB,
+) -> None:
     scratch.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+    }
     inputs = [data.base, *data.models, *(data.fishers() if any(n.startswith("gm_") for n in names) else [])]
     rows = []
     seen: dict[str, int] = {}
@@ -342,16 +394,31 @@ def run_suite(data: Data, names: list[str], *, repeat: int, results: Path, scrat
             time.sleep(0.5)
             evict(inputs)  # a second call catches pages that were still on per-CPU LRU lists
             cached = resident_mb(inputs)
-            m = measure(argv, log=scratch / f"{name}.{rep}.log", env=env, rss_cap_mb=rss_cap_mb, out=out,
-                        timeout_s=timeout_s)
-            row = {"run": name, "family": family, "tool": tool, "rep": rep, "n": data.n, "dtype": data.dtype,
-                   "params": data.manifest["params"], "data": str(data.root), "cmd": " ".join(argv),
-                   "inputs_cached_mb": cached,
-                   "inputs_mb": round(sum(f.stat().st_size for f in _files(inputs)) / MB, 1), **asdict(m),
-                   "disk_read_mb_s": disk["read_mb_s"], "disk_write_mb_s": disk["write_mb_s"],
-                   "bound_s": round(io_bound_s(data, disk), 2)}
-            row.update(rss_target_mb=round(rss_target_mb(data), 1), threads=threads,
-                       date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            m = measure(
+                argv, log=scratch / f"{name}.{rep}.log", env=env, rss_cap_mb=rss_cap_mb, out=out, timeout_s=timeout_s
+            )
+            row = {
+                "run": name,
+                "family": family,
+                "tool": tool,
+                "rep": rep,
+                "n": data.n,
+                "dtype": data.dtype,
+                "params": data.manifest["params"],
+                "data": str(data.root),
+                "cmd": " ".join(argv),
+                "inputs_cached_mb": cached,
+                "inputs_mb": round(sum(f.stat().st_size for f in _files(inputs)) / MB, 1),
+                **asdict(m),
+                "disk_read_mb_s": disk["read_mb_s"],
+                "disk_write_mb_s": disk["write_mb_s"],
+                "bound_s": round(io_bound_s(data, disk), 2),
+            }
+            row.update(
+                rss_target_mb=round(rss_target_mb(data), 1),
+                threads=threads,
+                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            )
             rows.append(row)
             print(json.dumps(row), flush=True)
             shutil.rmtree(out, ignore_errors=True)
@@ -367,8 +434,9 @@ def main() -> None:
     r = sub.add_parser("run", help="run a suite, append JSON lines to --results")
     r.add_argument("--data", type=Path, required=True, help="a directory written by gen_checkpoints.py")
     r.add_argument("--n", type=int, default=2, help="use the first N fine-tunes")
-    r.add_argument("--runs", required=True,
-                   help="comma-separated run names (see `list`); a name may appear twice, e.g. A,B,A")
+    r.add_argument(
+        "--runs", required=True, help="comma-separated run names (see `list`); a name may appear twice, e.g. A,B,A"
+    )
     r.add_argument("--repeat", type=int, default=1, help="interleaved repetitions (A/B/A/B...)")
     r.add_argument("--results", type=Path, required=True)
     r.add_argument("--scratch", type=Path, default=Path("/tmp/distac-bench/scratch"))
@@ -384,8 +452,16 @@ def main() -> None:
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         raise SystemExit(f"unknown runs {unknown}; `list` shows them")
-    run_suite(Data(a.data, a.n), names, repeat=a.repeat, results=a.results, scratch=a.scratch,
-              rss_cap_mb=a.rss_cap_mb, timeout_s=a.timeout, threads=a.threads)
+    run_suite(
+        Data(a.data, a.n),
+        names,
+        repeat=a.repeat,
+        results=a.results,
+        scratch=a.scratch,
+        rss_cap_mb=a.rss_cap_mb,
+        timeout_s=a.timeout,
+        threads=a.threads,
+    )
 
 
 if __name__ == "__main__":

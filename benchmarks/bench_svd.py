@@ -62,7 +62,8 @@ def svd_row(a: torch.Tensor, k: int, device: torch.device) -> dict:
     ex_err = float(torch.linalg.norm(a - (u[:, :k] * s[:k]) @ vh[:k]))
     lr_err = float(torch.linalg.norm(a - (ul[:, :k] * sl[:k]) @ vl[:, :k].mT))
     return {
-        "svd_exact_s": round(t_ex, 3), "svd_lowrank_s": round(t_lr, 3),
+        "svd_exact_s": round(t_ex, 3),
+        "svd_lowrank_s": round(t_lr, 3),
         "lowrank_excess_error": round((lr_err - ex_err) / ex_err, 6),
         "topk_sigma_max_rel_error": round(float(((sl[:k] - s[:k]).abs() / s[:k]).max()), 6),
         "exact_rank_k_rel_error": round(ex_err / float(torch.linalg.norm(a)), 4),
@@ -77,8 +78,12 @@ def methods_row(base: torch.Tensor, deltas: torch.Tensor, name: str, dev: torch.
     t_lr, d_lr = timed(lambda: tsv(base, deltas, ctx=ctx, svd="lowrank"), dev)
     t_iso, _ = timed(lambda: iso(base, deltas, ctx=ctx), dev)
     diff = float(torch.linalg.norm(d_lr - d_ex) / torch.linalg.norm(d_ex))
-    return {"tsvm_exact_s": round(t_ex, 3), "tsvm_lowrank_s": round(t_lr, 3),
-            "tsvm_lowrank_rel_diff": round(diff, 6), "isoc_s": round(t_iso, 3)}
+    return {
+        "tsvm_exact_s": round(t_ex, 3),
+        "tsvm_lowrank_s": round(t_lr, 3),
+        "tsvm_lowrank_rel_diff": round(diff, 6),
+        "isoc_s": round(t_iso, 3),
+    }
 
 
 def main() -> None:
@@ -98,8 +103,16 @@ def main() -> None:
         base = base.to(dev)
         m, n = base.shape
         k = min(m, n) // a.n
-        row = {"tensor": name, "shape": [m, n], "numel": m * n, "n_models": a.n, "k": k, "device": str(dev),
-               "threads": a.threads, **svd_row(deltas[0], k, dev)}
+        row = {
+            "tensor": name,
+            "shape": [m, n],
+            "numel": m * n,
+            "n_models": a.n,
+            "k": k,
+            "device": str(dev),
+            "threads": a.threads,
+            **svd_row(deltas[0], k, dev),
+        }
         if m * n <= a.max_tsvm_numel:
             row.update(methods_row(base, deltas, name, dev))
         print(json.dumps(row), flush=True)

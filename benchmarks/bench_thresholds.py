@@ -46,7 +46,7 @@ def argsort_threshold(x: torch.Tensor, density: float) -> float:
     """
     w = x.abs().reshape(-1)
     k = int(density * w.numel())
-    idx = torch.argsort(w, descending=True)[:k + 1]
+    idx = torch.argsort(w, descending=True)[: k + 1]
     return float(w[idx[k]])
 
 
@@ -56,7 +56,7 @@ def radix_threshold(x: torch.Tensor, density: float, chunk_elems: int) -> float:
     sel = KthMagnitude([kth_smallest_rank(flat.numel(), density)])
     for pass_ in (1, 2):
         for i in range(0, flat.numel(), chunk_elems):
-            sel.add(0, flat[i:i + chunk_elems])
+            sel.add(0, flat[i : i + chunk_elems])
         if pass_ == 1:
             sel.next_pass()
     return float(sel.result()[0])

@@ -110,8 +110,12 @@ def arch_for_params(target: float) -> Arch:
         # Small test sizes: shrink the widths instead (keeps every tensor kind present).
         f = max(target / (base.numel() + per_layer), 1e-3) ** 0.5
         return Arch(
-            vocab=max(256, int(32000 * f) // 64 * 64), hidden=max(64, int(1536 * f) // 64 * 64),
-            intermediate=max(128, int(4096 * f) // 64 * 64), layers=2, heads=4, kv_heads=2,
+            vocab=max(256, int(32000 * f) // 64 * 64),
+            hidden=max(64, int(1536 * f) // 64 * 64),
+            intermediate=max(128, int(4096 * f) // 64 * 64),
+            layers=2,
+            heads=4,
+            kv_heads=2,
         )
     return Arch(layers=layers)
 
@@ -206,8 +210,9 @@ def generate(
             del ft
         for d, i in sidecars.items():
             # Positive diagonal-Fisher-like values (squared gradients): |N(0,1)|² · 1e-4 + 1e-8.
-            fi = {k: torch.randn(s, generator=_gen(seed, 1000 + i, k)).square_().mul_(1e-4).add_(1e-8)
-                  for k, s in shard}
+            fi = {
+                k: torch.randn(s, generator=_gen(seed, 1000 + i, k)).square_().mul_(1e-4).add_(1e-8) for k, s in shard
+            }
             _write_shard(fi, tmp / d / fname)
             del fi
         weight_map.update({k: fname for k, _ in shard})
@@ -222,9 +227,17 @@ def generate(
         (tmp / d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     largest = max(math.prod(s) for _, s in arch.tensors())
     manifest = {
-        "arch": arch.__dict__, "params": arch.numel(), "dtype": dtype, "n": n, "seed": seed,
-        "delta_scale": delta_scale, "bytes_per_checkpoint": total, "largest_tensor_numel": largest,
-        "shards": len(shards), "fisher_sidecars": fisher, "gen_seconds": round(time.perf_counter() - t0, 1),
+        "arch": arch.__dict__,
+        "params": arch.numel(),
+        "dtype": dtype,
+        "n": n,
+        "seed": seed,
+        "delta_scale": delta_scale,
+        "bytes_per_checkpoint": total,
+        "largest_tensor_numel": largest,
+        "shards": len(shards),
+        "fisher_sidecars": fisher,
+        "gen_seconds": round(time.perf_counter() - t0, 1),
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out)
@@ -243,8 +256,16 @@ def main() -> None:
     ap.add_argument("--fisher", type=int, default=0, help="write fp32 Fisher sidecars for the first K models")
     a = ap.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    m = generate(a.out, params=a.params, n=a.n, dtype=a.dtype, seed=a.seed, delta_scale=a.delta_scale,
-                 shard_bytes=a.shard_mb << 20, fisher=a.fisher)
+    m = generate(
+        a.out,
+        params=a.params,
+        n=a.n,
+        dtype=a.dtype,
+        seed=a.seed,
+        delta_scale=a.delta_scale,
+        shard_bytes=a.shard_mb << 20,
+        fisher=a.fisher,
+    )
     print(json.dumps(m))
 
 

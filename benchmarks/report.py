@@ -49,27 +49,51 @@ def summarise(rows: list[dict]) -> list[dict]:
     """One line per (data, N, family, tool) with medians, ratios and failures spelled out."""
     g = group([_fix_sidecar_bound(r) for r in rows])
     out = []
-    for (data, n, family, tool), rs in sorted(g.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2],
-                                                                          TOOLS.index(kv[0][3]))):
+    for (data, n, family, tool), rs in sorted(
+        g.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], TOOLS.index(kv[0][3]))
+    ):
         ok = [r for r in rs if r["rc"] == 0 and not r["killed"]]
-        line = {"data": data, "n": n, "family": family, "tool": tool, "runs": len(rs), "ok": len(ok),
-                "failure": "; ".join(sorted({r["killed"] or f"exit {r['rc']}" for r in rs if r not in ok})),
-                "bound_s": rs[0]["bound_s"], "rss_target_mb": rs[0]["rss_target_mb"],
-                "disk": f"{rs[0]['disk_read_mb_s']:.0f}/{rs[0]['disk_write_mb_s']:.0f}",
-                "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
+        line = {
+            "data": data,
+            "n": n,
+            "family": family,
+            "tool": tool,
+            "runs": len(rs),
+            "ok": len(ok),
+            "failure": "; ".join(sorted({r["killed"] or f"exit {r['rc']}" for r in rs if r not in ok})),
+            "bound_s": rs[0]["bound_s"],
+            "rss_target_mb": rs[0]["rss_target_mb"],
+            "disk": f"{rs[0]['disk_read_mb_s']:.0f}/{rs[0]['disk_write_mb_s']:.0f}",
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+        }
         if ok:
-            line.update(wall_s=_med(ok, "wall_s"), durable_s=statistics.median(r["wall_s"] + r["flush_s"] for r in ok),
-                        read_mb=_med(ok, "read_mb"), write_mb=_med(ok, "write_mb"),
-                        rchar_mb=_med(ok, "rchar_mb"), cpu_s=_med(ok, "cpu_s"),
-                        walls=[r["wall_s"] for r in ok])
+            line.update(
+                wall_s=_med(ok, "wall_s"),
+                durable_s=statistics.median(r["wall_s"] + r["flush_s"] for r in ok),
+                read_mb=_med(ok, "read_mb"),
+                write_mb=_med(ok, "write_mb"),
+                rchar_mb=_med(ok, "rchar_mb"),
+                cpu_s=_med(ok, "cpu_s"),
+                walls=[r["wall_s"] for r in ok],
+            )
             # each run has its own bound (disk throughput measured right before it): ratio per run, then median
             line["x_bound"] = statistics.median((r["wall_s"] + r["flush_s"]) / r["bound_s"] for r in ok)
             line["bound_s"] = _med(ok, "bound_s")
             line["disk"] = f"{_med(ok, 'disk_read_mb_s'):.0f}/{_med(ok, 'disk_write_mb_s'):.0f}"
         out.append(line)
     for line in out:
-        ref = next((x for x in out if x["tool"] == "distac" and x["family"] == line["family"]
-                    and x["data"] == line["data"] and x["n"] == line["n"] and "wall_s" in x), None)
+        ref = next(
+            (
+                x
+                for x in out
+                if x["tool"] == "distac"
+                and x["family"] == line["family"]
+                and x["data"] == line["data"]
+                and x["n"] == line["n"]
+                and "wall_s" in x
+            ),
+            None,
+        )
         if ref and "wall_s" in line and line["tool"] != "distac":
             line["vs_distac"] = line["wall_s"] / ref["wall_s"]
             line["cpu_vs_distac"] = line["cpu_s"] / ref["cpu_s"]
@@ -77,14 +101,18 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def markdown(summary: list[dict]) -> str:
-    head = ("| checkpoints | N | method | tool | wall s (each run) | CPU s | wall+flush s | × I/O bound | "
-            "disk read/write MB/s | peak RSS MB (target) | read_bytes / rchar / written MB | "
-            "anchor ÷ distac: wall (CPU) |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "| checkpoints | N | method | tool | wall s (each run) | CPU s | wall+flush s | × I/O bound | "
+        "disk read/write MB/s | peak RSS MB (target) | read_bytes / rchar / written MB | "
+        "anchor ÷ distac: wall (CPU) |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for s in summary:
         if "wall_s" not in s:
-            lines.append(f"| {s['data']} | {s['n']} | {s['family']} | {s['tool']} | failed: {s['failure']} | | | | | "
-                         f"{s['peak_rss_mb']:.0f} ({s['rss_target_mb']:.0f}) | | |")
+            lines.append(
+                f"| {s['data']} | {s['n']} | {s['family']} | {s['tool']} | failed: {s['failure']} | | | | | "
+                f"{s['peak_rss_mb']:.0f} ({s['rss_target_mb']:.0f}) | | |"
+            )
             continue
         walls = ", ".join(f"{w:.1f}" for w in s["walls"])
         vs = f"{s['vs_distac']:.2f}× ({s['cpu_vs_distac']:.2f}×)" if "vs_distac" in s else ""
@@ -109,7 +137,7 @@ def plot(summary: list[dict], path: Path) -> None:
     cols = min(2, len(sets))
     nrows = -(-len(sets) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 3.6 * nrows), squeeze=False)
-    for ax in axes.flat[len(sets):]:
+    for ax in axes.flat[len(sets) :]:
         ax.set_visible(False)
     colors = {"distac": "#1b9e77", "mergekit": "#d95f02", "fusionbench": "#7570b3"}
     for ax, (data, n) in zip(axes.flat, sets, strict=False):
@@ -143,11 +171,14 @@ def plot(summary: list[dict], path: Path) -> None:
 
 def svd_markdown(rows: list[dict]) -> str:
     """Table of ``bench_svd.py`` rows: time per matrix against size, randomized-SVD error, TSV-M/Iso-C."""
-    head = ("| matrix | shape | N | k = r/N | exact SVD s | randomized SVD s | excess rank-k error | "
-            "max top-k σ error | tsv_m exact s | tsv_m low-rank s | ‖Δ_lowrank − Δ_exact‖/‖Δ_exact‖ | "
-            "iso_c s | device |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "| matrix | shape | N | k = r/N | exact SVD s | randomized SVD s | excess rank-k error | "
+        "max top-k σ error | tsv_m exact s | tsv_m low-rank s | ‖Δ_lowrank − Δ_exact‖/‖Δ_exact‖ | "
+        "iso_c s | device |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for r in sorted(rows, key=lambda r: (r["n_models"], r["numel"])):
+
         def opt(key: str, fmt: str, r: dict = r) -> str:
             return format(r[key], fmt) if key in r else "—"
 

@@ -75,7 +75,7 @@ def write_checkpoint(state: StateDict, path: Path, *, form: str = "file", shard_
         save_file(state, str(path / "model.safetensors"))
         return path
     assert form == "sharded", form
-    groups = [names[i:i + shard_tensors] for i in range(0, len(names), shard_tensors)]
+    groups = [names[i : i + shard_tensors] for i in range(0, len(names), shard_tensors)]
     weight_map = {}
     for i, group in enumerate(groups):
         fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
@@ -108,8 +108,11 @@ def tiny_checkpoints(tmp_path: Path) -> Callable[..., tuple[Path, list[Path], St
         models = [finetuned(base, seed + i + 1) for i in range(n)]
         base_path = write_checkpoint(base, tmp_path / "base", form=form)
         paths = [
-            write_checkpoint(m, tmp_path / f"ft{i}" if i % 2 == 0 else tmp_path / f"ft{i}.safetensors",
-                             form="sharded" if i % 2 == 0 else "file")
+            write_checkpoint(
+                m,
+                tmp_path / f"ft{i}" if i % 2 == 0 else tmp_path / f"ft{i}.safetensors",
+                form="sharded" if i % 2 == 0 else "file",
+            )
             for i, m in enumerate(models)
         ]
         return base_path, paths, base, models

@@ -41,8 +41,9 @@ def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return x[:n], y[:n], x[n:], y[n:]
 
 
-def train(model: nn.Module, x, y, *, steps: int, lr: float, smoothing: float = 0.0, batch: int = 128,
-          seed: int = 0) -> nn.Module:
+def train(
+    model: nn.Module, x, y, *, steps: int, lr: float, smoothing: float = 0.0, batch: int = 128, seed: int = 0
+) -> nn.Module:
     """Plain Adam + cross-entropy (optionally label-smoothed) on minibatches."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)

@@ -67,8 +67,15 @@ def inputs(n: int = 3) -> tuple[dict, list[dict], list[dict], dict, list[dict]]:
     grams = []
     for _ in range(n):
         x16, x48 = r(32, 16), r(32, 48)
-        grams.append({"layers.0.attn.q.weight": x16.T @ x16, "layers.0.mlp.up.weight": x16.T @ x16,
-                      "embed.weight": x16.T @ x16, "classifier.weight": x16.T @ x16, "unused": x48.T @ x48})
+        grams.append(
+            {
+                "layers.0.attn.q.weight": x16.T @ x16,
+                "layers.0.mlp.up.weight": x16.T @ x16,
+                "embed.weight": x16.T @ x16,
+                "classifier.weight": x16.T @ x16,
+                "unused": x48.T @ x48,
+            }
+        )
     for gm in grams:
         del gm["unused"]
     return base, models, fishers, base_fisher, grams
@@ -104,8 +111,9 @@ def in_memory() -> dict[str, str]:
         kw = _stats_kwargs(method, fishers, base_fisher, grams)
         n = N_MODELS.get(method, len(models))
         kw = {k: v[:n] if isinstance(v, list) else v for k, v in kw.items()}
-        out[key] = digest(distac.merge(base, models[:n], method, heads=["classifier.*"], device="cpu",
-                                       **kw, **PARAMS.get(key, {})))
+        out[key] = digest(
+            distac.merge(base, models[:n], method, heads=["classifier.*"], device="cpu", **kw, **PARAMS.get(key, {}))
+        )
     return out
 
 
@@ -131,8 +139,13 @@ def streamed(folder: Path) -> dict[str, str]:
         base_entry: dict = {"model": str(folder / "base.safetensors")}
         if "base_fisher?" in stats:
             base_entry["parameters"] = {"fisher": str(folder / "base.fisher.safetensors")}
-        cfg = {"merge_method": method, "base_model": base_entry, "models": entries,
-               "parameters": PARAMS.get(key, {}), "heads": ["classifier.*"]}
+        cfg = {
+            "merge_method": method,
+            "base_model": base_entry,
+            "models": entries,
+            "parameters": PARAMS.get(key, {}),
+            "heads": ["classifier.*"],
+        }
         dest = folder / f"out-{key}"
         distac.merge_checkpoints(cfg, dest, device="cpu", chunk_bytes=4096, quiet=True)
         files = sorted(dest.glob("*.safetensors"))

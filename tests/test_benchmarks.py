@@ -83,13 +83,20 @@ def test_measure_counts_writes_and_enforces_rss_cap(tmp_path: Path) -> None:
     out.mkdir()
     env = dict(__import__("os").environ)
     writer = f"open({str(out / 'x')!r}, 'wb').write(b'1' * 3_000_000)"
-    m = bench_merge.measure([sys.executable, "-c", writer], log=tmp_path / "w.log", env=env, rss_cap_mb=4000,
-                            out=out, timeout_s=60)
+    m = bench_merge.measure(
+        [sys.executable, "-c", writer], log=tmp_path / "w.log", env=env, rss_cap_mb=4000, out=out, timeout_s=60
+    )
     assert m.rc == 0 and not m.killed and m.wall_s > 0 and m.peak_rss_mb > 0
     assert m.wchar_mb >= 2.8
     hog = "import time; x = b'1' * (600 * 2**20); time.sleep(30)"
-    m = bench_merge.measure([sys.executable, "-c", hog], log=tmp_path / "h.log", env=env, rss_cap_mb=300,
-                            out=tmp_path / "none", timeout_s=60)
+    m = bench_merge.measure(
+        [sys.executable, "-c", hog],
+        log=tmp_path / "h.log",
+        env=env,
+        rss_cap_mb=300,
+        out=tmp_path / "none",
+        timeout_s=60,
+    )
     assert m.killed.startswith("RSS cap") and m.rc != 0 and m.wall_s < 25
 
 
@@ -97,8 +104,9 @@ def test_distac_run_reproduces_task_arithmetic(tmp_path: Path, data: Path) -> No
     d = bench_merge.Data(data, 2)
     out = tmp_path / "merged"
     argv = bench_merge.RUNS["ta_distac"][2](d, out, tmp_path)
-    m = bench_merge.measure(argv, log=tmp_path / "ta.log", env=dict(__import__("os").environ), rss_cap_mb=4000,
-                            out=out, timeout_s=300)
+    m = bench_merge.measure(
+        argv, log=tmp_path / "ta.log", env=dict(__import__("os").environ), rss_cap_mb=4000, out=out, timeout_s=300
+    )
     assert m.rc == 0, (tmp_path / "ta.log").read_text()
     base, fts, merged = _load(data / "base"), [_load(p) for p in d.models], _load(out)
     for k, b in base.items():
@@ -107,10 +115,21 @@ def test_distac_run_reproduces_task_arithmetic(tmp_path: Path, data: Path) -> No
 
 
 def test_report_ratios_and_failures() -> None:
-    common = {"data": "/x/set", "n": 2, "family": "task_arithmetic", "flush_s": 0.0, "read_mb": 1.0, "rchar_mb": 1.0,
-              "cpu_s": 1.0, "params": 10,
-              "write_mb": 1.0, "rss_target_mb": 100.0, "disk_read_mb_s": 100.0, "disk_write_mb_s": 50.0,
-              "peak_rss_mb": 10.0}
+    common = {
+        "data": "/x/set",
+        "n": 2,
+        "family": "task_arithmetic",
+        "flush_s": 0.0,
+        "read_mb": 1.0,
+        "rchar_mb": 1.0,
+        "cpu_s": 1.0,
+        "params": 10,
+        "write_mb": 1.0,
+        "rss_target_mb": 100.0,
+        "disk_read_mb_s": 100.0,
+        "disk_write_mb_s": 50.0,
+        "peak_rss_mb": 10.0,
+    }
     rows = [
         {**common, "tool": "distac", "wall_s": 10.0, "bound_s": 8.0, "rc": 0, "killed": ""},
         {**common, "tool": "distac", "wall_s": 12.0, "bound_s": 8.0, "rc": 0, "killed": ""},

@@ -67,13 +67,27 @@ def write_cfg(root: Path, cfg: dict) -> Path:
 
 def test_merge_end_to_end(project, capsys):
     root, _cfg, base, models = project
-    code, out, err = run(["merge", str(root / "merge.yml"), "--out", str(root / "merged"), "--export-per-task",
-                          "--shard-size", "1KB", "--chunk-size", "300B", "-q"], capsys)
+    code, out, err = run(
+        [
+            "merge",
+            str(root / "merge.yml"),
+            "--out",
+            str(root / "merged"),
+            "--export-per-task",
+            "--shard-size",
+            "1KB",
+            "--chunk-size",
+            "300B",
+            "-q",
+        ],
+        capsys,
+    )
     assert code == 0, err
     merged = root / "merged"
     assert out.strip() == str(merged)
-    want = distac.merge(base, models, "ties", heads=["classifier.*"], density=[0.5, 0.3], scale=0.9,
-                        weights=[0.6, 1.0], device="cpu")
+    want = distac.merge(
+        base, models, "ties", heads=["classifier.*"], density=[0.5, 0.3], scale=0.9, weights=[0.6, 1.0], device="cpu"
+    )
     got = load_dir(merged)
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
     # the base's config and tokenizer travel with the output; its own card does not
@@ -92,8 +106,9 @@ def test_merge_end_to_end(project, capsys):
         assert torch.equal(task["classifier.bias"], m["classifier.bias"])
         assert torch.equal(task["embed.weight"], got["embed.weight"])
     # distac_config.yml has absolute paths: re-running it from anywhere gives the same bytes
-    code, _, err = run(["merge", str(merged / "distac_config.yml"), "--out", str(root / "again"), "-q",
-                        "--shard-size", "1KB"], capsys)
+    code, _, err = run(
+        ["merge", str(merged / "distac_config.yml"), "--out", str(root / "again"), "-q", "--shard-size", "1KB"], capsys
+    )
     assert code == 0, err
     for f in sorted(merged.glob("model-*.safetensors")):
         assert (root / "again" / f.name).read_bytes() == f.read_bytes()
@@ -104,8 +119,13 @@ def test_hf_bin_base_and_torch_models(tmp_path, capsys):
     models = [finetuned(base, 1), finetuned(base, 2)]
     write_checkpoint(base, tmp_path / "base", form="hf_bin")
     paths = [write_checkpoint(m, tmp_path / f"m{i}", form="pt") for i, m in enumerate(models)]
-    cfg = {"merge_method": "task_arithmetic", "base_model": "base", "dtype": "bfloat16",
-           "models": [{"model": str(p.relative_to(tmp_path))} for p in paths], "parameters": {"scale": 0.5}}
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": "base",
+        "dtype": "bfloat16",
+        "models": [{"model": str(p.relative_to(tmp_path))} for p in paths],
+        "parameters": {"scale": 0.5},
+    }
     code, _, err = run(["merge", str(write_cfg(tmp_path, cfg)), "--out", str(tmp_path / "o"), "-q"], capsys)
     assert code == 0, err
     got = load_dir(tmp_path / "o")
@@ -117,8 +137,12 @@ def test_hf_bin_base_and_torch_models(tmp_path, capsys):
 
 def test_python_m_distac_merge_subprocess(project):
     root = project[0]
-    r = subprocess.run([sys.executable, "-m", "distac", "merge", str(root / "merge.yml"), "--out", str(root / "o")],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "distac", "merge", str(root / "merge.yml"), "--out", str(root / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert (root / "o" / "model.safetensors").exists() and (root / "o" / "distac_config.yml").exists()
 
@@ -205,8 +229,20 @@ def _out_of_range(root, cfg):
     return {**cfg, "parameters": {"density": 1.5}}, "parameter 'density' = 1.5 is out of range: must be in (0, 1]"
 
 
-BAD = [_missing, _truncate, _corrupt_header, _extra_key, _bad_shape, _bad_dtype, _inf, _unknown_method,
-       _unknown_param, _unknown_model_param, _unknown_key, _out_of_range]
+BAD = [
+    _missing,
+    _truncate,
+    _corrupt_header,
+    _extra_key,
+    _bad_shape,
+    _bad_dtype,
+    _inf,
+    _unknown_method,
+    _unknown_param,
+    _unknown_model_param,
+    _unknown_key,
+    _out_of_range,
+]
 
 
 @pytest.mark.parametrize("case", BAD, ids=[f.__name__.strip("_") for f in BAD])
@@ -214,8 +250,12 @@ def test_bad_input(project, capsys, case):
     root, cfg, _, _ = project
     cfg, expected = case(root, cfg)
     path = write_cfg(root, cfg)
-    inputs = [root / "base", root / "ft_a", *([root / "ft_b.safetensors"] if (root / "ft_b.safetensors").exists()
-                                             else []), path]
+    inputs = [
+        root / "base",
+        root / "ft_a",
+        *([root / "ft_b.safetensors"] if (root / "ft_b.safetensors").exists() else []),
+        path,
+    ]
     before = tree_digest(*inputs)
     code, _, err = run(["merge", str(path), "--out", str(root / "out"), "--chunk-size", "300B", "-q"], capsys)
     assert code == 2
@@ -256,8 +296,9 @@ def test_disk_full_mid_write_leaves_nothing(project, capsys, monkeypatch):
 
     monkeypatch.setattr(ShardWriter, "_write_bytes", write_bytes)
     before = tree_digest(root / "base", root / "ft_a", root / "ft_b.safetensors")
-    code, _, err = run(["merge", str(root / "merge.yml"), "--out", str(root / "out"), "--shard-size", "500B", "-q"],
-                       capsys)
+    code, _, err = run(
+        ["merge", str(root / "merge.yml"), "--out", str(root / "out"), "--shard-size", "500B", "-q"], capsys
+    )
     assert code == 2 and "disk full" in err
     assert not (root / "out").exists()
     assert not [p for p in root.iterdir() if p.name.startswith(".out")]
@@ -298,8 +339,15 @@ def test_sidecar_of_the_wrong_kind_is_refused(project, capsys):
 def test_hugging_face_model_round_trip(tmp_path):
     """A tiny BERT classifier saved by transformers, merged with per-task heads, loads back in transformers."""
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=16, max_position_embeddings=16, num_labels=3)
+    cfg = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
     torch.manual_seed(0)
     base = transformers.BertForSequenceClassification(cfg).eval()
     base.save_pretrained(tmp_path / "base")
@@ -310,14 +358,27 @@ def test_hugging_face_model_round_trip(tmp_path):
         m.save_pretrained(tmp_path / name)
         tuned[name] = m
     out = distac.merge_checkpoints(
-        {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"), "heads": ["classifier.*"],
-         "models": [{"model": str(tmp_path / n)} for n in tuned], "parameters": {"scale": 0.5}},
-        tmp_path / "merged", export_per_task=True, quiet=True,
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(tmp_path / "base"),
+            "heads": ["classifier.*"],
+            "models": [{"model": str(tmp_path / n)} for n in tuned],
+            "parameters": {"scale": 0.5},
+        },
+        tmp_path / "merged",
+        export_per_task=True,
+        quiet=True,
     )
     merged, info = transformers.AutoModelForSequenceClassification.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    want = distac.merge(base.state_dict(), [m.state_dict() for m in tuned.values()], "task_arithmetic", scale=0.5,
-                        heads=["classifier.*"], device="cpu")
+    want = distac.merge(
+        base.state_dict(),
+        [m.state_dict() for m in tuned.values()],
+        "task_arithmetic",
+        scale=0.5,
+        heads=["classifier.*"],
+        device="cpu",
+    )
     got = merged.state_dict()
     assert all(torch.equal(got[k], want[k]) for k in got if k in want)
     for name, m in tuned.items():
@@ -370,24 +431,57 @@ def test_yaml_sidecars_are_checked_against_their_models(project, capsys):
 
     root, _cfg, _base, models = project
     fishers = [{k: v.float().abs() + 0.1 for k, v in m.items() if v.is_floating_point()} for m in models]
-    save_stats(root / "a.fisher.safetensors", fishers[0], kind="fisher", model=models[0], n_examples=8,
-               scale="sum", estimator="sampled")
+    save_stats(
+        root / "a.fisher.safetensors",
+        fishers[0],
+        kind="fisher",
+        model=models[0],
+        n_examples=8,
+        scale="sum",
+        estimator="sampled",
+    )
     # computed on model b, but listed for model a's partner below
-    save_stats(root / "b.fisher.safetensors", fishers[1], kind="fisher", model=models[0], n_examples=8,
-               scale="sum", estimator="sampled")
-    cfg = {"merge_method": "gradient_matching", "base_model": "base",
-           "models": [{"model": "ft_a", "parameters": {"fisher": "a.fisher.safetensors"}},
-                      {"model": "ft_b.safetensors", "parameters": {"fisher": "b.fisher.safetensors"}}],
-           "parameters": {"prior": 1.0}}
+    save_stats(
+        root / "b.fisher.safetensors",
+        fishers[1],
+        kind="fisher",
+        model=models[0],
+        n_examples=8,
+        scale="sum",
+        estimator="sampled",
+    )
+    cfg = {
+        "merge_method": "gradient_matching",
+        "base_model": "base",
+        "models": [
+            {"model": "ft_a", "parameters": {"fisher": "a.fisher.safetensors"}},
+            {"model": "ft_b.safetensors", "parameters": {"fisher": "b.fisher.safetensors"}},
+        ],
+        "parameters": {"prior": 1.0},
+    }
     code, _, err = run(["merge", str(write_cfg(root, cfg)), "--out", str(root / "gm"), "-q"], capsys)
     assert code == 2 and "b.fisher.safetensors" in err and "different model" in err and "ft_b" in err
     assert not (root / "gm").exists()
     # the right model, but the mean scale: gradient matching needs H_t = N × mean Fisher
-    save_stats(root / "b.fisher.safetensors", fishers[1], kind="fisher", model=models[1], n_examples=8,
-               scale="mean", estimator="sampled")
+    save_stats(
+        root / "b.fisher.safetensors",
+        fishers[1],
+        kind="fisher",
+        model=models[1],
+        n_examples=8,
+        scale="mean",
+        estimator="sampled",
+    )
     code, _, err = run(["merge", str(write_cfg(root, cfg)), "--out", str(root / "gm"), "-q"], capsys)
     assert code == 2 and "mean scale" in err and "sum" in err
-    save_stats(root / "b.fisher.safetensors", fishers[1], kind="fisher", model=models[1], n_examples=8,
-               scale="sum", estimator="sampled")
+    save_stats(
+        root / "b.fisher.safetensors",
+        fishers[1],
+        kind="fisher",
+        model=models[1],
+        n_examples=8,
+        scale="sum",
+        estimator="sampled",
+    )
     code, _, err = run(["merge", str(write_cfg(root, cfg)), "--out", str(root / "gm"), "-q"], capsys)
     assert code == 0, err

@@ -39,8 +39,9 @@ def test_norm_conditioning_reaches_target_and_keeps_accuracy():
     tasks = {k: z[k] for k in ("long", "short_a", "short_b")}
     target = (_shared_norm(z["base"], z["short_a"]) + _shared_norm(z["base"], z["short_b"])) / 2
     assert _shared_norm(z["base"], z["long"]) > 2.5 * target  # the fixture really is a long vector
-    res = condition_with_report(make_mlp(), z["base"], tasks, Inputs(xtr), task="long", mode="norm",
-                                device="cpu", progress=False)
+    res = condition_with_report(
+        make_mlp(), z["base"], tasks, Inputs(xtr), task="long", mode="norm", device="cpu", progress=False
+    )
     r = res.report
     assert r.target_norm == pytest.approx(target, rel=1e-6)
     assert r.kappa == pytest.approx(target / r.norm_before, rel=1e-6)
@@ -59,8 +60,9 @@ def test_norm_conditioning_reaches_target_and_keeps_accuracy():
 def test_confidence_conditioning_sharpens_and_agrees():
     z = zoo()
     xtr, _, _, _ = digits()
-    res = condition_with_report(make_mlp(), z["base"], z["smooth"], Inputs(xtr), mode="confidence", steps=300,
-                                device="cpu", progress=False)
+    res = condition_with_report(
+        make_mlp(), z["base"], z["smooth"], Inputs(xtr), mode="confidence", steps=300, device="cpu", progress=False
+    )
     r = res.report
     assert (r.kappa, r.t_teacher, r.t_student) == (1.0, 1.0, 10.0)
     assert r.confidence_after["mean_max_prob"] > r.confidence_before["mean_max_prob"] + 0.02
@@ -92,8 +94,9 @@ def test_resume_continues_the_same_run(tmp_path):
     # a job killed during step 25 leaves the state saved after step 20
     partial_dir = tmp_path / "partial"
     assert _run_until(partial_dir, 25, z, xtr, kw) == 20
-    resumed = condition_with_report(make_mlp(), z["base"], z["long"], Inputs(xtr), state_dir=partial_dir,
-                                    save_every=10, **kw)
+    resumed = condition_with_report(
+        make_mlp(), z["base"], z["long"], Inputs(xtr), state_dir=partial_dir, save_every=10, **kw
+    )
     assert resumed.report.resumed_from == 20
     for k in straight.state:
         torch.testing.assert_close(resumed.state[k], straight.state[k], atol=1e-6, rtol=0)
@@ -115,8 +118,9 @@ def _run_until(state_dir: Path, stop: int, z, xtr, kw) -> int:
             return super().select(idx)
 
     with pytest.raises(Interrupt):
-        condition_with_report(make_mlp(), z["base"], z["long"], Interrupting(xtr), state_dir=state_dir,
-                              save_every=10, **kw)
+        condition_with_report(
+            make_mlp(), z["base"], z["long"], Interrupting(xtr), state_dir=state_dir, save_every=10, **kw
+        )
     return torch.load(state_dir / "checkpoint.pt", weights_only=True)["step"]
 
 
@@ -135,8 +139,19 @@ def test_nan_loss_stops_with_last_good_state(tmp_path):
     x[200:] = float("nan")  # step 0 uses a clean batch? use sequential batches to control it
     batches = [x[:64], x[64:128], x[192:256]]
     with pytest.raises(ConditioningDiverged, match="step 3") as e:
-        condition_with_report(make_mlp(), z["base"], z["long"], batches, mode="norm", kappa=0.5, steps=10,
-                              device="cpu", progress=False, state_dir=tmp_path, eval_examples=128)
+        condition_with_report(
+            make_mlp(),
+            z["base"],
+            z["long"],
+            batches,
+            mode="norm",
+            kappa=0.5,
+            steps=10,
+            device="cpu",
+            progress=False,
+            state_dir=tmp_path,
+            eval_examples=128,
+        )
     good = e.value.result.state
     assert all(torch.isfinite(v).all() for v in good.values())
     assert e.value.result.report.steps_done == 2
@@ -149,8 +164,9 @@ def test_auto_leaves_a_healthy_model_unchanged():
     z = zoo()
     xtr = digits()[0]
     tasks = {k: z[k] for k in ("short_a", "short_b")}
-    res = condition_with_report(make_mlp(), z["base"], tasks, Inputs(xtr), task="short_a", mode="auto",
-                                device="cpu", progress=False)
+    res = condition_with_report(
+        make_mlp(), z["base"], tasks, Inputs(xtr), task="short_a", mode="auto", device="cpu", progress=False
+    )
     assert res.report.mode == "none"
     assert all(torch.equal(res.state[k], z["short_a"][k]) for k in z["short_a"])
 
@@ -192,13 +208,23 @@ def test_architecture_mismatch_and_empty_data():
     with pytest.raises(DistacError, match="shape"):
         distac.condition(make_mlp(), z["base"], wide, Inputs(xtr), mode="norm", kappa=0.5, steps=2, device="cpu")
     with pytest.raises(DistacError, match="empty"):
-        distac.condition(make_mlp(), z["base"], z["long"], Inputs(xtr[:0]), mode="norm", kappa=0.5, steps=2,
-                         device="cpu")
+        distac.condition(
+            make_mlp(), z["base"], z["long"], Inputs(xtr[:0]), mode="norm", kappa=0.5, steps=2, device="cpu"
+        )
     with pytest.raises(DistacError, match="empty"):
         distac.condition(make_mlp(), z["base"], z["long"], [], mode="norm", kappa=0.5, steps=2, device="cpu")
     with pytest.raises(DistacError, match="data of task 'long' does not fit the model"):
-        distac.condition(make_mlp(), z["base"], {"long": z["long"]}, xtr[:, :60], task="long", mode="norm",
-                         kappa=0.5, steps=2, device="cpu")
+        distac.condition(
+            make_mlp(),
+            z["base"],
+            {"long": z["long"]},
+            xtr[:, :60],
+            task="long",
+            mode="norm",
+            kappa=0.5,
+            steps=2,
+            device="cpu",
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -229,9 +255,20 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     _write_zoo(tmp_path)
-    common = ["--base", "base.safetensors", "--arch", "distac_tiny:make_mlp",
-              "--model", "long=long.safetensors", "--model", "a=short_a.safetensors",
-              "--model", "b=short_b.safetensors", "--model", "smooth=smooth.safetensors"]
+    common = [
+        "--base",
+        "base.safetensors",
+        "--arch",
+        "distac_tiny:make_mlp",
+        "--model",
+        "long=long.safetensors",
+        "--model",
+        "a=short_a.safetensors",
+        "--model",
+        "b=short_b.safetensors",
+        "--model",
+        "smooth=smooth.safetensors",
+    ]
     data = [f"--data={t}=xtr.npy" for t in ("long", "a", "b", "smooth")]
 
     _cli(["diagnose", *common, *data, "--labels", "long=ytr.npy", "--out", "diag"])
@@ -244,7 +281,11 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
 
     _cli(["condition", *common, *data, "--steps", "150", "--out", "cond", "-q"])
     assert sorted(p.name for p in (tmp_path / "cond").iterdir()) == [
-        "long.report.json", "long.safetensors", "smooth.report.json", "smooth.safetensors"]
+        "long.report.json",
+        "long.safetensors",
+        "smooth.report.json",
+        "smooth.safetensors",
+    ]
     long_report = json.loads((tmp_path / "cond" / "long.report.json").read_text())
     assert long_report["mode"] == "norm" and long_report["norm_after"] < 0.5 * long_report["norm_before"]
     cond = load_file(str(tmp_path / "cond" / "long.safetensors"))
@@ -259,8 +300,19 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
     _cli(["merge", "merge.yaml", "--out", "merged"])
     assert (tmp_path / "merged" / "heads" / "smooth.safetensors").is_file()
 
-    _cli(["calibrate", "--merged", "merged", "--arch", "distac_tiny:make_mlp", "--data", "long=test.npz",
-          "--data", "smooth=test.npz"])
+    _cli(
+        [
+            "calibrate",
+            "--merged",
+            "merged",
+            "--arch",
+            "distac_tiny:make_mlp",
+            "--data",
+            "long=test.npz",
+            "--data",
+            "smooth=test.npz",
+        ]
+    )
     temps = json.loads((tmp_path / "merged" / "temperatures.json").read_text())
     assert set(temps["temperatures"]) == {"long", "smooth"}
     for m in temps["metrics"].values():
@@ -272,8 +324,17 @@ def test_cli_bad_input_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     _write_zoo(tmp_path)
     np.save(tmp_path / "wrong.npy", np.zeros((10, 30), dtype=np.float32))
-    base = ["condition", "--base", "base.safetensors", "--arch", "distac_tiny:make_mlp",
-            "--model", "long=long.safetensors", "--out", "out"]
+    base = [
+        "condition",
+        "--base",
+        "base.safetensors",
+        "--arch",
+        "distac_tiny:make_mlp",
+        "--model",
+        "long=long.safetensors",
+        "--out",
+        "out",
+    ]
     from distac.cli import main
 
     for extra, message in [

@@ -71,8 +71,10 @@ def test_gradient_matching_matches_the_formula_with_base_fisher_and_prior():
     for k in base:
         hh0 = h0[k] + 0.25
         hbar = hh0 + sum(a * f[k] for a, f in zip(alpha, fishers, strict=True))
-        want = base[k] + sum(a * (hh0 + f[k]) * (m[k] - base[k])
-                             for a, f, m in zip(alpha, fishers, models, strict=True)) / hbar
+        want = (
+            base[k]
+            + sum(a * (hh0 + f[k]) * (m[k] - base[k]) for a, f, m in zip(alpha, fishers, models, strict=True)) / hbar
+        )
         torch.testing.assert_close(out[k], want, rtol=1e-5, atol=1e-6)
 
 
@@ -92,12 +94,24 @@ def test_negative_scale_guard_names_the_tensor_and_the_safe_scale():
     name = str(e.value).split("tensor '")[1].split("'")[0]
     bound = float(str(e.value).split("exclusive: ")[1].split(" ")[0])
     one = {name: base[name]}
-    out = distac.merge(one, [{name: models[0][name]}], "gradient_matching", fishers=[{name: fishers[0][name]}],
-                       prior=1.0, scale=bound * 0.99)
+    out = distac.merge(
+        one,
+        [{name: models[0][name]}],
+        "gradient_matching",
+        fishers=[{name: fishers[0][name]}],
+        prior=1.0,
+        scale=bound * 0.99,
+    )
     assert torch.isfinite(out[name]).all()
     with pytest.raises(DistacError):
-        distac.merge(one, [{name: models[0][name]}], "gradient_matching", fishers=[{name: fishers[0][name]}],
-                     prior=1.0, scale=bound * 1.01)
+        distac.merge(
+            one,
+            [{name: models[0][name]}],
+            "gradient_matching",
+            fishers=[{name: fishers[0][name]}],
+            prior=1.0,
+            scale=bound * 1.01,
+        )
     # with no prior nothing negative is safe, and the message says what to do
     with pytest.raises(DistacError, match="pass a prior"):
         distac.merge(base, models, "gradient_matching", fishers=fishers, prior=0.0, scale=-0.1)
@@ -185,12 +199,23 @@ def test_regmean_full_gram_is_least_squares_and_handles_orientation():
         yy = torch.cat([x @ m[k].T for x, m in zip(xs, models, strict=True)])
         torch.testing.assert_close(out[k], torch.linalg.lstsq(xx, yy).solution.T, rtol=1e-4, atol=1e-4)
     # a Conv1D weight is stored (in, out): the same merge with layout="in_out" on transposed weights
-    conv = distac.merge({"sq": base["sq"].T.contiguous()}, [{"sq": m["sq"].T.contiguous()} for m in models],
-                        "regmean", grams=[{"sq": gr["sq"]} for gr in grams], reduce_nondiag=1.0, layout="in_out")
+    conv = distac.merge(
+        {"sq": base["sq"].T.contiguous()},
+        [{"sq": m["sq"].T.contiguous()} for m in models],
+        "regmean",
+        grams=[{"sq": gr["sq"]} for gr in grams],
+        reduce_nondiag=1.0,
+        layout="in_out",
+    )
     torch.testing.assert_close(conv["sq"], out["sq"].T, rtol=1e-4, atol=1e-4)
     # a non-square (in, out) weight is oriented by the Gram's size, whatever the layout parameter says
-    conv = distac.merge({"lin": base["lin"].T.contiguous()}, [{"lin": m["lin"].T.contiguous()} for m in models],
-                        "regmean", grams=[{"lin": gr["lin"]} for gr in grams], reduce_nondiag=1.0)
+    conv = distac.merge(
+        {"lin": base["lin"].T.contiguous()},
+        [{"lin": m["lin"].T.contiguous()} for m in models],
+        "regmean",
+        grams=[{"lin": gr["lin"]} for gr in grams],
+        reduce_nondiag=1.0,
+    )
     torch.testing.assert_close(conv["lin"], out["lin"].T, rtol=1e-4, atol=1e-4)
 
 
@@ -230,8 +255,9 @@ def test_streamed_from_disk_equals_in_memory(tmp_path, method, params):
     for f in fishers:
         f["big"] = torch.rand(64, 8)
     h0 = {k: torch.rand_like(v) for k, v in base.items()}
-    grams = [{"w": (lambda x: x.T @ x)(torch.randn(7, 5)), "big": (lambda x: x.T @ x)(torch.randn(9, 8))}
-             for _ in models]
+    grams = [
+        {"w": (lambda x: x.T @ x)(torch.randn(7, 5)), "big": (lambda x: x.T @ x)(torch.randn(9, 8))} for _ in models
+    ]
     stats_mem = {"fishers": fishers, "base_fisher": h0} if method != "regmean" else {"grams": grams}
     want = distac.merge(base, models, method, **stats_mem, **params)
 
@@ -245,18 +271,29 @@ def test_streamed_from_disk_equals_in_memory(tmp_path, method, params):
     if method == "regmean":
         stats = {"gram": [open_checkpoint(save(f"g{i}", g)) for i, g in enumerate(grams)]}
     else:
-        stats = {"fisher": [open_checkpoint(save(f"f{i}", f)) for i, f in enumerate(fishers)],
-                 "base_fisher": open_checkpoint(save("h0", h0))}
+        stats = {
+            "fisher": [open_checkpoint(save(f"f{i}", f)) for i, f in enumerate(fishers)],
+            "base_fisher": open_checkpoint(save("h0", h0)),
+        }
     got: dict[str, list[torch.Tensor]] = {}
-    run_merge(src, msrc, method, params, lambda k, t: got.setdefault(k, []).append(t.clone()),
-              stats=stats, chunk_bytes=4 * 4 * 8 * 16)  # "big" arrives in row chunks when chunkable
+    run_merge(
+        src,
+        msrc,
+        method,
+        params,
+        lambda k, t: got.setdefault(k, []).append(t.clone()),
+        stats=stats,
+        chunk_bytes=4 * 4 * 8 * 16,
+    )  # "big" arrives in row chunks when chunkable
     if method != "regmean":
         assert len(got["big"]) > 1
     for k in base:
         torch.testing.assert_close(torch.cat(got[k]), want[k], rtol=1e-6, atol=1e-6)
     # and the in-memory engine on DictSources agrees too
     mem: dict[str, torch.Tensor] = {}
-    dstats = {key: ([DictSource(s) for s in v] if isinstance(v, list) else DictSource(v)) for key, v in
-              ({"fisher": fishers, "base_fisher": h0} if method != "regmean" else {"gram": grams}).items()}
+    dstats = {
+        key: ([DictSource(s) for s in v] if isinstance(v, list) else DictSource(v))
+        for key, v in ({"fisher": fishers, "base_fisher": h0} if method != "regmean" else {"gram": grams}).items()
+    }
     run_merge(DictSource(base), [DictSource(m) for m in models], method, params, mem.__setitem__, stats=dstats)
     close(mem, want, rtol=1e-6, atol=1e-6)

@@ -24,9 +24,15 @@ def bert_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("bert")
     (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
     tok = transformers.BertTokenizerFast(vocab_file=str(d / "vocab.txt"))
-    cfg = transformers.BertConfig(vocab_size=5 + len(WORDS), hidden_size=16, num_hidden_layers=1,
-                                  num_attention_heads=2, intermediate_size=32, num_labels=3,
-                                  max_position_embeddings=32)
+    cfg = transformers.BertConfig(
+        vocab_size=5 + len(WORDS),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     transformers.BertForSequenceClassification(cfg).save_pretrained(d)
     tok.save_pretrained(d)
@@ -42,8 +48,12 @@ def test_text_formats_with_the_models_tokenizer(bert_dir, tmp_path):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"review": t, "y": y}) + "\n" for t, y in rows))
     (tmp_path / "d.txt").write_text("".join(f"{t}\n\n" for t, _ in rows))
     (tmp_path / "y.txt").write_text("0\n1\n2\n")
-    for name, kw in [("d.csv", {}), ("d.tsv", {}), ("d.jsonl", {"column": "review", "label_column": "y"}),
-                     ("d.txt", {"labels": tmp_path / "y.txt"})]:
+    for name, kw in [
+        ("d.csv", {}),
+        ("d.tsv", {}),
+        ("d.jsonl", {"column": "review", "label_column": "y"}),
+        ("d.txt", {"labels": tmp_path / "y.txt"}),
+    ]:
         x = load_inputs(tmp_path / name, tokenizer=m.tokenizer, need_labels=True, **kw)
         assert len(x) == 3 and x.labels.tolist() == [0, 1, 2]
         assert set(x.x) >= {"input_ids", "attention_mask"}
@@ -74,8 +84,15 @@ def test_hf_state_round_trip_and_encoder_head(bert_dir, tmp_path):
 def test_image_classifier_and_image_folders(tmp_path):
     from PIL import Image
 
-    cfg = transformers.ViTConfig(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1,
-                                 num_attention_heads=2, intermediate_size=32, num_labels=2)
+    cfg = transformers.ViTConfig(
+        image_size=8,
+        patch_size=4,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=2,
+    )
     d = tmp_path / "vit"
     transformers.ViTForImageClassification(cfg).save_pretrained(d)
     transformers.ViTImageProcessor(size={"height": 8, "width": 8}).save_pretrained(d)
@@ -150,8 +167,9 @@ def test_batching_is_deterministic_and_covers_epochs():
     assert [b.shape[0] for b in x.batches(4, drop_last=True)] == [4, 4]
     s1 = x.batches(4, shuffle=True, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(s1, x.batches(4, shuffle=True, seed=3), strict=True))
-    assert torch.equal(torch.cat([lb for lb in x.label_batches(4, shuffle=True, seed=3)]),
-                       torch.cat(s1).squeeze(1).long())
+    assert torch.equal(
+        torch.cat([lb for lb in x.label_batches(4, shuffle=True, seed=3)]), torch.cat(s1).squeeze(1).long()
+    )
     # training stream: every step has exactly B examples; each epoch is a permutation
     stream = torch.cat([x.step_indices(k, 4, seed=0) for k in range(5)])
     assert stream.numel() == 20
@@ -190,12 +208,35 @@ def test_condition_cli_on_a_hugging_face_classifier(bert_dir, tmp_path, monkeypa
     g = torch.Generator().manual_seed(0)
     ft = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in m.state.items()}
     save_state_like(ft, tmp_path / "ft", m)
-    (tmp_path / "train.csv").write_text("text\n" + "".join(f"{a} {b} was {c}\n" for a, b, c in
-                                                            zip(WORDS, WORDS[3:] + WORDS[:3], WORDS[::-1],
-                                                                strict=True)))
+    (tmp_path / "train.csv").write_text(
+        "text\n"
+        + "".join(f"{a} {b} was {c}\n" for a, b, c in zip(WORDS, WORDS[3:] + WORDS[:3], WORDS[::-1], strict=True))
+    )
     try:
-        main(["condition", "--base", str(bert_dir), "--model", "sst=ft", "--data", "sst=train.csv", "--mode", "norm",
-              "--kappa", "0.5", "--steps", "3", "--batch-size", "4", "--out", "cond", "-q", "--device", "cpu"])
+        main(
+            [
+                "condition",
+                "--base",
+                str(bert_dir),
+                "--model",
+                "sst=ft",
+                "--data",
+                "sst=train.csv",
+                "--mode",
+                "norm",
+                "--kappa",
+                "0.5",
+                "--steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--out",
+                "cond",
+                "-q",
+                "--device",
+                "cpu",
+            ]
+        )
     except SystemExit as e:
         assert e.code in (0, None)
     out = load_model(tmp_path / "cond" / "sst")

@@ -46,12 +46,16 @@ def _stats_for(method: str, base: dict, models: list[dict]) -> dict:
     g = torch.Generator().manual_seed(7)
     out: dict = {}
     if "fisher" in wanted:
-        out["fishers"] = [{k: torch.rand(v.shape, generator=g) + 0.1 for k, v in base.items() if v.is_floating_point()}
-                          for _ in models]
+        out["fishers"] = [
+            {k: torch.rand(v.shape, generator=g) + 0.1 for k, v in base.items() if v.is_floating_point()}
+            for _ in models
+        ]
     if "base_fisher" in wanted:
-        out["base_fisher"] = {k: torch.rand(v.shape, generator=g) + 0.1 for k, v in base.items()
-                              if v.is_floating_point()}
+        out["base_fisher"] = {
+            k: torch.rand(v.shape, generator=g) + 0.1 for k, v in base.items() if v.is_floating_point()
+        }
     if "gram" in wanted:
+
         def gram(d: int) -> torch.Tensor:
             x = torch.randn(2 * d, d, generator=g)
             return x.T @ x / (2 * d)
@@ -89,7 +93,8 @@ def test_streamed_equals_in_memory_exactly(tmp_path, method, params):
         for key, sub in (("fisher", "fishers"), ("gram", "grams")):
             if sub in stats:
                 entry.setdefault("parameters", {})[key] = str(
-                    write_checkpoint(stats[sub][i], tmp_path / f"{key}{i}.safetensors"))
+                    write_checkpoint(stats[sub][i], tmp_path / f"{key}{i}.safetensors")
+                )
         cfg_models.append(entry)
     base_entry: dict = {"model": str(bpath)}
     if "base_fisher" in stats:
@@ -108,8 +113,14 @@ def test_chunking_happens_only_for_chunkable_methods_and_keeps_offsets():
     models = [finetuned(base, i) for i in range(2)]
     seen: dict[str, list] = {"task_arithmetic": [], "slerp": []}
     for method in seen:
-        run_merge(DictSource(base, "base"), [DictSource(m) for m in models], method, {},
-                  lambda n, t, method=method: seen[method].append((n, tuple(t.shape))), chunk_bytes=256)
+        run_merge(
+            DictSource(base, "base"),
+            [DictSource(m) for m in models],
+            method,
+            {},
+            lambda n, t, method=method: seen[method].append((n, tuple(t.shape))),
+            chunk_bytes=256,
+        )
     emb = [s for n, s in seen["task_arithmetic"] if n == "embed.weight"]
     assert len(emb) > 1 and sum(s[0] for s in emb) == base["embed.weight"].shape[0]
     assert [s for n, s in seen["slerp"] if n == "embed.weight"] == [tuple(base["embed.weight"].shape)]
@@ -130,8 +141,15 @@ def test_per_tensor_ties_is_chunked_with_two_threshold_passes_per_split_tensor()
             return super().get_rows(name, start, stop)
 
     got: dict[str, list] = {}
-    run_merge(Counting(base, "base"), [DictSource(m) for m in models], "ties", params,
-              lambda n, t: got.setdefault(n, []).append(t), chunk_bytes=256, prefetch=True)
+    run_merge(
+        Counting(base, "base"),
+        [DictSource(m) for m in models],
+        "ties",
+        params,
+        lambda n, t: got.setdefault(n, []).append(t),
+        chunk_bytes=256,
+        prefetch=True,
+    )
     assert len(got["embed.weight"]) > 1
     pieces = len(got["embed.weight"])
     assert reads["embed.weight"] == 3 * pieces
@@ -187,8 +205,9 @@ def test_nan_in_input_names_tensor_and_shard(tmp_path):
     src = open_checkpoint(mpath)
     shard = src.file_of("layers.0.mlp.up.weight")
     with pytest.raises(DistacError) as e:
-        run_merge(open_checkpoint(bpath), [src], "task_arithmetic", {}, lambda n, t: None,
-                  chunk_bytes=64, prefetch=True)
+        run_merge(
+            open_checkpoint(bpath), [src], "task_arithmetic", {}, lambda n, t: None, chunk_bytes=64, prefetch=True
+        )
     msg = str(e.value)
     assert str(shard) in msg and "layers.0.mlp.up.weight" in msg and "NaN or Inf" in msg and "rows" in msg
 
@@ -197,19 +216,25 @@ def _bf16_case(tmp_path, method: str, params: dict):
     base = tiny_state(0, dtype=torch.bfloat16)
     models = [finetuned(base, i) for i in range(3)]
     want = distac.merge(base, models, method, device="cpu", **params)
-    cfg = {"merge_method": method, "base_model": str(write_checkpoint(base, tmp_path / "b.safetensors")),
-           "models": [str(write_checkpoint(m, tmp_path / f"m{i}.safetensors")) for i, m in enumerate(models)],
-           "parameters": params}
+    cfg = {
+        "merge_method": method,
+        "base_model": str(write_checkpoint(base, tmp_path / "b.safetensors")),
+        "models": [str(write_checkpoint(m, tmp_path / f"m{i}.safetensors")) for i, m in enumerate(models)],
+        "parameters": params,
+    }
     got = _read_out(merge_checkpoints(cfg, tmp_path / "out", chunk_bytes=200, quiet=True))
     return {k: got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in want.items()}
 
 
-@pytest.mark.parametrize(("method", "params"), [
-    ("task_arithmetic", {"scale": 0.3}),
-    ("dare_linear", {"density": 0.5}),
-    # bf16 task vectors cancel exactly often enough to exercise TIES's zero-sign rule across row chunks
-    ("ties", {"density": 0.4}),
-])
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("task_arithmetic", {"scale": 0.3}),
+        ("dare_linear", {"density": 0.5}),
+        # bf16 task vectors cancel exactly often enough to exercise TIES's zero-sign rule across row chunks
+        ("ties", {"density": 0.4}),
+    ],
+)
 def test_bf16_inputs_compute_in_fp32_and_write_base_dtype(tmp_path, method, params):
     same = _bf16_case(tmp_path, method, params)
     assert all(same.values()), [k for k, ok in same.items() if not ok]
@@ -218,8 +243,12 @@ def test_bf16_inputs_compute_in_fp32_and_write_base_dtype(tmp_path, method, para
 def test_out_dtype_casts_only_float_tensors(tmp_path):
     base = tiny_state(0)
     models = [finetuned(base, 1)]
-    cfg = {"merge_method": "task_arithmetic", "base_model": str(write_checkpoint(base, tmp_path / "b.safetensors")),
-           "models": [str(write_checkpoint(models[0], tmp_path / "m.safetensors"))], "out_dtype": "bfloat16"}
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(write_checkpoint(base, tmp_path / "b.safetensors")),
+        "models": [str(write_checkpoint(models[0], tmp_path / "m.safetensors"))],
+        "out_dtype": "bfloat16",
+    }
     got = _read_out(merge_checkpoints(cfg, tmp_path / "out", quiet=True))
     want = distac.merge(base, models, "task_arithmetic", device="cpu")
     for k, v in want.items():

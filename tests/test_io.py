@@ -99,7 +99,7 @@ def test_shard_writer_streams_row_chunks_into_byte_sized_shards(tmp_path):
     for k, v in state.items():
         if v.dim() and v.shape[0] > 4:  # the engine's row-chunked path
             for s in range(0, v.shape[0], 4):
-                w.write(k, v[s:s + 4])
+                w.write(k, v[s : s + 4])
         else:
             w.write(k, v)
     files = w.close()
@@ -165,8 +165,10 @@ def test_copy_model_files_skips_weights_and_card(tmp_path):
     assert copy_model_files(src, dst) == ["config.json", "tokenizer.json"]
 
 
-@pytest.mark.parametrize(("text", "n"), [("1GB", 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("1e6", 10**6),
-                                         (4096, 4096), ("64 kib", 65536)])
+@pytest.mark.parametrize(
+    ("text", "n"),
+    [("1GB", 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("1e6", 10**6), (4096, 4096), ("64 kib", 65536)],
+)
 def test_parse_size(text, n):
     assert parse_size(text) == n
 

@@ -73,8 +73,7 @@ def test_ties_zero_elected_sign_falls_back_to_plus() -> None:
     # other coordinates elect - (the official whole-model majority would pick - there; mergekit/peft
     # would give 0). A chunk-local rule would make the result depend on row chunking.
     assert close(run("ties", [[1.0, 2.0, 1.0], [-1.0, 3.0, 1.0]], density=1.0, scope="tensor"), [1.0, 2.5, 1.0])
-    assert close(run("ties", [[1.0, -2.0, -1.0], [-1.0, -3.0, -1.0]], density=1.0, scope="tensor"),
-                 [1.0, -2.5, -1.0])
+    assert close(run("ties", [[1.0, -2.0, -1.0], [-1.0, -3.0, -1.0]], density=1.0, scope="tensor"), [1.0, -2.5, -1.0])
 
 
 def test_ties_through_merge_with_global_threshold() -> None:

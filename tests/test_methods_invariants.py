@@ -24,8 +24,13 @@ def make_models(n: int, seed: int = 0) -> tuple[dict[str, torch.Tensor], list[di
     g = torch.Generator().manual_seed(seed)
     base = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
     base["steps"] = torch.tensor(7)  # an int buffer: copied, never merged
-    models = [{k: (v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone())
-               for k, v in base.items()} for _ in range(n)]
+    models = [
+        {
+            k: (v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone())
+            for k, v in base.items()
+        }
+        for _ in range(n)
+    ]
     return base, models
 
 
@@ -62,7 +67,7 @@ def unflat(x: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Te
     out, i = {}, 0
     for k in sorted(like):
         n = like[k][0].numel()
-        out[k] = x[i:i + n].reshape(like[k].shape[1:])
+        out[k] = x[i : i + n].reshape(like[k].shape[1:])
         i += n
     return out
 
@@ -128,8 +133,10 @@ def test_ties_global_scope_is_chunk_invariant() -> None:
     for _ in range(10):
         d = torch.randint(-2, 3, (3, 10, 6), generator=g).float()
         whole = m(torch.zeros(10, 6), d, ctx=TensorContext("w", (10, 6), 0, thr), **p)
-        parts = [m(torch.zeros(r.shape[1:]), r, ctx=TensorContext("w", (10, 6), 6 * a, thr), **p)
-                 for a, r in ((0, d[:, :4]), (4, d[:, 4:]))]
+        parts = [
+            m(torch.zeros(r.shape[1:]), r, ctx=TensorContext("w", (10, 6), 6 * a, thr), **p)
+            for a, r in ((0, d[:, :4]), (4, d[:, 4:]))
+        ]
         assert torch.equal(whole, torch.cat(parts))
 
 
@@ -142,8 +149,10 @@ def test_ties_tensor_scope_chunks_take_the_tensor_thresholds() -> None:
     d = torch.randn(3, 10, 6, generator=g)
     thr = torch.tensor([magnitude_threshold(d[i], q) for i, q in enumerate([0.3, 0.5, 0.2])])
     whole = m(torch.zeros(10, 6), d, ctx=TensorContext("w", (10, 6)), **p)
-    parts = [m(torch.zeros(r.shape[1:]), r, ctx=TensorContext("w", (10, 6), 6 * a, thr), **p)
-             for a, r in ((0, d[:, :4]), (4, d[:, 4:]))]
+    parts = [
+        m(torch.zeros(r.shape[1:]), r, ctx=TensorContext("w", (10, 6), 6 * a, thr), **p)
+        for a, r in ((0, d[:, :4]), (4, d[:, 4:]))
+    ]
     assert torch.equal(whole, torch.cat(parts))
     with pytest.raises(DistacError, match="row chunk without the tensor's thresholds"):
         m(torch.zeros(4, 6), d[:, :4], ctx=TensorContext("w", (10, 6)), **p)
@@ -183,21 +192,27 @@ def test_ties_weights_scale_and_negate() -> None:
     d = torch.randn(3, 40, generator=G)
     one = call("ties", d, density=0.5, scope="tensor", merge_fn="sum")
     assert_close(call("ties", d, density=0.5, scope="tensor", merge_fn="sum", weights=2.5), 2.5 * one)
-    assert_close(call("ties", d, density=0.5, scope="tensor", weights=-1.0), -call("ties", d, density=0.5,
-                                                                                    scope="tensor"))
+    assert_close(
+        call("ties", d, density=0.5, scope="tensor", weights=-1.0), -call("ties", d, density=0.5, scope="tensor")
+    )
     # a zero weight removes a model entirely (it cannot vote in the sign election)
-    assert_close(call("ties", d, density=0.5, scope="tensor", weights=[1, 1, 0]),
-                 call("ties", d[:2], density=0.5, scope="tensor"))
+    assert_close(
+        call("ties", d, density=0.5, scope="tensor", weights=[1, 1, 0]),
+        call("ties", d[:2], density=0.5, scope="tensor"),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # task arithmetic family: weights are linear
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method,params", [
-    ("task_arithmetic", {}),
-    ("dare_linear", {"density": 0.6, "seed": 4}),
-    ("breadcrumbs", {"density": 0.5, "gamma": 0.1}),
-])
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("task_arithmetic", {}),
+        ("dare_linear", {"density": 0.6, "seed": 4}),
+        ("breadcrumbs", {"density": 0.5, "gamma": 0.1}),
+    ],
+)
 def test_weights_are_linear(method: str, params: dict) -> None:
     d = torch.randn(3, 7, 9, generator=G)
     a, b = [1.0, -2.0, 0.5], [0.5, 1.0, -3.0]
@@ -266,8 +281,10 @@ def test_dare_is_invariant_to_chunking() -> None:
     d = torch.randn(2, 9, 5, generator=G)
     whole = dare(d, density=0.5, seed=3, ctx=TensorContext("w", (9, 5)))
     bounds = [0, 2, 3, 7, 9]
-    parts = [dare(d[:, a:b], density=0.5, seed=3, ctx=TensorContext("w", (9, 5), offset=a * 5))
-             for a, b in itertools.pairwise(bounds)]
+    parts = [
+        dare(d[:, a:b], density=0.5, seed=3, ctx=TensorContext("w", (9, 5), offset=a * 5))
+        for a, b in itertools.pairwise(bounds)
+    ]
     assert torch.equal(whole, torch.cat(parts, dim=1))
     for method in ("dare_linear", "dare_ties"):
         m = get_method(method)

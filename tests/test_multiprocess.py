@@ -23,8 +23,12 @@ TOLERANCE = 1e-5
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
 
@@ -34,12 +38,47 @@ def test_two_processes_match_one(tmp_path):
     for k in ("base", "long", "short_a"):
         save_file(z[k], str(tmp_path / f"{k}.safetensors"))
     np.save(tmp_path / "x.npy", digits()[0].numpy())
-    args = ["condition", "--base", "base.safetensors", "--arch", "distac_tiny:make_mlp",
-            "--model", "long=long.safetensors", "--model", "short=short_a.safetensors", "--data", "long=x.npy",
-            "--task", "long", "--mode", "norm", "--steps", "30", "--batch-size", "64", "--device", "cpu", "-q"]
+    args = [
+        "condition",
+        "--base",
+        "base.safetensors",
+        "--arch",
+        "distac_tiny:make_mlp",
+        "--model",
+        "long=long.safetensors",
+        "--model",
+        "short=short_a.safetensors",
+        "--data",
+        "long=x.npy",
+        "--task",
+        "long",
+        "--mode",
+        "norm",
+        "--steps",
+        "30",
+        "--batch-size",
+        "64",
+        "--device",
+        "cpu",
+        "-q",
+    ]
     _run([sys.executable, "-m", "distac", *args, "--out", "one"], tmp_path)
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          "-m", "distac", *args, "--out", "two"], tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "distac",
+            *args,
+            "--out",
+            "two",
+        ],
+        tmp_path,
+    )
     one = load_file(str(tmp_path / "one" / "long.safetensors"))
     two = load_file(str(tmp_path / "two" / "long.safetensors"))
     assert set(one) == set(two)

@@ -36,8 +36,15 @@ def tiny_bert(num_labels: int = 3, seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = BertConfig(
-        vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
-        max_position_embeddings=16, num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=40,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     return BertForSequenceClassification(cfg).eval()
 
@@ -85,8 +92,12 @@ def test_per_example_fisher_differs_from_squared_batch_gradient_by_the_cross_ter
         assert not torch.allclose(f[k], batch_sq[k], rtol=1e-2)
     # with batches of one example the two coincide
     one = [(x[i : i + 1], y[i : i + 1]) for i in range(6)]
-    torch.testing.assert_close(fisher_diagonal(model, one, estimator="empirical", progress=False)["weight"],
-                               per_ex["weight"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        fisher_diagonal(model, one, estimator="empirical", progress=False)["weight"],
+        per_ex["weight"],
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_sampled_fisher_is_seeded_and_unbiased_for_the_exact_one():
@@ -201,8 +212,9 @@ def test_adam_second_moments_rescaled_to_sum_fisher(tmp_path):
     f = adam_fisher(str(path), model, n_examples=100, batch_size=8)
     v = opt.state[model[0].weight]["exp_avg_sq"]
     torch.testing.assert_close(f["0.weight"], v / (1 - 0.99**3) * 100 * 8)
-    raw = adam_fisher(str(path), [k for k, _ in model.named_parameters()], n_examples=100, batch_size=8,
-                      bias_correction=False)
+    raw = adam_fisher(
+        str(path), [k for k, _ in model.named_parameters()], n_examples=100, batch_size=8, bias_correction=False
+    )
     torch.testing.assert_close(raw["2.bias"], opt.state[model[2].bias]["exp_avg_sq"] * 800)
     with pytest.raises(DistacError, match="holds 4 parameters but 3 names"):
         adam_fisher(str(path), ["a", "b", "c"], n_examples=1, batch_size=1)
@@ -264,8 +276,16 @@ def test_sidecar_round_trip_metadata_and_scale(tmp_path):
     model = softmax_regression()
     info: dict = {}
     f = fisher_diagonal(model, [torch.randn(9, 4)], estimator="exact", progress=False, info=info)
-    path = save_stats(tmp_path / "m.fisher.safetensors", f, kind="fisher", model=model, n_examples=info["n_examples"],
-                      scale="sum", estimator="exact", data_fingerprint=info["data_fingerprint"])
+    path = save_stats(
+        tmp_path / "m.fisher.safetensors",
+        f,
+        kind="fisher",
+        model=model,
+        n_examples=info["n_examples"],
+        scale="sum",
+        estimator="exact",
+        data_fingerprint=info["data_fingerprint"],
+    )
     meta = read_stats_metadata(path)
     assert meta["kind"] == "fisher" and meta["estimator"] == "exact" and meta["scale"] == "sum"
     assert meta["n_examples"] == 9 and meta["model_fingerprint"] == model_fingerprint(model, sorted(f))
@@ -282,8 +302,17 @@ def test_gram_sidecar_keeps_rows_and_layout(tmp_path):
     info: dict = {}
     batch = {"input_ids": torch.randint(0, 20, (2, 3)), "attention_mask": torch.ones(2, 3, dtype=torch.long)}
     g = gram_matrices(model, [batch], progress=False, info=info)
-    path = save_stats(tmp_path / "g.safetensors", g, kind="gram", model=model, n_examples=2, scale="mean",
-                      estimator="forward", rows=info["rows"], layout=info["layout"])
+    path = save_stats(
+        tmp_path / "g.safetensors",
+        g,
+        kind="gram",
+        model=model,
+        n_examples=2,
+        scale="mean",
+        estimator="forward",
+        rows=info["rows"],
+        layout=info["layout"],
+    )
     meta = read_stats_metadata(path)
     assert meta["rows"] == {"head.weight": 2, "proj.weight": 6} and meta["layout"]["proj.weight"] == "out_in"
     torch.testing.assert_close(load_stats(path, model=model, scale="sum")["proj.weight"], g["proj.weight"] * 6)
@@ -292,8 +321,9 @@ def test_gram_sidecar_keeps_rows_and_layout(tmp_path):
 def test_sidecar_errors(tmp_path):
     model = softmax_regression()
     f = fisher_diagonal(model, [torch.randn(4, 4)], progress=False)
-    path = save_stats(tmp_path / "f.safetensors", f, kind="fisher", model=model, n_examples=4, scale="sum",
-                      estimator="sampled")
+    path = save_stats(
+        tmp_path / "f.safetensors", f, kind="fisher", model=model, n_examples=4, scale="sum", estimator="sampled"
+    )
     other = softmax_regression(seed=5)
     with pytest.raises(DistacError, match="computed on a different model"):
         load_stats(path, model=other)
@@ -306,8 +336,15 @@ def test_sidecar_errors(tmp_path):
     bad = f["weight"].clone()
     bad[0, 0] = float("nan")
     with pytest.raises(DistacError, match="NaN"):
-        save_stats(tmp_path / "nan.safetensors", {"weight": bad}, kind="fisher", model=model, n_examples=1,
-                   scale="sum", estimator="sampled")
+        save_stats(
+            tmp_path / "nan.safetensors",
+            {"weight": bad},
+            kind="fisher",
+            model=model,
+            n_examples=1,
+            scale="sum",
+            estimator="sampled",
+        )
     assert not (tmp_path / "nan.safetensors").exists()
     with pytest.raises(DistacError, match="Gram 'weight' has shape"):
         check_stats({"weight": torch.eye(2)}, model, kind="gram")
@@ -346,15 +383,38 @@ def test_cli_fisher_and_gram_on_a_torch_model(tmp_path, monkeypatch):
     np.save(tmp_path / "x.npy", rng.normal(size=(10, 4)).astype(np.float32))
     np.save(tmp_path / "y.npy", rng.integers(0, 3, size=10))
     common = [str(tmp_path / "m.safetensors"), str(tmp_path / "x.npy"), "--arch", "stats_factory_mod:mlp"]
-    main(["stats", "fisher", *common, "--out", str(tmp_path / "f.safetensors"), "--estimator", "exact",
-          "--batch-size", "4", "--n-examples", "9"])
+    main(
+        [
+            "stats",
+            "fisher",
+            *common,
+            "--out",
+            str(tmp_path / "f.safetensors"),
+            "--estimator",
+            "exact",
+            "--batch-size",
+            "4",
+            "--n-examples",
+            "9",
+        ]
+    )
     f = load_stats(tmp_path / "f.safetensors", model=model)
-    ref = fisher_diagonal(model, [torch.from_numpy(np.load(tmp_path / "x.npy"))[:9]], estimator="exact",
-                          progress=False)
+    ref = fisher_diagonal(model, [torch.from_numpy(np.load(tmp_path / "x.npy"))[:9]], estimator="exact", progress=False)
     torch.testing.assert_close(f["0.weight"], ref["0.weight"], rtol=1e-5, atol=1e-7)
     assert read_stats_metadata(tmp_path / "f.safetensors")["n_examples"] == 9
-    main(["stats", "fisher", *common, "--out", str(tmp_path / "fe.safetensors"), "--estimator", "empirical",
-          "--labels", str(tmp_path / "y.npy")])
+    main(
+        [
+            "stats",
+            "fisher",
+            *common,
+            "--out",
+            str(tmp_path / "fe.safetensors"),
+            "--estimator",
+            "empirical",
+            "--labels",
+            str(tmp_path / "y.npy"),
+        ]
+    )
     assert read_stats_metadata(tmp_path / "fe.safetensors")["estimator"] == "empirical"
     main(["stats", "gram", *common, "--out", str(tmp_path / "g.safetensors")])
     g = load_stats(tmp_path / "g.safetensors", model=model)
@@ -377,8 +437,11 @@ def test_cli_fisher_on_a_tiny_hf_text_classifier(tmp_path):
     model.save_pretrained(hf)
     tok.save_pretrained(hf)
     (tmp_path / "data.jsonl").write_text(
-        "\n".join(json.dumps({"text": t, "label": lab}) for t, lab in
-                  [("good movie", 1), ("the plot was awful awful", 0), ("great", 1), ("a bad movie", 0)]) + "\n"
+        "\n".join(
+            json.dumps({"text": t, "label": lab})
+            for t, lab in [("good movie", 1), ("the plot was awful awful", 0), ("great", 1), ("a bad movie", 0)]
+        )
+        + "\n"
     )
     out = tmp_path / "bert.fisher.safetensors"
     main(["stats", "fisher", str(hf), str(tmp_path / "data.jsonl"), "--out", str(out), "--batch-size", "3"])
@@ -399,8 +462,9 @@ def test_verify_sidecar_streams_against_a_checkpoint_file(tmp_path):
     model = softmax_regression()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"))
     f = fisher_diagonal(model, [torch.randn(4, 4)], scale="mean", progress=False)
-    path = save_stats(tmp_path / "f.safetensors", f, kind="fisher", model=model, n_examples=4, scale="mean",
-                      estimator="sampled")
+    path = save_stats(
+        tmp_path / "f.safetensors", f, kind="fisher", model=model, n_examples=4, scale="mean", estimator="sampled"
+    )
     ckpt = open_checkpoint(tmp_path / "m.safetensors")
     assert verify_sidecar(path, ckpt, kind="fisher")["scale"] == "mean"
     with pytest.raises(DistacError, match="on the mean scale but sum is needed"):

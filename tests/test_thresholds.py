@@ -17,8 +17,13 @@ def _streams() -> dict[str, torch.Tensor]:
     zeros = torch.cat([torch.zeros(2000), torch.randn(500, generator=g)])
     tiny = torch.finfo(torch.float32).tiny
     # denormals share the coarse bin 0 with +-0: the fine pass must separate them
-    denormal = torch.cat([torch.rand(1500, generator=g) * tiny, -torch.rand(500, generator=g) * tiny,
-                          torch.tensor([0.0, -0.0, tiny, 1e-45, -1e-45])])
+    denormal = torch.cat(
+        [
+            torch.rand(1500, generator=g) * tiny,
+            -torch.rand(500, generator=g) * tiny,
+            torch.tensor([0.0, -0.0, tiny, 1e-45, -1e-45]),
+        ]
+    )
     wide = torch.randn(3000, generator=g) * torch.logspace(-30, 30, 3000)
     return {"normal": normal, "ties": ties, "zeros": zeros, "denormal": denormal, "wide": wide}
 

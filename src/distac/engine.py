@@ -114,7 +114,7 @@ def _read(src: Any, name: str, rows: tuple[int, int] | None) -> Tensor:
     if rows is None:
         return src.get(name)
     get_rows = getattr(src, "get_rows", None)
-    return get_rows(name, *rows) if get_rows is not None else src.get(name)[rows[0]:rows[1]]
+    return get_rows(name, *rows) if get_rows is not None else src.get(name)[rows[0] : rows[1]]
 
 
 def split_rows(shape: Sequence[int], n_inputs: int, chunk_bytes: int | None) -> list[tuple[int, int]] | None:
@@ -440,8 +440,12 @@ def plan_merge(
             it = iter(pieces) if progress is None else _with_progress(pieces, progress, f"pre-pass {pass_}/2")
             pool = BufferPool(2 if prefetch else 1, device)
             batch = _Batcher(sel, len(models))
-            for item in _stream(it, lambda w, pool=pool: _load(base, models, w, stats, device, pool),
-                                prefetch=prefetch, release=lambda x, pool=pool: pool.give(x.buffer)):
+            for item in _stream(
+                it,
+                lambda w, pool=pool: _load(base, models, w, stats, device, pool),
+                prefetch=prefetch,
+                release=lambda x, pool=pool: pool.give(x.buffer),
+            ):
                 w = item.work
                 ctx = TensorContext(w.name, tuple(base.shape(w.name)), _offset(base, w), stats=item.stats)
                 x = pre.transform(item.base, item.deltas, ctx) if pre.transform else item.deltas
@@ -463,8 +467,9 @@ def plan_merge(
     return plan
 
 
-def _with_progress(pieces: list[Work], progress: Callable[[Iterator[str], str], Iterator[str]], desc: str
-                   ) -> Iterator[Work]:
+def _with_progress(
+    pieces: list[Work], progress: Callable[[Iterator[str], str], Iterator[str]], desc: str
+) -> Iterator[Work]:
     by_name = iter(progress(iter([w.name for w in pieces]), desc))
     for w in pieces:
         next(by_name, None)
@@ -512,8 +517,16 @@ def run_merge(
     stats = stats or {}
     device = torch.device(device)
     plan = plan_merge(
-        base, models, method, params, head_patterns=head_patterns, stats=stats, device=device,
-        chunk_bytes=chunk_bytes, prefetch=prefetch, progress=progress,
+        base,
+        models,
+        method,
+        params,
+        head_patterns=head_patterns,
+        stats=stats,
+        device=device,
+        chunk_bytes=chunk_bytes,
+        prefetch=prefetch,
+        progress=progress,
     )
     merged = set(plan.names)
     budget = chunk_bytes if plan.chunkable else None
@@ -539,8 +552,12 @@ def run_merge(
     sel: KthMagnitude | None = None
     thresholds: dict[str, Tensor] = {}  # per-tensor thresholds of the split tensor being merged
     pool = BufferPool(2 if prefetch else 1, device)
-    for item in _stream(work(), lambda w: _load(base, models, w, stats, device, pool), prefetch=prefetch,
-                        release=lambda x: pool.give(x.buffer)):
+    for item in _stream(
+        work(),
+        lambda w: _load(base, models, w, stats, device, pool),
+        prefetch=prefetch,
+        release=lambda x: pool.give(x.buffer),
+    ):
         w = item.work
         last = w.rows is None or w.rows[1] == base.shape(w.name)[0]
         if w.prepass:
@@ -614,6 +631,11 @@ def merge(
     run_merge(
         DictSource(base, "base"),
         [DictSource(m, f"model {i}") for i, m in enumerate(models)],
-        method, params, sink, head_patterns=heads, stats=stats, device=dev,
+        method,
+        params,
+        sink,
+        head_patterns=heads,
+        stats=stats,
+        device=dev,
     )
     return out

@@ -71,11 +71,35 @@ def batch_size(batch: Batch) -> int:
 # is what gets measured, conditioned and merged). Families not listed fall back to the attribute
 # names in ``_HEAD_ATTRIBUTES``.
 HF_HEAD_PATTERNS: dict[str, tuple[str, ...]] = {
-    **{t: ("classifier.*",) for t in (
-        "bert", "roberta", "xlm-roberta", "camembert", "electra", "albert", "deberta", "deberta-v2",
-        "mpnet", "vit", "beit", "convnext", "convnextv2", "resnet", "swin", "swinv2", "dinov2",
-        "mobilevit", "efficientnet", "regnet", "levit", "data2vec-vision", "clip", "siglip",
-    )},
+    **{
+        t: ("classifier.*",)
+        for t in (
+            "bert",
+            "roberta",
+            "xlm-roberta",
+            "camembert",
+            "electra",
+            "albert",
+            "deberta",
+            "deberta-v2",
+            "mpnet",
+            "vit",
+            "beit",
+            "convnext",
+            "convnextv2",
+            "resnet",
+            "swin",
+            "swinv2",
+            "dinov2",
+            "mobilevit",
+            "efficientnet",
+            "regnet",
+            "levit",
+            "data2vec-vision",
+            "clip",
+            "siglip",
+        )
+    },
     "distilbert": ("pre_classifier.*", "classifier.*"),
     "deit": ("classifier.*", "cls_classifier.*", "distillation_classifier.*"),
     **{t: ("score.*",) for t in ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "gemma2", "phi", "opt")},

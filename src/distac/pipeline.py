@@ -79,10 +79,16 @@ TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_
 MODEL_KEYS = ("model", "name", "parameters")
 STAT_KEYS = ("fisher", "gram")
 DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float64": torch.float64, "fp64": torch.float64,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
 }
 
 
@@ -117,8 +123,10 @@ def _check_keys(d: Mapping[str, Any], allowed: Sequence[str], where: str) -> Non
 def _dtype(value: Any, key: str, where: str) -> torch.dtype:
     d = DTYPES.get(str(value).lower().removeprefix("torch."))
     if d is None:
-        raise DistacError(f"{where}: '{key}: {value}' is not a dtype{closest(str(value), DTYPES)}; use one of "
-                          "float32, bfloat16, float16, float64")
+        raise DistacError(
+            f"{where}: '{key}: {value}' is not a dtype{closest(str(value), DTYPES)}; use one of "
+            "float32, bfloat16, float16, float64"
+        )
     return d
 
 
@@ -152,8 +160,13 @@ def _model_entry(entry: Any, folder: Path, where: str) -> tuple[ModelSpec, dict[
     return ModelSpec(path, name, stats), params
 
 
-def _gather_params(method: Method, global_params: Mapping[str, Any], per_model: list[dict[str, Any]],
-                   where: str, yaml_index: Sequence[int]) -> dict[str, Any]:
+def _gather_params(
+    method: Method,
+    global_params: Mapping[str, Any],
+    per_model: list[dict[str, Any]],
+    where: str,
+    yaml_index: Sequence[int],
+) -> dict[str, Any]:
     """Merge global and per-model parameters into the method's keyword arguments.
 
     Per-model values become lists (``weight`` -> ``weights``); a model without its own value takes
@@ -221,8 +234,9 @@ def load_config(config: Mapping[str, Any] | str | Path) -> MergeConfig:
     method = get_method(str(raw["merge_method"]))
     base, base_params = _model_entry(raw["base_model"], folder, f"{where}: base_model")
     if base_params:
-        raise DistacError(f"{where}: base_model: only statistics (fisher) may be set on the base, got "
-                          f"{sorted(base_params)}")
+        raise DistacError(
+            f"{where}: base_model: only statistics (fisher) may be set on the base, got {sorted(base_params)}"
+        )
     if "gram" in base.stats:
         raise DistacError(f"{where}: base_model: 'gram' statistics belong to the fine-tuned models")
     if not isinstance(raw["models"], list) or not raw["models"]:
@@ -277,8 +291,6 @@ def _check_out_path(out: Path, inputs: Sequence[Path]) -> None:
             raise DistacError(f"{out}: the output directory overlaps the input {p}; choose another --out")
 
 
-
-
 def _open_sidecar(path: Path, key: str, what: str, model: Checkpoint) -> Checkpoint:
     """Open a statistics file lazily, after checking it against the model it was computed on.
 
@@ -303,9 +315,7 @@ def _open_sidecar(path: Path, key: str, what: str, model: Checkpoint) -> Checkpo
     return src
 
 
-def _open_stats(
-    cfg: MergeConfig, base: Checkpoint, models: Sequence[Checkpoint], opened: ExitStack
-) -> dict[str, Any]:
+def _open_stats(cfg: MergeConfig, base: Checkpoint, models: Sequence[Checkpoint], opened: ExitStack) -> dict[str, Any]:
     """Open statistics sidecars lazily as ``{"fisher": [..N], "base_fisher": src, "gram": [..N]}``.
 
     Each one is registered with ``opened`` as soon as it is open, so an error on a later one still
@@ -321,8 +331,9 @@ def _open_stats(
             missing = [m.name for m in cfg.models if key not in m.stats]
             raise DistacError(f"'{key}' statistics are given for some models but not for {missing}")
         if have:
-            stats[key] = [open_(m.stats[key], key, f"{key} of {m.name}", src)
-                          for m, src in zip(cfg.models, models, strict=True)]
+            stats[key] = [
+                open_(m.stats[key], key, f"{key} of {m.name}", src) for m, src in zip(cfg.models, models, strict=True)
+            ]
     if "fisher" in cfg.base.stats:
         stats["base_fisher"] = open_(cfg.base.stats["fisher"], "fisher", "base fisher", base)
     wanted = {s.rstrip("?") for s in cfg.method.stats}
@@ -345,8 +356,13 @@ def _layout(base: Checkpoint, out_dtype: torch.dtype | None) -> list[tuple[str, 
     return [(k, base.shape(k), dt(k)) for k in base.keys()]
 
 
-def _write_heads(folder: Path, models: Sequence[Checkpoint], specs: Sequence[ModelSpec], heads: Sequence[str],
-                 out_dtype: torch.dtype | None) -> None:
+def _write_heads(
+    folder: Path,
+    models: Sequence[Checkpoint],
+    specs: Sequence[ModelSpec],
+    heads: Sequence[str],
+    out_dtype: torch.dtype | None,
+) -> None:
     """``heads/<name>.safetensors``: each model's own head tensors (small; written whole)."""
     (folder / "heads").mkdir()
     for m, spec in zip(models, specs, strict=True):
@@ -408,14 +424,36 @@ def merge_checkpoints(
         base = opened.enter_context(closing(open_checkpoint(cfg.base.path)))
         models = [opened.enter_context(closing(open_checkpoint(m.path))) for m in cfg.models]
         stats = _open_stats(cfg, base, models, opened)
-        _merge_into(cfg, out, base, models, stats, overwrite=overwrite, device=dev, shard=shard, chunk=chunk,
-                    export_per_task=export_per_task, quiet=quiet)
+        _merge_into(
+            cfg,
+            out,
+            base,
+            models,
+            stats,
+            overwrite=overwrite,
+            device=dev,
+            shard=shard,
+            chunk=chunk,
+            export_per_task=export_per_task,
+            quiet=quiet,
+        )
     return out
 
 
-def _merge_into(cfg: MergeConfig, out: Path, base: Checkpoint, models: list[Checkpoint], stats: dict[str, Any], *,
-                overwrite: bool, device: torch.device, shard: int, chunk: int, export_per_task: bool,
-                quiet: bool) -> None:
+def _merge_into(
+    cfg: MergeConfig,
+    out: Path,
+    base: Checkpoint,
+    models: list[Checkpoint],
+    stats: dict[str, Any],
+    *,
+    overwrite: bool,
+    device: torch.device,
+    shard: int,
+    chunk: int,
+    export_per_task: bool,
+    quiet: bool,
+) -> None:
     """The merge proper: stream into a temporary folder, add heads, config files and card, rename."""
     heads = sorted(match_heads(base.keys(), cfg.heads), key=base.keys().index)
     if cfg.heads and not heads:
@@ -423,8 +461,10 @@ def _merge_into(cfg: MergeConfig, out: Path, base: Checkpoint, models: list[Chec
     layout = _layout(base, cfg.out_dtype)
     # what the engine will read: N+1 copies of each merged tensor, one (the base's) of the rest
     head_set = set(heads)
-    in_bytes = sum(base.nbytes(k) * (len(models) + 1 if base.dtype(k).is_floating_point and k not in head_set else 1)
-                   for k in base.keys())
+    in_bytes = sum(
+        base.nbytes(k) * (len(models) + 1 if base.dtype(k).is_floating_point and k not in head_set else 1)
+        for k in base.keys()
+    )
 
     def prepass_progress(names: Iterator[str], desc: str) -> Iterator[str]:
         return track(names, desc=desc, unit="piece", quiet=quiet)
@@ -433,12 +473,22 @@ def _merge_into(cfg: MergeConfig, out: Path, base: Checkpoint, models: list[Chec
         writer = BackgroundWriter(
             ShardWriter(tmp, layout, max_shard_bytes=shard, metadata={"distac_method": cfg.method.name})
         )
-        with Progress(total_bytes=in_bytes, total_items=len(layout), desc=f"merge ({cfg.method.name})",
-                      quiet=quiet) as bar:
+        with Progress(
+            total_bytes=in_bytes, total_items=len(layout), desc=f"merge ({cfg.method.name})", quiet=quiet
+        ) as bar:
             try:
                 plan = run_merge(
-                    base, models, cfg.method, cfg.params, writer.write, head_patterns=cfg.heads, stats=stats,
-                    device=device, chunk_bytes=chunk, prefetch=True, progress=prepass_progress,
+                    base,
+                    models,
+                    cfg.method,
+                    cfg.params,
+                    writer.write,
+                    head_patterns=cfg.heads,
+                    stats=stats,
+                    device=device,
+                    chunk_bytes=chunk,
+                    prefetch=True,
+                    progress=prepass_progress,
                     on_piece=lambda _n, nbytes, done: bar.update(nbytes=nbytes, items=int(done)),
                 )
                 writer.close()
@@ -539,28 +589,56 @@ def model_card(cfg: MergeConfig, params: Mapping[str, Any], title: str) -> str:
     from . import __version__
 
     m = cfg.method
-    front = {"library_name": "transformers" if (cfg.base.path / "config.json").exists() else None,
-             "tags": ["merge", "distac", m.name], "base_model": str(cfg.base.path)}
+    front = {
+        "library_name": "transformers" if (cfg.base.path / "config.json").exists() else None,
+        "tags": ["merge", "distac", m.name],
+        "base_model": str(cfg.base.path),
+    }
     lines = [
-        "---", _yaml({k: v for k, v in front.items() if v is not None}).rstrip(), "---", "",
-        f"# {title}", "",
-        f"Merged with distac {__version__} using **{m.name}**: {m.summary}", "",
-        f"Reference: {m.paper}", "",
+        "---",
+        _yaml({k: v for k, v in front.items() if v is not None}).rstrip(),
+        "---",
+        "",
+        f"# {title}",
+        "",
+        f"Merged with distac {__version__} using **{m.name}**: {m.summary}",
+        "",
+        f"Reference: {m.paper}",
+        "",
     ]
     if m.notes:
         lines += [f"Convention: {m.notes}", ""]
     lines += ["## Models", "", f"* base: `{cfg.base.path}`"]
     lines += [f"* {s.name}: `{s.path}`" for s in cfg.models]
     if cfg.heads:
-        lines += ["", f"Task-specific heads ({', '.join(cfg.heads)}) are not merged: the weights hold the base's, and "
-                  "`heads/<name>.safetensors` each model's own."]
+        lines += [
+            "",
+            f"Task-specific heads ({', '.join(cfg.heads)}) are not merged: the weights hold the base's, and "
+            "`heads/<name>.safetensors` each model's own.",
+        ]
     lines += [
-        "", "## Parameters (resolved, with defaults)", "", "```yaml", _yaml(dict(params)).rstrip(), "```", "",
+        "",
+        "## Parameters (resolved, with defaults)",
+        "",
+        "```yaml",
+        _yaml(dict(params)).rstrip(),
+        "```",
+        "",
         "Arithmetic ran in float32"
-        + (f"; tensors were written as {str(cfg.out_dtype).removeprefix('torch.')}." if cfg.out_dtype else
-           "; tensors were written in the base's dtypes."),
-        "", "## Configuration", "", "```yaml", _yaml(cfg.raw).rstrip(), "```", "",
-        "Reproduce with `distac merge distac_config.yml --out DIR`.", "",
+        + (
+            f"; tensors were written as {str(cfg.out_dtype).removeprefix('torch.')}."
+            if cfg.out_dtype
+            else "; tensors were written in the base's dtypes."
+        ),
+        "",
+        "## Configuration",
+        "",
+        "```yaml",
+        _yaml(cfg.raw).rstrip(),
+        "```",
+        "",
+        "Reproduce with `distac merge distac_config.yml --out DIR`.",
+        "",
     ]
     return "\n".join(lines)
 
@@ -575,27 +653,57 @@ def _write_card(folder: Path, cfg: MergeConfig, params: Mapping[str, Any], title
 # ----------------------------------------------------------------------------------------------
 @click.command("merge")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder (written to a temporary folder, renamed when complete).")
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder (written to a temporary folder, renamed when complete).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available).")
 @click.option("--shard-size", default="1GB", show_default=True, help="Largest output shard, e.g. 500MB, 2GiB.")
-@click.option("--chunk-size", default="16MiB", show_default=True,
-              help="Memory budget for the N+1 fp32 copies of one piece; larger tensors are row-chunked.")
+@click.option(
+    "--chunk-size",
+    default="16MiB",
+    show_default=True,
+    help="Memory budget for the N+1 fp32 copies of one piece; larger tensors are row-chunked.",
+)
 @click.option("--export-per-task", is_flag=True, help="Also write OUT/tasks/<name>/: one full model per task.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def merge_command(config: Path, out: Path, overwrite: bool, device: str | None, shard_size: str, chunk_size: str,
-                  export_per_task: bool, quiet: bool) -> None:
+def merge_command(
+    config: Path,
+    out: Path,
+    overwrite: bool,
+    device: str | None,
+    shard_size: str,
+    chunk_size: str,
+    export_per_task: bool,
+    quiet: bool,
+) -> None:
     """Merge the checkpoints named in CONFIG (mergekit-style YAML) into OUT."""
-    path = merge_checkpoints(config, out, overwrite=overwrite, device=device, max_shard_bytes=shard_size,
-                             chunk_bytes=chunk_size, export_per_task=export_per_task, quiet=quiet)
+    path = merge_checkpoints(
+        config,
+        out,
+        overwrite=overwrite,
+        device=device,
+        max_shard_bytes=shard_size,
+        chunk_bytes=chunk_size,
+        export_per_task=export_per_task,
+        quiet=quiet,
+    )
     click.echo(str(path))
 
 
 def describe_method(m: Method) -> list[str]:
     """Lines describing one method for ``distac methods``: summary, paper, parameters, engine needs."""
-    needs = ["row-chunked" if m.chunkable is True else "whole tensors" if m.chunkable is False
-             else "row-chunked for some parameters"]
+    needs = [
+        "row-chunked"
+        if m.chunkable is True
+        else "whole tensors"
+        if m.chunkable is False
+        else "row-chunked for some parameters"
+    ]
     if m.prepass is not None:
         needs.append("global pre-pass for some parameters")
     if m.stats:

@@ -36,8 +36,14 @@ class Progress:
         self.items = 0
         self.unit_items = unit_items
         self._bar = tqdm(
-            total=total_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
-            disable=not _enabled(quiet), dynamic_ncols=True, leave=False,
+            total=total_bytes,
+            desc=desc,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1000,
+            disable=not _enabled(quiet),
+            dynamic_ncols=True,
+            leave=False,
         )
 
     def update(self, *, nbytes: int = 0, items: int = 0) -> None:
@@ -56,8 +62,10 @@ class Progress:
         self.close()
 
 
-def track(iterable: Iterable[T], *, desc: str, total: int | None = None, unit: str = "it", quiet: bool = False
-          ) -> Iterator[T]:
+def track(
+    iterable: Iterable[T], *, desc: str, total: int | None = None, unit: str = "it", quiet: bool = False
+) -> Iterator[T]:
     """Iterate with a bar (items only), e.g. ``for step in track(range(k), desc="distill", unit="step")``."""
-    yield from tqdm(iterable, desc=desc, total=total, unit=unit, disable=not _enabled(quiet),
-                    dynamic_ncols=True, leave=False)
+    yield from tqdm(
+        iterable, desc=desc, total=total, unit=unit, disable=not _enabled(quiet), dynamic_ncols=True, leave=False
+    )

@@ -349,8 +349,14 @@ def keep_where(key: tuple[int, int], offset: int, density: float, x: Tensor, *, 
         return out.copy_(x)
     if t == 0:
         return out.zero_()
-    fast = (x.device.type == "cpu" and out.device.type == "cpu" and x.dtype == out.dtype == torch.float32
-            and x.is_contiguous() and out.is_contiguous() and x.shape == out.shape)
+    fast = (
+        x.device.type == "cpu"
+        and out.device.type == "cpu"
+        and x.dtype == out.dtype == torch.float32
+        and x.is_contiguous()
+        and out.is_contiguous()
+        and x.shape == out.shape
+    )
     if not fast:
         keep = keep_mask(key, offset, x.numel(), density, device=x.device).view(x.shape)
         return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device), out=out)

@@ -43,10 +43,7 @@ def match_heads(names: Iterable[str], patterns: Iterable[str] | None) -> set[str
     for p in patterns or ():
         (regexes if p.startswith("re:") else globs).append(p)
     compiled = [re.compile(p[3:]) for p in regexes]
-    return {
-        n for n in names
-        if any(fnmatch.fnmatchcase(n, g) for g in globs) or any(r.search(n) for r in compiled)
-    }
+    return {n for n in names if any(fnmatch.fnmatchcase(n, g) for g in globs) or any(r.search(n) for r in compiled)}
 
 
 def split_heads(state: Mapping[str, Tensor], patterns: Iterable[str] | None) -> tuple[StateDict, StateDict]:
@@ -89,9 +86,7 @@ class TaskVector(Mapping[str, Tensor]):
     def from_models(cls, base: Mapping[str, Tensor], finetuned: Mapping[str, Tensor]) -> TaskVector:
         """τ = finetuned − base for every floating-point entry (computed in fp32)."""
         check_compatible(base, finetuned, "fine-tuned model")
-        return cls(
-            {k: finetuned[k].float() - b.float() for k, b in base.items() if is_mergeable(b)}
-        )
+        return cls({k: finetuned[k].float() - b.float() for k, b in base.items() if is_mergeable(b)})
 
     # mapping -------------------------------------------------------------------------------
     def __getitem__(self, key: str) -> Tensor:

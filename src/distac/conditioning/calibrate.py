@@ -101,8 +101,12 @@ def fit_temperature(logits: Tensor, labels: Tensor, *, tol: float = 1e-6) -> Cal
     if not after <= before:  # T = 1 is kept if the search were ever worse
         t, after = 1.0, before
     return CalibrationResult(
-        temperature=t, nll_before=before, nll_after=after,
-        ece_before=ece(logits, labels), ece_after=ece(logits, labels, temperature=t), n=int(labels.shape[0]),
+        temperature=t,
+        nll_before=before,
+        nll_after=after,
+        ece_before=ece(logits, labels),
+        ece_after=ece(logits, labels, temperature=t),
+        n=int(labels.shape[0]),
     )
 
 
@@ -180,9 +184,9 @@ def write_temperatures(path: str | Path, results: Mapping[str, CalibrationResult
         old = json.loads(p.read_text(encoding="utf-8"))
     temps = {**old.get("temperatures", {}), **{k: r.temperature for k, r in results.items()}}
     metrics = {**old.get("metrics", {}), **{k: r.to_dict() for k, r in results.items()}}
-    write_text_atomic(p, json.dumps(
-        {"format": FORMAT, "temperatures": temps, "metrics": metrics, "ece_bins": ECE_BINS}, indent=2
-    ))
+    write_text_atomic(
+        p, json.dumps({"format": FORMAT, "temperatures": temps, "metrics": metrics, "ece_bins": ECE_BINS}, indent=2)
+    )
     return p
 
 

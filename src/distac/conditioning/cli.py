@@ -66,8 +66,14 @@ def _load_data(
     out = {}
     for name, path in data.items():
         inputs = load_inputs(
-            path, tokenizer=loaded.tokenizer, image_processor=loaded.image_processor, column=column,
-            label_column=label_column, labels=labels.get(name), need_labels=need_labels, max_length=max_length,
+            path,
+            tokenizer=loaded.tokenizer,
+            image_processor=loaded.image_processor,
+            column=column,
+            label_column=label_column,
+            labels=labels.get(name),
+            need_labels=need_labels,
+            max_length=max_length,
         )
         check_fits(loaded.module, inputs)
         out[name] = inputs
@@ -86,8 +92,13 @@ def _common_options(fn):
         click.option("--label-column", default=None, help="Label column/array (default: label / y)."),
         click.option("--heads", multiple=True, help="Head name pattern (glob, or re:REGEX); default per model type."),
         click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1)),
-        click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=1),
-                     help="Tokenizer truncation length for text."),
+        click.option(
+            "--max-length",
+            default=128,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="Tokenizer truncation length for text.",
+        ),
         click.option("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)."),
         click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder."),
         click.option("--overwrite", is_flag=True, help="Replace an existing output folder."),
@@ -97,27 +108,70 @@ def _common_options(fn):
     return fn
 
 
-def _setup(base, arch, arch_kwargs, models, heads, need_data: bool, data, labels, column, label_column,
-           need_labels: bool, max_length) -> tuple[LoadedModel, dict[str, Any], dict[str, str], dict[str, Inputs]]:
+def _setup(
+    base,
+    arch,
+    arch_kwargs,
+    models,
+    heads,
+    need_data: bool,
+    data,
+    labels,
+    column,
+    label_column,
+    need_labels: bool,
+    max_length,
+) -> tuple[LoadedModel, dict[str, Any], dict[str, str], dict[str, Inputs]]:
     loaded = _load_base(base, arch, arch_kwargs, heads)
     paths = _pairs(models, "--model")
     finetuned = {n: load_state_like(p, loaded) for n, p in paths.items()}
     data_paths = _pairs(data, "--data")
     if need_data and not data_paths:
         raise DistacError("--data NAME=PATH is required")
-    inputs = _load_data(loaded, data_paths, tasks=list(paths), column=column, label_column=label_column,
-                        labels=_pairs(labels, "--labels"), need_labels=need_labels, max_length=max_length)
+    inputs = _load_data(
+        loaded,
+        data_paths,
+        tasks=list(paths),
+        column=column,
+        label_column=label_column,
+        labels=_pairs(labels, "--labels"),
+        need_labels=need_labels,
+        max_length=max_length,
+    )
     return loaded, finetuned, paths, inputs
 
 
 @click.command("diagnose")
 @_common_options
 @click.option("--norm-ratio", default=2.0, show_default=True, type=POSITIVE, help="Flag norm ratios at or above this.")
-@click.option("--entropy", "entropy", default=0.25, show_default=True, type=POSITIVE,
-              help="Flag mean normalised entropy (H / ln C) at or above this.")
+@click.option(
+    "--entropy",
+    "entropy",
+    default=0.25,
+    show_default=True,
+    type=POSITIVE,
+    help="Flag mean normalised entropy (H / ln C) at or above this.",
+)
 @click.option("--max-batches", default=None, type=click.IntRange(min=1), help="Evaluate at most this many batches.")
-def diagnose_command(base, arch, arch_kwargs, models, data, labels, column, label_column, heads, batch_size,
-                     max_length, device, out, overwrite, norm_ratio, entropy, max_batches) -> None:
+def diagnose_command(
+    base,
+    arch,
+    arch_kwargs,
+    models,
+    data,
+    labels,
+    column,
+    label_column,
+    heads,
+    batch_size,
+    max_length,
+    device,
+    out,
+    overwrite,
+    norm_ratio,
+    entropy,
+    max_batches,
+) -> None:
     """Report task-vector norms, ratios, cosines and confidence; flag tasks and recommend κ and temperatures.
 
     Writes OUT/diagnose.json and OUT/diagnose.png and prints a table.
@@ -126,13 +180,23 @@ def diagnose_command(base, arch, arch_kwargs, models, data, labels, column, labe
     from .diagnose import Thresholds, diagnose
 
     _check_out(out, overwrite)
-    loaded, finetuned, _, inputs = _setup(base, arch, arch_kwargs, models, heads, False, data, labels, column,
-                                          label_column, False, max_length)
+    loaded, finetuned, _, inputs = _setup(
+        base, arch, arch_kwargs, models, heads, False, data, labels, column, label_column, False, max_length
+    )
     with_labels = {n: x for n, x in inputs.items() if x.labels is not None}
     th = Thresholds(norm_ratio=norm_ratio, normalized_entropy=entropy)
-    report = diagnose(loaded.module, loaded.state, finetuned, inputs or None, with_labels or None,
-                      heads=loaded.head_patterns, thresholds=th, batch_size=batch_size, max_batches=max_batches,
-                      device=device)
+    report = diagnose(
+        loaded.module,
+        loaded.state,
+        finetuned,
+        inputs or None,
+        with_labels or None,
+        heads=loaded.head_patterns,
+        thresholds=th,
+        batch_size=batch_size,
+        max_batches=max_batches,
+        device=device,
+    )
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         report.to_json(tmp / "diagnose.json")
         report.figure(tmp / "diagnose.png")
@@ -142,8 +206,9 @@ def diagnose_command(base, arch, arch_kwargs, models, data, labels, column, labe
 
 @click.command("condition")
 @_common_options
-@click.option("--task", "tasks", multiple=True, help="Task(s) to condition (default: every task auto flags, "
-              "or the only one).")
+@click.option(
+    "--task", "tasks", multiple=True, help="Task(s) to condition (default: every task auto flags, or the only one)."
+)
 @click.option("--mode", type=click.Choice(["auto", "norm", "confidence", "both"]), default="auto", show_default=True)
 @click.option("--kappa", type=POSITIVE, default=None, help="Norm scale κ (overrides the mode's).")
 @click.option("--target-norm", type=POSITIVE, default=None, help="Target ‖τ'‖ (default: mean of the other tasks').")
@@ -154,13 +219,44 @@ def diagnose_command(base, arch, arch_kwargs, models, data, labels, column, labe
 @click.option("--lr", type=POSITIVE, default=None, help="Adam lr (default: 1e-5 from 20M params, else 1e-4).")
 @click.option("--warmup", type=click.IntRange(min=0), default=None, help="Warm-up steps (default K/10).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
-              help="Save resumable state here (per task sub-folder); a later run resumes from it.")
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Save resumable state here (per task sub-folder); a later run resumes from it.",
+)
 @click.option("--save-every", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def condition_command(base, arch, arch_kwargs, models, data, labels, column, label_column, heads, batch_size,
-                      max_length, device, out, overwrite, tasks, mode, kappa, target_norm, t_teacher, t_student,
-                      beta, steps, lr, warmup, seed, state_dir, save_every, quiet) -> None:
+def condition_command(
+    base,
+    arch,
+    arch_kwargs,
+    models,
+    data,
+    labels,
+    column,
+    label_column,
+    heads,
+    batch_size,
+    max_length,
+    device,
+    out,
+    overwrite,
+    tasks,
+    mode,
+    kappa,
+    target_norm,
+    t_teacher,
+    t_student,
+    beta,
+    steps,
+    lr,
+    warmup,
+    seed,
+    state_dir,
+    save_every,
+    quiet,
+) -> None:
     """Condition fine-tuned models with DisTaC (distillation into θ_0 + κτ).
 
     Writes OUT/<task>.safetensors (or OUT/<task>/ when the fine-tune is an HF directory) and
@@ -172,8 +268,9 @@ def condition_command(base, arch, arch_kwargs, models, data, labels, column, lab
     from .distill import _make_accelerator, condition_with_report
 
     _check_out(out, overwrite)  # before a long run, not after it
-    loaded, finetuned, paths, inputs = _setup(base, arch, arch_kwargs, models, heads, True, data, labels, column,
-                                              label_column, False, max_length)
+    loaded, finetuned, paths, inputs = _setup(
+        base, arch, arch_kwargs, models, heads, True, data, labels, column, label_column, False, max_length
+    )
     chosen = list(tasks)
     for t in chosen:
         if t not in finetuned:
@@ -181,8 +278,16 @@ def condition_command(base, arch, arch_kwargs, models, data, labels, column, lab
     modes = dict.fromkeys(chosen or finetuned, mode)
     if mode == "auto":
         # one diagnosis over every task and its data, so each task is judged against all the others
-        rep = diagnose(loaded.module, loaded.state, finetuned, inputs, heads=loaded.head_patterns,
-                       batch_size=batch_size, max_batches=8, device=device)
+        rep = diagnose(
+            loaded.module,
+            loaded.state,
+            finetuned,
+            inputs,
+            heads=loaded.head_patterns,
+            batch_size=batch_size,
+            max_batches=8,
+            device=device,
+        )
         modes = {t: rep[t].mode for t in (chosen or rep.flagged)}
         for t in [t for t, m in modes.items() if m == "none"]:
             click.echo(f"{t}: nothing flagged, not conditioned", err=True)
@@ -199,26 +304,48 @@ def condition_command(base, arch, arch_kwargs, models, data, labels, column, lab
     results = {}
     for t in chosen:
         results[t] = condition_with_report(
-            loaded.module, loaded.state, finetuned, inputs, task=t, mode=modes[t], kappa=kappa,
+            loaded.module,
+            loaded.state,
+            finetuned,
+            inputs,
+            task=t,
+            mode=modes[t],
+            kappa=kappa,
             target_norm=target_norm,
-            t_teacher=t_teacher, t_student=t_student, beta=beta, steps=steps, lr=lr, batch_size=batch_size,
-            warmup=warmup, seed=seed, heads=loaded.head_patterns,
-            state_dir=(state_dir / t) if state_dir is not None else None, save_every=save_every,
-            progress=not quiet, accelerator=accelerator,
+            t_teacher=t_teacher,
+            t_student=t_student,
+            beta=beta,
+            steps=steps,
+            lr=lr,
+            batch_size=batch_size,
+            warmup=warmup,
+            seed=seed,
+            heads=loaded.head_patterns,
+            state_dir=(state_dir / t) if state_dir is not None else None,
+            save_every=save_every,
+            progress=not quiet,
+            accelerator=accelerator,
         )
     if not accelerator.is_main_process:
         return
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         for t, res in results.items():
             as_dir = is_hf_dir(paths[t]) and loaded.kind == "hf"
-            save_state_like(res.state, tmp / (t if as_dir else f"{t}.safetensors"), loaded,
-                            fmt="hf" if as_dir else "safetensors", metadata=_card(res.report))
+            save_state_like(
+                res.state,
+                tmp / (t if as_dir else f"{t}.safetensors"),
+                loaded,
+                fmt="hf" if as_dir else "safetensors",
+                metadata=_card(res.report),
+            )
             res.report.to_json(tmp / f"{t}.report.json")
     for t, res in results.items():
         r = res.report
-        click.echo(f"{t}: mode={r.mode} kappa={r.kappa:.4g} T=({r.t_teacher:g},{r.t_student:g}) "
-                   f"norm {r.norm_before:.4g} -> {r.norm_after:.4g}, agreement {_pct(r.agreement)}, "
-                   f"max-prob {_mp(r.confidence_before)} -> {_mp(r.confidence_after)}")
+        click.echo(
+            f"{t}: mode={r.mode} kappa={r.kappa:.4g} T=({r.t_teacher:g},{r.t_student:g}) "
+            f"norm {r.norm_before:.4g} -> {r.norm_after:.4g}, agreement {_pct(r.agreement)}, "
+            f"max-prob {_mp(r.confidence_before)} -> {_mp(r.confidence_after)}"
+        )
     if not results:
         click.echo("nothing flagged: no task conditioned (use --task and --mode to force one)")
     click.echo(f"wrote {out}")
@@ -249,18 +376,27 @@ def _card(report) -> dict[str, str]:
 @click.option("--arch-kwargs", default=None, help="JSON object of keyword arguments for --arch.")
 @click.option("--data", "data", multiple=True, required=True, help="NAME=PATH of a task's labeled held-out data.")
 @click.option("--labels", "labels", multiple=True, help="NAME=FILE of labels (.npy or one per line).")
-@click.option("--head", "head_from", multiple=True,
-              help="NAME=CHECKPOINT to take that task's head from (default: MERGED/heads/NAME.safetensors).")
+@click.option(
+    "--head",
+    "head_from",
+    multiple=True,
+    help="NAME=CHECKPOINT to take that task's head from (default: MERGED/heads/NAME.safetensors).",
+)
 @click.option("--column", default=None)
 @click.option("--label-column", default=None)
 @click.option("--heads", multiple=True, help="Head name pattern; default per model type.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default=None)
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="temperatures.json path (default: inside the merged folder, or next to the merged file).")
-def calibrate_command(merged, arch, arch_kwargs, data, labels, head_from, column, label_column, heads, batch_size,
-                      max_length, device, out) -> None:
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="temperatures.json path (default: inside the merged folder, or next to the merged file).",
+)
+def calibrate_command(
+    merged, arch, arch_kwargs, data, labels, head_from, column, label_column, heads, batch_size, max_length, device, out
+) -> None:
     """Fit one temperature per task head of a merged model (NLL over log T) and store them in temperatures.json."""
     from ..taskvector import match_heads
     from .calibrate import calibration_report, task_state, write_temperatures
@@ -268,8 +404,16 @@ def calibrate_command(merged, arch, arch_kwargs, data, labels, head_from, column
     loaded = _load_base(merged, arch, arch_kwargs, heads)
     data_paths = _pairs(data, "--data")
     heads_from = _pairs(head_from, "--head")
-    inputs = _load_data(loaded, data_paths, tasks=list(data_paths), column=column, label_column=label_column,
-                        labels=_pairs(labels, "--labels"), need_labels=True, max_length=max_length)
+    inputs = _load_data(
+        loaded,
+        data_paths,
+        tasks=list(data_paths),
+        column=column,
+        label_column=label_column,
+        labels=_pairs(labels, "--labels"),
+        need_labels=True,
+        max_length=max_length,
+    )
     head_names = sorted(match_heads(loaded.state.keys(), loaded.head_patterns))
     results = {}
     for t, x in inputs.items():
@@ -280,13 +424,21 @@ def calibrate_command(merged, arch, arch_kwargs, data, labels, head_from, column
             head = {k: st[k] for k in head_names if k in st}
             if not head:
                 raise DistacError(f"'{src}' holds none of the head tensors {head_names[:3]} of the merged model")
-        results[t] = calibration_report(loaded.module, task_state(loaded.state, head, loaded.head_patterns), x, None,
-                                        batch_size=batch_size, device=device)
+        results[t] = calibration_report(
+            loaded.module,
+            task_state(loaded.state, head, loaded.head_patterns),
+            x,
+            None,
+            batch_size=batch_size,
+            device=device,
+        )
     target = out if out is not None else (Path(merged) if Path(merged).is_dir() else Path(merged).parent)
     path = write_temperatures(target, results)
     for t, r in results.items():
-        click.echo(f"{t}: T={r.temperature:.4g}  NLL {r.nll_before:.4f} -> {r.nll_after:.4f}  "
-                   f"ECE {r.ece_before:.4f} -> {r.ece_after:.4f}  (n={r.n})")
+        click.echo(
+            f"{t}: T={r.temperature:.4g}  NLL {r.nll_before:.4f} -> {r.nll_after:.4f}  "
+            f"ECE {r.ece_before:.4f} -> {r.ece_after:.4f}  (n={r.n})"
+        )
     click.echo(f"wrote {path}")
 
 

@@ -117,11 +117,21 @@ class DiagnoseReport:
         cols = ["task", "norm", "ratio", "max_prob", "entropy", "acc", "ece", "flags", "kappa", "T_t", "T_s"]
         rows = []
         for t in self.tasks.values():
-            rows.append([
-                t.name, f"{t.norm:.4g}", _f(t.norm_ratio, ".2f"), _f(t.mean_max_prob, ".3f"),
-                _f(t.mean_entropy, ".3f"), _f(t.accuracy, ".3f"), _f(t.ece, ".3f"),
-                ",".join(t.flags) or "-", f"{t.kappa:.3g}", f"{t.t_teacher:g}", f"{t.t_student:g}",
-            ])
+            rows.append(
+                [
+                    t.name,
+                    f"{t.norm:.4g}",
+                    _f(t.norm_ratio, ".2f"),
+                    _f(t.mean_max_prob, ".3f"),
+                    _f(t.mean_entropy, ".3f"),
+                    _f(t.accuracy, ".3f"),
+                    _f(t.ece, ".3f"),
+                    ",".join(t.flags) or "-",
+                    f"{t.kappa:.3g}",
+                    f"{t.t_teacher:g}",
+                    f"{t.t_student:g}",
+                ]
+            )
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
 
         def line(r: list[str]) -> str:
@@ -148,8 +158,13 @@ class DiagnoseReport:
         for ax, t in zip(axes[0][1:], with_conf, strict=True):
             hist = t.max_prob_hist or []
             edges = [i / len(hist) for i in range(len(hist))]
-            ax.bar(edges, hist, width=1 / max(len(hist), 1), align="edge",
-                   color="tab:red" if "low_confidence" in t.flags else "tab:green")
+            ax.bar(
+                edges,
+                hist,
+                width=1 / max(len(hist), 1),
+                align="edge",
+                color="tab:red" if "low_confidence" in t.flags else "tab:green",
+            )
             ax.set_title(f"{t.name}: max prob (mean {t.mean_max_prob:.2f})")
             ax.set_xlim(0, 1)
         fig.tight_layout()
@@ -243,7 +258,10 @@ def diagnose(
             check_data_fits(model, data[n], f"data of task '{n}'")
             state = {k: v.to(dev) for k, v in finetuned[n].items()}
             logits = collect_logits(
-                model, eval_batches(data[n], batch_size, f"data of task '{n}'"), state=state, device=dev,
+                model,
+                eval_batches(data[n], batch_size, f"data of task '{n}'"),
+                state=state,
+                device=dev,
                 max_batches=max_batches,
             )
             cs = confidence_stats(logits)
@@ -264,8 +282,10 @@ def diagnose(
             t.flags.append("low_confidence")
         others = [norms[m] for m in names if m != n]
         t.mode, t.kappa, t.t_teacher, t.t_student = recommend(
-            norm=t.norm, others_mean=(sum(others) / len(others)) if others else None,
-            norm_outlier="norm_outlier" in t.flags, low_confidence="low_confidence" in t.flags,
+            norm=t.norm,
+            others_mean=(sum(others) / len(others)) if others else None,
+            norm_outlier="norm_outlier" in t.flags,
+            low_confidence="low_confidence" in t.flags,
         )
     return DiagnoseReport(tasks, cosine, th, patterns)
 

@@ -238,8 +238,14 @@ def condition_with_report(
     task_data = _select_data(data, name, ft_map)
     if mode not in MODES:
         raise DistacError(f"mode must be one of {list(MODES)}, got '{mode}'")
-    for pname, v in (("kappa", kappa), ("target_norm", target_norm), ("t_teacher", t_teacher),
-                     ("t_student", t_student), ("lr", lr), ("max_grad_norm", max_grad_norm)):
+    for pname, v in (
+        ("kappa", kappa),
+        ("target_norm", target_norm),
+        ("t_teacher", t_teacher),
+        ("t_student", t_student),
+        ("lr", lr),
+        ("max_grad_norm", max_grad_norm),
+    ):
         check_positive(pname, v)
     if beta < 0:
         raise DistacError(f"beta must be >= 0, got {beta}")
@@ -265,8 +271,19 @@ def condition_with_report(
 
     # ---- settings from the mode ---------------------------------------------------------------
     if mode == "auto":
-        mode = _auto_mode(model, base, ft_map or {name: ft}, name, _auto_data(data, name, task_data, ft_map),
-                          patterns, target_norm, others_mean, norm_before, thresholds, device)
+        mode = _auto_mode(
+            model,
+            base,
+            ft_map or {name: ft},
+            name,
+            _auto_data(data, name, task_data, ft_map),
+            patterns,
+            target_norm,
+            others_mean,
+            norm_before,
+            thresholds,
+            device,
+        )
     target = target_norm if target_norm is not None else others_mean
     if mode in ("norm", "both"):
         if kappa is None:
@@ -300,9 +317,22 @@ def condition_with_report(
     n_params = sum(base[n].numel() for n in trainable)
     lr = lr if lr is not None else default_lr(n_params)
     report = ConditionReport(
-        task=name, mode=mode, kappa=float(kappa), t_teacher=float(tt), t_student=float(ts), beta=float(beta),
-        steps=steps, lr=float(lr), batch_size=batch_size, warmup=warmup, seed=seed, max_grad_norm=max_grad_norm,
-        world_size=world, norm_before=norm_before, norm_init=kappa * norm_before, target_norm=target,
+        task=name,
+        mode=mode,
+        kappa=float(kappa),
+        t_teacher=float(tt),
+        t_student=float(ts),
+        beta=float(beta),
+        steps=steps,
+        lr=float(lr),
+        batch_size=batch_size,
+        warmup=warmup,
+        seed=seed,
+        max_grad_norm=max_grad_norm,
+        world_size=world,
+        norm_before=norm_before,
+        norm_init=kappa * norm_before,
+        target_norm=target,
     )
     if mode == "none":
         report.norm_after, report.agreement, report.note = norm_before, 1.0, "auto: no flag raised, fine-tune unchanged"
@@ -332,8 +362,22 @@ def condition_with_report(
 
     optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(k, warmup=warmup, steps=steps))
-    fingerprint = {k: getattr(report, k) for k in ("task", "kappa", "t_teacher", "t_student", "beta", "steps", "lr",
-                                                   "batch_size", "warmup", "seed", "max_grad_norm")}
+    fingerprint = {
+        k: getattr(report, k)
+        for k in (
+            "task",
+            "kappa",
+            "t_teacher",
+            "t_student",
+            "beta",
+            "steps",
+            "lr",
+            "batch_size",
+            "warmup",
+            "seed",
+            "max_grad_norm",
+        )
+    }
     start = 0
     ckpt = Path(state_dir) / CHECKPOINT if state_dir is not None else None
     if ckpt is not None and resume and ckpt.is_file():
@@ -562,15 +606,18 @@ def _save_checkpoint(
     """Write the resumable state (temporary file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({
-        "fingerprint": fingerprint,
-        "step": step,
-        "params": {n: p.detach().cpu().clone() for n, p in zip(names, params, strict=True)},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "loss_curve": list(report.loss_curve),
-        "norm_curve": [list(x) for x in report.norm_curve],
-    }, tmp)
+    torch.save(
+        {
+            "fingerprint": fingerprint,
+            "step": step,
+            "params": {n: p.detach().cpu().clone() for n, p in zip(names, params, strict=True)},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "loss_curve": list(report.loss_curve),
+            "norm_curve": [list(x) for x in report.norm_curve],
+        },
+        tmp,
+    )
     os.replace(tmp, path)
 
 
@@ -589,8 +636,11 @@ def _load_checkpoint(
     except Exception as e:
         raise DistacError(f"cannot read the conditioning state '{path}': {e}") from e
     if state.get("fingerprint") != fingerprint:
-        diff = {k: (state.get("fingerprint", {}).get(k), v) for k, v in fingerprint.items()
-                if state.get("fingerprint", {}).get(k) != v}
+        diff = {
+            k: (state.get("fingerprint", {}).get(k), v)
+            for k, v in fingerprint.items()
+            if state.get("fingerprint", {}).get(k) != v
+        }
         raise DistacError(
             f"'{path}' was saved with other settings {diff} (saved, now); use another state directory or do not resume"
         )

@@ -114,7 +114,7 @@ class SafetensorsFile:
 def _convert_hint(path: Path) -> str:
     out = path.with_suffix(".safetensors")
     return (
-        "If you trust this file, convert it once to safetensors: python -c \"import torch; "
+        'If you trust this file, convert it once to safetensors: python -c "import torch; '
         "from safetensors.torch import save_file; "
         f"sd = torch.load('{path}', map_location='cpu', weights_only=False); "
         "sd = sd.get('state_dict', sd) if isinstance(sd, dict) else sd.state_dict(); "
@@ -205,8 +205,15 @@ def resolve_weight_files(path: str | Path) -> list[Path]:
         raise DistacError(f"{p}: no such file or directory")
     if p.is_file():
         return _files_from_index(p) if p.name.endswith(".json") else [p]
-    for pattern in ("*.safetensors.index.json", "*.safetensors", "*.bin.index.json", "pytorch_model*.bin", "*.bin",
-                    "*.pt", "*.pth"):
+    for pattern in (
+        "*.safetensors.index.json",
+        "*.safetensors",
+        "*.bin.index.json",
+        "pytorch_model*.bin",
+        "*.bin",
+        "*.pt",
+        "*.pth",
+    ):
         # Trainer output folders also hold pickles that are not weights (training_args.bin, optimizer.pt)
         found = sorted(f for f in p.glob(pattern) if not f.name.startswith(_NOT_WEIGHTS))
         if found:
@@ -299,5 +306,3 @@ class Checkpoint:
 def open_checkpoint(path: str | Path, *, label: str | None = None) -> Checkpoint:
     """Open any supported checkpoint lazily. Raises :class:`DistacError` naming the file at fault."""
     return Checkpoint(path, label=label)
-
-

@@ -50,8 +50,18 @@ DEFAULT_SHARD_BYTES = 1_000_000_000
 #: files that are weights, never copied from the base's folder
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-          "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str | int | float) -> int:
@@ -61,7 +71,7 @@ def parse_size(text: str | int | float) -> int:
     else:
         s = str(text).strip().upper().replace(" ", "")
         num = s.rstrip("KMGTIB")
-        unit = s[len(num):]
+        unit = s[len(num) :]
         try:
             value = int(float(num) * _UNITS[unit])
         except (ValueError, KeyError):

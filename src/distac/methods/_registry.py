@@ -62,9 +62,8 @@ class Range:
     def check(self, name: str, v: float) -> None:
         if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
             raise DistacError(f"parameter '{name}' must be a number, got {v!r}")
-        bad = (
-            (self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)))
-            or (self.hi is not None and (v > self.hi or (self.hi_open and v == self.hi)))
+        bad = (self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo))) or (
+            self.hi is not None and (v > self.hi or (self.hi_open and v == self.hi))
         )
         if bad:
             raise DistacError(f"parameter '{name}' = {v} is out of range: must be in {self}")
@@ -171,8 +170,16 @@ class ParamSpec:
 
 #: Names with one meaning across all methods (issue #2). Methods reuse them; they never invent synonyms.
 METHOD_PARAM_NAMES = (
-    "scale", "weights", "density", "scope", "merge_fn", "k", "tall_lambda",
-    "common_space_fraction", "t", "seed",
+    "scale",
+    "weights",
+    "density",
+    "scope",
+    "merge_fn",
+    "k",
+    "tall_lambda",
+    "common_space_fraction",
+    "t",
+    "seed",
 )
 
 
@@ -224,7 +231,8 @@ class Method:
         """Validate user parameters and fill defaults. Raises :class:`DistacError` naming the culprit."""
         if n_models < self.min_models or (self.max_models is not None and n_models > self.max_models):
             want = (
-                f"exactly {self.min_models}" if self.min_models == self.max_models
+                f"exactly {self.min_models}"
+                if self.min_models == self.max_models
                 else f"at least {self.min_models}" + (f" and at most {self.max_models}" if self.max_models else "")
             )
             raise DistacError(f"method '{self.name}' needs {want} fine-tuned model(s), got {n_models}")
@@ -242,9 +250,7 @@ class Method:
                 raise DistacError(f"method '{self.name}' needs parameter '{name}'")
             if spec.per_model and isinstance(v, list | tuple):
                 if len(v) != n_models:
-                    raise DistacError(
-                        f"parameter '{name}' has {len(v)} values but there are {n_models} models"
-                    )
+                    raise DistacError(f"parameter '{name}' has {len(v)} values but there are {n_models} models")
                 values = list(v)
             else:
                 values = [v]

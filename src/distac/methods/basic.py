@@ -15,8 +15,10 @@ Weights = Annotated[float | list[float] | None, PerModel()]
 
 def model_weights(weights: float | list[float] | None, n: int, like: Tensor) -> Tensor:
     """Per-model weights as a tensor broadcastable against ``(N, *S)``; None means all ones."""
-    w = torch.ones(n) if weights is None else torch.as_tensor(
-        weights if isinstance(weights, list) else [weights] * n, dtype=torch.float32
+    w = (
+        torch.ones(n)
+        if weights is None
+        else torch.as_tensor(weights if isinstance(weights, list) else [weights] * n, dtype=torch.float32)
     )
     return w.to(like.device, like.dtype).reshape(n, *([1] * (like.dim() - 1)))
 
@@ -61,13 +63,15 @@ def task_arithmetic(
 
 METHODS = (
     Method(
-        "average", average,
+        "average",
+        average,
         summary="Weight averaging / uniform model soup.",
         paper="Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)",
         notes="Weights normalised to sum to 1 (mergekit linear normalize: true, FusionBench weighted_average).",
     ),
     Method(
-        "task_arithmetic", task_arithmetic,
+        "task_arithmetic",
+        task_arithmetic,
         summary="θ0 + λ·Σ w_t τ_t; negation with λ < 0.",
         paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv 2212.04089)",
         notes="scale 1.0 like mergekit lambda; FusionBench 0.3, TIES paper's no-validation value 0.4.",

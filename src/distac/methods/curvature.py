@@ -18,6 +18,7 @@ from .basic import Weights, model_weights
 
 __all__ = ["METHODS", "fisher", "gradient_matching", "missing_stats_error", "regmean"]
 
+
 def missing_stats_error(method: str, stat: str, name: str) -> DistacError:
     """The error for a tensor that arrives without the statistic a method needs, with the fix."""
     cmd, arg = STATISTICS[stat]
@@ -252,25 +253,33 @@ def _regmean_prepass(params: dict, n: int) -> Prepass:
 
 METHODS = (
     Method(
-        "gradient_matching", gradient_matching,
+        "gradient_matching",
+        gradient_matching,
         summary="θ0 + Σ α_t H̄⁻¹(H0+H_t)τ_t, H̄ = H0 + Σ α_s H_s (diagonal Fishers, sum scale).",
         paper="Daheim et al., Model Merging by Uncertainty-Based Gradient Matching, ICLR 2024 (arXiv 2310.12808)",
-        chunkable=True, stats=("fisher", "base_fisher?"),
+        chunkable=True,
+        stats=("fisher", "base_fisher?"),
         notes="Not in FusionBench/mergekit/peft. Fishers must be on the sum scale; prior δ0 defaults to 1e-12.",
     ),
     Method(
-        "fisher", fisher,
+        "fisher",
+        fisher,
         summary="Σ c_i F̃_i θ_i / Σ c_i F̃_i with c_i/‖F_i‖ and a 1e-6 floor on the target.",
         paper="Matena & Raffel, Merging Models with Fisher-Weighted Averaging, NeurIPS 2022 (arXiv 2111.09832)",
-        chunkable=True, prepass=_fisher_prepass, stats=("fisher",),
+        chunkable=True,
+        prepass=_fisher_prepass,
+        stats=("fisher",),
         notes="FusionBench adds 1e-6 to every Fisher and squares batch gradients; official floors only the target.",
     ),
     Method(
-        "regmean", regmean,
+        "regmean",
+        regmean,
         summary="Per linear layer (ΣG̃_i)⁻¹ΣG̃_i W_i; other tensors averaged.",
         paper="Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023 "
         "(arXiv 2212.09849)",
-        chunkable=False, prepass=_regmean_prepass, stats=("gram",),
+        chunkable=False,
+        prepass=_regmean_prepass,
+        stats=("gram",),
         notes="α=0.1 (most official configs; FusionBench CLIP 0.95). Grams exclude padding rows; ridge if singular.",
     ),
 )

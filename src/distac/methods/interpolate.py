@@ -98,25 +98,32 @@ def model_stock(
         return deltas.mean(0)
     t = model_stock_ratio(deltas)
     if not torch.isfinite(t):
-        raise ValueError(f"Model Stock ratio is not finite (pairwise cosines average to {float(t)}); "
-                         "the task vectors point in opposite directions")
+        raise ValueError(
+            f"Model Stock ratio is not finite (pairwise cosines average to {float(t)}); "
+            "the task vectors point in opposite directions"
+        )
     return t * deltas.mean(0)
 
 
 METHODS = (
     Method(
-        "slerp", slerp,
+        "slerp",
+        slerp,
         summary="Spherical interpolation between two fine-tuned models (LERP when nearly collinear).",
         paper="Shoemake, Animating rotation with quaternion curves, SIGGRAPH 1985; mergekit/FusionBench slerp",
-        chunkable=False, min_models=2, max_models=2,
+        chunkable=False,
+        min_models=2,
+        max_models=2,
         notes="Interpolates θ_1 → θ_2 (mergekit interpolates base → other model). t=0.5 default (FusionBench); "
-              "0.9995 LERP threshold, eps 1e-8 (both anchors).",
+        "0.9995 LERP threshold, eps 1e-8 (both anchors).",
     ),
     Method(
-        "model_stock", model_stock,
+        "model_stock",
+        model_stock,
         summary="t·mean(θ_t) + (1−t)·θ0 with t from the mean pairwise cosine of the task vectors.",
         paper="Jang et al., Model Stock, ECCV 2024 (arXiv 2403.19522)",
-        chunkable=False, min_models=2,
+        chunkable=False,
+        min_models=2,
         notes="Mean of pairwise cosines (mergekit); FusionBench averages angles for N > 2.",
     ),
 )

@@ -103,9 +103,7 @@ def _column(values: list[float], like: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # sparsify steps: (N, *S) -> (N, *S), zeros where dropped
 # ----------------------------------------------------------------------------------------------
-def magnitude_thresholds(
-    deltas: Tensor, *, density: float | list[float], scope: str, ctx: TensorContext
-) -> Tensor:
+def magnitude_thresholds(deltas: Tensor, *, density: float | list[float], scope: str, ctx: TensorContext) -> Tensor:
     """Per-model thresholds, shape (N,): the engine's global pre-pass, or this tensor's own.
 
     ``scope="global"`` (official TIES ``topk_values_mask`` over the flattened model, FusionBench,
@@ -334,8 +332,9 @@ def dare_linear(
     MergeLM's LLM scripts (a list gives one seed per model, see :func:`dare`). The rescale
     is exactly 1/density (official, peft); mergekit matches L1 norms instead. Randomness: see :func:`dare`.
     """
-    return _combine(dare(deltas, density=density, seed=seed, ctx=ctx), weights=weights, elect=False,
-                    merge_fn="sum", scale=scale)
+    return _combine(
+        dare(deltas, density=density, seed=seed, ctx=ctx), weights=weights, elect=False, merge_fn="sum", scale=scale
+    )
 
 
 def dare_ties(
@@ -520,32 +519,35 @@ _FAMILY_NOTES = (
 
 METHODS = (
     Method(
-        "ties", ties,
+        "ties",
+        ties,
         summary="Trim to the top density by |τ| (global or per tensor), elect sign by mass, disjoint mean/sum.",
         paper="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708)",
         prepass=_trim_planner("density"),
         notes="Official defaults (global top 20%, dis-mean, λ=1). FusionBench: merge_fn=sum, scale=0.3. "
-              "mergekit/peft: scope=tensor. Zero elected sign -> +1 (official: whole-model majority). "
-              + _FAMILY_NOTES,
+        "mergekit/peft: scope=tensor. Zero elected sign -> +1 (official: whole-model majority). " + _FAMILY_NOTES,
     ),
     Method(
-        "dare_linear", dare_linear,
+        "dare_linear",
+        dare_linear,
         summary="DARE random drop with exact 1/density rescale, then task arithmetic.",
         paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)",
         notes="Counter-based RNG keyed by (seed, tensor name, model index), or (seed_t, tensor name) for a "
-              "per-model seed list: independent of tensor order, chunking and device. "
-              "mergekit rescales by L1 matching; official/peft/FusionBench by 1/density. " + _FAMILY_NOTES,
+        "per-model seed list: independent of tensor order, chunking and device. "
+        "mergekit rescales by L1 matching; official/peft/FusionBench by 1/density. " + _FAMILY_NOTES,
     ),
     Method(
-        "dare_ties", dare_ties,
+        "dare_ties",
+        dare_ties,
         summary="DARE, then TIES (trim to trim_density, elect, disjoint merge) on the DARE'd task vectors.",
         paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)",
         prepass=_dare_ties_prepass,
         notes="Global trim threshold computed on the DARE'd deltas. mergekit dare_ties = trim_density=1, "
-              "merge_fn=sum, L1 rescale; FusionBench: density 0.5, merge_fn=sum, scale 0.5. " + _FAMILY_NOTES,
+        "merge_fn=sum, L1 rescale; FusionBench: density 0.5, merge_fn=sum, scale 0.5. " + _FAMILY_NOTES,
     ),
     Method(
-        "breadcrumbs", breadcrumbs,
+        "breadcrumbs",
+        breadcrumbs,
         summary="Per-row mask dropping the top gamma and keeping the next density by |τ|, then task arithmetic.",
         paper="Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv 2312.06795)",
         # rows lie along the last dim; a 1-D tensor is one row, so a chunk could split it
@@ -553,21 +555,24 @@ METHODS = (
         notes="Masks per row along the last dim (official); mergekit masks per whole tensor. " + _FAMILY_NOTES,
     ),
     Method(
-        "breadcrumbs_ties", breadcrumbs_ties,
+        "breadcrumbs_ties",
+        breadcrumbs_ties,
         summary="Breadcrumbs masks, then TIES sign election and disjoint merge.",
         paper="Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv 2312.06795)",
         chunkable=False,
         notes="mergekit's breadcrumbs_ties masks per tensor and sums (merge_fn=sum). " + _FAMILY_NOTES,
     ),
     Method(
-        "consensus_ta", consensus_ta,
+        "consensus_ta",
+        consensus_ta,
         summary="Task arithmetic restricted to weights that at least k TALL masks select.",
         paper="Wang et al., Localizing Task Information (TALL masks / Consensus), ICML 2024 (arXiv 2405.07813)",
         notes="tall_lambda defaults to 0.4, the middle of the official per-task validation grid {0.2..0.6}; "
-              "mergekit's removed consensus_ta used k=1, λ=1.",
+        "mergekit's removed consensus_ta used k=1, λ=1.",
     ),
     Method(
-        "consensus_ties", consensus_ties,
+        "consensus_ties",
+        consensus_ties,
         summary="Consensus mask applied to the TIES (top density, disjoint sum) multi-task vector.",
         paper="Wang et al., Localizing Task Information (TALL masks / Consensus), ICML 2024 (arXiv 2405.07813)",
         prepass=_trim_planner("density"),

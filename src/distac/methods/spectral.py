@@ -85,9 +85,9 @@ def tsv_m(
     vh_cat = deltas.new_zeros(r, cols)
     for t in range(n):
         u, s, vh = _top_svd(deltas[t], k, svd)
-        u_cat[:, t * k:(t + 1) * k] = u
-        s_cat[t * k:(t + 1) * k] = s
-        vh_cat[t * k:(t + 1) * k] = vh
+        u_cat[:, t * k : (t + 1) * k] = u
+        s_cat[t * k : (t + 1) * k] = s
+        vh_cat[t * k : (t + 1) * k] = vh
     return scale * (polar(u_cat) * s_cat) @ polar(vh_cat)
 
 
@@ -168,21 +168,24 @@ _COVERAGE = (
 
 METHODS = (
     Method(
-        "tsv_m", tsv_m,
+        "tsv_m",
+        tsv_m,
         summary="Task Singular Vectors: top r/T singular triplets per task, orthogonalised, recombined.",
         paper="Gargiulo et al., Task Singular Vectors, CVPR 2025 (arXiv 2412.00081)",
         chunkable=False,
         notes="scale (α) 1.0 as FusionBench; svd='lowrank' uses torch.svd_lowrank. " + _COVERAGE,
     ),
     Method(
-        "iso_c", iso_c,
+        "iso_c",
+        iso_c,
         summary="Isotropic merging: SVD of Σ τ_t with all singular values set to their mean.",
         paper="Marczak et al., No Task Left Behind: Isotropic Model Merging, ICML 2025 (arXiv 2502.04959)",
         chunkable=False,
         notes="Arithmetic mean of the spectrum (official, FusionBench). " + _COVERAGE,
     ),
     Method(
-        "iso_cts", iso_cts,
+        "iso_cts",
+        iso_cts,
         summary="Isotropic merging in common + task-specific subspaces (Iso-CTS).",
         paper="Marczak et al., No Task Left Behind: Isotropic Model Merging, ICML 2025 (arXiv 2502.04959)",
         chunkable=False,

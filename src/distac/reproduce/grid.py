@@ -265,15 +265,27 @@ def run_cell(
         except RuntimeError as e:
             # a failed calibration (e.g. an empty or degenerate validation split) is recorded as NaN,
             # visible in the tables, rather than aborting the whole grid.
-            warnings.warn(f"{spec.method}/{sources.setting}/{sources.source}: calibrating task '{name}' failed: {e}",
-                          stacklevel=2)
+            warnings.warn(
+                f"{spec.method}/{sources.setting}/{sources.source}: calibrating task '{name}' failed: {e}", stacklevel=2
+            )
             t = math.nan
         temps.append(t)
         before.append(ece(z, td.test.y))
         after.append(ece(z, td.test.y, temperature=t) if math.isfinite(t) else math.nan)
     return CellResult(
-        spec.method, spec.label, sources.setting, sources.source, alpha, max(s for _, s in curve), acc,
-        evaluator.normalised(acc, "test"), before, after, temps, curve, test_logits,
+        spec.method,
+        spec.label,
+        sources.setting,
+        sources.source,
+        alpha,
+        max(s for _, s in curve),
+        acc,
+        evaluator.normalised(acc, "test"),
+        before,
+        after,
+        temps,
+        curve,
+        test_logits,
     )
 
 
@@ -324,10 +336,12 @@ def rescaled_sources(zoo: Zoo, setting: str) -> SourceSet:
         if n not in k:
             models.append(sd)
             continue
-        models.append({
-            key: (zoo.base[key] + k[n] * (v - zoo.base[key])) if not key.startswith("heads.") else v
-            for key, v in sd.items()
-        })
+        models.append(
+            {
+                key: (zoo.base[key] + k[n] * (v - zoo.base[key])) if not key.startswith("heads.") else v
+                for key, v in sd.items()
+            }
+        )
     return SourceSet(setting, "rescaled", models, flagged, body_norms(zoo.base, models))
 
 
@@ -346,9 +360,22 @@ def distac_sources(zoo: Zoo, setting: str, *, evaluator: Evaluator, progress: bo
         temps = rec.norm_temperatures if mode == "norm" else rec.conf_temperatures
         model = evaluator.task_model(zoo.base, n)
         models[i] = distac.condition(
-            model, zoo.base, ft_map, zoo.tasks[i].train.x, task=n, mode=mode, t_teacher=temps[0],
-            t_student=temps[1], beta=rec.beta, steps=rec.steps, lr=rec.lr, batch_size=rec.batch,
-            seed=zoo.seed, heads=[HEAD_PATTERN], progress=progress, device="cpu",
+            model,
+            zoo.base,
+            ft_map,
+            zoo.tasks[i].train.x,
+            task=n,
+            mode=mode,
+            t_teacher=temps[0],
+            t_student=temps[1],
+            beta=rec.beta,
+            steps=rec.steps,
+            lr=rec.lr,
+            batch_size=rec.batch,
+            seed=zoo.seed,
+            heads=[HEAD_PATTERN],
+            progress=progress,
+            device="cpu",
         )
     return SourceSet(setting, "distac", models, flagged, body_norms(zoo.base, models))
 
@@ -370,8 +397,16 @@ def add_fishers(
         if id(sd) not in cache:
             n = min(zoo.profile.fisher_examples, len(td.train.x))
             model = evaluator.task_model(sd, td.spec.name)
-            f = fisher_diagonal(model, [td.train.x[:n]], params=body, n_examples=n, scale="sum",
-                                seed=zoo.seed, progress=progress, device="cpu")
+            f = fisher_diagonal(
+                model,
+                [td.train.x[:n]],
+                params=body,
+                n_examples=n,
+                scale="sum",
+                seed=zoo.seed,
+                progress=progress,
+                device="cpu",
+            )
             cache[id(sd)] = {k: v * (len(td.train.x) / n) for k, v in f.items()}
         out.append(cache[id(sd)])
     sources.fishers = out
@@ -387,8 +422,9 @@ def base_fisher(zoo: Zoo, evaluator: Evaluator, pretrain_x: Tensor, pretrain_y: 
     body = [k for k, _ in evaluator.model.named_parameters() if not k.startswith("heads.")]
     n = min(zoo.profile.fisher_examples, len(pretrain_x))
     model = evaluator.task_model(zoo.base, PRETRAIN_HEAD)
-    f = fisher_diagonal(model, [pretrain_x[:n]], params=body, n_examples=n, scale="sum", seed=zoo.seed,
-                        progress=progress, device="cpu")
+    f = fisher_diagonal(
+        model, [pretrain_x[:n]], params=body, n_examples=n, scale="sum", seed=zoo.seed, progress=progress, device="cpu"
+    )
     return {k: v * (len(pretrain_x) / n) for k, v in f.items()}
 
 

@@ -67,8 +67,21 @@ class Profile:
 
     def manifest(self) -> dict[str, Any]:
         """The parts that determine the zoo's weights (for the cache manifest)."""
-        keys = ("vit", "n_pretrain", "n_train", "n_val", "n_test", "pretrain_steps", "pretrain_lr", "pretrain_batch",
-                "ideal", "long", "norm_tasks", "smooth", "conf_tasks")
+        keys = (
+            "vit",
+            "n_pretrain",
+            "n_train",
+            "n_val",
+            "n_test",
+            "pretrain_steps",
+            "pretrain_lr",
+            "pretrain_batch",
+            "ideal",
+            "long",
+            "norm_tasks",
+            "smooth",
+            "conf_tasks",
+        )
         d = asdict(self)
         return {k: d[k] for k in keys}
 

@@ -95,9 +95,12 @@ def _method_by_column(
 def ece_table(cells: Sequence[CellResult], labels: Sequence[str]) -> str:
     """Method × column: mean test ECE (%) before → after per-task temperature scaling."""
     return _method_by_column(
-        cells, labels,
-        lambda cs: f"{_fmt([100 * statistics.fmean(c.ece_before) for c in cs])} → "
-                   f"{_fmt([100 * statistics.fmean(c.ece_after) for c in cs])}",
+        cells,
+        labels,
+        lambda cs: (
+            f"{_fmt([100 * statistics.fmean(c.ece_before) for c in cs])} → "
+            f"{_fmt([100 * statistics.fmean(c.ece_after) for c in cs])}"
+        ),
     )
 
 
@@ -151,47 +154,111 @@ def targets(
             ideal, raw = norm(lab, "ideal", "raw"), norm(lab, setting, "raw")
             if ideal is not None and raw is not None:
                 harm = ideal - raw
-                out.append({"target": f"{lab}: {setting} setting costs ≥ 5 points of norm. acc.",
-                            "measured": round(harm, 1), "threshold": 5.0, "gap": round(harm - 5.0, 1)})
+                out.append(
+                    {
+                        "target": f"{lab}: {setting} setting costs ≥ 5 points of norm. acc.",
+                        "measured": round(harm, 1),
+                        "threshold": 5.0,
+                        "gap": round(harm - 5.0, 1),
+                    }
+                )
     for lab in labels:
         for setting in ("norm", "conf"):
             ideal, dis, res = norm(lab, "ideal", "raw"), norm(lab, setting, "distac"), norm(lab, setting, "rescaled")
             if ideal is None or dis is None:
                 continue
-            out.append({"target": f"{lab}/{setting}: DisTaC within 2 points of ideal",
-                        "measured": round(ideal - dis, 1), "threshold": 2.0, "gap": round(2.0 - (ideal - dis), 1)})
+            out.append(
+                {
+                    "target": f"{lab}/{setting}: DisTaC within 2 points of ideal",
+                    "measured": round(ideal - dis, 1),
+                    "threshold": 2.0,
+                    "gap": round(2.0 - (ideal - dis), 1),
+                }
+            )
             if res is not None:
-                out.append({"target": f"{lab}/{setting}: DisTaC beats naive rescaling",
-                            "measured": round(dis - res, 1), "threshold": 0.0, "gap": round(dis - res, 1)})
+                out.append(
+                    {
+                        "target": f"{lab}/{setting}: DisTaC beats naive rescaling",
+                        "measured": round(dis - res, 1),
+                        "threshold": 0.0,
+                        "gap": round(dis - res, 1),
+                    }
+                )
     if "TA" in sweeps and "Gradient matching" in sweeps:
+
         def spread(lab: str) -> float:
             return statistics.fmean(max(p[1] for p in s) - min(p[1] for p in s) for s in sweeps[lab])
 
         ta, gm = spread("TA"), spread("Gradient matching")
-        out.append({"target": "gradient matching varies less across α than TA (max − min of mean acc.)",
-                    "measured": f"GM {gm:.1f} vs TA {ta:.1f}", "threshold": "GM < TA", "gap": round(ta - gm, 1)})
+        out.append(
+            {
+                "target": "gradient matching varies less across α than TA (max − min of mean acc.)",
+                "measured": f"GM {gm:.1f} vs TA {ta:.1f}",
+                "threshold": "GM < TA",
+                "gap": round(ta - gm, 1),
+            }
+        )
     return out
 
 
 def targets_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    return _md_table(["target", "measured", "threshold", "gap (≥ 0 = met)"],
-                     [[str(r["target"]), str(r["measured"]), str(r["threshold"]), str(r["gap"])] for r in rows])
+    return _md_table(
+        ["target", "measured", "threshold", "gap (≥ 0 = met)"],
+        [[str(r["target"]), str(r["measured"]), str(r["threshold"]), str(r["gap"])] for r in rows],
+    )
 
 
 def write_csv(path: Path, cells: Sequence[CellResult], names: Sequence[str], seeds: Sequence[int]) -> None:
     """One row per cell × task (plus a ``mean`` row): accuracy, normalised accuracy, ECE, T, α."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["seed", "method", "setting", "source", "alpha", "task", "test_acc", "test_norm_acc",
-                "ece_before", "ece_after", "temperature"])
+    w.writerow(
+        [
+            "seed",
+            "method",
+            "setting",
+            "source",
+            "alpha",
+            "task",
+            "test_acc",
+            "test_norm_acc",
+            "ece_before",
+            "ece_after",
+            "temperature",
+        ]
+    )
     for seed, c in zip(seeds, cells, strict=True):
         for i, n in enumerate(names):
-            w.writerow([seed, c.method, c.setting, c.source, c.alpha, n, f"{c.test_acc[i]:.4f}",
-                        f"{c.test_norm[i]:.4f}", f"{c.ece_before[i]:.4f}", f"{c.ece_after[i]:.4f}",
-                        f"{c.temperatures[i]:.4f}"])
-        w.writerow([seed, c.method, c.setting, c.source, c.alpha, "mean", f"{c.mean_acc / 100:.4f}",
-                    f"{c.mean_norm / 100:.4f}", f"{statistics.fmean(c.ece_before):.4f}",
-                    f"{statistics.fmean(c.ece_after):.4f}", ""])
+            w.writerow(
+                [
+                    seed,
+                    c.method,
+                    c.setting,
+                    c.source,
+                    c.alpha,
+                    n,
+                    f"{c.test_acc[i]:.4f}",
+                    f"{c.test_norm[i]:.4f}",
+                    f"{c.ece_before[i]:.4f}",
+                    f"{c.ece_after[i]:.4f}",
+                    f"{c.temperatures[i]:.4f}",
+                ]
+            )
+        w.writerow(
+            [
+                seed,
+                c.method,
+                c.setting,
+                c.source,
+                c.alpha,
+                "mean",
+                f"{c.mean_acc / 100:.4f}",
+                f"{c.mean_norm / 100:.4f}",
+                f"{statistics.fmean(c.ece_before):.4f}",
+                f"{statistics.fmean(c.ece_after):.4f}",
+                "",
+            ]
+        )
     write_text(path, buf.getvalue())
 
 
@@ -238,15 +305,20 @@ def write_plots(
             for k, src in enumerate(("raw", "rescaled", "distac")):
                 cs = by.get((lab, setting, src))
                 if cs:
-                    ax.bar(j * 4 + k, statistics.fmean(c.mean_norm for c in cs), color=colors[src],
-                           label=src if j == 0 else None)
+                    ax.bar(
+                        j * 4 + k,
+                        statistics.fmean(c.mean_norm for c in cs),
+                        color=colors[src],
+                        label=src if j == 0 else None,
+                    )
         ax.set_xticks([1, 5], ["norm mismatch", "low confidence"])
         ax.set_title(lab)
         ax.set_ylabel("norm. acc. (%)")
-        lo = min([c.mean_norm for c in cells if c.label == lab] + ([base_norm] if base_norm is not None else []),
-                 default=0)
+        lo = min(
+            [c.mean_norm for c in cells if c.label == lab] + ([base_norm] if base_norm is not None else []), default=0
+        )
         ax.set_ylim(max(0, lo - 10), 102)
-    for ax in list(axes.flat)[len(labels):]:
+    for ax in list(axes.flat)[len(labels) :]:
         ax.axis("off")
     handles, names_ = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, names_, loc="lower center", ncol=len(names_), fontsize=8, frameon=False)
@@ -261,8 +333,9 @@ def write_plots(
         sets = [s for s, _ in sources if s.setting in (setting, "ideal") and not (s.setting == "ideal")]
         width = 0.8 / max(1, len(sets))
         for k, s in enumerate(sets):
-            ax.bar([i + k * width for i in range(len(names))], s.norms, width, label=s.source,
-                   color=colors.get(s.source))
+            ax.bar(
+                [i + k * width for i in range(len(names))], s.norms, width, label=s.source, color=colors.get(s.source)
+            )
         ideal = next((s for s, _ in sources if s.setting == "ideal"), None)
         if ideal:
             ax.plot(range(len(names)), ideal.norms, "k_", ms=14, label="ideal")
@@ -281,16 +354,22 @@ def write_plots(
     if seen:
         fig, axes = plt.subplots(1, 3, figsize=(13, 4))
         for ax, (title, src, calibrated) in zip(
-            axes, (("raw sources", "raw", False), ("DisTaC sources", "distac", False),
-                   ("DisTaC sources, temperature-scaled", "distac", True)), strict=True
+            axes,
+            (
+                ("raw sources", "raw", False),
+                ("DisTaC sources", "distac", False),
+                ("DisTaC sources, temperature-scaled", "distac", True),
+            ),
+            strict=True,
         ):
             for lab in labels:
                 c = seen.get((lab, src))
                 if c is None:
                     continue
                 # heads have different class counts, so bin each task's max-prob and pool the bins
-                d = _pooled_diagram(c.test_logits, [labels_y[n] for n in names],
-                                    c.temperatures if calibrated else [1.0] * len(names))
+                d = _pooled_diagram(
+                    c.test_logits, [labels_y[n] for n in names], c.temperatures if calibrated else [1.0] * len(names)
+                )
                 ax.plot(d[0], d[1], "o-", ms=3, label=lab)
             ax.plot([0, 1], [0, 1], "k:", lw=1)
             ax.set_xlabel("confidence")

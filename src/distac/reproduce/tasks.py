@@ -32,6 +32,7 @@ __all__ = ["TASKS", "Split", "TaskData", "TaskSpec", "load_digits_5000", "make_t
 Transform = Callable[[Tensor], Tensor]
 LabelMap = Callable[[Tensor], Tensor]
 
+
 def _affine(degrees: float = 0.0, scale: float = 1.0, shear: float = 0.0) -> Transform:
     """Rotate by ``degrees``, zoom by ``scale`` (< 1 shrinks) and shear x by ``shear``, about the centre.
 
@@ -150,7 +151,6 @@ def make_tasks(
     cuts = np.cumsum([n_pretrain, n_train, n_val, n_test])
     parts = [idx[a:b] for a, b in itertools.pairwise(cuts)]
     tasks = [
-        TaskData(spec, *(Split(spec.transform(x[p]).contiguous(), spec.label(y[p])) for p in parts))
-        for spec in TASKS
+        TaskData(spec, *(Split(spec.transform(x[p]).contiguous(), spec.label(y[p])) for p in parts)) for spec in TASKS
     ]
     return pre, tasks

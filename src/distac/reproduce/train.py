@@ -96,8 +96,13 @@ def pretrain(
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
     state = body_state(model)
-    state.update({k.replace("heads.digit.", "heads.pretrain_digit."): v.detach().clone()
-                  for k, v in model.state_dict().items() if k.startswith("heads.digit.")})
+    state.update(
+        {
+            k.replace("heads.digit.", "heads.pretrain_digit."): v.detach().clone()
+            for k, v in model.state_dict().items()
+            if k.startswith("heads.digit.")
+        }
+    )
     return state
 
 
@@ -130,9 +135,7 @@ def _features(model: TinyViT, x: Tensor, chunk: int = 1024) -> Tensor:
     return torch.cat([model.features(x[i : i + chunk]) for i in range(0, len(x), chunk)])
 
 
-def probe_heads(
-    model: TinyViT, tasks: list[TaskData], *, steps: int = 300, lr: float = 0.05, seed: int = 0
-) -> None:
+def probe_heads(model: TinyViT, tasks: list[TaskData], *, steps: int = 300, lr: float = 0.05, seed: int = 0) -> None:
     """Fit each task's head as a linear probe on the frozen body's features (in place).
 
     This plays the role of CLIP's zero-shot head: a head that works on the pre-trained features and

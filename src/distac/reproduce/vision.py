@@ -81,8 +81,10 @@ def _source_sets(zoo: Any, evaluator: Evaluator, *, progress: bool, log: Callabl
     for setting in ("norm", "conf"):
         t0 = time.perf_counter()
         sets.append(distac_sources(zoo, setting, evaluator=evaluator, progress=progress))
-        log(f"DisTaC ({setting}): {len(flagged_tasks(zoo.profile, setting))} model(s) in "
-            f"{time.perf_counter() - t0:.0f}s")
+        log(
+            f"DisTaC ({setting}): {len(flagged_tasks(zoo.profile, setting))} model(s) in "
+            f"{time.perf_counter() - t0:.0f}s"
+        )
     return sets
 
 
@@ -104,12 +106,22 @@ def run_vision(
 
     def prior_data(zoo: Zoo) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = load_digits_5000()
-        pre, _ = make_tasks(x, y, n_pretrain=profile.n_pretrain, n_train=profile.n_train, n_val=profile.n_val,
-                            n_test=profile.n_test)
+        pre, _ = make_tasks(
+            x, y, n_pretrain=profile.n_pretrain, n_train=profile.n_train, n_val=profile.n_val, n_test=profile.n_test
+        )
         return pre.x, pre.y
 
-    return run_suite(profile, zoo_for, suite="vision", out=out, seeds=seeds, progress=progress, log=log,
-                     command=command, prior_data=prior_data)
+    return run_suite(
+        profile,
+        zoo_for,
+        suite="vision",
+        out=out,
+        seeds=seeds,
+        progress=progress,
+        log=log,
+        command=command,
+        prior_data=prior_data,
+    )
 
 
 def run_suite(

@@ -145,8 +145,9 @@ def _atomic_save(state: StateDict, path: Path) -> None:
 
 def _load_data(profile: Profile) -> list[TaskData]:
     x, y = load_digits_5000()
-    _, tasks = make_tasks(x, y, n_pretrain=profile.n_pretrain, n_train=profile.n_train, n_val=profile.n_val,
-                          n_test=profile.n_test)
+    _, tasks = make_tasks(
+        x, y, n_pretrain=profile.n_pretrain, n_train=profile.n_train, n_val=profile.n_val, n_test=profile.n_test
+    )
     return tasks
 
 
@@ -229,19 +230,27 @@ def _build(
 ) -> Zoo:
     start_cache(path)
     x, y = load_digits_5000()
-    pre, _ = make_tasks(x, y, n_pretrain=profile.n_pretrain, n_train=profile.n_train, n_val=profile.n_val,
-                        n_test=profile.n_test)
-    body = pretrain(profile.vit, pre, steps=profile.pretrain_steps, lr=profile.pretrain_lr,
-                    batch=profile.pretrain_batch, seed=1000 + seed,
-                    progress=progress)
+    pre, _ = make_tasks(
+        x, y, n_pretrain=profile.n_pretrain, n_train=profile.n_train, n_val=profile.n_val, n_test=profile.n_test
+    )
+    body = pretrain(
+        profile.vit,
+        pre,
+        steps=profile.pretrain_steps,
+        lr=profile.pretrain_lr,
+        batch=profile.pretrain_batch,
+        seed=1000 + seed,
+        progress=progress,
+    )
     model = TinyViT(profile.vit, _head_sizes(tasks))
     model.load_state_dict(body, strict=False)
     zero_shot_heads(model, tasks, body[f"heads.{PRETRAIN_HEAD}.weight"])
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     _atomic_save(base, path / "base.safetensors")
     own: dict[str, float] = {}
-    models = finetune_models(model, base, tasks, profile, manifest["models"], seed=seed, progress=progress,
-                             path=path, own=own)
+    models = finetune_models(
+        model, base, tasks, profile, manifest["models"], seed=seed, progress=progress, path=path, own=own
+    )
     finish_cache(path, manifest, own)
     log(f"zoo: built {len(models)} models in {path}")
     return Zoo(profile, seed, tasks, base, models, own, path)

@@ -45,9 +45,15 @@ def _load(model: str, data: str, *, factory: str | None, num_labels: int | None,
 
     loaded = load_model(model, factory=factory, num_labels=num_labels)
     inputs = load_inputs(
-        data, tokenizer=loaded.tokenizer, image_processor=loaded.image_processor, column=kw["column"],
-        label_column=kw["label_column"], labels=kw["labels_file"], need_labels=need_labels,
-        max_length=kw["max_length"], split=kw["split"],
+        data,
+        tokenizer=loaded.tokenizer,
+        image_processor=loaded.image_processor,
+        column=kw["column"],
+        label_column=kw["label_column"],
+        labels=kw["labels_file"],
+        need_labels=need_labels,
+        max_length=kw["max_length"],
+        split=kw["split"],
     )
     return loaded, inputs
 
@@ -80,20 +86,37 @@ def stats_command() -> None:
 @click.argument("data")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Sidecar to write (.safetensors).")
 @click.option(
-    "--estimator", type=click.Choice(["sampled", "exact", "empirical"]), default="sampled", show_default=True,
+    "--estimator",
+    type=click.Choice(["sampled", "exact", "empirical"]),
+    default="sampled",
+    show_default=True,
     help="sampled: label drawn from the model (official UBGM); exact: expectation over classes "
     "(Matena & Raffel); empirical: true labels.",
 )
 @click.option(
-    "--scale", type=click.Choice(["sum", "mean"]), default="sum", show_default=True,
+    "--scale",
+    type=click.Choice(["sum", "mean"]),
+    default="sum",
+    show_default=True,
     help="sum: N × mean Fisher (what gradient_matching expects); mean: ÷ N.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the label sampler.")
 @_model_options
 @_data_options
-def fisher_cmd(model: str, data: str, out: str, estimator: str, scale: str, seed: int, factory: str | None,
-               num_labels: int | None, n_examples: int | None, batch_size: int, device: str | None,
-               **data_kw: Any) -> None:
+def fisher_cmd(
+    model: str,
+    data: str,
+    out: str,
+    estimator: str,
+    scale: str,
+    seed: int,
+    factory: str | None,
+    num_labels: int | None,
+    n_examples: int | None,
+    batch_size: int,
+    device: str | None,
+    **data_kw: Any,
+) -> None:
     """Diagonal Fisher of MODEL on DATA from per-example gradients.
 
     MODEL is a Hugging Face classifier directory, or a weights file with --arch package.module:factory.
@@ -106,11 +129,24 @@ def fisher_cmd(model: str, data: str, out: str, estimator: str, scale: str, seed
     loaded, inputs = _load(model, data, factory=factory, num_labels=num_labels, need_labels=need, **data_kw)
     info: dict[str, Any] = {}
     f = fisher_diagonal(
-        loaded.module, _batches(inputs, batch_size, n_examples, need), estimator=estimator, n_examples=n_examples,
-        scale=scale, seed=seed, device=_device(device), progress=True, info=info,
+        loaded.module,
+        _batches(inputs, batch_size, n_examples, need),
+        estimator=estimator,
+        n_examples=n_examples,
+        scale=scale,
+        seed=seed,
+        device=_device(device),
+        progress=True,
+        info=info,
     )
     path = save_stats(
-        out, f, kind="fisher", model=loaded.state, n_examples=info["n_examples"], scale=scale, estimator=estimator,
+        out,
+        f,
+        kind="fisher",
+        model=loaded.state,
+        n_examples=info["n_examples"],
+        scale=scale,
+        estimator=estimator,
         data_fingerprint=info["data_fingerprint"],
     )
     n = info["n_examples"]
@@ -122,13 +158,26 @@ def fisher_cmd(model: str, data: str, out: str, estimator: str, scale: str, seed
 @click.argument("data")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Sidecar to write (.safetensors).")
 @click.option(
-    "--scale", type=click.Choice(["mean", "sum"]), default="mean", show_default=True,
+    "--scale",
+    type=click.Choice(["mean", "sum"]),
+    default="mean",
+    show_default=True,
     help="mean: XᵀX / rows (official RegMean); sum: XᵀX.",
 )
 @_model_options
 @_data_options
-def gram_cmd(model: str, data: str, out: str, scale: str, factory: str | None, num_labels: int | None,
-             n_examples: int | None, batch_size: int, device: str | None, **data_kw: Any) -> None:
+def gram_cmd(
+    model: str,
+    data: str,
+    out: str,
+    scale: str,
+    factory: str | None,
+    num_labels: int | None,
+    n_examples: int | None,
+    batch_size: int,
+    device: str | None,
+    **data_kw: Any,
+) -> None:
     """Gram matrices XᵀX of linear-layer inputs, for RegMean.
 
     Every nn.Linear / HF Conv1D of MODEL on DATA; padding positions are left out; stored as the
@@ -140,12 +189,25 @@ def gram_cmd(model: str, data: str, out: str, scale: str, factory: str | None, n
     loaded, inputs = _load(model, data, factory=factory, num_labels=num_labels, need_labels=False, **data_kw)
     info: dict[str, Any] = {}
     g = gram_matrices(
-        loaded.module, _batches(inputs, batch_size, n_examples, False), n_examples=n_examples, scale=scale,
-        device=_device(device), progress=True, info=info,
+        loaded.module,
+        _batches(inputs, batch_size, n_examples, False),
+        n_examples=n_examples,
+        scale=scale,
+        device=_device(device),
+        progress=True,
+        info=info,
     )
     path = save_stats(
-        out, g, kind="gram", model=loaded.state, n_examples=info["n_examples"], scale=scale, estimator="forward",
-        data_fingerprint=info["data_fingerprint"], rows=info["rows"], layout=info["layout"],
+        out,
+        g,
+        kind="gram",
+        model=loaded.state,
+        n_examples=info["n_examples"],
+        scale=scale,
+        estimator="forward",
+        data_fingerprint=info["data_fingerprint"],
+        rows=info["rows"],
+        layout=info["layout"],
     )
     layouts = sorted(set(info["layout"].values()))
     hint = f"; merge with regmean layout={layouts[0]}" if len(layouts) == 1 else ""
@@ -160,8 +222,16 @@ def gram_cmd(model: str, data: str, out: str, scale: str, factory: str | None, n
 @click.option("--batch-size", type=int, required=True, help="B, the training batch size.")
 @click.option("--no-bias-correction", is_flag=True, help="Use exp_avg_sq as stored (no ÷ (1 − β₂^step)).")
 @_model_options
-def adam_cmd(model: str, optimizer_state: str, out: str, n_examples: int, batch_size: int, no_bias_correction: bool,
-             factory: str | None, num_labels: int | None) -> None:
+def adam_cmd(
+    model: str,
+    optimizer_state: str,
+    out: str,
+    n_examples: int,
+    batch_size: int,
+    no_bias_correction: bool,
+    factory: str | None,
+    num_labels: int | None,
+) -> None:
     """Adam second moments as a sum-scale Fisher proxy, H ≈ N·B·v.
 
     OPTIMIZER_STATE is torch.save(optimizer.state_dict()) of the fine-tuning run; MODEL gives the
@@ -172,7 +242,12 @@ def adam_cmd(model: str, optimizer_state: str, out: str, n_examples: int, batch_
     from .sidecar import save_stats
 
     loaded = load_model(model, factory=factory, num_labels=num_labels)
-    f = adam_fisher(optimizer_state, loaded.module, n_examples=n_examples, batch_size=batch_size,
-                    bias_correction=not no_bias_correction)
+    f = adam_fisher(
+        optimizer_state,
+        loaded.module,
+        n_examples=n_examples,
+        batch_size=batch_size,
+        bias_correction=not no_bias_correction,
+    )
     path = save_stats(out, f, kind="adam", model=loaded.state, n_examples=n_examples, scale="sum", estimator="adam")
     click.echo(f"wrote {path}: Adam curvature proxy (sum scale, N·B·v) of {len(f)} tensors")

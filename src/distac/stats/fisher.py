@@ -298,8 +298,15 @@ def fisher_diagonal(
 
 
 def _agrees(
-    model: nn.Module, linear: Mapping[str, nn.Linear], sel: dict[str, Tensor], frozen: dict[str, Tensor],
-    one: Callable[..., dict[str, Tensor]], x: Batch, y: Tensor, u: Tensor, estimator: str,
+    model: nn.Module,
+    linear: Mapping[str, nn.Linear],
+    sel: dict[str, Tensor],
+    frozen: dict[str, Tensor],
+    one: Callable[..., dict[str, Tensor]],
+    x: Batch,
+    y: Tensor,
+    u: Tensor,
+    estimator: str,
 ) -> bool:
     """Check the Linear shortcut against vmap on the first few examples (a model that uses a Linear's
     weight outside its forward, or mixes examples, would differ)."""
@@ -342,7 +349,7 @@ def _run_batch(
     ``vmap`` first; models whose forward branches on tensor values (HF mask builders) get a
     prepared 4-D mask, and as a last resort a per-example loop (same numbers, slower).
     """
-    for m in _MODES[_MODES.index(mode):]:
+    for m in _MODES[_MODES.index(mode) :]:
         try:
             if m == "loop":
                 out: dict[str, Tensor] = {}

@@ -147,8 +147,10 @@ def gram_matrices(
     out = {k: (v / max(rows[k], 1) if scale == "mean" else v).cpu() for k, v in sums.items()}
     if info is not None:
         info.update(
-            n_examples=seen, rows={k: r for k, r in rows.items() if k in sums},
+            n_examples=seen,
+            rows={k: r for k, r in rows.items() if k in sums},
             layout={k: lay for k, (_, lay) in found.items() if k in sums},
-            data_fingerprint=h.hexdigest(), scale=scale,
+            data_fingerprint=h.hexdigest(),
+            scale=scale,
         )
     return out

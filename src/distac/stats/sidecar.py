@@ -36,7 +36,13 @@ from torch import Tensor, nn
 from ..errors import DistacError, closest
 
 __all__ = [
-    "KINDS", "check_stats", "load_stats", "model_fingerprint", "read_stats_metadata", "save_stats", "verify_sidecar",
+    "KINDS",
+    "check_stats",
+    "load_stats",
+    "model_fingerprint",
+    "read_stats_metadata",
+    "save_stats",
+    "verify_sidecar",
 ]
 
 FORMAT = "distac-stats/1"
@@ -300,6 +306,12 @@ def verify_sidecar(
             f"`distac stats ... --scale {scale}` or convert it with load_stats(path, scale='{scale}')"
         )
     with safe_open(str(path), framework="pt") as f:
-        check_stats(_SourceView(f, "get_tensor"), model, kind=meta["kind"], fingerprint=meta["model_fingerprint"],
-                    label=str(path), check_values=check_values)
+        check_stats(
+            _SourceView(f, "get_tensor"),
+            model,
+            kind=meta["kind"],
+            fingerprint=meta["model_fingerprint"],
+            label=str(path),
+            check_values=check_values,
+        )
     return meta
