@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distac.conditioning.distill import condition_with_report
-from distac.data import Inputs
+from distac.nn.data import Inputs
 
 # training-set sizes (task_vectors splits, minus the 10% validation split) for the cost table
 DATASETS = {"DTD": 3_384, "EuroSAT": 21_600, "SVHN": 65_931}

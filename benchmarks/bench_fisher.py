@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distac.models import forward_logits
+from distac.nn.models import forward_logits
 from distac.stats import fisher_diagonal
 
 

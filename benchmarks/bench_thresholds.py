@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from distac.thresholds import KthMagnitude, kth_smallest_rank, magnitude_threshold
+from distac.merging.kth import KthMagnitude, kth_smallest_rank, magnitude_threshold
 
 
 def _time(fn, repeat: int) -> tuple[float, float]:

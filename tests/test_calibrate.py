@@ -12,7 +12,7 @@ from distac_tiny import digits, make_mlp, zoo
 import distac
 from distac.conditioning.calibrate import fit_temperature, read_temperatures, write_temperatures
 from distac.errors import DistacError
-from distac.evaluate import ece, nll, reliability_diagram
+from distac.nn.evaluate import ece, nll, reliability_diagram
 
 
 def test_recovers_a_known_temperature():

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 import distac
 from distac.conditioning.distill import ConditioningDiverged, condition_with_report, distill_loss, lr_factor
-from distac.data import Inputs
 from distac.errors import DistacError
+from distac.nn.data import Inputs
 from distac.taskvector import TaskVector
 
 

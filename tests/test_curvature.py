@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 import distac
-from distac.engine import DictSource, run_merge
 from distac.errors import DistacError
+from distac.merging.engine import DictSource, run_merge
 
 torch.set_num_threads(1)
 

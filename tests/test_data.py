@@ -9,9 +9,9 @@ import pytest
 import torch
 from distac_tiny import make_mlp
 
-from distac.data import Inputs, check_fits, load_inputs, load_labels
 from distac.errors import DistacError
-from distac.models import EncoderClassifier, default_head_patterns, load_model, load_state_like, save_state_like
+from distac.nn.data import Inputs, check_fits, load_inputs, load_labels
+from distac.nn.models import EncoderClassifier, default_head_patterns, load_model, load_state_like, save_state_like
 
 transformers = pytest.importorskip("transformers")
 

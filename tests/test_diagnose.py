@@ -11,8 +11,8 @@ from distac_tiny import digits, make_mlp, zoo
 
 import distac
 from distac.conditioning.diagnose import Thresholds, recommend
-from distac.data import Inputs
 from distac.errors import DistacError
+from distac.nn.data import Inputs
 from distac.taskvector import TaskVector
 
 

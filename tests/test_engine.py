@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import distac
 from distac import METHODS, DistacError, merge_checkpoints, open_checkpoint
-from distac.engine import DictSource, Work, _stream, default_device, run_merge, split_rows
+from distac.merging.engine import DictSource, Work, _stream, default_device, run_merge, split_rows
 
 N_MODELS = 2  # every registered method accepts two models (SLERP needs exactly two)
 

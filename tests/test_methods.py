@@ -11,8 +11,8 @@ import torch
 import distac
 from distac import DistacError, get_method
 from distac.methods import TensorContext
+from distac.methods.rng import stream_key, uniform
 from distac.methods.sparse import dare
-from distac.random import stream_key, uniform
 
 
 def run(name: str, deltas: Any, base: Any = None, *, ctx: dict | None = None, **params: Any) -> torch.Tensor:

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import distac
-import distac.random as R
+import distac.methods.rng as R
 from distac import DistacError, get_method
+from distac.merging.kth import magnitude_threshold
 from distac.methods import TensorContext
+from distac.methods.rng import hash32, stream_key, uniform
 from distac.methods.sparse import dare, disjoint_merge, elect_sign, trim_magnitude
-from distac.random import hash32, stream_key, uniform
-from distac.thresholds import magnitude_threshold
 
 G = torch.Generator().manual_seed(1234)
 SHAPES = {"emb": (12, 8), "l1.weight": (8, 8), "l1.bias": (8,), "ln.weight": (8,), "head": (3, 8)}

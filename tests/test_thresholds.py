@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distac.thresholds import KthMagnitude, kth_smallest_rank, magnitude_threshold
+from distac.merging.kth import KthMagnitude, kth_smallest_rank, magnitude_threshold
 
 DENSITIES = [0.001, 0.1, 0.2, 0.5, 0.9, 0.999, 1.0]
 

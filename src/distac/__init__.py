@@ -10,25 +10,25 @@ Public API (everything else is internal and may change)::
     distac.fisher_diagonal / gram_matrices / adam_fisher   # curvature statistics (sum-scale Fishers)
     distac.save_stats / load_stats / check_stats           # statistics sidecars
     distac.diagnose / condition / calibrate                # DisTaC: flag, condition by distillation, calibrate
-    distac.data.load_inputs(path, tokenizer=...)           # unlabeled / labeled inputs from files
+    distac.nn.data.load_inputs(path, tokenizer=...)           # unlabeled / labeled inputs from files
 """
 
 from __future__ import annotations
 
-from . import data as data
 from .conditioning import calibrate as calibrate
 from .conditioning import calibration_report as calibration_report
 from .conditioning import condition as condition
 from .conditioning import condition_with_report as condition_with_report
 from .conditioning import diagnose as diagnose
-from .engine import merge as merge
 from .errors import DistacError as DistacError
 from .io import open_checkpoint as open_checkpoint
+from .merging.engine import merge as merge
+from .merging.pipeline import export_task_models as export_task_models
+from .merging.pipeline import load_config as load_config
+from .merging.pipeline import merge_checkpoints as merge_checkpoints
 from .methods import METHODS as METHODS
 from .methods import get_method as get_method
-from .pipeline import export_task_models as export_task_models
-from .pipeline import load_config as load_config
-from .pipeline import merge_checkpoints as merge_checkpoints
+from .nn import data as data
 from .stats import adam_fisher as adam_fisher
 from .stats import check_stats as check_stats
 from .stats import fisher_diagonal as fisher_diagonal

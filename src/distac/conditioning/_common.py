@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..data import Inputs, check_fits, iter_batches
 from ..errors import DistacError
-from ..models import Batch, check_head_patterns, default_head_patterns
+from ..nn.data import Inputs, check_fits, iter_batches
+from ..nn.models import Batch, check_head_patterns, default_head_patterns
 from ..taskvector import TaskVector, check_compatible, split_heads
 
 StateDict = dict[str, Tensor]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DistacError
-from ..evaluate import ECE_BINS, collect_logits, ece, nll
+from ..nn.evaluate import ECE_BINS, collect_logits, ece, nll
 from ._common import eval_batches, label_tensor, resolve_device
 from .diagnose import write_text_atomic
 
@@ -150,9 +150,9 @@ def calibrate(
     Args:
         model: a module whose forward returns logits (not modified).
         state: the weights to evaluate (merged shared weights + this task's head); ``None``: the model's own.
-        data: labeled held-out inputs (an :class:`~distac.data.Inputs`, a tensor, or an iterable of batches).
+        data: labeled held-out inputs (an :class:`~distac.nn.data.Inputs`, a tensor, or an iterable of batches).
         labels: the labels in the same order (a tensor or per-batch tensors); ``None`` when ``data`` is an
-            :class:`~distac.data.Inputs` with labels.
+            :class:`~distac.nn.data.Inputs` with labels.
 
     :func:`calibration_report` returns the NLL and ECE before and after as well.
     """

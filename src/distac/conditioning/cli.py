@@ -3,7 +3,7 @@
 Models: ``--base`` is a Hugging Face directory, or a weights file plus ``--arch package.module:factory``
 (``--arch-kwargs`` JSON is passed to the factory). ``--model NAME=PATH`` gives each fine-tune (a directory
 or a weights file of the same architecture). ``--data NAME=PATH`` gives each task's inputs (any format of
-:mod:`distac.data`); labels come from ``--label-column`` (tables, ``.npz``, saved datasets), image
+:mod:`distac.nn.data`); labels come from ``--label-column`` (tables, ``.npz``, saved datasets), image
 sub-folders, or ``--labels NAME=FILE``.
 
 Every output folder is written to a temporary folder and renamed when complete, so a failure (bad
@@ -20,9 +20,9 @@ from typing import Any
 
 import click
 
-from ..data import Inputs, check_fits, load_inputs
 from ..errors import DistacError
-from ..models import LoadedModel, is_hf_dir, load_model, load_state_like, read_state
+from ..nn.data import Inputs, check_fits, load_inputs
+from ..nn.models import LoadedModel, is_hf_dir, load_model, load_state_like, read_state
 
 POSITIVE = click.FloatRange(min=0, min_open=True)
 
@@ -263,7 +263,7 @@ def condition_command(
     OUT/<task>.report.json for each conditioned task. Run under torchrun / accelerate launch for many processes.
     """
     from ..io import atomic_output_dir
-    from ..models import save_state_like
+    from ..nn.models import save_state_like
     from .diagnose import diagnose
     from .distill import _make_accelerator, condition_with_report
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DistacError
-from ..evaluate import accuracy, collect_logits, confidence_stats, ece
+from ..nn.evaluate import accuracy, collect_logits, confidence_stats, ece
 from ._common import (
     check_data_fits,
     check_model_state,
@@ -224,12 +224,12 @@ def diagnose(
             (fine-tuned weights are applied with ``torch.func.functional_call``).
         base: the pre-trained state dict θ_0.
         finetuned: task name -> fine-tuned state dict.
-        data: task name -> that task's unlabeled inputs (an :class:`~distac.data.Inputs`, a tensor, or an
+        data: task name -> that task's unlabeled inputs (an :class:`~distac.nn.data.Inputs`, a tensor, or an
             iterable of batches). Tasks without data get no confidence numbers and no confidence flag.
         labels: task name -> labels in the same order as the data (tensor, per-batch tensors, or the
-            labeled :class:`~distac.data.Inputs`); adds accuracy and ECE.
+            labeled :class:`~distac.nn.data.Inputs`); adds accuracy and ECE.
         heads: head name patterns excluded from τ (default: the model type's, see
-            :func:`distac.models.default_head_patterns`).
+            :func:`distac.nn.models.default_head_patterns`).
         thresholds: flagging rules (defaults documented in the module docstring).
         max_batches: evaluate at most this many batches per task.
     """

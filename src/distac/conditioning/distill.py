@@ -49,11 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data import Inputs, iter_batches
 from ..errors import DistacError
-from ..evaluate import confidence_stats
-from ..models import Batch, batch_to, forward_logits
-from ..models import batch_size as _batch_len
+from ..nn.data import Inputs, iter_batches
+from ..nn.evaluate import confidence_stats
+from ..nn.models import Batch, batch_to, forward_logits
+from ..nn.models import batch_size as _batch_len
 from ._common import (
     check_data_fits,
     check_model_state,
@@ -212,7 +212,7 @@ def condition_with_report(
         base: θ_0.
         finetuned: either one fine-tuned state dict, or ``{task: state dict}`` for all tasks with ``task``
             naming the one to condition (the others only supply the default target norm and ``auto``'s diagnosis).
-        data: the task's unlabeled inputs: an :class:`~distac.data.Inputs` or a tensor (re-batched to
+        data: the task's unlabeled inputs: an :class:`~distac.nn.data.Inputs` or a tensor (re-batched to
             ``batch_size``, shuffled with ``seed``), or a sequence of ready batches (cycled as given;
             ``batch_size`` is then their size). With ``{task: ...}`` finetuned, may also be ``{task: inputs}``.
         mode: ``norm`` (κ from ``kappa`` / ``target_norm`` / mean of the other tasks' norms; temperatures

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import DistacError, closest
-from ._registry import Method, OneOf, ParamSpec, PerModel, Prepass, Range, TensorContext
+from .base import Method, OneOf, ParamSpec, PerModel, Prepass, Range, TensorContext
 from .basic import METHODS as _BASIC
 from .curvature import METHODS as _CURVATURE
 from .interpolate import METHODS as _INTERPOLATE

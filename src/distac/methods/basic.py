@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DistacError
-from ._registry import Method, PerModel, Range, TensorContext
+from .base import Method, PerModel, Range, TensorContext
 
 Weights = Annotated[float | list[float] | None, PerModel()]
 

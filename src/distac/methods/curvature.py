@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DistacError
-from ._registry import STATISTICS, Method, OneOf, PerModel, Prepass, Range, TensorContext
+from .base import STATISTICS, Method, OneOf, PerModel, Prepass, Range, TensorContext
 from .basic import Weights, model_weights
 
 __all__ = ["METHODS", "fisher", "gradient_matching", "missing_stats_error", "regmean"]

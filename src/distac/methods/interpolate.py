@@ -13,7 +13,7 @@ from typing import Annotated
 import torch
 from torch import Tensor
 
-from ._registry import Method, Range, TensorContext
+from .base import Method, Range, TensorContext
 
 __all__ = ["model_stock", "model_stock_ratio", "slerp"]
 

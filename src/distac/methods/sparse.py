@@ -55,10 +55,10 @@ import torch
 from torch import Tensor
 
 from ..errors import DistacError
-from ..random import keep_where, stream_key
-from ..thresholds import magnitude_threshold
-from ._registry import Method, OneOf, PerModel, Prepass, Range, TensorContext
+from ..merging.kth import magnitude_threshold
+from .base import Method, OneOf, PerModel, Prepass, Range, TensorContext
 from .basic import Weights, model_weights
+from .rng import keep_where, stream_key
 
 __all__ = [
     "breadcrumbs",
@@ -109,7 +109,7 @@ def magnitude_thresholds(deltas: Tensor, *, density: float | list[float], scope:
     ``scope="global"`` (official TIES ``topk_values_mask`` over the flattened model, FusionBench,
     TALL, DisTaC) reads ``ctx.thresholds``; ``scope="tensor"`` (mergekit, peft) uses the threshold
     of this tensor alone: the engine's, computed over the row chunks of a tensor it splits (two-pass
-    radix selection), else :func:`distac.thresholds.magnitude_threshold` on the whole tensor. Both
+    radix selection), else :func:`distac.merging.kth.magnitude_threshold` on the whole tensor. Both
     equal ``torch.kthvalue`` on ``|τ|`` bit for bit.
     """
     if scope == "global":
@@ -161,7 +161,7 @@ def dare(deltas: Tensor, *, density: float | list[float], seed: int | list[int],
     rescales to match the L1 norm of the kept entries, so its results differ.
 
     Entry ``j`` of model ``t`` is kept when ``u < density_t`` with ``u`` from
-    :func:`distac.random.uniform` keyed by ``(seed, ctx.name, t)`` (or ``(seed[t], ctx.name)`` when
+    :func:`distac.methods.rng.uniform` keyed by ``(seed, ctx.name, t)`` (or ``(seed[t], ctx.name)`` when
     ``seed`` is a per-model list, see :func:`model_keys`) at counter ``ctx.offset + j``: the mask
     does not depend on tensor order, row chunking, process or device, and with a seed list
     permuted along with the models, not on the model order either.

@@ -19,7 +19,7 @@ from typing import Annotated
 import torch
 from torch import Tensor
 
-from ._registry import Method, OneOf, Range, TensorContext
+from .base import Method, OneOf, Range, TensorContext
 
 __all__ = ["iso_c", "iso_cts", "polar", "tsv_m"]
 

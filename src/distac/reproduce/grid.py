@@ -23,7 +23,7 @@ from torch import Tensor
 
 import distac
 from distac.errors import DistacError
-from distac.evaluate import ece
+from distac.nn.evaluate import ece
 
 from .profile import Profile
 from .tasks import TaskData

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from distac.evaluate import reliability_diagram
+from distac.nn.evaluate import reliability_diagram
 
 from .grid import CellResult, SourceSet
 

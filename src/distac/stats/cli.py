@@ -39,9 +39,9 @@ def _data_options(f: Any) -> Any:
 
 
 def _load(model: str, data: str, *, factory: str | None, num_labels: int | None, need_labels: bool, **kw: Any):
-    """The model through distac.models and its data through distac.data (tokenised with its tokenizer)."""
-    from ..data import load_inputs
-    from ..models import load_model
+    """The model through distac.nn.models and its data through distac.nn.data (tokenised with its tokenizer)."""
+    from ..nn.data import load_inputs
+    from ..nn.models import load_model
 
     loaded = load_model(model, factory=factory, num_labels=num_labels)
     inputs = load_inputs(
@@ -237,7 +237,7 @@ def adam_cmd(
     OPTIMIZER_STATE is torch.save(optimizer.state_dict()) of the fine-tuning run; MODEL gives the
     parameter names in the order they were handed to the optimizer.
     """
-    from ..models import load_model
+    from ..nn.models import load_model
     from .fisher import adam_fisher
     from .sidecar import save_stats
 

@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from ..errors import DistacError, closest
-from ..models import Batch, batch_size, batch_to, forward_logits
+from ..nn.models import Batch, batch_size, batch_to, forward_logits
 
 __all__ = ["ESTIMATORS", "BoundModule", "adam_fisher", "data_fingerprint_update", "fisher_diagonal", "split_labels"]
 

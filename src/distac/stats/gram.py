@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import DistacError, closest
-from ..models import batch_to, forward_logits
+from ..nn.models import batch_to, forward_logits
 from .fisher import BoundModule, take_examples
 
 __all__ = ["gram_layouts", "gram_matrices", "linear_layers"]

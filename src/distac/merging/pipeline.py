@@ -47,9 +47,8 @@ import yaml
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .engine import DEFAULT_CHUNK_BYTES, TensorSource, default_device, run_merge
-from .errors import DistacError, closest
-from .io import (
+from ..errors import DistacError, closest
+from ..io import (
     DEFAULT_SHARD_BYTES,
     BackgroundWriter,
     Checkpoint,
@@ -59,12 +58,13 @@ from .io import (
     open_checkpoint,
     read_header,
 )
-from .io import parse_size as parse_size
-from .io.readers import SafetensorsFile
-from .methods import METHODS, Method, get_method
-from .methods._registry import missing_statistic
-from .progress import Progress, track
-from .taskvector import match_heads
+from ..io import parse_size as parse_size
+from ..io.readers import SafetensorsFile
+from ..methods import METHODS, Method, get_method
+from ..methods.base import missing_statistic
+from ..progress import Progress, track
+from ..taskvector import match_heads
+from .engine import DEFAULT_CHUNK_BYTES, TensorSource, default_device, run_merge
 
 __all__ = [
     "MergeConfig",
@@ -299,7 +299,7 @@ def _open_sidecar(path: Path, key: str, what: str, model: Checkpoint) -> Checkpo
     with ``check_values=False``: it reads headers and the ≤ 64 sampled rows per tensor of the
     fingerprint, not the model; the methods check the values as they merge). A plain safetensors
     file keyed like the model is taken as is."""
-    from .stats.sidecar import ACCEPTED_KINDS, verify_sidecar
+    from ..stats.sidecar import ACCEPTED_KINDS, verify_sidecar
 
     src = open_checkpoint(path, label=f"{what} ({path})")
     meta = read_header(src.files[0].path)[1] if isinstance(src.files[0], SafetensorsFile) else {}
@@ -522,7 +522,7 @@ def export_task_models(
     task, the exported model is calibrated: its logits are divided by T, which for the head's final
     linear layer is the same as dividing that layer's weight and bias by T (see :func:`_temperature_scaled`).
     """
-    from .conditioning.calibrate import read_temperatures
+    from ..conditioning.calibrate import read_temperatures
 
     merged = Path(merged)
     temperatures = read_temperatures(merged)
@@ -586,7 +586,7 @@ def _yaml(obj: Any) -> str:
 
 def model_card(cfg: MergeConfig, params: Mapping[str, Any], title: str) -> str:
     """The README.md of a merged model: front matter for the Hub, method, paper, parameters and config."""
-    from . import __version__
+    from .. import __version__
 
     m = cfg.method
     front = {

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .errors import DistacError
+from ..errors import DistacError
 from .models import Batch, forward_logits
 
 __all__ = ["Inputs", "check_fits", "iter_batches", "load_inputs", "load_labels"]

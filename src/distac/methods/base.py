@@ -122,7 +122,7 @@ class Prepass:
     """A whole-model statistic the engine computes, exactly, before the per-tensor merge.
 
     * ``density``: per-model keep fractions. The engine computes each model's exact magnitude
-      threshold over all of its mergeable tensors (see :mod:`distac.thresholds`) of
+      threshold over all of its mergeable tensors (see :mod:`distac.merging.kth`) of
       ``transform(base, deltas, ctx)`` (default: the deltas themselves), and passes it as
       ``ctx.thresholds``.
     * ``stat_norms``: names of statistics whose per-model global L2 norm is needed

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import DistacError, closest
-from .taskvector import check_compatible, match_heads
+from ..errors import DistacError, closest
+from ..taskvector import check_compatible, match_heads
 
 __all__ = [
     "Batch",
@@ -267,7 +267,7 @@ def read_state(path: str | Path) -> dict[str, Tensor]:
     """Read a whole state dict from any checkpoint :func:`distac.io.open_checkpoint` reads (a ``.safetensors``
     file, a sharded folder, a ``weights_only`` torch file), naming the file on error.
     """
-    from .io import open_checkpoint
+    from ..io import open_checkpoint
 
     p = Path(path)
     if not p.exists():

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import DistacError
+from ..errors import DistacError
 from .models import Batch, batch_to, forward_logits
 
 __all__ = [

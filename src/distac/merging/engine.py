@@ -20,7 +20,7 @@ Memory and speed (issue #6, anchors.md §5.4):
 * a method whose thresholds are *per tensor* (TIES ``scope: tensor``: a ``Prepass`` with
   ``per_tensor``) is row-chunked too: before the pieces of a split tensor are merged, the engine
   reads them twice more for that tensor's exact two-pass radix selection
-  (:class:`~distac.thresholds.KthMagnitude`) and passes the result as ``ctx.thresholds``. A tensor
+  (:class:`~distac.merging.kth.KthMagnitude`) and passes the result as ``ctx.thresholds``. A tensor
   that fits one piece is merged whole and the method computes its own threshold (``kthvalue``);
   both give the same bits, so memory stays at a few pieces whatever the largest tensor.
 """
@@ -36,11 +36,11 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .errors import DistacError
-from .methods import Method, TensorContext, get_method
-from .methods._registry import missing_statistic
-from .taskvector import match_heads
-from .thresholds import KthMagnitude, kth_smallest_rank
+from ..errors import DistacError
+from ..methods import Method, TensorContext, get_method
+from ..methods.base import missing_statistic
+from ..taskvector import match_heads
+from .kth import KthMagnitude, kth_smallest_rank
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "DictSource", "TensorSource", "default_device", "merge", "run_merge"]
 

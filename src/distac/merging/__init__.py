@@ -1,0 +1,1 @@
+"""Merging checkpoints: the streaming engine, its pre-passes, YAML configs, checkpoints on disk, model cards."""

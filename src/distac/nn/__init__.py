@@ -1,0 +1,1 @@
+"""Neural-network plumbing shared by statistics, conditioning and reproduce: models, data, evaluation."""
