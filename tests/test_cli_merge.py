@@ -273,15 +273,22 @@ def test_existing_output_is_refused_and_kept(project, capsys):
     code, _, err = run(["merge", str(root / "merge.yml"), "--out", str(root / "out")], capsys)
     assert code == 2 and "already exists" in err and "--overwrite" in err
     assert [p.name for p in (root / "out").iterdir()] == ["keep.txt"]
+    # --overwrite replaces only a folder distac wrote: a user's folder is refused even then
     code, _, err = run(["merge", str(root / "merge.yml"), "--out", str(root / "out"), "--overwrite", "-q"], capsys)
+    assert code == 2 and "not written by distac" in err
+    assert [p.name for p in (root / "out").iterdir()] == ["keep.txt"]
+    code, _, err = run(["merge", str(root / "merge.yml"), "--out", str(root / "out2"), "-q"], capsys)
     assert code == 0, err
-    assert not (root / "out" / "keep.txt").exists() and (root / "out" / "model.safetensors").exists()
+    (root / "out2" / "model.safetensors").write_bytes(b"stale")
+    code, _, err = run(["merge", str(root / "merge.yml"), "--out", str(root / "out2"), "--overwrite", "-q"], capsys)
+    assert code == 0, err
+    assert (root / "out2" / "model.safetensors").read_bytes() != b"stale"
 
 
 def test_output_inside_an_input_is_refused(project, capsys):
     root = project[0]
     code, _, err = run(["merge", str(root / "merge.yml"), "--out", str(root / "base"), "--overwrite"], capsys)
-    assert code == 2 and "overlaps the input" in err
+    assert code == 2 and "input" in err
     assert (root / "base" / "model.safetensors").exists()
 
 

@@ -281,6 +281,7 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
 
     _cli(["condition", *common, *data, "--steps", "150", "--out", "cond", "-q"])
     assert sorted(p.name for p in (tmp_path / "cond").iterdir()) == [
+        ".distac-output",
         "long.report.json",
         "long.safetensors",
         "smooth.report.json",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import struct
 
 import pytest
@@ -13,7 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from distac import DistacError, open_checkpoint
-from distac.io import ShardWriter, atomic_output_dir, copy_model_files, parse_size, read_header
+from distac.io import ShardWriter, atomic_dir, atomic_file, copy_model_files, parse_size, read_header
+from distac.io.atomic import MARKER, clean_stale
 
 
 def _assert_same(ck, state):
@@ -137,23 +139,108 @@ def test_shard_writer_refuses_out_of_order_and_incomplete(tmp_path):
         w.close()
 
 
-def test_atomic_output_dir_renames_on_success_and_cleans_on_error(tmp_path):
+def test_atomic_dir_renames_on_success_and_cleans_on_error(tmp_path):
     target = tmp_path / "out"
-    with atomic_output_dir(target) as tmp:
+    with atomic_dir(target) as tmp:
         (tmp / "f").write_text("x")
         assert not target.exists()
     assert (target / "f").read_text() == "x"
     with pytest.raises(DistacError, match="already exists"):
-        with atomic_output_dir(target):
+        with atomic_dir(target):
             pass
     with pytest.raises(DistacError, match="disk full"):
-        with atomic_output_dir(target, overwrite=True) as tmp:
+        with atomic_dir(target, overwrite=True) as tmp:
             raise OSError(errno.ENOSPC, "No space left on device")
     assert (target / "f").read_text() == "x"  # the old output survives a failed overwrite
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    with atomic_output_dir(target, overwrite=True) as tmp:
+    with atomic_dir(target, overwrite=True) as tmp:
         (tmp / "g").write_text("y")
-    assert sorted(p.name for p in target.iterdir()) == ["g"]
+    assert sorted(p.name for p in target.iterdir()) == [MARKER, "g"]
+
+
+def test_overwrite_replaces_only_distacs_own_folders(tmp_path):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"meow")
+    with pytest.raises(DistacError, match="not written by distac"):
+        with atomic_dir(foreign, overwrite=True):
+            pass
+    assert (foreign / "cat.jpg").read_bytes() == b"meow"
+
+
+@pytest.mark.parametrize("where", ["equal", "inside", "contains"])
+def test_output_never_touches_an_input(tmp_path, where):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "w.safetensors").write_bytes(b"x")
+    out = {"equal": model, "inside": model / "merged", "contains": tmp_path}[where]
+    with pytest.raises(DistacError, match="input"):
+        with atomic_dir(out, overwrite=True, inputs=[model / "w.safetensors"] if where != "inside" else [model]):
+            pass
+    assert (model / "w.safetensors").read_bytes() == b"x"
+
+
+def test_output_through_a_symlink_to_an_input_is_refused(tmp_path):
+    (tmp_path / "cfg.yml").write_text("merge_method: ties")
+    (tmp_path / "link").symlink_to(tmp_path / "cfg.yml")
+    with pytest.raises(DistacError, match="is an input"):
+        with atomic_file(tmp_path / "link", overwrite=True, inputs=[tmp_path / "cfg.yml"]):
+            pass
+    assert (tmp_path / "cfg.yml").read_text() == "merge_method: ties"
+
+
+def test_the_current_folder_is_never_an_output(tmp_path, monkeypatch):
+    (tmp_path / MARKER).write_text("")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DistacError, match="current folder"):
+        with atomic_dir(".", overwrite=True):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MARKER]
+
+
+def test_a_folder_that_appears_during_the_run_is_not_replaced(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(DistacError, match="already exists"):
+        with atomic_dir(target) as tmp:
+            (tmp / "ours").write_text("1")
+            target.mkdir()
+            (target / "theirs").write_text("2")
+    assert [p.name for p in target.iterdir()] == ["theirs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_second_writer_of_the_same_output_is_refused(tmp_path):
+    target = tmp_path / "out"
+    with atomic_dir(target) as tmp:
+        (tmp / "f").write_text("x")
+        with pytest.raises(DistacError, match="another distac run"):
+            with atomic_dir(target):
+                pass
+    assert (target / "f").read_text() == "x"
+
+
+def test_temporaries_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+
+    dead = subprocess.run(["true"]).returncode or 0
+    pid = subprocess.Popen(["true"])
+    pid.wait()
+    stale = tmp_path / f".out.tmp-{pid.pid}-0123abcd"
+    stale.mkdir()
+    (stale / "big").write_bytes(b"0" * 100)
+    alive = tmp_path / f".out.tmp-{os.getpid()}-0123abcd"
+    alive.mkdir()
+    assert clean_stale(tmp_path / "out") == [stale]
+    assert not stale.exists() and alive.exists() and dead == 0
+
+
+def test_atomic_file_on_a_full_disk_leaves_nothing(tmp_path):
+    target = tmp_path / "temperatures.json"
+    with pytest.raises(DistacError, match="disk full"):
+        with atomic_file(target) as tmp:
+            tmp.write_text("{")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_copy_model_files_skips_weights_and_card(tmp_path):

@@ -176,7 +176,7 @@ def diagnose_command(
 
     Writes OUT/diagnose.json and OUT/diagnose.png and prints a table.
     """
-    from ..io import atomic_output_dir
+    from ..io import atomic_dir
     from .diagnose import Thresholds, diagnose
 
     _check_out(out, overwrite)
@@ -197,7 +197,7 @@ def diagnose_command(
         max_batches=max_batches,
         device=device,
     )
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         report.to_json(tmp / "diagnose.json")
         report.figure(tmp / "diagnose.png")
     click.echo(report.table())
@@ -262,7 +262,7 @@ def condition_command(
     Writes OUT/<task>.safetensors (or OUT/<task>/ when the fine-tune is an HF directory) and
     OUT/<task>.report.json for each conditioned task. Run under torchrun / accelerate launch for many processes.
     """
-    from ..io import atomic_output_dir
+    from ..io import atomic_dir
     from ..nn.models import save_state_like
     from .diagnose import diagnose
     from .distill import _make_accelerator, condition_with_report
@@ -328,7 +328,7 @@ def condition_command(
         )
     if not accelerator.is_main_process:
         return
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         for t, res in results.items():
             as_dir = is_hf_dir(paths[t]) and loaded.kind == "hf"
             save_state_like(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from .atomic import atomic_dir as atomic_dir
+from .atomic import atomic_file as atomic_file
+from .atomic import check_output as check_output
 from .formats import DTYPE_NAMES as DTYPE_NAMES
 from .formats import read_header as read_header
 from .readers import Checkpoint as Checkpoint
@@ -10,7 +13,6 @@ from .readers import resolve_weight_files as resolve_weight_files
 from .writer import DEFAULT_SHARD_BYTES as DEFAULT_SHARD_BYTES
 from .writer import BackgroundWriter as BackgroundWriter
 from .writer import ShardWriter as ShardWriter
-from .writer import atomic_output_dir as atomic_output_dir
 from .writer import copy_model_files as copy_model_files
 from .writer import parse_size as parse_size
 
@@ -20,7 +22,9 @@ __all__ = [
     "BackgroundWriter",
     "Checkpoint",
     "ShardWriter",
-    "atomic_output_dir",
+    "atomic_dir",
+    "atomic_file",
+    "check_output",
     "copy_model_files",
     "open_checkpoint",
     "parse_size",

@@ -17,15 +17,11 @@ into place only when everything is written: a failure (disk full included) leave
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import queue
 import shutil
 import threading
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -39,7 +35,6 @@ __all__ = [
     "WEIGHT_SUFFIXES",
     "BackgroundWriter",
     "ShardWriter",
-    "atomic_output_dir",
     "copy_model_files",
     "parse_size",
     "plan_shards",
@@ -245,44 +240,6 @@ class BackgroundWriter:
     def abort(self) -> None:
         self._stop()
         self.writer.abort()
-
-
-@contextmanager
-def atomic_output_dir(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary folder next to ``target``; rename it to ``target`` on success.
-
-    An existing ``target`` is refused unless ``overwrite``; it is replaced only after the new
-    output is complete. On any error the temporary folder is removed, and a full disk (ENOSPC)
-    becomes a :class:`DistacError` saying so.
-    """
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise DistacError(f"{target}: output directory already exists; pass --overwrite (overwrite=True) to replace it")
-    if target.exists() and not target.is_dir():
-        raise DistacError(f"{target}: exists and is not a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise DistacError(
-                f"{target}: disk full while writing the output; the partial output was removed, nothing was "
-                "written. Free space or choose another --out"
-            ) from e
-        raise DistacError(f"{target}: cannot write the output ({e}); the partial output was removed") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
 
 
 def copy_model_files(src_folder: Path, dst: Path, *, skip: Sequence[str] = ("README.md",)) -> list[str]:

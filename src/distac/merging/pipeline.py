@@ -53,7 +53,8 @@ from ..io import (
     BackgroundWriter,
     Checkpoint,
     ShardWriter,
-    atomic_output_dir,
+    atomic_dir,
+    check_output,
     copy_model_files,
     open_checkpoint,
     read_header,
@@ -282,13 +283,10 @@ def load_config(config: Mapping[str, Any] | str | Path) -> MergeConfig:
 # ----------------------------------------------------------------------------------------------
 # merging checkpoints
 # ----------------------------------------------------------------------------------------------
-def _check_out_path(out: Path, inputs: Sequence[Path]) -> None:
-    """Refuse an output that is, contains or sits inside an input (``--overwrite`` would delete it)."""
-    o = out.resolve()
-    for p in inputs:
-        q = p.resolve()
-        if o == q or o in q.parents or (q.is_dir() and q in o.parents):
-            raise DistacError(f"{out}: the output directory overlaps the input {p}; choose another --out")
+def _input_paths(cfg: MergeConfig) -> list[Path]:
+    """Every file the merge reads: models and statistics sidecars (the output may not touch them)."""
+    specs = [cfg.base, *cfg.models]
+    return [p for s in specs for p in (s.path, *s.stats.values())]
 
 
 def _open_sidecar(path: Path, key: str, what: str, model: Checkpoint) -> Checkpoint:
@@ -407,9 +405,7 @@ def merge_checkpoints(
     """
     cfg = load_config(config)
     out = Path(out)
-    _check_out_path(out, [cfg.base.path, *(m.path for m in cfg.models)])
-    if out.exists() and not overwrite:
-        raise DistacError(f"{out}: output directory already exists; pass --overwrite (overwrite=True) to replace it")
+    check_output(out, overwrite=overwrite, inputs=_input_paths(cfg))
     shard = parse_size(max_shard_bytes)
     chunk = parse_size(chunk_bytes)
     try:
@@ -469,7 +465,7 @@ def _merge_into(
     def prepass_progress(names: Iterator[str], desc: str) -> Iterator[str]:
         return track(names, desc=desc, unit="piece", quiet=quiet)
 
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, inputs=_input_paths(cfg)) as tmp:
         writer = BackgroundWriter(
             ShardWriter(tmp, layout, max_shard_bytes=shard, metadata={"distac_method": cfg.method.name})
         )
@@ -533,7 +529,7 @@ def export_task_models(
     src = open_checkpoint(merged)
     layout = [(k, src.shape(k), src.dtype(k)) for k in src.keys()]
     result: dict[str, Path] = {}
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, inputs=[merged / "heads"]) as tmp:
         for hf in head_files:
             head = open_checkpoint(hf)
             missing = [k for k in head.keys() if k not in set(src.keys())]
