@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 import distac
 from distac import METHODS, DistacError, merge_checkpoints, open_checkpoint
-from distac.merging.engine import DictSource, Work, _stream, default_device, run_merge, split_rows
+from distac.merging.engine import DictSource, Work, _stream, run_merge, split_rows
+from distac.nn.models import default_device
 
 N_MODELS = 2  # every registered method accepts two models (SLERP needs exactly two)
 

@@ -16,11 +16,6 @@ from ..taskvector import TaskVector, check_compatible, split_heads
 StateDict = dict[str, Tensor]
 
 
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """``device`` or CUDA when available, else CPU."""
-    return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def resolve_heads(model: nn.Module, base: Mapping[str, Tensor], heads: Sequence[str] | None) -> list[str]:
     """The head patterns to use: the caller's (checked to match something) or the model's defaults."""
     patterns = list(heads) if heads is not None else default_head_patterns(model)

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from ..errors import DistacError
 from ..nn.evaluate import ECE_BINS, collect_logits, ece, nll
-from ._common import eval_batches, label_tensor, resolve_device
+from ..nn.models import default_device
+from ._common import eval_batches, label_tensor
 from .diagnose import write_text_atomic
 
 __all__ = [
@@ -120,7 +121,7 @@ def calibration_report(
     device: torch.device | str | None = None,
 ) -> CalibrationResult:
     """Run ``model`` with ``state`` (merged shared weights + one task's head) on labeled data and fit T."""
-    dev = resolve_device(device)
+    dev = default_device(device)
     # nn.Module.to moves the caller's parameters in place: put them back afterwards (the model is
     # documented as not modified).
     home = next(iter(model.parameters()), torch.empty(0)).device

@@ -34,12 +34,12 @@ from torch import Tensor, nn
 
 from ..errors import DistacError
 from ..nn.evaluate import accuracy, collect_logits, confidence_stats, ece
+from ..nn.models import default_device
 from ._common import (
     check_data_fits,
     check_model_state,
     eval_batches,
     label_tensor,
-    resolve_device,
     resolve_heads,
     shared_vector,
 )
@@ -238,7 +238,7 @@ def diagnose(
     th = thresholds or Thresholds()
     check_model_state(model, base)
     patterns = resolve_heads(model, base, heads)
-    dev = resolve_device(device)
+    dev = default_device(device)
     vectors = {n: shared_vector(base, ft, patterns, f"fine-tuned model '{n}'") for n, ft in finetuned.items()}
     norms = {n: v.norm() for n, v in vectors.items()}
     names = list(vectors)

@@ -52,13 +52,12 @@ from torch import Tensor, nn
 from ..errors import DistacError
 from ..nn.data import Inputs, iter_batches
 from ..nn.evaluate import confidence_stats
-from ..nn.models import Batch, batch_to, forward_logits
+from ..nn.models import Batch, batch_to, default_device, forward_logits
 from ..nn.models import batch_size as _batch_len
 from ._common import (
     check_data_fits,
     check_model_state,
     check_positive,
-    resolve_device,
     resolve_heads,
     shared_vector,
 )
@@ -544,7 +543,7 @@ def _auto_data(data: Any, name: str, task_data: Any, ft_map: Mapping[str, Any]) 
 def _make_accelerator(device: torch.device | str | None):
     from accelerate import Accelerator
 
-    dev = resolve_device(device)
+    dev = default_device(device)
     return Accelerator(cpu=dev.type == "cpu")
 
 

@@ -39,10 +39,11 @@ from torch import Tensor
 from ..errors import DistacError
 from ..methods import Method, TensorContext, get_method
 from ..methods.base import missing_statistic
+from ..nn.models import default_device
 from ..taskvector import match_heads
 from .kth import KthMagnitude, kth_smallest_rank
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "DictSource", "TensorSource", "default_device", "merge", "run_merge"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "DictSource", "TensorSource", "merge", "run_merge"]
 
 StateDict = dict[str, Tensor]
 
@@ -91,13 +92,6 @@ class DictSource:
 
     def get_rows(self, name: str, start: int, stop: int) -> Tensor:
         return self.state[name][start:stop]
-
-
-def default_device(device: torch.device | str | None = None) -> torch.device:
-    """``device`` if given, else CUDA when available, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -63,9 +63,10 @@ from ..io import parse_size as parse_size
 from ..io.readers import SafetensorsFile
 from ..methods import METHODS, Method, get_method
 from ..methods.base import missing_statistic
+from ..nn.models import default_device
 from ..progress import Progress, track
 from ..taskvector import match_heads
-from .engine import DEFAULT_CHUNK_BYTES, TensorSource, default_device, run_merge
+from .engine import DEFAULT_CHUNK_BYTES, TensorSource, run_merge
 
 __all__ = [
     "MergeConfig",
@@ -408,12 +409,7 @@ def merge_checkpoints(
     check_output(out, overwrite=overwrite, inputs=_input_paths(cfg))
     shard = parse_size(max_shard_bytes)
     chunk = parse_size(chunk_bytes)
-    try:
-        dev = default_device(device)
-    except RuntimeError as e:
-        raise DistacError(f"--device {device!r}: {e}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DistacError(f"--device {device}: CUDA is not available on this machine")
+    dev = default_device(device)
     if export_per_task and not cfg.heads:
         raise DistacError("export_per_task needs 'heads' patterns in the config (which tensors are task-specific)")
     with ExitStack() as opened:  # every checkpoint's file descriptors are closed, whatever happens

@@ -38,6 +38,23 @@ __all__ = [
 Batch = Tensor | Mapping[str, Tensor]
 
 
+def default_device(device: torch.device | str | None = None) -> torch.device:
+    """``device`` if given (checked to exist), else CUDA when available, else CPU.
+
+    Raises:
+        DistacError: for a malformed device name, or CUDA asked for where there is none.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DistacError(f"--device {device!r}: {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DistacError(f"--device {device!r}: CUDA is not available on this machine")
+    return dev
+
+
 def forward_logits(model: nn.Module, batch: Batch) -> Tensor:
     """Call ``model`` on a batch and return its logits, shape ``(B, C)``."""
     out: Any = model(**batch) if isinstance(batch, Mapping) else model(batch)

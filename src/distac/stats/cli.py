@@ -58,12 +58,6 @@ def _load(model: str, data: str, *, factory: str | None, num_labels: int | None,
     return loaded, inputs
 
 
-def _device(device: str | None) -> str:
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _batches(inputs: Any, batch_size: int, n_examples: int | None, with_labels: bool) -> Iterator[Any]:
     """Consecutive slices (views, no copies) of the first ``n_examples``, with labels when asked."""
     if batch_size < 1:
@@ -122,6 +116,7 @@ def fisher_cmd(
     MODEL is a Hugging Face classifier directory, or a weights file with --arch package.module:factory.
     The result is on the sum scale (N × mean Fisher) unless --scale mean.
     """
+    from ..nn.models import default_device
     from .fisher import fisher_diagonal
     from .sidecar import save_stats
 
@@ -135,7 +130,7 @@ def fisher_cmd(
         n_examples=n_examples,
         scale=scale,
         seed=seed,
-        device=_device(device),
+        device=default_device(device),
         progress=True,
         info=info,
     )
@@ -183,6 +178,7 @@ def gram_cmd(
     Every nn.Linear / HF Conv1D of MODEL on DATA; padding positions are left out; stored as the
     running mean XᵀX / rows (official RegMean) unless --scale sum.
     """
+    from ..nn.models import default_device
     from .gram import gram_matrices
     from .sidecar import save_stats
 
@@ -193,7 +189,7 @@ def gram_cmd(
         _batches(inputs, batch_size, n_examples, False),
         n_examples=n_examples,
         scale=scale,
-        device=_device(device),
+        device=default_device(device),
         progress=True,
         info=info,
     )
