@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "diagnose": "distac.conditioning.cli:diagnose_command",
     "condition": "distac.conditioning.cli:condition_command",
     "calibrate": "distac.conditioning.cli:calibrate_command",
+    "tune": "distac.tuning.cli:tune_command",
     "reproduce": "distac.reproduce.cli:reproduce_command",
 }
 

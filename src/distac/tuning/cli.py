@@ -1,0 +1,243 @@
+"""``distac tune TUNE.yml --out DIR``: grid-search a merge config's hyperparameters on validation data.
+
+The YAML names a merge config (the one ``distac merge`` takes, by path or inline), a grid and each
+model's validation data::
+
+    merge: merge.yml                      # or the merge config itself as a mapping
+    grid: {scale: [0.2, 0.4, 0.6, 0.8, 1.0], density: [0.1, 0.2]}
+    data: {a: a_val.csv, b: b_val.csv}    # keyed by the merge config's model names
+    labels: {a: a_labels.npy}             # optional, when the data files carry no label column
+    column: text                          # optional input column / array name
+    label_column: label                   # optional label column / array name
+    criterion: auto                       # auto | normalized_accuracy | accuracy | entropy
+    arch: my_pkg.models:build             # only for a base given as a plain weights file
+    arch_kwargs: {}
+    batch_size: 256
+    max_length: 128                       # tokenizer truncation for text
+    calibrate: false                      # fit a temperature per task on the same (labeled) data
+
+It writes ``DIR/model/`` (the merge with the best parameters, exactly what ``distac merge`` gives,
+plus ``temperatures.json`` with ``calibrate``), ``DIR/tune.json`` (every point), ``DIR/tune.md``
+(the table) and ``DIR/tune.png`` (score against each parameter, when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import DistacError, closest
+
+TUNE_KEYS = (
+    "merge",
+    "grid",
+    "data",
+    "labels",
+    "column",
+    "label_column",
+    "criterion",
+    "arch",
+    "arch_kwargs",
+    "batch_size",
+    "max_length",
+    "calibrate",
+)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml  # INTEGRATE: the safe loader of merging/config.py
+
+    try:
+        obj = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise DistacError(f"{path}: cannot read the tune config: {e}") from e
+    if not isinstance(obj, dict):
+        raise DistacError(f"{path}: a tune config must be a mapping with keys {list(TUNE_KEYS)}")
+    for k in obj:
+        if k not in TUNE_KEYS:
+            raise DistacError(f"{path}: unknown key '{k}'{closest(str(k), TUNE_KEYS)}")
+    for k in ("merge", "grid", "data"):
+        if k not in obj:
+            raise DistacError(f"{path}: missing '{k}'")
+    return obj
+
+
+def _paths(obj: Any, key: str, folder: Path) -> dict[str, str]:
+    if obj is None:
+        return {}
+    if not isinstance(obj, Mapping) or not all(isinstance(v, str) for v in obj.values()):
+        raise DistacError(f"tune config '{key}' must map model names to file paths")
+    return {str(k): str(folder / v) for k, v in obj.items()}
+
+
+def _merge_config(spec: Any, folder: Path) -> dict[str, Any]:
+    """The merge config as a dict whose relative paths are absolute (so it runs from anywhere)."""
+    from ..merging.pipeline import load_config
+
+    if isinstance(spec, str):
+        return copy.deepcopy(load_config(folder / spec).raw)
+    if isinstance(spec, Mapping):
+        return copy.deepcopy(load_config(_absolute(dict(spec), folder)).raw)
+    raise DistacError("tune config 'merge' must be a path to a merge config or the config itself")
+
+
+def _absolute(cfg: dict[str, Any], folder: Path) -> dict[str, Any]:
+    def fix(entry: Any) -> Any:
+        if isinstance(entry, str):
+            return str(folder / entry)
+        if isinstance(entry, Mapping) and isinstance(entry.get("model"), str):
+            out = dict(entry)
+            out["model"] = str(folder / entry["model"])
+            return out
+        return entry
+
+    cfg["base_model"] = fix(cfg.get("base_model"))
+    cfg["models"] = [fix(m) for m in cfg.get("models") or []]
+    return cfg
+
+
+def _check_tunable(cfg: Mapping[str, Any], grid: Mapping[str, Any]) -> None:
+    for m in cfg.get("models", []):
+        per_model = set((m.get("parameters") or {}) if isinstance(m, Mapping) else ())
+        both = sorted(per_model & set(grid))
+        if both:
+            raise DistacError(f"tune: {both} set per model in the merge config; remove it there to tune it")
+
+
+def _plot(result: Any, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    keys = list(result.best.params)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    pick = max if result.higher_is_better else min
+    for ax, k in zip(axes[0], keys, strict=True):
+        values = list(dict.fromkeys(p.params[k] for p in result.points))
+        best = [pick(p.score for p in result.points if p.params[k] == v) for v in values]
+        numeric = all(isinstance(v, int | float) for v in values)
+        xs = values if numeric else list(range(len(values)))
+        ax.plot(xs, best, marker="o")
+        if not numeric:
+            ax.set_xticks(xs, [str(v) for v in values])
+        ax.set_xlabel(k)
+        ax.set_ylabel(f"{result.criterion} (best over other parameters)")
+    fig.suptitle(f"distac tune: {result.method}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+@click.command("tune")
+@click.argument("config", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing distac output folder.")
+@click.option("--device", default=None, help="cpu, cuda, ... (default: CUDA when available).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def tune_command(config: Path, out: Path, overwrite: bool, device: str | None, quiet: bool) -> None:
+    """Grid-search a merge's hyperparameters on validation data; write the best merge, a table and a plot."""
+    from ..io import atomic_dir, check_output
+    from ..merging.pipeline import load_config, merge_checkpoints
+    from .search import tune
+
+    raw = _read_yaml(config)
+    folder = config.resolve().parent
+    merge_cfg = _merge_config(raw["merge"], folder)
+    grid = raw["grid"]
+    if not isinstance(grid, Mapping) or not grid:
+        raise DistacError(f"{config}: 'grid' must map parameter names to lists of values")
+    _check_tunable(merge_cfg, grid)
+    data_paths = _paths(raw["data"], "data", folder)
+    label_paths = _paths(raw.get("labels"), "labels", folder)
+    cfg = load_config(merge_cfg)
+    inputs = [config, cfg.base.path, *(m.path for m in cfg.models), *data_paths.values(), *label_paths.values()]
+    check_output(out, overwrite=overwrite, inputs=inputs)
+    model, base, models, data, stats = _load(raw, cfg, data_paths, label_paths)
+    result = tune(
+        model,
+        base,
+        models,
+        data,
+        method=cfg.method.name,
+        grid=grid,
+        params=cfg.params,
+        criterion=str(raw.get("criterion", "auto")),
+        heads=cfg.heads,
+        batch_size=int(raw.get("batch_size", 256)),
+        device=device,
+        progress=not quiet,
+        **stats,
+    )
+    best_cfg = copy.deepcopy(merge_cfg)
+    best_cfg["parameters"] = {**(best_cfg.get("parameters") or {}), **result.best.params}
+    with atomic_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
+        merge_checkpoints(best_cfg, tmp / "model", device=device, quiet=True)
+        if raw.get("calibrate"):
+            _calibrate(model, tmp / "model", models, data, cfg.heads, device)
+        (tmp / "tune.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        (tmp / "tune.md").write_text(result.table() + "\n")
+        _plot(result, tmp / "tune.png")
+    click.echo(result.table())
+    click.echo(f"best {result.best.params} ({result.criterion} {result.best.score:.4f}); wrote {out}")
+
+
+def _load(raw: Mapping[str, Any], cfg: Any, data_paths: dict[str, str], label_paths: dict[str, str]) -> tuple:
+    from ..nn.data import check_fits, load_inputs
+    from ..nn.models import load_model, load_state_like, read_state
+
+    kwargs = raw.get("arch_kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        raise DistacError("tune config 'arch_kwargs' must be a mapping")
+    loaded = load_model(cfg.base.path, factory=raw.get("arch"), factory_kwargs=kwargs, heads=cfg.heads or None)
+    models = {m.name: load_state_like(m.path, loaded) for m in cfg.models}
+    unknown = sorted(set(data_paths) - set(models)) + sorted(set(label_paths) - set(models))
+    if unknown:
+        raise DistacError(f"tune: data/labels name unknown model(s) {unknown}; the models are {list(models)}")
+    data = {}
+    for name, path in data_paths.items():
+        data[name] = load_inputs(
+            path,
+            tokenizer=loaded.tokenizer,
+            image_processor=loaded.image_processor,
+            column=raw.get("column"),
+            label_column=raw.get("label_column"),
+            labels=label_paths.get(name),
+            need_labels=False,
+            max_length=int(raw.get("max_length", 128)),
+        )
+        check_fits(loaded.module, data[name])
+    stats: dict[str, Any] = {}
+    if any("fisher" in m.stats for m in cfg.models):
+        stats["fishers"] = [read_state(m.stats["fisher"]) for m in cfg.models]
+    if "fisher" in cfg.base.stats:
+        stats["base_fisher"] = read_state(cfg.base.stats["fisher"])
+    if any("gram" in m.stats for m in cfg.models):
+        stats["grams"] = [read_state(m.stats["gram"]) for m in cfg.models]
+    return loaded.module, loaded.state, models, data, stats
+
+
+def _calibrate(model: Any, folder: Path, models: Mapping, data: Mapping, heads: list[str], device: str | None) -> None:
+    from ..conditioning.calibrate import fit_temperature, write_temperatures
+    from ..nn.evaluate import collect_logits
+    from ..nn.models import default_device, read_state
+    from ..taskvector import match_heads
+
+    merged = read_state(folder)
+    dev = default_device(device)
+    results = {}
+    for t, d in data.items():
+        if d.labels is None:
+            raise DistacError(f"tune: calibrate needs labels; task '{t}' ({d.source}) has none")
+        state = {**merged, **{k: models[t][k] for k in match_heads(merged, heads)}}
+        z = collect_logits(model, d.batches(256), state={k: v.to(dev) for k, v in state.items()}, device=dev)
+        results[t] = fit_temperature(z, d.labels)
+    write_temperatures(folder, results)

@@ -1,0 +1,173 @@
+"""distac.tune / distac tune: grid search on validation data, the linear-scale shortcut, AdaMerging."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from distac_tiny import digits, make_mlp, zoo
+from safetensors.torch import load_file, save_file
+
+import distac
+from distac.cli import main
+from distac.nn.data import Inputs
+from distac.nn.evaluate import accuracy, collect_logits, entropy
+from distac.tuning import adamerging, tune
+
+HEADS = ["2.*"]
+TASKS = ("short_a", "short_b", "long")
+
+
+def _val(n: int = 200, labels: bool = True) -> Inputs:
+    _, _, x, y = digits()
+    return Inputs(x[:n], y[:n] if labels else None, source="digits val")
+
+
+def _setup(labels: bool = True):
+    z = zoo()
+    models = {t: z[t] for t in TASKS}
+    data = {t: _val(labels=labels) for t in TASKS}
+    return make_mlp(), z["base"], models, data
+
+
+def _acc(model, state, data) -> float:
+    return accuracy(collect_logits(model, data.batches(256), state=state), data.labels)
+
+
+def test_best_point_is_the_max_and_scores_are_normalised_accuracies():
+    model, base, models, data = _setup()
+    res = tune(
+        model,
+        base,
+        models,
+        data,
+        method="task_arithmetic",
+        grid={"scale": [0.1, 0.4, 1.0]},
+        heads=HEADS,
+        progress=False,
+    )
+    assert res.criterion == "normalized_accuracy"
+    assert [p.params["scale"] for p in res.points] == [0.1, 0.4, 1.0]
+    assert res.best.score == max(p.score for p in res.points)
+    for t in TASKS:
+        assert res.own[t] == pytest.approx(_acc(model, models[t], data[t]))
+    # the best point's parameters, merged directly, give the scores tune reported
+    merged = distac.merge(base, [models[t] for t in TASKS], "task_arithmetic", heads=HEADS, **res.best.params)
+    for t in TASKS:
+        state = {**merged, **{k: models[t][k] for k in ("2.weight", "2.bias")}}
+        assert _acc(model, state, data[t]) / res.own[t] == pytest.approx(res.best.per_task[t], abs=1e-6)
+
+
+def test_linear_scale_shortcut_matches_direct_merges_for_ties_with_a_second_parameter():
+    model, base, models, data = _setup()
+    grid = {"density": [0.2, 0.5], "scale": [0.5, 1.0]}
+    res = tune(model, base, models, data, method="ties", grid=grid, heads=HEADS, criterion="accuracy", progress=False)
+    assert len(res.points) == 4
+    for p in res.points:
+        merged = distac.merge(base, [models[t] for t in TASKS], "ties", heads=HEADS, **p.params)
+        direct = [_acc(model, {**merged, **{k: models[t][k] for k in ("2.weight", "2.bias")}}, data[t]) for t in TASKS]
+        assert p.score == pytest.approx(sum(direct) / len(direct), abs=1e-6)
+
+
+def test_entropy_criterion_without_labels_and_clear_errors():
+    model, base, models, data = _setup(labels=False)
+    res = tune(model, base, models, data, grid={"scale": [0.2, 1.0]}, heads=HEADS, progress=False)
+    assert res.criterion == "entropy"
+    assert res.best.score == min(p.score for p in res.points)
+    with pytest.raises(distac.DistacError, match="needs labels"):
+        tune(model, base, models, data, grid={"scale": [1.0]}, heads=HEADS, criterion="accuracy", progress=False)
+    with pytest.raises(distac.DistacError, match="non-empty list"):
+        tune(model, base, models, data, grid={"scale": []}, heads=HEADS, progress=False)
+    with pytest.raises(distac.DistacError, match="both fixed and in the grid"):
+        tune(model, base, models, data, grid={"scale": [1.0]}, params={"scale": 1.0}, heads=HEADS, progress=False)
+    with pytest.raises(distac.DistacError, match="no validation data"):
+        tune(model, base, models, {"short_a": data["short_a"]}, heads=HEADS, progress=False)
+
+
+def test_adamerging_lowers_entropy_and_keeps_coefficients_in_range():
+    model, base, models, data = _setup(labels=False)
+    merged, coeffs = adamerging(
+        model, base, models, data, heads=HEADS, steps=30, lr=1e-2, batch_size=64, progress=False
+    )
+    assert set(coeffs) == set(TASKS) and all(0.0 <= c <= 1.0 for cs in coeffs.values() for c in cs)
+    assert len(coeffs["long"]) == 2  # the two merged body tensors (0.weight, 0.bias); the head is per task
+
+    def mean_entropy(state):
+        out = []
+        for t in TASKS:
+            s = {**state, **{k: models[t][k] for k in ("2.weight", "2.bias")}}
+            out.append(float(entropy(collect_logits(model, data[t].batches(256), state=s)).mean()))
+        return sum(out) / len(out)
+
+    init = distac.merge(base, [models[t] for t in TASKS], "task_arithmetic", heads=HEADS, scale=0.3)
+    assert mean_entropy(merged) < mean_entropy(init)
+
+
+def test_cli_writes_the_best_merge_table_plot_and_temperatures(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    z = zoo()
+    for name in ("base", *TASKS):
+        save_file(z[name], str(tmp_path / f"{name}.safetensors"))
+    _, _, x, y = digits()
+    np.savez(tmp_path / "val.npz", x=x[:200].numpy(), y=y[:200].numpy())
+    merge_cfg = {
+        "merge_method": "ties",
+        "base_model": "base.safetensors",
+        "heads": HEADS,
+        "models": [{"model": f"{t}.safetensors", "name": t} for t in TASKS],
+    }
+    (tmp_path / "merge.yml").write_text(yaml.safe_dump(merge_cfg))
+    tune_cfg = {
+        "merge": "merge.yml",
+        "grid": {"scale": [0.3, 1.0], "density": [0.2, 0.6]},
+        "data": dict.fromkeys(TASKS, "val.npz"),
+        "arch": "distac_tiny:make_mlp",
+        "calibrate": True,
+    }
+    (tmp_path / "tune.yml").write_text(yaml.safe_dump(tune_cfg))
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    main(["tune", "tune.yml", "--out", "tuned", "-q"])
+    rep = json.loads((tmp_path / "tuned" / "tune.json").read_text())
+    assert len(rep["points"]) == 4 and rep["criterion"] == "normalized_accuracy"
+    assert (tmp_path / "tuned" / "tune.png").read_bytes()[:4] == b"\x89PNG"
+    assert "*" in (tmp_path / "tuned" / "tune.md").read_text()
+    temps = json.loads((tmp_path / "tuned" / "model" / "temperatures.json").read_text())["temperatures"]
+    assert set(temps) == set(TASKS) and all(t > 0 for t in temps.values())
+    # the written model is the plain merge with the chosen parameters, bit for bit
+    want = distac.merge(z["base"], [z[t] for t in TASKS], "ties", heads=HEADS, **rep["best"]["params"])
+    got = load_file(str(tmp_path / "tuned" / "model" / "model.safetensors"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"grdi": {"scale": [1.0]}}, "unknown key 'grdi'"),
+        ({"grid": {"density": [0.2]}, "per_model_density": True}, "set per model"),
+        ({"data": {"nobody": "val.npz"}}, "unknown model"),
+        ({"grid": []}, "'grid' must map"),
+    ],
+)
+def test_cli_bad_tune_configs_are_one_line_errors(tmp_path, monkeypatch, capsys, change, message):
+    monkeypatch.chdir(tmp_path)
+    z = zoo()
+    for name in ("base", "short_a"):
+        save_file(z[name], str(tmp_path / f"{name}.safetensors"))
+    _, _, x, y = digits()
+    np.savez(tmp_path / "val.npz", x=x[:50].numpy(), y=y[:50].numpy())
+    entry = {"model": "short_a.safetensors", "name": "a"}
+    if change.pop("per_model_density", False):
+        entry["parameters"] = {"density": 0.5}
+    merge_cfg = {"merge_method": "ties", "base_model": "base.safetensors", "heads": HEADS, "models": [entry]}
+    tune_cfg = {"merge": merge_cfg, "grid": {"scale": [1.0]}, "data": {"a": "val.npz"}, "arch": "distac_tiny:make_mlp"}
+    tune_cfg.update(change)
+    (tmp_path / "tune.yml").write_text(yaml.safe_dump(tune_cfg))
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    with pytest.raises(SystemExit) as e:
+        main(["tune", "tune.yml", "--out", "tuned", "-q"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "tuned").exists()
