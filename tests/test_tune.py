@@ -171,3 +171,33 @@ def test_cli_bad_tune_configs_are_one_line_errors(tmp_path, monkeypatch, capsys,
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "tuned").exists()
+
+
+def test_consensus_tall_lambda_is_chosen_per_task_by_the_task_own_tall_model():
+    model, base, models, data = _setup()
+    lambdas = [0.2, 0.4, 0.6]
+    res = tune(
+        model,
+        base,
+        models,
+        data,
+        method="consensus_ta",
+        grid={"tall_lambda": lambdas, "scale": [0.5, 1.0]},
+        heads=HEADS,
+        criterion="accuracy",
+        progress=False,
+    )
+    assert len(res.points) == 2  # λ is not part of the cartesian grid
+    chosen = res.best.params["tall_lambda"]
+    assert len(chosen) == 3 and set(chosen) <= set(lambdas)
+    mtl = {k: sum(models[t][k] - base[k] for t in TASKS) for k in ("0.weight", "0.bias")}
+    for t, lam_t in zip(TASKS, chosen, strict=True):
+        scores = []
+        for lam in lambdas:
+            state = dict(base)
+            for k, m in mtl.items():
+                tau = models[t][k] - base[k]
+                state[k] = base[k] + torch.where(tau.abs() > lam * (m - tau).abs(), m, torch.zeros_like(m))
+            state.update({k: models[t][k] for k in ("2.weight", "2.bias")})
+            scores.append(_acc(model, state, data[t]))
+        assert lam_t == lambdas[scores.index(max(scores))]

@@ -12,6 +12,10 @@ task with that task's own head, and keeps the best point by one of three criteri
 
 ``auto`` picks ``normalized_accuracy`` when every task has labels, else ``entropy``.
 
+Consensus TA/TIES: a ``tall_lambda`` list in the grid is chosen *per task*, as the official TALL
+masks code does: λ_t maximises task t's own score of its TALL model θ_0 + m_t ⊙ τ_MTL with
+m_t = 1{|τ_t| > λ_t |τ_MTL − τ_t|}; the other parameters are then searched with those λ_t fixed.
+
 Speed: for methods whose ``scale`` multiplies the merged task vector at the end (every method but
 gradient matching, where α also enters H̄), the merge runs once per setting of the *other*
 parameters at scale 1 and each scale value is the exact affine map θ_0 + s·Δ. Scores at such points
@@ -24,6 +28,8 @@ the chosen parameters, so it is bit for bit what ``distac merge`` gives.
 from __future__ import annotations
 
 import itertools
+import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +52,8 @@ StateDict = dict[str, Tensor]
 CRITERIA = ("auto", "normalized_accuracy", "accuracy", "entropy")
 #: methods whose ``scale`` is not a final multiplier (α also weighs the curvature in H̄)
 NONLINEAR_SCALE = frozenset({"gradient_matching"})
+#: methods whose ``tall_lambda`` is chosen per task (TALL protocol) when it is in the grid
+TALL_METHODS = frozenset({"consensus_ta", "consensus_ties"})
 
 
 @dataclass(frozen=True)
@@ -155,15 +163,15 @@ class _Scorer:
         assert d.labels is not None
         return accuracy(z, d.labels)
 
+    def task(self, t: str, merged: Mapping[str, Tensor]) -> float:
+        """Task ``t``'s score of the merged body with ``t``'s own head."""
+        state = dict(merged)
+        state.update({k: self.models[t][k] for k in self.head_names})
+        v = self._metric(t, state, "entropy" if self.criterion == "entropy" else "accuracy")
+        return v / self.own[t] if self.criterion == "normalized_accuracy" else v
+
     def __call__(self, merged: Mapping[str, Tensor]) -> dict[str, float]:
-        out = {}
-        for t in self.data:
-            state = dict(merged)
-            state.update({k: self.models[t][k] for k in self.head_names})
-            kind = "entropy" if self.criterion == "entropy" else "accuracy"
-            v = self._metric(t, state, kind)
-            out[t] = v / self.own[t] if self.criterion == "normalized_accuracy" else v
-        return out
+        return {t: self.task(t, merged) for t in self.data}
 
 
 def _merged_at(
@@ -244,6 +252,14 @@ def tune(
     dev = default_device(device)
     scorer = _Scorer(model, models, data, head_names, crit, batch_size, dev)
     base_sd, sds = dict(base), [dict(m) for m in models.values()]
+    if method in TALL_METHODS and "tall_lambda" in grid:
+        lambdas = grid.pop("tall_lambda")
+        mtl = _tall_mtl(method, base_sd, sds, fixed, head_names)
+        fixed["tall_lambda"] = [
+            _best_tall_lambda(scorer, t, i, base_sd, sds, mtl, lambdas) for i, t in enumerate(models)
+        ]
+        if not grid:
+            grid = {"scale": [fixed.pop("scale", 1.0)]}
     merged_at = _merged_at(method, base_sd, sds, fixed, heads or [], stats)
     sign = 1.0 if crit != "entropy" else -1.0
     points: list[TunePoint] = []
@@ -251,4 +267,42 @@ def tune(
         per_task = scorer(merged_at(p))
         points.append(TunePoint(dict(p), per_task, sum(per_task.values()) / len(per_task)))
     best = max(points, key=lambda q: sign * q.score)  # first best in grid order on ties
+    if "tall_lambda" in fixed and "tall_lambda" not in (params or {}):
+        best.params["tall_lambda"] = fixed["tall_lambda"]  # chosen per task: part of the answer
     return TuneResult(method, crit, points, best, scorer.own)
+
+
+def _tall_mtl(
+    method: str, base: StateDict, models: list[StateDict], fixed: Mapping[str, Any], heads: Sequence[str]
+) -> StateDict:
+    """τ_MTL of the TALL masks: Σ_t w_t τ_t (Consensus TA), or TIES with disjoint sum (Consensus TIES)."""
+    if method == "consensus_ta":
+        w = fixed.get("weights") or [1.0] * len(models)
+        return {k: sum(wi * (m[k] - base[k]) for wi, m in zip(w, models, strict=True)) for k in _body(base, heads)}
+    ties = {k: fixed[k] for k in ("density", "scope", "weights") if k in fixed}
+    merged = merge(base, models, "ties", heads=[f"re:^{re.escape(h)}$" for h in heads], merge_fn="sum", **ties)
+    return {k: merged[k] - base[k] for k in _body(base, heads)}
+
+
+def _body(base: StateDict, heads: Sequence[str]) -> list[str]:
+    return [k for k, v in base.items() if v.is_floating_point() and k not in set(heads)]
+
+
+def _best_tall_lambda(
+    scorer: _Scorer, task: str, i: int, base: StateDict, models: list[StateDict], mtl: StateDict, grid: Sequence[Any]
+) -> float:
+    """λ_t maximising task t's own score of its TALL model θ0 + m_t ⊙ τ_MTL, m_t = |τ_t| > λ|τ_MTL − τ_t|.
+
+    The official per-task protocol of the TALL masks code; ties keep the smaller λ.
+    """
+    best_lam, best = float(grid[0]), -math.inf
+    sign = -1.0 if scorer.criterion == "entropy" else 1.0
+    for lam in grid:
+        state = dict(base)
+        for k, m in mtl.items():
+            tau = models[i][k] - base[k]
+            state[k] = base[k] + torch.where(tau.abs() > float(lam) * (m - tau).abs(), m, torch.zeros_like(m))
+        score = sign * scorer.task(task, state)
+        if score > best:
+            best_lam, best = float(lam), score
+    return best_lam
