@@ -32,16 +32,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DistacError
+from ..io.atomic import write_text
 from ..nn.evaluate import ECE_BINS, collect_logits, ece, nll
 from ..nn.models import default_device
 from ._common import eval_batches, label_tensor
-from .diagnose import write_text_atomic
 
 __all__ = [
     "TEMPERATURES_FILE",
     "CalibrationResult",
     "calibrate",
-    "calibration_report",
     "fit_temperature",
     "read_temperatures",
     "write_temperatures",
@@ -111,16 +110,32 @@ def fit_temperature(logits: Tensor, labels: Tensor, *, tol: float = 1e-6) -> Cal
     )
 
 
-def calibration_report(
+def calibrate(
     model: nn.Module,
     state: Mapping[str, Tensor] | None,
     data: Any,
-    labels: Any,
+    labels: Any = None,
     *,
     batch_size: int = 256,
     device: torch.device | str | None = None,
 ) -> CalibrationResult:
-    """Run ``model`` with ``state`` (merged shared weights + one task's head) on labeled data and fit T."""
+    """Fit the temperature T of one task head: ``softmax(z / T)`` has minimal NLL on ``(data, labels)``.
+
+    Args:
+        model: a module whose forward returns logits (not modified).
+        state: the weights to evaluate (merged shared weights + this task's head); ``None``: the model's own.
+        data: labeled held-out inputs (an :class:`~distac.nn.data.Inputs`, a tensor, or an iterable of batches).
+        labels: the labels in the same order (a tensor or per-batch tensors); ``None`` when ``data`` is an
+            :class:`~distac.nn.data.Inputs` with labels.
+        batch_size: evaluation batch size.
+        device: where to run (default CUDA when available); the model is moved back afterwards.
+
+    Returns:
+        A :class:`CalibrationResult`: ``.temperature`` and the NLL and ECE before (T = 1) and after.
+
+    Example:
+        >>> T = calibrate(model, merged_with_head_a, x_val, y_val).temperature  # doctest: +SKIP
+    """
     dev = default_device(device)
     # nn.Module.to moves the caller's parameters in place: put them back afterwards (the model is
     # documented as not modified).
@@ -135,29 +150,6 @@ def calibration_report(
     if y.shape[0] != logits.shape[0]:
         raise DistacError(f"calibration: {y.shape[0]} labels for {logits.shape[0]} examples")
     return fit_temperature(logits, y)
-
-
-def calibrate(
-    model: nn.Module,
-    state: Mapping[str, Tensor] | None,
-    data: Any,
-    labels: Any,
-    *,
-    batch_size: int = 256,
-    device: torch.device | str | None = None,
-) -> float:
-    """The temperature T for one task head: ``softmax(z / T)`` has minimal NLL on ``(data, labels)``.
-
-    Args:
-        model: a module whose forward returns logits (not modified).
-        state: the weights to evaluate (merged shared weights + this task's head); ``None``: the model's own.
-        data: labeled held-out inputs (an :class:`~distac.nn.data.Inputs`, a tensor, or an iterable of batches).
-        labels: the labels in the same order (a tensor or per-batch tensors); ``None`` when ``data`` is an
-            :class:`~distac.nn.data.Inputs` with labels.
-
-    :func:`calibration_report` returns the NLL and ECE before and after as well.
-    """
-    return calibration_report(model, state, data, labels, batch_size=batch_size, device=device).temperature
 
 
 def read_temperatures(path: str | Path) -> dict[str, float]:
@@ -185,7 +177,7 @@ def write_temperatures(path: str | Path, results: Mapping[str, CalibrationResult
         old = json.loads(p.read_text(encoding="utf-8"))
     temps = {**old.get("temperatures", {}), **{k: r.temperature for k, r in results.items()}}
     metrics = {**old.get("metrics", {}), **{k: r.to_dict() for k, r in results.items()}}
-    write_text_atomic(
+    write_text(
         p, json.dumps({"format": FORMAT, "temperatures": temps, "metrics": metrics, "ece_bins": ECE_BINS}, indent=2)
     )
     return p

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DistacError
+from ..io.atomic import atomic_file, write_text
 from ..nn.evaluate import accuracy, collect_logits, confidence_stats, ece
 from ..nn.models import default_device
 from ._common import (
@@ -44,15 +44,19 @@ from ._common import (
     shared_vector,
 )
 
-__all__ = ["DiagnoseReport", "TaskDiagnosis", "Thresholds", "diagnose", "recommend"]
+__all__ = ["DiagnoseReport", "FlagRules", "TaskDiagnosis", "diagnose", "recommend"]
 
 NORM_TEMPS = (10.0, 10.0)  # (T_teacher, T_student) for norm conditioning, DisTaC §1.3
 CONFIDENCE_TEMPS = (1.0, 10.0)  # asymmetric pair for confidence conditioning, §1.4
 
 
 @dataclass(frozen=True)
-class Thresholds:
-    """When diagnose flags a task (see the module docstring for why these values)."""
+class FlagRules:
+    """When diagnose flags a task: a norm outlier or low confidence (the module docstring says why these values).
+
+    Example:
+        >>> diagnose(model, base, finetuned, data, rules=FlagRules(norm_ratio=3.0))  # doctest: +SKIP
+    """
 
     norm_ratio: float = 2.0
     normalized_entropy: float = 0.25
@@ -83,11 +87,11 @@ class TaskDiagnosis:
 
 @dataclass
 class DiagnoseReport:
-    """The result of :func:`diagnose`: per-task diagnoses, pairwise cosines and the thresholds used."""
+    """The result of :func:`diagnose`: per-task diagnoses, pairwise cosines and the flag rules used."""
 
     tasks: dict[str, TaskDiagnosis]
     cosine: dict[str, dict[str, float]]
-    thresholds: Thresholds
+    rules: FlagRules
     heads: list[str]
 
     def __getitem__(self, task: str) -> TaskDiagnosis:
@@ -101,7 +105,7 @@ class DiagnoseReport:
         return {
             "tasks": {n: asdict(t) for n, t in self.tasks.items()},
             "cosine": self.cosine,
-            "thresholds": asdict(self.thresholds),
+            "thresholds": asdict(self.rules),  # the JSON key predates the name FlagRules
             "heads": self.heads,
         }
 
@@ -109,7 +113,7 @@ class DiagnoseReport:
         """The report as JSON; with ``path``, also written there (atomically)."""
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
-            write_text_atomic(Path(path), text)
+            write_text(path, text)
         return text
 
     def table(self) -> str:
@@ -168,25 +172,16 @@ class DiagnoseReport:
             ax.set_title(f"{t.name}: max prob (mean {t.mean_max_prob:.2f})")
             ax.set_xlim(0, 1)
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, path)
-        return path
+        try:
+            with atomic_file(path, overwrite=True) as tmp:
+                fig.savefig(tmp, dpi=100, format="png")
+        finally:
+            plt.close(fig)
+        return Path(path)
 
 
 def _f(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def recommend(
@@ -212,7 +207,7 @@ def diagnose(
     labels: Mapping[str, Any] | None = None,
     *,
     heads: Sequence[str] | None = None,
-    thresholds: Thresholds | None = None,
+    rules: FlagRules | None = None,
     batch_size: int = 128,
     max_batches: int | None = None,
     device: torch.device | str | None = None,
@@ -230,12 +225,12 @@ def diagnose(
             labeled :class:`~distac.nn.data.Inputs`); adds accuracy and ECE.
         heads: head name patterns excluded from τ (default: the model type's, see
             :func:`distac.nn.models.default_head_patterns`).
-        thresholds: flagging rules (defaults documented in the module docstring).
+        rules: when to flag a task (:class:`FlagRules`; defaults explained in the module docstring).
         max_batches: evaluate at most this many batches per task.
     """
     if not finetuned:
         raise DistacError("diagnose needs at least one fine-tuned model")
-    th = thresholds or Thresholds()
+    th = rules or FlagRules()
     check_model_state(model, base)
     patterns = resolve_heads(model, base, heads)
     dev = default_device(device)
@@ -290,7 +285,7 @@ def diagnose(
     return DiagnoseReport(tasks, cosine, th, patterns)
 
 
-def _low_confidence(name: str, entropies: Mapping[str, float], th: Thresholds) -> bool:
+def _low_confidence(name: str, entropies: Mapping[str, float], th: FlagRules) -> bool:
     h = entropies.get(name)
     if h is None or math.isnan(h):
         return False

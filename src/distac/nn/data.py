@@ -178,12 +178,11 @@ def load_inputs(
         raise DistacError(f"data '{p}' does not exist")
     reader = _reader_for(p)
     raw = reader(p, column=column, label_column=label_column, need_labels=need_labels, split=split)
-    if labels is not None:
-        raw.labels = load_labels(labels)
+    given = load_labels(labels) if labels is not None else None
     if len(raw.values) == 0:
         raise DistacError(f"data '{p}' is empty: no examples found")
     x = _to_tensors(raw, p, tokenizer=tokenizer, image_processor=image_processor, max_length=max_length)
-    y = _labels_tensor(raw.labels, p) if raw.labels is not None else None
+    y = given if given is not None else _labels_tensor(raw.labels, p) if raw.labels is not None else None
     if need_labels and y is None:
         raise DistacError(f"data '{p}' has no labels: give a label column/array or a labels file")
     return Inputs(x, y, f"data '{p}'")
@@ -298,8 +297,8 @@ def _read_hf_dataset(p: Path, *, column: str | None, label_column: str | None, s
     col = _pick(column, cols, _TEXT_COLUMNS + _IMAGE_COLUMNS, "column", p)
     if col is None:
         raise DistacError(f"data '{p}': say which column holds the inputs (columns: {cols})")
-    values = list(ds[col])
-    first = values[0] if values else None
+    values: list[Any] | np.ndarray = list(ds[col])
+    first = values[0] if len(values) else None
     kind = "text" if isinstance(first, str) else "image" if hasattr(first, "convert") else "array"
     if kind == "array":
         values = np.asarray(values)

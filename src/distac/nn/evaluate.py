@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DistacError
-from .models import Batch, batch_to, forward_logits
+from .models import Batch, BoundModule, batch_to, forward_logits
 
 __all__ = [
     "ConfidenceStats",
@@ -30,7 +30,6 @@ __all__ = [
     "ece",
     "entropy",
     "nll",
-    "normalized_accuracy",
     "reliability_diagram",
 ]
 
@@ -59,10 +58,7 @@ def collect_logits(
             if max_batches is not None and i >= max_batches:
                 break
             b = batch_to(batch, device)
-            if state is None:
-                z = forward_logits(model, b)
-            else:
-                z = forward_logits(_Functional(model, state), b)
+            z = forward_logits(model if state is None else BoundModule(model, state), b)
             out.append(z.detach().float().cpu())
     finally:
         model.train(was_training)
@@ -71,29 +67,10 @@ def collect_logits(
     return torch.cat(out)
 
 
-class _Functional(nn.Module):
-    """Call ``module`` with the tensors of ``state`` instead of its own parameters."""
-
-    def __init__(self, module: nn.Module, state: Mapping[str, Tensor]):
-        super().__init__()
-        self.module = module
-        self.state = dict(state)
-
-    def forward(self, *args, **kwargs):
-        return torch.func.functional_call(self.module, self.state, args, kwargs, strict=False)
-
-
 def accuracy(logits: Tensor, labels: Tensor) -> float:
     """Top-1 accuracy in [0, 1]."""
     _check(logits, labels)
     return float((logits.argmax(-1) == labels.to(logits.device)).float().mean())
-
-
-def normalized_accuracy(merged: float, finetuned: float) -> float:
-    """Merged accuracy ÷ the task's own fine-tuned accuracy (task_vectors / DisTaC convention)."""
-    if finetuned <= 0:
-        raise DistacError(f"normalised accuracy needs a positive fine-tuned accuracy, got {finetuned}")
-    return merged / finetuned
 
 
 def nll(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> float:
