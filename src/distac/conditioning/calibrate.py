@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from ..errors import DistacError
 from ..io.atomic import write_text
-from ..nn.evaluate import ECE_BINS, collect_logits, ece, nll
+from ..nn.data import Inputs
+from ..nn.evaluate import ECE_BINS, check_finite_logits, collect_logits, ece, nll
 from ..nn.models import default_device
 from ._common import eval_batches, label_tensor
 
@@ -78,6 +79,7 @@ def fit_temperature(logits: Tensor, labels: Tensor, *, tol: float = 1e-6) -> Cal
     T → 0 (an earlier L-BFGS version overflowed on small, separable validation splits).
     """
     logits, labels = logits.detach().float().cpu(), labels.detach().long().cpu()
+    check_finite_logits(logits, "calibration")  # NaN logits would give T = 1 with NaN metrics
     before = nll(logits, labels)  # also checks shapes and label range
 
     def f(s: float) -> float:
@@ -143,7 +145,8 @@ def calibrate(
     model.to(dev)
     try:
         st = {k: v.to(dev) for k, v in state.items()} if state is not None else None
-        logits = collect_logits(model, eval_batches(data, batch_size, "calibration data"), state=st, device=dev)
+        source = data.source if isinstance(data, Inputs) else "calibration data"
+        logits = collect_logits(model, eval_batches(data, batch_size, source), state=st, device=dev, source=source)
     finally:
         model.to(home)
     y = label_tensor(labels if labels is not None else data, "calibration labels")
@@ -167,8 +170,19 @@ def read_temperatures(path: str | Path) -> dict[str, float]:
     return {str(k): float(v) for k, v in obj["temperatures"].items()}
 
 
-def write_temperatures(path: str | Path, results: Mapping[str, CalibrationResult]) -> Path:
-    """Write (or update) ``temperatures.json``; other tasks' entries already in the file are kept."""
+def write_temperatures(
+    path: str | Path, results: Mapping[str, CalibrationResult], *, inputs: Iterable[str | Path] = ()
+) -> Path:
+    """Write (or update) ``temperatures.json``; other tasks' entries already in the file are kept.
+
+    Args:
+        path: the file, or the folder to write ``temperatures.json`` into.
+        results: ``{task: CalibrationResult}``.
+        inputs: files the command read; the output may not be one of them (:mod:`distac.io.atomic`).
+
+    Returns:
+        The path written.
+    """
     p = Path(path)
     p = p / TEMPERATURES_FILE if p.is_dir() else p
     old: dict[str, Any] = {"temperatures": {}, "metrics": {}}
@@ -177,9 +191,8 @@ def write_temperatures(path: str | Path, results: Mapping[str, CalibrationResult
         old = json.loads(p.read_text(encoding="utf-8"))
     temps = {**old.get("temperatures", {}), **{k: r.temperature for k, r in results.items()}}
     metrics = {**old.get("metrics", {}), **{k: r.to_dict() for k, r in results.items()}}
-    write_text(
-        p, json.dumps({"format": FORMAT, "temperatures": temps, "metrics": metrics, "ece_bins": ECE_BINS}, indent=2)
-    )
+    text = json.dumps({"format": FORMAT, "temperatures": temps, "metrics": metrics, "ece_bins": ECE_BINS}, indent=2)
+    write_text(p, text, inputs=inputs)
     return p
 
 

@@ -177,10 +177,11 @@ def diagnose_command(
 
     Writes OUT/diagnose.json and OUT/diagnose.png and prints a table.
     """
-    from ..io import atomic_dir
+    from ..io import atomic_dir, check_output
     from .diagnose import FlagRules, diagnose
 
-    _check_out(out, overwrite)
+    read = _read_paths(base, models, data, labels)
+    check_output(out, overwrite=overwrite, inputs=read)  # before the work, not after it
     loaded, finetuned, _, inputs = _setup(
         base, arch, arch_kwargs, models, heads, False, data, labels, column, label_column, False, max_length
     )
@@ -198,7 +199,7 @@ def diagnose_command(
         max_batches=max_batches,
         device=device,
     )
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, inputs=read) as tmp:
         report.to_json(tmp / "diagnose.json")
         report.figure(tmp / "diagnose.png")
     click.echo(report.table())
@@ -242,11 +243,13 @@ def condition_command(
     Writes OUT/<task>.safetensors (or OUT/<task>/ when the fine-tune is an HF directory) and
     OUT/<task>.report.json for each conditioned task. Run under torchrun / accelerate launch for many processes.
     """
+    from ..io import check_output
     from ._setup import make_accelerator
     from .distill import condition
 
     cfg = ConditionConfig.of(**settings)
-    _check_out(out, overwrite)  # before a long run, not after it
+    read = _read_paths(base, models, data, labels, state_dir=state_dir)
+    check_output(out, overwrite=overwrite, inputs=read)  # before a long run, not after it
     loaded, finetuned, paths, inputs = _setup(
         base, arch, arch_kwargs, models, heads, True, data, labels, column, label_column, False, max_length
     )
@@ -270,7 +273,7 @@ def condition_command(
     }
     if not accelerator.is_main_process:
         return
-    _write_conditioned(out, overwrite, results, paths, loaded)
+    _write_conditioned(out, overwrite, read, results, paths, loaded)
     for t, res in results.items():
         r, c = res.report, res.report.config
         click.echo(
@@ -322,12 +325,14 @@ def _choose_modes(
     return modes
 
 
-def _write_conditioned(out: Path, overwrite: bool, results: dict[str, Any], paths: dict[str, str], loaded) -> None:
+def _write_conditioned(
+    out: Path, overwrite: bool, read: list[str], results: dict[str, Any], paths: dict[str, str], loaded: LoadedModel
+) -> None:
     """OUT/<task>.safetensors (or an HF folder) and OUT/<task>.report.json for each result, all or nothing."""
     from ..io import atomic_dir
     from ..nn.models import save_state_like
 
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, inputs=read) as tmp:
         for t, res in results.items():
             as_dir = is_hf_dir(paths[t]) and loaded.kind == "hf"
             save_state_like(
@@ -340,9 +345,12 @@ def _write_conditioned(out: Path, overwrite: bool, results: dict[str, Any], path
             res.report.to_json(tmp / f"{t}.report.json")
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise DistacError(f"{out}: output directory already exists; pass --overwrite to replace it")
+def _read_paths(base: str, *options: Sequence[str], state_dir: Path | None = None) -> list[str]:
+    """Every path a command reads: the base, each NAME=PATH of ``options``, the state folder. An output
+    may not equal, contain or lie inside any of them (:func:`distac.io.check_output`).
+    """
+    paths = [base] + [v.partition("=")[2] for values in options for v in values if "=" in v]
+    return paths + ([str(state_dir)] if state_dir is not None else [])
 
 
 def _pct(x: float | None) -> str:
@@ -389,9 +397,16 @@ def calibrate_command(
     merged, arch, arch_kwargs, data, labels, head_from, column, label_column, heads, batch_size, max_length, device, out
 ) -> None:
     """Fit one temperature per task head of a merged model (NLL over log T) and store them in temperatures.json."""
+    from ..io import check_output
     from ..taskvector import match_heads
-    from .calibrate import calibrate, task_state, write_temperatures
+    from .calibrate import TEMPERATURES_FILE, calibrate, task_state, write_temperatures
 
+    target = out if out is not None else (Path(merged) if Path(merged).is_dir() else Path(merged).parent)
+    target = target / TEMPERATURES_FILE if target.is_dir() else target
+    read = _read_paths(merged, data, labels, head_from)
+    if Path(merged).is_dir():  # the file goes inside the merged folder: protect every other file there
+        read = read[1:] + [str(f) for f in Path(merged).iterdir() if f.name != TEMPERATURES_FILE]
+    check_output(target, overwrite=True, inputs=read, folder=False)
     loaded = _load_base(merged, arch, arch_kwargs, heads)
     data_paths = _pairs(data, "--data")
     heads_from = _pairs(head_from, "--head")
@@ -423,8 +438,7 @@ def calibrate_command(
             batch_size=batch_size,
             device=device,
         )
-    target = out if out is not None else (Path(merged) if Path(merged).is_dir() else Path(merged).parent)
-    path = write_temperatures(target, results)
+    path = write_temperatures(target, results, inputs=read)
     for t, r in results.items():
         click.echo(
             f"{t}: T={r.temperature:.4g}  NLL {r.nll_before:.4f} -> {r.nll_after:.4f}  "

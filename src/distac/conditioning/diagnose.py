@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ..errors import DistacError
 from ..io.atomic import atomic_file, write_text
+from ..nn.data import Inputs
 from ..nn.evaluate import accuracy, collect_logits, confidence_stats, ece
 from ..nn.models import default_device
 from ._common import (
@@ -252,12 +253,14 @@ def diagnose(
         if data is not None and n in data:
             check_data_fits(model, data[n], f"data of task '{n}'")
             state = {k: v.to(dev) for k, v in finetuned[n].items()}
+            source = data[n].source if isinstance(data[n], Inputs) else f"data of task '{n}'"
             logits = collect_logits(
                 model,
-                eval_batches(data[n], batch_size, f"data of task '{n}'"),
+                eval_batches(data[n], batch_size, source),
                 state=state,
                 device=dev,
                 max_batches=max_batches,
+                source=f"task '{n}', {source}",
             )
             cs = confidence_stats(logits)
             t.mean_max_prob, t.mean_entropy = cs.mean_max_prob, cs.mean_entropy

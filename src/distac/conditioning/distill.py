@@ -253,7 +253,8 @@ class _Run:
         self.fixed_sq = fixed
         self.batches = _BatchStream(job.data, cfg.batch_size, cfg.seed, acc.num_processes, acc.process_index)
         self.eval_set = self.batches.eval_batches(cfg.eval_examples)
-        self.teacher_logits = collect_logits(self.teacher, self.eval_set, device=self.dev)
+        source = f"task '{job.name}', teacher on its data"
+        self.teacher_logits = collect_logits(self.teacher, self.eval_set, device=self.dev, source=source)
         report.confidence_before = confidence_stats(self.teacher_logits).to_dict()
         report.agreement_init = self._agreement(collect_logits(self.student, self.eval_set, device=self.dev))
         self.optimizer = torch.optim.Adam(

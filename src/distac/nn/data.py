@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,10 @@ class _Raw:
     labels: Sequence[Any] | np.ndarray | None
     kind: str  # "text", "image" or "array"
     files: list[Path] | None = None  # image files, to name the culprit on a size mismatch
+    lines: list[int] | None = None  # 1-based line of each example in a text file, to name a bad row
+
+    def where(self, i: int) -> str:
+        return f"line {self.lines[i]}" if self.lines is not None else f"row {i}"
 
 
 def load_inputs(
@@ -181,8 +186,9 @@ def load_inputs(
     given = load_labels(labels) if labels is not None else None
     if len(raw.values) == 0:
         raise DistacError(f"data '{p}' is empty: no examples found")
+    y = given if given is not None else _labels_tensor(raw.labels, p, raw.where) if raw.labels is not None else None
     x = _to_tensors(raw, p, tokenizer=tokenizer, image_processor=image_processor, max_length=max_length)
-    y = given if given is not None else _labels_tensor(raw.labels, p) if raw.labels is not None else None
+    _check_finite(x, raw, p)
     if need_labels and y is None:
         raise DistacError(f"data '{p}' has no labels: give a label column/array or a labels file")
     return Inputs(x, y, f"data '{p}'")
@@ -194,8 +200,41 @@ def load_labels(path: str | Path) -> Tensor:
     if not p.is_file():
         raise DistacError(f"labels file '{p}' does not exist")
     if p.suffix == ".npy":
-        return _labels_tensor(np.load(p, allow_pickle=False), p)
-    return _labels_tensor([line.strip() for line in p.read_text().splitlines() if line.strip()], p)
+        arr = _load_npy(p, "labels file")
+        return _labels_tensor(arr, p, lambda i: f"row {i}")
+    rows = [(n, line.strip()) for n, line in enumerate(_read_utf8(p, "labels file").splitlines(), 1) if line.strip()]
+    return _labels_tensor([v for _, v in rows], p, lambda i: f"line {rows[i][0]}")
+
+
+def _read_utf8(p: Path, what: str = "data") -> str:
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise DistacError(f"{what} '{p}': line {line} is not UTF-8 text ({e.reason}); save the file as UTF-8") from e
+    except OSError as e:
+        raise DistacError(f"{what} '{p}': cannot read it ({e.strerror or e})") from e
+
+
+def _load_npy(p: Path, what: str = "data") -> np.ndarray:
+    """``np.load`` of a ``.npy`` without pickles; a corrupt, empty or pickled file is one error naming it."""
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except ValueError as e:
+        if "pickled" in str(e) or "allow_pickle" in str(e):
+            raise DistacError(
+                f"{what} '{p}' holds Python objects (a pickled object array); distac never unpickles data: "
+                "save a numeric array instead"
+            ) from e
+        raise DistacError(f"{what} '{p}' is not a valid .npy file ({e})") from e
+    except (OSError, EOFError) as e:
+        detail = "the file is empty" if p.stat().st_size == 0 else str(e)
+        raise DistacError(f"{what} '{p}' is not a valid .npy file ({detail})") from e
+    if not isinstance(arr, np.ndarray):
+        raise DistacError(f"{what} '{p}' is not a .npy array (it looks like an .npz archive)")
+    if arr.ndim == 0:
+        raise DistacError(f"{what} '{p}' holds a single value (a 0-d array); expected one example per row")
+    return arr
 
 
 def _reader_for(p: Path) -> Callable[..., _Raw]:
@@ -213,7 +252,8 @@ def _reader_for(p: Path) -> Callable[..., _Raw]:
 
 
 def _read_lines(p: Path, **_: Any) -> _Raw:
-    return _Raw([line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()], None, "text")
+    rows = [(n, line) for n, line in enumerate(_read_utf8(p).splitlines(), 1) if line.strip()]
+    return _Raw([v for _, v in rows], None, "text", lines=[n for n, _ in rows])
 
 
 def _pick(name: str | None, available: Sequence[str], defaults: Sequence[str], what: str, p: Path) -> str | None:
@@ -225,12 +265,8 @@ def _pick(name: str | None, available: Sequence[str], defaults: Sequence[str], w
 
 
 def _read_table(p: Path, *, column: str | None, label_column: str | None, need_labels: bool, **_: Any) -> _Raw:
-    suffix = p.suffix.lower()
-    with p.open(encoding="utf-8", newline="") as f:
-        if suffix == ".jsonl":
-            rows = [json.loads(line) for line in f if line.strip()]
-        else:
-            rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    text = _read_utf8(p)
+    rows, lines = _jsonl_rows(text, p) if p.suffix.lower() == ".jsonl" else _csv_rows(text, p)
     if not rows:
         raise DistacError(f"data '{p}' is empty: no rows")
     cols = list(rows[0].keys())
@@ -239,22 +275,65 @@ def _read_table(p: Path, *, column: str | None, label_column: str | None, need_l
     col = _pick(column, cols, _TEXT_COLUMNS, "column", p) or (others[0] if len(others) == 1 else None)
     if col is None:
         raise DistacError(f"data '{p}': say which column holds the inputs (columns: {cols})")
-    return _Raw([r[col] for r in rows], [r[lab] for r in rows] if lab else None, "text")
+    for i, r in enumerate(rows):
+        if col not in r or (lab and lab not in r):
+            raise DistacError(f"data '{p}': line {lines[i]} has no '{col if col not in r else lab}' field")
+    return _Raw([r[col] for r in rows], [r[lab] for r in rows] if lab else None, "text", lines=lines)
+
+
+def _jsonl_rows(text: str, p: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    rows, lines = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DistacError(f"data '{p}': line {n} is not valid JSON ({e.msg}, column {e.colno})") from e
+        if not isinstance(row, dict):
+            raise DistacError(f"data '{p}': line {n} is a JSON {type(row).__name__}, expected an object {{...}}")
+        rows.append(row)
+        lines.append(n)
+    return rows, lines
+
+
+def _csv_rows(text: str, p: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    import io
+
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
+    rows, lines = [], []
+    try:
+        for row in reader:
+            rows.append(row)
+            lines.append(reader.line_num)
+    except csv.Error as e:
+        raise DistacError(f"data '{p}': line {reader.line_num + 1} cannot be read as CSV ({e})") from e
+    return rows, lines
 
 
 def _read_npy(p: Path, **_: Any) -> _Raw:
-    return _Raw(np.load(p, allow_pickle=False), None, "array")
+    return _Raw(_load_npy(p), None, "array")
 
 
 def _read_npz(p: Path, *, column: str | None, label_column: str | None, **_: Any) -> _Raw:
-    with np.load(p, allow_pickle=False) as z:
-        keys = list(z.keys())
-        lab = _pick(label_column, keys, _LABEL_COLUMNS, "label array", p)
-        rest = [k for k in keys if k != lab]
-        col = _pick(column, keys, _NPZ_INPUTS, "array", p) or (rest[0] if len(rest) == 1 else None)
-        if col is None:
-            raise DistacError(f"data '{p}': say which array holds the inputs (arrays: {keys})")
-        return _Raw(z[col], z[lab] if lab else None, "array")
+    import zipfile
+
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            keys = list(z.keys())
+            lab = _pick(label_column, keys, _LABEL_COLUMNS, "label array", p)
+            rest = [k for k in keys if k != lab]
+            col = _pick(column, keys, _NPZ_INPUTS, "array", p) or (rest[0] if len(rest) == 1 else None)
+            if col is None:
+                raise DistacError(f"data '{p}': say which array holds the inputs (arrays: {keys})")
+            x, y = z[col], (z[lab] if lab else None)
+    except ValueError as e:
+        raise DistacError(f"data '{p}': an array cannot be read without unpickling ({e}); save numeric arrays") from e
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DistacError(f"data '{p}' is not a valid .npz archive ({e})") from e
+    if x.ndim == 0:
+        raise DistacError(f"data '{p}': array '{col}' holds a single value (0-d); expected one example per row")
+    return _Raw(x, y, "array")
 
 
 def _read_image_folder(p: Path, **_: Any) -> _Raw:
@@ -349,18 +428,65 @@ def _to_tensors(
                 )
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     arr = np.asarray(raw.values)
+    if arr.dtype.kind not in "biuf":
+        raise DistacError(f"data '{p}': an array of dtype {arr.dtype} is not numeric; save numbers (float or int)")
     t = torch.from_numpy(np.ascontiguousarray(arr))
     return t.float() if t.is_floating_point() else t.long() if arr.dtype.kind in "iu" else t
 
 
-def _labels_tensor(values: Sequence[Any] | np.ndarray, p: Path) -> Tensor:
+def _check_finite(x: Tensor | dict[str, Tensor], raw: _Raw, p: Path) -> None:
+    """Refuse NaN/Inf inputs: the model would turn them into NaN logits and every measure into NaN."""
+    for t in x.values() if isinstance(x, dict) else [x]:
+        if not t.is_floating_point():
+            continue
+        bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise DistacError(
+                f"data '{p}': {raw.where(i)} holds NaN or Inf ({int(bad.sum())} of {t.shape[0]} examples do); "
+                "remove or fix those examples"
+            )
+
+
+def _labels_tensor(
+    values: Sequence[Any] | np.ndarray, p: Path, where: Callable[[int], str] = lambda i: f"row {i}"
+) -> Tensor:
+    """Integer class ids; a fractional, non-finite, non-numeric or negative label is an error naming its row."""
+    arr = np.asarray(values).reshape(-1)
+    if arr.dtype.kind in "iub":
+        out = arr.astype(np.int64)
+    elif arr.dtype.kind == "f":
+        ok = np.isfinite(arr) & (arr == np.round(arr))
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            raise DistacError(
+                f"labels of '{p}': {where(i)} holds {arr[i]!r}; "
+                "labels must be integer class ids (distac never rounds them)"
+            )
+        out = arr.astype(np.int64)
+    else:
+        out = np.asarray([_one_label(v, i, p, where) for i, v in enumerate(arr.tolist())], dtype=np.int64)
+    if out.size and out.min() < 0:
+        i = int(np.flatnonzero(out < 0)[0])
+        raise DistacError(f"labels of '{p}' must be >= 0, found {int(out[i])} at {where(i)}")
+    return torch.from_numpy(out)
+
+
+def _one_label(v: Any, i: int, p: Path, where: Callable[[int], str]) -> int:
+    text = str(v).strip()
     try:
-        arr = np.asarray([int(v) for v in np.asarray(values).reshape(-1).tolist()], dtype=np.int64)
-    except (TypeError, ValueError) as e:
-        raise DistacError(f"labels of '{p}' must be integer class ids ({e})") from e
-    if arr.size and arr.min() < 0:
-        raise DistacError(f"labels of '{p}' must be >= 0, found {int(arr.min())}")
-    return torch.from_numpy(arr)
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        f = float(text)
+    except ValueError:
+        f = math.nan
+    if math.isfinite(f) and f.is_integer():
+        return int(f)
+    raise DistacError(
+        f"labels of '{p}': {where(i)} holds {v!r}; labels must be integer class ids (distac never rounds them)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -392,7 +518,11 @@ def check_fits(model: nn.Module, inputs: Inputs, *, device: torch.device | str =
         raise DistacError(f"{inputs.source}: the model returned {shape}, expected logits of shape (batch, classes)")
     c = int(z.shape[1])
     if inputs.labels is not None and int(inputs.labels.max()) >= c:
-        raise DistacError(f"{inputs.source}: label {int(inputs.labels.max())} is out of range for a {c}-class model")
+        i = int((inputs.labels >= c).nonzero()[0])
+        raise DistacError(
+            f"{inputs.source}: label {int(inputs.labels[i])} at row {i} is out of range for a {c}-class model "
+            f"(labels must be 0..{c - 1}); check the label column or the model's head"
+        )
     return c
 
 

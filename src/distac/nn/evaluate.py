@@ -25,6 +25,7 @@ from .models import Batch, BoundModule, batch_to, forward_logits
 __all__ = [
     "ConfidenceStats",
     "accuracy",
+    "check_finite_logits",
     "collect_logits",
     "confidence_stats",
     "ece",
@@ -44,11 +45,13 @@ def collect_logits(
     state: Mapping[str, Tensor] | None = None,
     device: torch.device | str = "cpu",
     max_batches: int | None = None,
+    source: str = "the data",
 ) -> Tensor:
     """Run ``model`` (in eval mode) over ``batches`` and return all logits as one fp32 CPU tensor.
 
     With ``state``, the model is called functionally with those weights (``torch.func.functional_call``),
-    so the caller's module is never modified.
+    so the caller's module is never modified. NaN/Inf logits are refused (naming ``source`` and the
+    first bad row): every measure computed from them would silently be NaN.
     """
     was_training = model.training
     model.eval()
@@ -64,7 +67,20 @@ def collect_logits(
         model.train(was_training)
     if not out:
         raise DistacError("no batches to evaluate: the data is empty")
-    return torch.cat(out)
+    logits = torch.cat(out)
+    check_finite_logits(logits, source)
+    return logits
+
+
+def check_finite_logits(logits: Tensor, source: str) -> None:
+    """Raise a :class:`DistacError` naming ``source`` and the first row whose logits are NaN or Inf."""
+    bad = ~torch.isfinite(logits.reshape(logits.shape[0], -1)).all(dim=1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise DistacError(
+            f"{source}: the model's logits are NaN or Inf for {int(bad.sum())} of {logits.shape[0]} examples "
+            f"(first: row {i}); check those inputs for NaN/Inf values and the weights for NaN"
+        )
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:
