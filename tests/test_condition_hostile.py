@@ -139,3 +139,16 @@ def test_nan_inputs_or_weights_never_give_nan_metrics_in_python():
         distac.calibrate(make_mlp(), broken, xte, yte, device="cpu")
     with pytest.raises(DistacError, match="logits are NaN or Inf"):
         distac.conditioning.fit_temperature(torch.full((4, 3), float("nan")), torch.zeros(4, dtype=torch.long))
+
+
+def test_float_label_tensors_are_not_truncated():
+    z = zoo()
+    _, _, xte, yte = digits()
+    y = yte.double()
+    y[3] = 1.9
+    with pytest.raises(DistacError, match=r"calibration labels: row 3 holds 1.9"):
+        distac.calibrate(make_mlp(), z["base"], xte, y, device="cpu")
+    with pytest.raises(DistacError, match=r"row 3 holds 1\.9"):
+        distac.diagnose(make_mlp(), z["base"], {"long": z["long"]}, {"long": xte}, {"long": y})
+    whole = distac.calibrate(make_mlp(), z["base"], xte, yte.double(), device="cpu")  # 2.0 is class 2
+    assert whole.temperature == distac.calibrate(make_mlp(), z["base"], xte, yte, device="cpu").temperature

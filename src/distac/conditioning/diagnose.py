@@ -228,6 +228,17 @@ def diagnose(
             :func:`distac.nn.models.default_head_patterns`).
         rules: when to flag a task (:class:`FlagRules`; defaults explained in the module docstring).
         max_batches: evaluate at most this many batches per task.
+
+    Returns:
+        A :class:`DiagnoseReport`: ``report[task]`` (norm, ratio, confidence, flags, recommended mode,
+        κ and temperatures), ``report.flagged``, ``report.cosine``; ``.table()``, ``.to_json()``, ``.figure()``.
+
+    Raises:
+        DistacError: mismatched models, unknown tasks, data that does not fit, or NaN/Inf logits.
+
+    Example:
+        >>> rep = diagnose(model, base, {"a": sd_a, "b": sd_b}, {"a": x_a, "b": x_b})  # doctest: +SKIP
+        >>> rep.flagged, rep["a"].mode, rep["a"].kappa  # doctest: +SKIP
     """
     if not finetuned:
         raise DistacError("diagnose needs at least one fine-tuned model")

@@ -133,7 +133,7 @@ class ConditioningDiverged(DistacError):
 def distill_loss(student_logits: Tensor, teacher_logits: Tensor, *, t_teacher: float, t_student: float) -> Tensor:
     """T_t·T_s·KL(softmax(z_T/T_t) ‖ softmax(z_S/T_s)), summed over classes and averaged over the batch.
 
-    ``F.kl_div(input=log q, target=p)`` is KL(p ‖ q): p is the teacher, q the student (official code l.143–146).
+    ``F.kl_div(input=log q, target=p)`` is KL(p ‖ q): p is the teacher, q the student.
     """
     logq = F.log_softmax(student_logits.float() / t_student, dim=-1)
     p = F.softmax(teacher_logits.float() / t_teacher, dim=-1)
