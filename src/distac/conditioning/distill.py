@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import math
-import pickle
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -54,6 +53,7 @@ from ..nn.models import batch_size as _batch_len
 from ..nn.optim import lr_factor
 from ..progress import track
 from ._setup import Task, default_lr, make_accelerator, prepare, resolve
+from ._state import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import MODES, ConditionConfig
 from .diagnose import FlagRules
 
@@ -68,7 +68,6 @@ __all__ = [
 ]
 
 StateDict = dict[str, Tensor]
-CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass
@@ -215,7 +214,7 @@ def condition(
     ckpt = Path(state_dir) / CHECKPOINT if state_dir is not None else None
     start = 0
     if ckpt is not None and resolved.resume and ckpt.is_file():
-        start = _load_checkpoint(ckpt, run)
+        start = load_checkpoint(ckpt, run)
         report.resumed_from = start
     run.train(start, ckpt, t0, progress=progress)
     return run.finish(t0)
@@ -298,7 +297,7 @@ class _Run:
                 self.report.norm_curve.append((step + 1, self.norm()))
             if ckpt is not None and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
                 if acc.is_main_process:
-                    _save_checkpoint(ckpt, self, step + 1)
+                    save_checkpoint(ckpt, self, step + 1)
                 acc.wait_for_everyone()
 
     def _step(self, wrapped: nn.Module, step: int) -> float:
@@ -340,7 +339,7 @@ class _Run:
         report.seconds = time.perf_counter() - t0
         kept = f"kept in '{ckpt}'" if ckpt is not None and ckpt.is_file() else "returned in the exception's .result"
         if ckpt is not None and self.acc.is_main_process:
-            _save_checkpoint(ckpt, self, step)
+            save_checkpoint(ckpt, self, step)
             kept = f"kept in '{ckpt}'"
         return ConditioningDiverged(
             f"conditioning task '{self.job.name}' stopped at step {step + 1}: {what}. The last good state (after "
@@ -416,55 +415,3 @@ class _BatchStream:
             out.append(b)
             seen += _batch_len(b)
         return out
-
-
-# ------------------------------------------------------------------------------------------------
-# resumable state
-# ------------------------------------------------------------------------------------------------
-
-
-def _save_checkpoint(path: Path, run: _Run, step: int) -> None:
-    """Write the resumable state after ``step`` steps (atomically: a temporary file, then a rename)."""
-    from ..io.atomic import atomic_file
-
-    state = {
-        "fingerprint": run.fingerprint,
-        "step": step,
-        "params": {n: p.detach().cpu().clone() for n, p in zip(run.names, run.params, strict=True)},
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "loss_curve": list(run.report.loss_curve),
-        "norm_curve": [list(x) for x in run.report.norm_curve],
-    }
-    with atomic_file(path, overwrite=True) as tmp:
-        torch.save(state, tmp)
-
-
-def _load_checkpoint(path: Path, run: _Run) -> int:
-    """Restore a saved state into the live parameters/optimizer/scheduler; return the step to continue from."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise DistacError(f"cannot read the conditioning state '{path}': {e}") from e
-    if not isinstance(state, dict) or not {"fingerprint", "step", "params", "optimizer", "scheduler"} <= set(state):
-        raise DistacError(f"'{path}' is not a distac conditioning state; use another state directory")
-    _check_fingerprint(path, state["fingerprint"], run.fingerprint)
-    with torch.no_grad():
-        for n, p in zip(run.names, run.params, strict=True):
-            p.copy_(state["params"][n].to(p.device, p.dtype))
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.report.loss_curve = list(state.get("loss_curve", []))
-    run.report.norm_curve = [(int(s), float(v)) for s, v in state.get("norm_curve", [])]
-    return int(state["step"])
-
-
-def _check_fingerprint(path: Path, saved: Any, now: dict[str, Any]) -> None:
-    """A state resumes only under the same settings; a setting it predates had its default then."""
-    saved = saved if isinstance(saved, dict) else {}
-    defaults = ConditionConfig.defaults()
-    diff = {k: (saved.get(k, defaults.get(k)), v) for k, v in now.items() if saved.get(k, defaults.get(k)) != v}
-    if diff:
-        raise DistacError(
-            f"'{path}' was saved with other settings {diff} (saved, now); use another state directory or do not resume"
-        )
