@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distac.conditioning.distill import condition_with_report
+from distac.conditioning.distill import condition
 from distac.nn.data import Inputs
 
 # training-set sizes (task_vectors splits, minus the 10% validation split) for the cost table
@@ -91,7 +91,7 @@ def condition_step_seconds(
     model: nn.Module, base: dict, ft: dict, x: torch.Tensor, steps: int, batch: int
 ) -> list[float]:
     """Wall time of each step of distac's real conditioning loop (``ConditionReport.step_seconds``)."""
-    res = condition_with_report(
+    res = condition(
         model,
         base,
         ft,

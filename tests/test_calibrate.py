@@ -29,14 +29,14 @@ def test_calibration_lowers_ece_of_an_overconfident_model():
     _, _, xte, yte = digits()
     state = dict(z["smooth"])
     state["2.weight"] = state["2.weight"] * 0.3  # under-confident head -> T < 1 fixes it
-    res = distac.calibration_report(make_mlp(), state, xte, yte, device="cpu")
+    res = distac.calibrate(make_mlp(), state, xte, yte, device="cpu")
     assert res.ece_after < res.ece_before and res.nll_after < res.nll_before
     assert res.temperature < 1
-    assert distac.calibrate(make_mlp(), state, xte, yte, device="cpu") == pytest.approx(res.temperature)
+    assert distac.calibrate(make_mlp(), state, xte, yte, device="cpu").temperature == pytest.approx(res.temperature)
     # sharpened (conditioned-like) model: T > 1
     sharp = dict(z["long"])
     sharp["2.weight"] = sharp["2.weight"] * 4
-    assert distac.calibrate(make_mlp(), sharp, xte, yte, device="cpu") > 1
+    assert distac.calibrate(make_mlp(), sharp, xte, yte, device="cpu").temperature > 1
 
 
 def test_ece_by_hand():

@@ -10,7 +10,7 @@ import torch
 from distac_tiny import digits, make_mlp, zoo
 
 import distac
-from distac.conditioning.diagnose import Thresholds, recommend
+from distac.conditioning.diagnose import FlagRules, recommend
 from distac.errors import DistacError
 from distac.nn.data import Inputs
 from distac.taskvector import TaskVector
@@ -75,7 +75,7 @@ def test_recommend_never_stretches():
 def test_thresholds_are_configurable():
     z = zoo()
     tasks = {k: z[k] for k in ("long", "short_a", "short_b")}
-    rep = distac.diagnose(make_mlp(), z["base"], tasks, thresholds=Thresholds(norm_ratio=10.0))
+    rep = distac.diagnose(make_mlp(), z["base"], tasks, rules=FlagRules(norm_ratio=10.0))
     assert rep.flagged == []
     assert rep["long"].mean_max_prob is None  # no data: no confidence numbers
 

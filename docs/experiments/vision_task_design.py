@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import distac
+from distac.nn.optim import lr_factor
 from distac.reproduce.tasks import Split, TaskData, TaskSpec, _affine, _edges, _thick, load_digits_5000
-from distac.reproduce.train import Recipe, _lr_factor, _shift, body_state, evaluate, finetune, probe_heads
+from distac.reproduce.train import Recipe, _shift, body_state, evaluate, finetune, probe_heads
 from distac.reproduce.vit import TinyViT, ViTConfig
 
 torch.set_num_threads(1)
@@ -123,7 +124,7 @@ m = TinyViT(cfg, {"digit": 10})
 opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.05)
 for step in range(PRE_STEPS):
     for gr in opt.param_groups:
-        gr["lr"] = 1e-3 * _lr_factor(step, steps=PRE_STEPS, warmup=max(1, PRE_STEPS // 20))
+        gr["lr"] = 1e-3 * lr_factor(step, steps=PRE_STEPS, warmup=max(1, PRE_STEPS // 20))
     i = torch.randint(0, 2000, (128,), generator=g)
     loss = F.cross_entropy(m(_shift(pre.x[i], g)), pre.y[i])
     opt.zero_grad()

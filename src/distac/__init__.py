@@ -16,9 +16,7 @@ Public API (everything else is internal and may change)::
 from __future__ import annotations
 
 from .conditioning import calibrate as calibrate
-from .conditioning import calibration_report as calibration_report
 from .conditioning import condition as condition
-from .conditioning import condition_with_report as condition_with_report
 from .conditioning import diagnose as diagnose
 from .errors import DistacError as DistacError
 from .io import open_checkpoint as open_checkpoint
@@ -46,10 +44,8 @@ __all__ = [
     "TaskVector",
     "adam_fisher",
     "calibrate",
-    "calibration_report",
     "check_stats",
     "condition",
-    "condition_with_report",
     "data",
     "diagnose",
     "export_task_models",

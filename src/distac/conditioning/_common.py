@@ -46,19 +46,33 @@ def eval_batches(data: Any, batch_size: int, what: str) -> list[Batch]:
 
 
 def label_tensor(labels: Any, what: str) -> Tensor:
-    """Labels as one int64 tensor: a tensor, a sequence of per-batch tensors, or an :class:`Inputs` with labels."""
+    """Labels as one int64 tensor: a tensor, a sequence of per-batch tensors, or an :class:`Inputs` with labels.
+
+    Fractional or non-finite labels are refused (``.long()`` would silently truncate 1.9 to 1).
+    """
     if isinstance(labels, Inputs):
         if labels.labels is None:
             raise DistacError(f"{what}: the data has no labels")
-        return labels.labels.long()
+        return _whole(labels.labels, what)
     if isinstance(labels, Tensor):
-        return labels.reshape(-1).long()
+        return _whole(labels.reshape(-1), what)
     if isinstance(labels, Iterable):
-        parts = [torch.as_tensor(y).reshape(-1).long() for y in labels]
+        parts = [torch.as_tensor(y).reshape(-1) for y in labels]
         if not parts:
             raise DistacError(f"{what}: no labels")
-        return torch.cat(parts)
+        return _whole(torch.cat(parts), what)
     raise DistacError(f"{what}: labels must be a tensor or an iterable of label tensors, got {type(labels).__name__}")
+
+
+def _whole(y: Tensor, what: str) -> Tensor:
+    if y.is_floating_point():
+        bad = ~(torch.isfinite(y) & (y == y.round()))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise DistacError(
+                f"{what}: row {i} holds {float(y[i])!r}; labels must be integer class ids (never rounded)"
+            )
+    return y.long()
 
 
 def check_positive(name: str, value: float | None) -> None:

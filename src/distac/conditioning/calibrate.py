@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,16 +32,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DistacError
-from ..nn.evaluate import ECE_BINS, collect_logits, ece, nll
+from ..io.atomic import write_text
+from ..nn.data import Inputs
+from ..nn.evaluate import ECE_BINS, check_finite_logits, collect_logits, ece, nll
 from ..nn.models import default_device
 from ._common import eval_batches, label_tensor
-from .diagnose import write_text_atomic
 
 __all__ = [
     "TEMPERATURES_FILE",
     "CalibrationResult",
     "calibrate",
-    "calibration_report",
     "fit_temperature",
     "read_temperatures",
     "write_temperatures",
@@ -79,6 +79,7 @@ def fit_temperature(logits: Tensor, labels: Tensor, *, tol: float = 1e-6) -> Cal
     T → 0 (an earlier L-BFGS version overflowed on small, separable validation splits).
     """
     logits, labels = logits.detach().float().cpu(), labels.detach().long().cpu()
+    check_finite_logits(logits, "calibration")  # NaN logits would give T = 1 with NaN metrics
     before = nll(logits, labels)  # also checks shapes and label range
 
     def f(s: float) -> float:
@@ -111,42 +112,16 @@ def fit_temperature(logits: Tensor, labels: Tensor, *, tol: float = 1e-6) -> Cal
     )
 
 
-def calibration_report(
-    model: nn.Module,
-    state: Mapping[str, Tensor] | None,
-    data: Any,
-    labels: Any,
-    *,
-    batch_size: int = 256,
-    device: torch.device | str | None = None,
-) -> CalibrationResult:
-    """Run ``model`` with ``state`` (merged shared weights + one task's head) on labeled data and fit T."""
-    dev = default_device(device)
-    # nn.Module.to moves the caller's parameters in place: put them back afterwards (the model is
-    # documented as not modified).
-    home = next(iter(model.parameters()), torch.empty(0)).device
-    model.to(dev)
-    try:
-        st = {k: v.to(dev) for k, v in state.items()} if state is not None else None
-        logits = collect_logits(model, eval_batches(data, batch_size, "calibration data"), state=st, device=dev)
-    finally:
-        model.to(home)
-    y = label_tensor(labels if labels is not None else data, "calibration labels")
-    if y.shape[0] != logits.shape[0]:
-        raise DistacError(f"calibration: {y.shape[0]} labels for {logits.shape[0]} examples")
-    return fit_temperature(logits, y)
-
-
 def calibrate(
     model: nn.Module,
     state: Mapping[str, Tensor] | None,
     data: Any,
-    labels: Any,
+    labels: Any = None,
     *,
     batch_size: int = 256,
     device: torch.device | str | None = None,
-) -> float:
-    """The temperature T for one task head: ``softmax(z / T)`` has minimal NLL on ``(data, labels)``.
+) -> CalibrationResult:
+    """Fit the temperature T of one task head: ``softmax(z / T)`` has minimal NLL on ``(data, labels)``.
 
     Args:
         model: a module whose forward returns logits (not modified).
@@ -154,10 +129,30 @@ def calibrate(
         data: labeled held-out inputs (an :class:`~distac.nn.data.Inputs`, a tensor, or an iterable of batches).
         labels: the labels in the same order (a tensor or per-batch tensors); ``None`` when ``data`` is an
             :class:`~distac.nn.data.Inputs` with labels.
+        batch_size: evaluation batch size.
+        device: where to run (default CUDA when available); the model is moved back afterwards.
 
-    :func:`calibration_report` returns the NLL and ECE before and after as well.
+    Returns:
+        A :class:`CalibrationResult`: ``.temperature`` and the NLL and ECE before (T = 1) and after.
+
+    Example:
+        >>> T = calibrate(model, merged_with_head_a, x_val, y_val).temperature  # doctest: +SKIP
     """
-    return calibration_report(model, state, data, labels, batch_size=batch_size, device=device).temperature
+    dev = default_device(device)
+    # nn.Module.to moves the caller's parameters in place: put them back afterwards (the model is
+    # documented as not modified).
+    home = next(iter(model.parameters()), torch.empty(0)).device
+    model.to(dev)
+    try:
+        st = {k: v.to(dev) for k, v in state.items()} if state is not None else None
+        source = data.source if isinstance(data, Inputs) else "calibration data"
+        logits = collect_logits(model, eval_batches(data, batch_size, source), state=st, device=dev, source=source)
+    finally:
+        model.to(home)
+    y = label_tensor(labels if labels is not None else data, "calibration labels")
+    if y.shape[0] != logits.shape[0]:
+        raise DistacError(f"calibration: {y.shape[0]} labels for {logits.shape[0]} examples")
+    return fit_temperature(logits, y)
 
 
 def read_temperatures(path: str | Path) -> dict[str, float]:
@@ -175,8 +170,19 @@ def read_temperatures(path: str | Path) -> dict[str, float]:
     return {str(k): float(v) for k, v in obj["temperatures"].items()}
 
 
-def write_temperatures(path: str | Path, results: Mapping[str, CalibrationResult]) -> Path:
-    """Write (or update) ``temperatures.json``; other tasks' entries already in the file are kept."""
+def write_temperatures(
+    path: str | Path, results: Mapping[str, CalibrationResult], *, inputs: Iterable[str | Path] = ()
+) -> Path:
+    """Write (or update) ``temperatures.json``; other tasks' entries already in the file are kept.
+
+    Args:
+        path: the file, or the folder to write ``temperatures.json`` into.
+        results: ``{task: CalibrationResult}``.
+        inputs: files the command read; the output may not be one of them (:mod:`distac.io.atomic`).
+
+    Returns:
+        The path written.
+    """
     p = Path(path)
     p = p / TEMPERATURES_FILE if p.is_dir() else p
     old: dict[str, Any] = {"temperatures": {}, "metrics": {}}
@@ -185,9 +191,8 @@ def write_temperatures(path: str | Path, results: Mapping[str, CalibrationResult
         old = json.loads(p.read_text(encoding="utf-8"))
     temps = {**old.get("temperatures", {}), **{k: r.temperature for k, r in results.items()}}
     metrics = {**old.get("metrics", {}), **{k: r.to_dict() for k, r in results.items()}}
-    write_text_atomic(
-        p, json.dumps({"format": FORMAT, "temperatures": temps, "metrics": metrics, "ece_bins": ECE_BINS}, indent=2)
-    )
+    text = json.dumps({"format": FORMAT, "temperatures": temps, "metrics": metrics, "ece_bins": ECE_BINS}, indent=2)
+    write_text(p, text, inputs=inputs)
     return p
 
 

@@ -23,6 +23,7 @@ import click
 from ..errors import DistacError
 from ..nn.data import Inputs, check_fits, load_inputs
 from ..nn.models import LoadedModel, is_hf_dir, load_model, load_state_like, read_state
+from .config import ConditionConfig, click_options
 
 POSITIVE = click.FloatRange(min=0, min_open=True)
 
@@ -91,7 +92,6 @@ def _common_options(fn):
         click.option("--column", default=None, help="Input column/array (default: text / x)."),
         click.option("--label-column", default=None, help="Label column/array (default: label / y)."),
         click.option("--heads", multiple=True, help="Head name pattern (glob, or re:REGEX); default per model type."),
-        click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1)),
         click.option(
             "--max-length",
             default=128,
@@ -143,6 +143,7 @@ def _setup(
 
 @click.command("diagnose")
 @_common_options
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--norm-ratio", default=2.0, show_default=True, type=POSITIVE, help="Flag norm ratios at or above this.")
 @click.option(
     "--entropy",
@@ -176,15 +177,16 @@ def diagnose_command(
 
     Writes OUT/diagnose.json and OUT/diagnose.png and prints a table.
     """
-    from ..io import atomic_dir
-    from .diagnose import Thresholds, diagnose
+    from ..io import atomic_dir, check_output
+    from .diagnose import FlagRules, diagnose
 
-    _check_out(out, overwrite)
+    read = _read_paths(base, models, data, labels)
+    check_output(out, overwrite=overwrite, inputs=read)  # before the work, not after it
     loaded, finetuned, _, inputs = _setup(
         base, arch, arch_kwargs, models, heads, False, data, labels, column, label_column, False, max_length
     )
     with_labels = {n: x for n, x in inputs.items() if x.labels is not None}
-    th = Thresholds(norm_ratio=norm_ratio, normalized_entropy=entropy)
+    rules = FlagRules(norm_ratio=norm_ratio, normalized_entropy=entropy)
     report = diagnose(
         loaded.module,
         loaded.state,
@@ -192,12 +194,12 @@ def diagnose_command(
         inputs or None,
         with_labels or None,
         heads=loaded.head_patterns,
-        thresholds=th,
+        rules=rules,
         batch_size=batch_size,
         max_batches=max_batches,
         device=device,
     )
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, inputs=read) as tmp:
         report.to_json(tmp / "diagnose.json")
         report.figure(tmp / "diagnose.png")
     click.echo(report.table())
@@ -209,24 +211,14 @@ def diagnose_command(
 @click.option(
     "--task", "tasks", multiple=True, help="Task(s) to condition (default: every task auto flags, or the only one)."
 )
-@click.option("--mode", type=click.Choice(["auto", "norm", "confidence", "both"]), default="auto", show_default=True)
-@click.option("--kappa", type=POSITIVE, default=None, help="Norm scale κ (overrides the mode's).")
-@click.option("--target-norm", type=POSITIVE, default=None, help="Target ‖τ'‖ (default: mean of the other tasks').")
-@click.option("--t-teacher", type=POSITIVE, default=None, help="Teacher temperature T_t.")
-@click.option("--t-student", type=POSITIVE, default=None, help="Student temperature T_s.")
-@click.option("--beta", type=click.FloatRange(min=0), default=0.1, show_default=True, help="Anchor weight β.")
-@click.option("--steps", type=click.IntRange(min=1), default=500, show_default=True, help="Distillation steps K.")
-@click.option("--lr", type=POSITIVE, default=None, help="Adam lr (default: 1e-5 from 20M params, else 1e-4).")
-@click.option("--warmup", type=click.IntRange(min=0), default=None, help="Warm-up steps (default K/10).")
-@click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--state-dir",
     type=click.Path(path_type=Path),
     default=None,
     help="Save resumable state here (per task sub-folder); a later run resumes from it.",
 )
-@click.option("--save-every", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click_options
 def condition_command(
     base,
     arch,
@@ -237,46 +229,79 @@ def condition_command(
     column,
     label_column,
     heads,
-    batch_size,
     max_length,
     device,
     out,
     overwrite,
     tasks,
-    mode,
-    kappa,
-    target_norm,
-    t_teacher,
-    t_student,
-    beta,
-    steps,
-    lr,
-    warmup,
-    seed,
     state_dir,
-    save_every,
     quiet,
+    **settings,
 ) -> None:
     """Condition fine-tuned models with DisTaC (distillation into θ_0 + κτ).
 
     Writes OUT/<task>.safetensors (or OUT/<task>/ when the fine-tune is an HF directory) and
     OUT/<task>.report.json for each conditioned task. Run under torchrun / accelerate launch for many processes.
     """
-    from ..io import atomic_dir
-    from ..nn.models import save_state_like
-    from .diagnose import diagnose
-    from .distill import _make_accelerator, condition_with_report
+    from ..io import check_output
+    from ._setup import make_accelerator
+    from .distill import condition
 
-    _check_out(out, overwrite)  # before a long run, not after it
+    cfg = ConditionConfig.of(**settings)
+    read = _read_paths(base, models, data, labels, state_dir=state_dir)
+    check_output(out, overwrite=overwrite, inputs=read)  # before a long run, not after it
     loaded, finetuned, paths, inputs = _setup(
         base, arch, arch_kwargs, models, heads, True, data, labels, column, label_column, False, max_length
     )
-    chosen = list(tasks)
+    modes = _choose_modes(loaded, finetuned, inputs, list(tasks), cfg, device)
+    accelerator = make_accelerator(device)
+    results = {
+        t: condition(
+            loaded.module,
+            loaded.state,
+            finetuned,
+            inputs,
+            cfg,
+            task=t,
+            mode=mode,
+            heads=loaded.head_patterns,
+            state_dir=(state_dir / t) if state_dir is not None else None,
+            progress=not quiet,
+            accelerator=accelerator,
+        )
+        for t, mode in modes.items()
+    }
+    if not accelerator.is_main_process:
+        return
+    _write_conditioned(out, overwrite, read, results, paths, loaded)
+    for t, res in results.items():
+        r, c = res.report, res.report.config
+        click.echo(
+            f"{t}: mode={c.mode} kappa={c.kappa:.4g} T=({c.t_teacher:g},{c.t_student:g}) "
+            f"norm {r.norm_before:.4g} -> {r.norm_after:.4g}, agreement {_pct(r.agreement)}, "
+            f"max-prob {_mp(r.confidence_before)} -> {_mp(r.confidence_after)}"
+        )
+    if not results:
+        click.echo("nothing flagged: no task conditioned (use --task and --mode to force one)")
+    click.echo(f"wrote {out}")
+
+
+def _choose_modes(
+    loaded: LoadedModel,
+    finetuned: dict[str, Any],
+    inputs: dict[str, Inputs],
+    chosen: list[str],
+    cfg: ConditionConfig,
+    device: str | None,
+) -> dict[str, str]:
+    """``{task: mode}`` to condition: the ``--task`` ones (all flagged ones under ``auto``), each with data."""
+    from .diagnose import diagnose
+
     for t in chosen:
         if t not in finetuned:
             raise DistacError(f"--task '{t}' is not one of the --model names {list(finetuned)}")
-    modes = dict.fromkeys(chosen or finetuned, mode)
-    if mode == "auto":
+    modes = dict.fromkeys(chosen or finetuned, cfg.mode)
+    if cfg.mode == "auto":
         # one diagnosis over every task and its data, so each task is judged against all the others
         rep = diagnose(
             loaded.module,
@@ -284,7 +309,7 @@ def condition_command(
             finetuned,
             inputs,
             heads=loaded.head_patterns,
-            batch_size=batch_size,
+            batch_size=cfg.batch_size,
             max_batches=8,
             device=device,
         )
@@ -292,43 +317,22 @@ def condition_command(
         for t in [t for t, m in modes.items() if m == "none"]:
             click.echo(f"{t}: nothing flagged, not conditioned", err=True)
             del modes[t]
-        chosen = list(modes)
-    elif not chosen:
-        if len(finetuned) != 1:
-            raise DistacError(f"several models given; say which to condition with --task ({list(finetuned)})")
-        chosen = list(finetuned)
-    missing = [t for t in chosen if t not in inputs]
+    elif not chosen and len(finetuned) != 1:
+        raise DistacError(f"several models given; say which to condition with --task ({list(finetuned)})")
+    missing = [t for t in modes if t not in inputs]
     if missing:
         raise DistacError(f"no --data for task(s) {missing}: conditioning needs each task's unlabeled inputs")
-    accelerator = _make_accelerator(device)
-    results = {}
-    for t in chosen:
-        results[t] = condition_with_report(
-            loaded.module,
-            loaded.state,
-            finetuned,
-            inputs,
-            task=t,
-            mode=modes[t],
-            kappa=kappa,
-            target_norm=target_norm,
-            t_teacher=t_teacher,
-            t_student=t_student,
-            beta=beta,
-            steps=steps,
-            lr=lr,
-            batch_size=batch_size,
-            warmup=warmup,
-            seed=seed,
-            heads=loaded.head_patterns,
-            state_dir=(state_dir / t) if state_dir is not None else None,
-            save_every=save_every,
-            progress=not quiet,
-            accelerator=accelerator,
-        )
-    if not accelerator.is_main_process:
-        return
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    return modes
+
+
+def _write_conditioned(
+    out: Path, overwrite: bool, read: list[str], results: dict[str, Any], paths: dict[str, str], loaded: LoadedModel
+) -> None:
+    """OUT/<task>.safetensors (or an HF folder) and OUT/<task>.report.json for each result, all or nothing."""
+    from ..io import atomic_dir
+    from ..nn.models import save_state_like
+
+    with atomic_dir(out, overwrite=overwrite, inputs=read) as tmp:
         for t, res in results.items():
             as_dir = is_hf_dir(paths[t]) and loaded.kind == "hf"
             save_state_like(
@@ -339,21 +343,14 @@ def condition_command(
                 metadata=_card(res.report),
             )
             res.report.to_json(tmp / f"{t}.report.json")
-    for t, res in results.items():
-        r = res.report
-        click.echo(
-            f"{t}: mode={r.mode} kappa={r.kappa:.4g} T=({r.t_teacher:g},{r.t_student:g}) "
-            f"norm {r.norm_before:.4g} -> {r.norm_after:.4g}, agreement {_pct(r.agreement)}, "
-            f"max-prob {_mp(r.confidence_before)} -> {_mp(r.confidence_after)}"
-        )
-    if not results:
-        click.echo("nothing flagged: no task conditioned (use --task and --mode to force one)")
-    click.echo(f"wrote {out}")
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise DistacError(f"{out}: output directory already exists; pass --overwrite to replace it")
+def _read_paths(base: str, *options: Sequence[str], state_dir: Path | None = None) -> list[str]:
+    """Every path a command reads: the base, each NAME=PATH of ``options``, the state folder. An output
+    may not equal, contain or lie inside any of them (:func:`distac.io.check_output`).
+    """
+    paths = [base] + [v.partition("=")[2] for values in options for v in values if "=" in v]
+    return paths + ([str(state_dir)] if state_dir is not None else [])
 
 
 def _pct(x: float | None) -> str:
@@ -365,9 +362,11 @@ def _mp(c: dict | None) -> str:
 
 
 def _card(report) -> dict[str, str]:
-    """What the conditioned checkpoint records about its making (safetensors metadata, all strings)."""
-    keys = ("task", "mode", "kappa", "t_teacher", "t_student", "beta", "steps", "lr", "batch_size", "warmup", "seed")
-    return {"distac_conditioning": json.dumps({k: getattr(report, k) for k in keys})}
+    """What the conditioned checkpoint records about its making (safetensors metadata, all strings):
+    the task, the mode and every setting that changes the weights.
+    """
+    made = {"task": report.task, "mode": report.config.mode, **report.config.fingerprint()}
+    return {"distac_conditioning": json.dumps(made)}
 
 
 @click.command("calibrate")
@@ -398,9 +397,16 @@ def calibrate_command(
     merged, arch, arch_kwargs, data, labels, head_from, column, label_column, heads, batch_size, max_length, device, out
 ) -> None:
     """Fit one temperature per task head of a merged model (NLL over log T) and store them in temperatures.json."""
+    from ..io import check_output
     from ..taskvector import match_heads
-    from .calibrate import calibration_report, task_state, write_temperatures
+    from .calibrate import TEMPERATURES_FILE, calibrate, task_state, write_temperatures
 
+    target = out if out is not None else (Path(merged) if Path(merged).is_dir() else Path(merged).parent)
+    target = target / TEMPERATURES_FILE if target.is_dir() else target
+    read = _read_paths(merged, data, labels, head_from)
+    if Path(merged).is_dir():  # the file goes inside the merged folder: protect every other file there
+        read = read[1:] + [str(f) for f in Path(merged).iterdir() if f.name != TEMPERATURES_FILE]
+    check_output(target, overwrite=True, inputs=read, folder=False)
     loaded = _load_base(merged, arch, arch_kwargs, heads)
     data_paths = _pairs(data, "--data")
     heads_from = _pairs(head_from, "--head")
@@ -424,7 +430,7 @@ def calibrate_command(
             head = {k: st[k] for k in head_names if k in st}
             if not head:
                 raise DistacError(f"'{src}' holds none of the head tensors {head_names[:3]} of the merged model")
-        results[t] = calibration_report(
+        results[t] = calibrate(
             loaded.module,
             task_state(loaded.state, head, loaded.head_patterns),
             x,
@@ -432,8 +438,7 @@ def calibrate_command(
             batch_size=batch_size,
             device=device,
         )
-    target = out if out is not None else (Path(merged) if Path(merged).is_dir() else Path(merged).parent)
-    path = write_temperatures(target, results)
+    path = write_temperatures(target, results, inputs=read)
     for t, r in results.items():
         click.echo(
             f"{t}: T={r.temperature:.4g}  NLL {r.nll_before:.4f} -> {r.nll_after:.4f}  "

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DistacError
+from ..io.atomic import atomic_file, write_text
+from ..nn.data import Inputs
 from ..nn.evaluate import accuracy, collect_logits, confidence_stats, ece
 from ..nn.models import default_device
 from ._common import (
@@ -44,15 +45,19 @@ from ._common import (
     shared_vector,
 )
 
-__all__ = ["DiagnoseReport", "TaskDiagnosis", "Thresholds", "diagnose", "recommend"]
+__all__ = ["DiagnoseReport", "FlagRules", "TaskDiagnosis", "diagnose", "recommend"]
 
 NORM_TEMPS = (10.0, 10.0)  # (T_teacher, T_student) for norm conditioning, DisTaC §1.3
 CONFIDENCE_TEMPS = (1.0, 10.0)  # asymmetric pair for confidence conditioning, §1.4
 
 
 @dataclass(frozen=True)
-class Thresholds:
-    """When diagnose flags a task (see the module docstring for why these values)."""
+class FlagRules:
+    """When diagnose flags a task: a norm outlier or low confidence (the module docstring says why these values).
+
+    Example:
+        >>> diagnose(model, base, finetuned, data, rules=FlagRules(norm_ratio=3.0))  # doctest: +SKIP
+    """
 
     norm_ratio: float = 2.0
     normalized_entropy: float = 0.25
@@ -83,11 +88,11 @@ class TaskDiagnosis:
 
 @dataclass
 class DiagnoseReport:
-    """The result of :func:`diagnose`: per-task diagnoses, pairwise cosines and the thresholds used."""
+    """The result of :func:`diagnose`: per-task diagnoses, pairwise cosines and the flag rules used."""
 
     tasks: dict[str, TaskDiagnosis]
     cosine: dict[str, dict[str, float]]
-    thresholds: Thresholds
+    rules: FlagRules
     heads: list[str]
 
     def __getitem__(self, task: str) -> TaskDiagnosis:
@@ -101,7 +106,7 @@ class DiagnoseReport:
         return {
             "tasks": {n: asdict(t) for n, t in self.tasks.items()},
             "cosine": self.cosine,
-            "thresholds": asdict(self.thresholds),
+            "thresholds": asdict(self.rules),  # the JSON key predates the name FlagRules
             "heads": self.heads,
         }
 
@@ -109,7 +114,7 @@ class DiagnoseReport:
         """The report as JSON; with ``path``, also written there (atomically)."""
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
-            write_text_atomic(Path(path), text)
+            write_text(path, text)
         return text
 
     def table(self) -> str:
@@ -168,25 +173,16 @@ class DiagnoseReport:
             ax.set_title(f"{t.name}: max prob (mean {t.mean_max_prob:.2f})")
             ax.set_xlim(0, 1)
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, path)
-        return path
+        try:
+            with atomic_file(path, overwrite=True) as tmp:
+                fig.savefig(tmp, dpi=100, format="png")
+        finally:
+            plt.close(fig)
+        return Path(path)
 
 
 def _f(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def recommend(
@@ -212,7 +208,7 @@ def diagnose(
     labels: Mapping[str, Any] | None = None,
     *,
     heads: Sequence[str] | None = None,
-    thresholds: Thresholds | None = None,
+    rules: FlagRules | None = None,
     batch_size: int = 128,
     max_batches: int | None = None,
     device: torch.device | str | None = None,
@@ -230,12 +226,23 @@ def diagnose(
             labeled :class:`~distac.nn.data.Inputs`); adds accuracy and ECE.
         heads: head name patterns excluded from τ (default: the model type's, see
             :func:`distac.nn.models.default_head_patterns`).
-        thresholds: flagging rules (defaults documented in the module docstring).
+        rules: when to flag a task (:class:`FlagRules`; defaults explained in the module docstring).
         max_batches: evaluate at most this many batches per task.
+
+    Returns:
+        A :class:`DiagnoseReport`: ``report[task]`` (norm, ratio, confidence, flags, recommended mode,
+        κ and temperatures), ``report.flagged``, ``report.cosine``; ``.table()``, ``.to_json()``, ``.figure()``.
+
+    Raises:
+        DistacError: mismatched models, unknown tasks, data that does not fit, or NaN/Inf logits.
+
+    Example:
+        >>> rep = diagnose(model, base, {"a": sd_a, "b": sd_b}, {"a": x_a, "b": x_b})  # doctest: +SKIP
+        >>> rep.flagged, rep["a"].mode, rep["a"].kappa  # doctest: +SKIP
     """
     if not finetuned:
         raise DistacError("diagnose needs at least one fine-tuned model")
-    th = thresholds or Thresholds()
+    th = rules or FlagRules()
     check_model_state(model, base)
     patterns = resolve_heads(model, base, heads)
     dev = default_device(device)
@@ -257,12 +264,14 @@ def diagnose(
         if data is not None and n in data:
             check_data_fits(model, data[n], f"data of task '{n}'")
             state = {k: v.to(dev) for k, v in finetuned[n].items()}
+            source = data[n].source if isinstance(data[n], Inputs) else f"data of task '{n}'"
             logits = collect_logits(
                 model,
-                eval_batches(data[n], batch_size, f"data of task '{n}'"),
+                eval_batches(data[n], batch_size, source),
                 state=state,
                 device=dev,
                 max_batches=max_batches,
+                source=f"task '{n}', {source}",
             )
             cs = confidence_stats(logits)
             t.mean_max_prob, t.mean_entropy = cs.mean_max_prob, cs.mean_entropy
@@ -290,7 +299,7 @@ def diagnose(
     return DiagnoseReport(tasks, cosine, th, patterns)
 
 
-def _low_confidence(name: str, entropies: Mapping[str, float], th: Thresholds) -> bool:
+def _low_confidence(name: str, entropies: Mapping[str, float], th: FlagRules) -> bool:
     h = entropies.get(name)
     if h is None or math.isnan(h):
         return False

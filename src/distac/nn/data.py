@@ -28,10 +28,8 @@ and ``W`` processes can take disjoint equal slices of the same global batch.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,14 +40,9 @@ from torch import Tensor, nn
 
 from ..errors import DistacError
 from .models import Batch, forward_logits
+from .readers import Raw, labels_tensor, load_npy, read_utf8, reader_for
 
 __all__ = ["Inputs", "check_fits", "iter_batches", "load_inputs", "load_labels"]
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-_TEXT_COLUMNS = ("text", "sentence", "content", "review")
-_IMAGE_COLUMNS = ("image", "img", "pixel_values")
-_NPZ_INPUTS = ("x", "inputs", "input", "data", "X")
-_LABEL_COLUMNS = ("label", "labels", "y", "target")
 
 
 @dataclass
@@ -137,18 +130,8 @@ def _seed(seed: int, epoch: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# readers
+# reading files (the per-format readers live in distac.nn.readers)
 # ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Raw:
-    """What a reader found before tokenisation: texts, images (PIL), or an array."""
-
-    values: list[Any] | np.ndarray
-    labels: Sequence[Any] | np.ndarray | None
-    kind: str  # "text", "image" or "array"
-    files: list[Path] | None = None  # image files, to name the culprit on a size mismatch
 
 
 def load_inputs(
@@ -176,14 +159,14 @@ def load_inputs(
     p = Path(path)
     if not p.exists():
         raise DistacError(f"data '{p}' does not exist")
-    reader = _reader_for(p)
+    reader = reader_for(p)
     raw = reader(p, column=column, label_column=label_column, need_labels=need_labels, split=split)
-    if labels is not None:
-        raw.labels = load_labels(labels)
+    given = load_labels(labels) if labels is not None else None
     if len(raw.values) == 0:
         raise DistacError(f"data '{p}' is empty: no examples found")
+    y = given if given is not None else labels_tensor(raw.labels, p, raw.where) if raw.labels is not None else None
     x = _to_tensors(raw, p, tokenizer=tokenizer, image_processor=image_processor, max_length=max_length)
-    y = _labels_tensor(raw.labels, p) if raw.labels is not None else None
+    _check_finite(x, raw, p)
     if need_labels and y is None:
         raise DistacError(f"data '{p}' has no labels: give a label column/array or a labels file")
     return Inputs(x, y, f"data '{p}'")
@@ -195,127 +178,10 @@ def load_labels(path: str | Path) -> Tensor:
     if not p.is_file():
         raise DistacError(f"labels file '{p}' does not exist")
     if p.suffix == ".npy":
-        return _labels_tensor(np.load(p, allow_pickle=False), p)
-    return _labels_tensor([line.strip() for line in p.read_text().splitlines() if line.strip()], p)
-
-
-def _reader_for(p: Path) -> Callable[..., _Raw]:
-    if p.is_dir():
-        if any((p / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
-            return _read_hf_dataset
-        return _read_image_folder
-    reader = _READERS.get(p.suffix.lower())
-    if reader is None:
-        raise DistacError(
-            f"data '{p}': unknown format '{p.suffix}' (expected one of {sorted(_READERS)}, an image folder "
-            "or a dataset saved with datasets.save_to_disk)"
-        )
-    return reader
-
-
-def _read_lines(p: Path, **_: Any) -> _Raw:
-    return _Raw([line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()], None, "text")
-
-
-def _pick(name: str | None, available: Sequence[str], defaults: Sequence[str], what: str, p: Path) -> str | None:
-    if name is not None:
-        if name not in available:
-            raise DistacError(f"data '{p}': no {what} '{name}' (available: {list(available)})")
-        return name
-    return next((d for d in defaults if d in available), None)
-
-
-def _read_table(p: Path, *, column: str | None, label_column: str | None, need_labels: bool, **_: Any) -> _Raw:
-    suffix = p.suffix.lower()
-    with p.open(encoding="utf-8", newline="") as f:
-        if suffix == ".jsonl":
-            rows = [json.loads(line) for line in f if line.strip()]
-        else:
-            rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-    if not rows:
-        raise DistacError(f"data '{p}' is empty: no rows")
-    cols = list(rows[0].keys())
-    lab = _pick(label_column, cols, _LABEL_COLUMNS if (need_labels or label_column) else (), "label column", p)
-    others = [c for c in cols if c != lab]
-    col = _pick(column, cols, _TEXT_COLUMNS, "column", p) or (others[0] if len(others) == 1 else None)
-    if col is None:
-        raise DistacError(f"data '{p}': say which column holds the inputs (columns: {cols})")
-    return _Raw([r[col] for r in rows], [r[lab] for r in rows] if lab else None, "text")
-
-
-def _read_npy(p: Path, **_: Any) -> _Raw:
-    return _Raw(np.load(p, allow_pickle=False), None, "array")
-
-
-def _read_npz(p: Path, *, column: str | None, label_column: str | None, **_: Any) -> _Raw:
-    with np.load(p, allow_pickle=False) as z:
-        keys = list(z.keys())
-        lab = _pick(label_column, keys, _LABEL_COLUMNS, "label array", p)
-        rest = [k for k in keys if k != lab]
-        col = _pick(column, keys, _NPZ_INPUTS, "array", p) or (rest[0] if len(rest) == 1 else None)
-        if col is None:
-            raise DistacError(f"data '{p}': say which array holds the inputs (arrays: {keys})")
-        return _Raw(z[col], z[lab] if lab else None, "array")
-
-
-def _read_image_folder(p: Path, **_: Any) -> _Raw:
-    from PIL import Image
-
-    files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-    if not files:
-        raise DistacError(f"data '{p}' is empty: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) below it")
-    classes = sorted({f.parent.relative_to(p).parts[0] for f in files if f.parent != p})
-    images = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                images.append(im.convert("RGB"))
-        except OSError as e:
-            raise DistacError(f"cannot read image '{f}': {e}") from e
-    labels = None
-    if classes and all(f.parent != p for f in files):
-        index = {c: i for i, c in enumerate(classes)}
-        labels = [index[f.parent.relative_to(p).parts[0]] for f in files]
-    return _Raw(images, labels, "image", files)
-
-
-def _read_hf_dataset(p: Path, *, column: str | None, label_column: str | None, split: str | None, **_: Any) -> _Raw:
-    try:
-        import datasets
-    except ImportError as e:
-        raise DistacError(
-            f"data '{p}' is a saved Hugging Face dataset; reading it needs the 'datasets' package: pip install datasets"
-        ) from e
-    ds = datasets.load_from_disk(str(p))
-    if isinstance(ds, datasets.DatasetDict):
-        names = list(ds.keys())
-        name = split or ("train" if "train" in ds else None)
-        if name not in ds:
-            raise DistacError(f"data '{p}' has splits {names}; choose one with split=")
-        ds = ds[name]
-    cols = list(ds.column_names)
-    lab = _pick(label_column, cols, _LABEL_COLUMNS, "label column", p)
-    col = _pick(column, cols, _TEXT_COLUMNS + _IMAGE_COLUMNS, "column", p)
-    if col is None:
-        raise DistacError(f"data '{p}': say which column holds the inputs (columns: {cols})")
-    values = list(ds[col])
-    first = values[0] if values else None
-    kind = "text" if isinstance(first, str) else "image" if hasattr(first, "convert") else "array"
-    if kind == "array":
-        values = np.asarray(values)
-    elif kind == "image":
-        values = [v.convert("RGB") for v in values]
-    return _Raw(values, list(ds[lab]) if lab else None, kind)
-
-
-_READERS: dict[str, Callable[..., _Raw]] = {
-    ".txt": _read_lines,
-    ".csv": _read_table,
-    ".tsv": _read_table,
-    ".jsonl": _read_table,
-    ".npy": _read_npy,
-    ".npz": _read_npz,
-}
+        arr = load_npy(p, "labels file")
+        return labels_tensor(arr, p, lambda i: f"row {i}")
+    rows = [(n, line.strip()) for n, line in enumerate(read_utf8(p, "labels file").splitlines(), 1) if line.strip()]
+    return labels_tensor([v for _, v in rows], p, lambda i: f"line {rows[i][0]}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,7 +190,7 @@ _READERS: dict[str, Callable[..., _Raw]] = {
 
 
 def _to_tensors(
-    raw: _Raw, p: Path, *, tokenizer: Any, image_processor: Any, max_length: int
+    raw: Raw, p: Path, *, tokenizer: Any, image_processor: Any, max_length: int
 ) -> Tensor | dict[str, Tensor]:
     if raw.kind == "text":
         if tokenizer is None:
@@ -350,18 +216,24 @@ def _to_tensors(
                 )
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     arr = np.asarray(raw.values)
+    if arr.dtype.kind not in "biuf":
+        raise DistacError(f"data '{p}': an array of dtype {arr.dtype} is not numeric; save numbers (float or int)")
     t = torch.from_numpy(np.ascontiguousarray(arr))
     return t.float() if t.is_floating_point() else t.long() if arr.dtype.kind in "iu" else t
 
 
-def _labels_tensor(values: Sequence[Any] | np.ndarray, p: Path) -> Tensor:
-    try:
-        arr = np.asarray([int(v) for v in np.asarray(values).reshape(-1).tolist()], dtype=np.int64)
-    except (TypeError, ValueError) as e:
-        raise DistacError(f"labels of '{p}' must be integer class ids ({e})") from e
-    if arr.size and arr.min() < 0:
-        raise DistacError(f"labels of '{p}' must be >= 0, found {int(arr.min())}")
-    return torch.from_numpy(arr)
+def _check_finite(x: Tensor | dict[str, Tensor], raw: Raw, p: Path) -> None:
+    """Refuse NaN/Inf inputs: the model would turn them into NaN logits and every measure into NaN."""
+    for t in x.values() if isinstance(x, dict) else [x]:
+        if not t.is_floating_point():
+            continue
+        bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise DistacError(
+                f"data '{p}': {raw.where(i)} holds NaN or Inf ({int(bad.sum())} of {t.shape[0]} examples do); "
+                "remove or fix those examples"
+            )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -393,7 +265,11 @@ def check_fits(model: nn.Module, inputs: Inputs, *, device: torch.device | str =
         raise DistacError(f"{inputs.source}: the model returned {shape}, expected logits of shape (batch, classes)")
     c = int(z.shape[1])
     if inputs.labels is not None and int(inputs.labels.max()) >= c:
-        raise DistacError(f"{inputs.source}: label {int(inputs.labels.max())} is out of range for a {c}-class model")
+        i = int((inputs.labels >= c).nonzero()[0])
+        raise DistacError(
+            f"{inputs.source}: label {int(inputs.labels[i])} at row {i} is out of range for a {c}-class model "
+            f"(labels must be 0..{c - 1}); check the label column or the model's head"
+        )
     return c
 
 

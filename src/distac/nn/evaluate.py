@@ -20,17 +20,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DistacError
-from .models import Batch, batch_to, forward_logits
+from .models import Batch, BoundModule, batch_to, forward_logits
 
 __all__ = [
     "ConfidenceStats",
     "accuracy",
+    "check_finite_logits",
     "collect_logits",
     "confidence_stats",
     "ece",
     "entropy",
     "nll",
-    "normalized_accuracy",
     "reliability_diagram",
 ]
 
@@ -45,11 +45,13 @@ def collect_logits(
     state: Mapping[str, Tensor] | None = None,
     device: torch.device | str = "cpu",
     max_batches: int | None = None,
+    source: str = "the data",
 ) -> Tensor:
     """Run ``model`` (in eval mode) over ``batches`` and return all logits as one fp32 CPU tensor.
 
     With ``state``, the model is called functionally with those weights (``torch.func.functional_call``),
-    so the caller's module is never modified.
+    so the caller's module is never modified. NaN/Inf logits are refused (naming ``source`` and the
+    first bad row): every measure computed from them would silently be NaN.
     """
     was_training = model.training
     model.eval()
@@ -59,41 +61,32 @@ def collect_logits(
             if max_batches is not None and i >= max_batches:
                 break
             b = batch_to(batch, device)
-            if state is None:
-                z = forward_logits(model, b)
-            else:
-                z = forward_logits(_Functional(model, state), b)
+            z = forward_logits(model if state is None else BoundModule(model, state), b)
             out.append(z.detach().float().cpu())
     finally:
         model.train(was_training)
     if not out:
         raise DistacError("no batches to evaluate: the data is empty")
-    return torch.cat(out)
+    logits = torch.cat(out)
+    check_finite_logits(logits, source)
+    return logits
 
 
-class _Functional(nn.Module):
-    """Call ``module`` with the tensors of ``state`` instead of its own parameters."""
-
-    def __init__(self, module: nn.Module, state: Mapping[str, Tensor]):
-        super().__init__()
-        self.module = module
-        self.state = dict(state)
-
-    def forward(self, *args, **kwargs):
-        return torch.func.functional_call(self.module, self.state, args, kwargs, strict=False)
+def check_finite_logits(logits: Tensor, source: str) -> None:
+    """Raise a :class:`DistacError` naming ``source`` and the first row whose logits are NaN or Inf."""
+    bad = ~torch.isfinite(logits.reshape(logits.shape[0], -1)).all(dim=1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise DistacError(
+            f"{source}: the model's logits are NaN or Inf for {int(bad.sum())} of {logits.shape[0]} examples "
+            f"(first: row {i}); check those inputs for NaN/Inf values and the weights for NaN"
+        )
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:
     """Top-1 accuracy in [0, 1]."""
     _check(logits, labels)
     return float((logits.argmax(-1) == labels.to(logits.device)).float().mean())
-
-
-def normalized_accuracy(merged: float, finetuned: float) -> float:
-    """Merged accuracy ÷ the task's own fine-tuned accuracy (task_vectors / DisTaC convention)."""
-    if finetuned <= 0:
-        raise DistacError(f"normalised accuracy needs a positive fine-tuned accuracy, got {finetuned}")
-    return merged / finetuned
 
 
 def nll(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> float:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import os
-import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ from ..taskvector import check_compatible, match_heads
 
 __all__ = [
     "Batch",
+    "BoundModule",
     "EncoderClassifier",
     "LoadedModel",
     "batch_size",
@@ -63,6 +62,30 @@ def forward_logits(model: nn.Module, batch: Batch) -> Tensor:
     elif isinstance(out, tuple | list):
         out = out[0]
     return out
+
+
+class BoundModule(nn.Module):
+    """``model`` called with the tensors of ``state`` instead of its own (``torch.func.functional_call``).
+
+    The one functional-call wrapper: lets :func:`forward_logits` run a fine-tune, a merged state or
+    per-example parameters without ever writing into the caller's module. ``state`` is one mapping or
+    a tuple of mappings (e.g. ``(trainable, frozen)``); names it lacks fall back to the module's own.
+    The module is kept out of ``_modules`` so that ``.to()`` or ``.train()`` on the wrapper leave it alone.
+
+    Example:
+        >>> logits = forward_logits(BoundModule(model, finetuned_state), batch)  # doctest: +SKIP
+    """
+
+    _m: nn.Module
+    _s: Any  # a dict, or a tuple of dicts
+
+    def __init__(self, model: nn.Module, state: Mapping[str, Tensor] | tuple[Mapping[str, Tensor], ...]) -> None:
+        super().__init__()
+        object.__setattr__(self, "_m", model)
+        object.__setattr__(self, "_s", state if isinstance(state, tuple) else dict(state))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(self._m, self._s, args, kwargs, tie_weights=True, strict=False)
 
 
 def batch_to(batch: Batch, device: torch.device | str) -> Batch:
@@ -342,37 +365,27 @@ def save_state_like(
 ) -> Path:
     """Write ``state`` as an HF directory (``save_pretrained`` plus the base's tokenizer and processor
     files; ``fmt="hf"``, the default for an HF base) or one ``.safetensors`` file (``fmt="safetensors"``,
-    with ``metadata`` in its header). Written to a temporary path and renamed, so a failure leaves
-    nothing half-written.
+    with ``metadata`` in its header), through :mod:`distac.io.atomic`: a failure leaves nothing half-written.
     """
+    from ..io import atomic_dir, atomic_file
+
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise DistacError(f"output '{out}' already exists (pass overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
-    try:
-        fmt = fmt or ("hf" if like.kind == "hf" else "safetensors")
-        if fmt == "hf":
-            if like.kind != "hf":
-                raise DistacError(f"cannot write '{out}' as a Hugging Face directory: the model is not one")
-            module = copy.deepcopy(like.module)
-            module.load_state_dict(dict(state), strict=True)
+    fmt = fmt or ("hf" if like.kind == "hf" else "safetensors")
+    if fmt == "hf" and like.kind != "hf":
+        raise DistacError(f"cannot write '{out}' as a Hugging Face directory: the model is not one")
+    if fmt == "hf":
+        module: Any = copy.deepcopy(like.module)  # a transformers PreTrainedModel: has save_pretrained
+        module.load_state_dict(dict(state), strict=True)
+        with atomic_dir(out, overwrite=overwrite) as tmp:
             module.save_pretrained(str(tmp), safe_serialization=True)
             for extra in (like.tokenizer, like.image_processor):
                 if extra is not None:
                     extra.save_pretrained(str(tmp))
-        else:
-            from safetensors.torch import save_file
+        return out
+    from safetensors.torch import save_file
 
-            # clone: safetensors refuses tensors that share storage (tied weights, views)
-            tensors = {k: v.detach().contiguous().clone().cpu() for k, v in state.items()}
-            save_file(tensors, str(tmp), metadata={"format": "pt", **dict(metadata or {})})
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    # clone: safetensors refuses tensors that share storage (tied weights, views)
+    tensors = {k: v.detach().contiguous().clone().cpu() for k, v in state.items()}
+    with atomic_file(out, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", **dict(metadata or {})})
     return out

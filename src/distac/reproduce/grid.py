@@ -261,7 +261,7 @@ def run_cell(
         task_state = dict(state)
         task_state[f"heads.{name}.weight"] = src[f"heads.{name}.weight"]
         try:
-            t = float(distac.calibrate(evaluator.task_model(task_state, name), task_state, td.val.x, td.val.y))
+            t = distac.calibrate(evaluator.task_model(task_state, name), task_state, td.val.x, td.val.y).temperature
         except RuntimeError as e:
             # a failed calibration (e.g. an empty or degenerate validation split) is recorded as NaN,
             # visible in the tables, rather than aborting the whole grid.
@@ -376,7 +376,7 @@ def distac_sources(zoo: Zoo, setting: str, *, evaluator: Evaluator, progress: bo
             heads=[HEAD_PATTERN],
             progress=progress,
             device="cpu",
-        )
+        ).state
     return SourceSet(setting, "distac", models, flagged, body_norms(zoo.base, models))
 
 

@@ -7,7 +7,6 @@ task-vector papers, so every task vector lives in the shared body.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..nn.optim import lr_factor
 from .tasks import Split, TaskData
 from .vit import TinyViT, ViTConfig, set_head
 
@@ -52,13 +52,6 @@ class Recipe:
         return asdict(self)
 
 
-def _lr_factor(step: int, *, steps: int, warmup: int) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine decay to zero at ``steps``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
 def _shift(x: Tensor, g: torch.Generator, max_shift: int = 2) -> Tensor:
     """Random translation by up to ``max_shift`` pixels (one shift per batch; cheap augmentation)."""
     dx, dy = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=g))
@@ -88,7 +81,7 @@ def pretrain(
     model.train()
     for step in progress(range(steps), "pre-train"):
         for group in opt.param_groups:
-            group["lr"] = lr * _lr_factor(step, steps=steps, warmup=max(1, steps // 20))
+            group["lr"] = lr * lr_factor(step, steps=steps, warmup=max(1, steps // 20))
         i = torch.randint(0, n, (batch,), generator=g)
         loss = F.cross_entropy(model(_shift(data.x[i], g)), data.y[i])
         opt.zero_grad(set_to_none=True)
@@ -176,7 +169,7 @@ def finetune(
     model.train()
     for step in progress(range(recipe.steps), f"fine-tune {td.spec.name}"):
         for group in opt.param_groups:
-            group["lr"] = recipe.lr * _lr_factor(step, steps=recipe.steps, warmup=recipe.warmup)
+            group["lr"] = recipe.lr * lr_factor(step, steps=recipe.steps, warmup=recipe.warmup)
         i = torch.randint(0, n, (recipe.batch,), generator=g)
         loss = F.cross_entropy(model(td.train.x[i]), td.train.y[i], label_smoothing=recipe.label_smoothing)
         opt.zero_grad(set_to_none=True)

@@ -22,12 +22,12 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vjp, vmap
+from torch.func import grad, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from ..errors import DistacError, closest
-from ..nn.models import Batch, batch_size, batch_to, forward_logits
+from ..nn.models import Batch, BoundModule, batch_size, batch_to, forward_logits
 
 __all__ = ["ESTIMATORS", "BoundModule", "adam_fisher", "data_fingerprint_update", "fisher_diagonal", "split_labels"]
 
@@ -162,18 +162,6 @@ def _per_example_sq_grads(
         return {k: v.pow(2) for k, v in g(params, x, y, u).items()}
 
     return one
-
-
-class BoundModule(nn.Module):
-    """Calls ``functional_call(model, state, ...)`` so that ``forward_logits`` can stay generic."""
-
-    def __init__(self, model: nn.Module, state: tuple[dict[str, Tensor], dict[str, Tensor]]) -> None:
-        super().__init__()
-        object.__setattr__(self, "_m", model)
-        object.__setattr__(self, "_s", state)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return functional_call(self._m, self._s, args, kwargs, tie_weights=True, strict=False)
 
 
 def fisher_diagonal(
