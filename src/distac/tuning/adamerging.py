@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from ..errors import DistacError
 from ..nn.data import Inputs
-from ..nn.evaluate import _Functional, entropy
-from ..nn.models import batch_to, default_device, forward_logits
+from ..nn.evaluate import entropy
+from ..nn.models import BoundModule, batch_to, default_device, forward_logits
 from ..progress import track
 from ..taskvector import match_heads
 
@@ -73,7 +73,7 @@ def adamerging(
             d = data[t]
             idx = torch.randint(0, len(d), (min(batch_size, len(d)),), generator=gen)
             state = {**fixed, **merged, **{k: models[t][k].to(dev) for k in head_names}}
-            z = forward_logits(_Functional(model, state), batch_to(d.select(idx), dev))
+            z = forward_logits(BoundModule(model, state), batch_to(d.select(idx), dev))
             loss = loss + entropy(z).mean() / len(tasks)
         if not math.isfinite(float(loss.detach())):
             raise DistacError("adamerging: the entropy became NaN/Inf; lower lr or init")
