@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from ..progress import track
 from .grid import (
     CellResult,
     Evaluator,
@@ -54,7 +54,7 @@ SWEEP_METHODS = ("task_arithmetic", "fisher", "gradient_matching")
 
 def _bar(enabled: bool) -> Callable[[Iterable[int], str], Iterable[int]]:
     def wrap(it: Iterable[int], desc: str) -> Iterable[int]:
-        return tqdm(it, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
+        return track(it, desc=desc, quiet=not enabled)
 
     return wrap
 

@@ -2,7 +2,7 @@
 
 Fishers are on the **sum** scale by default (H_t of Daheim et al.), Grams are running means
 (official RegMean); every sidecar records its scale, estimator, example count and the fingerprints
-of the model and the data. See docs/curvature.md.
+of the model and the data.
 """
 
 from __future__ import annotations

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal, cast
 
 import click
 
 from ..errors import DistacError
+
+Estimator = Literal["sampled", "exact", "empirical"]
+Scale = Literal["sum", "mean"]
 
 
 def _model_options(f: Any) -> Any:
@@ -126,9 +129,9 @@ def fisher_cmd(
     f = fisher_diagonal(
         loaded.module,
         _batches(inputs, batch_size, n_examples, need),
-        estimator=estimator,
+        estimator=cast(Estimator, estimator),
         n_examples=n_examples,
-        scale=scale,
+        scale=cast(Scale, scale),
         seed=seed,
         device=default_device(device),
         progress=True,
@@ -188,7 +191,7 @@ def gram_cmd(
         loaded.module,
         _batches(inputs, batch_size, n_examples, False),
         n_examples=n_examples,
-        scale=scale,
+        scale=cast(Scale, scale),
         device=default_device(device),
         progress=True,
         info=info,

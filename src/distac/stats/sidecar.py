@@ -161,24 +161,9 @@ def check_stats(
     for k in stats:
         if k not in state:
             raise DistacError(f"{label}: tensor '{k}' is not in the model{closest(k, state)} (keys do not match)")
-        want = _shape(state, k)
-        got = _shape(stats, k)
-        if kind == "gram":
-            if len(want) != 2 or len(got) != 2 or got[0] != got[1] or got[0] not in want:
-                raise DistacError(f"{label}: Gram '{k}' has shape {got}, expected (d, d) with d in the weight's {want}")
-        elif got != want:
-            raise DistacError(f"{label}: tensor '{k}' has shape {got}, the model has {want}")
-        if not check_values:
-            continue
-        v = stats[k]
-        if not torch.isfinite(v).all():
-            raise DistacError(f"{label}: tensor '{k}' contains NaN or Inf")
-        diag = v.diagonal() if kind == "gram" else v
-        if (diag < 0).any():
-            raise DistacError(
-                f"{label}: tensor '{k}' has negative curvature (min {float(diag.min()):.3g}); a Fisher, "
-                "Adam second moment or Gram diagonal is a sum of squares and cannot be negative"
-            )
+        _check_shape(k, _shape(stats, k), _shape(state, k), kind, label)
+        if check_values:
+            _check_values(k, stats[k], kind, label)
     if fingerprint is not None:
         got_fp = model_fingerprint(state, sorted(stats))
         if got_fp != fingerprint:
@@ -186,6 +171,27 @@ def check_stats(
                 f"{label}: computed on a different model (fingerprint {fingerprint[:12]}…, this model "
                 f"{got_fp[:12]}…); recompute it with `distac stats` on this model"
             )
+
+
+def _check_shape(k: str, got: tuple[int, ...], want: tuple[int, ...], kind: str, label: str) -> None:
+    """Fisher/Adam: the parameter's shape; Gram: (d, d) with d one of the 2-D weight's dimensions."""
+    if kind == "gram":
+        if len(want) != 2 or len(got) != 2 or got[0] != got[1] or got[0] not in want:
+            raise DistacError(f"{label}: Gram '{k}' has shape {got}, expected (d, d) with d in the weight's {want}")
+    elif got != want:
+        raise DistacError(f"{label}: tensor '{k}' has shape {got}, the model has {want}")
+
+
+def _check_values(k: str, v: Tensor, kind: str, label: str) -> None:
+    """Finite, and non-negative curvature (a Gram's diagonal)."""
+    if not torch.isfinite(v).all():
+        raise DistacError(f"{label}: tensor '{k}' contains NaN or Inf")
+    diag = v.diagonal() if kind == "gram" else v
+    if (diag < 0).any():
+        raise DistacError(
+            f"{label}: tensor '{k}' has negative curvature (min {float(diag.min()):.3g}); a Fisher, "
+            "Adam second moment or Gram diagonal is a sum of squares and cannot be negative"
+        )
 
 
 def save_stats(
