@@ -29,12 +29,32 @@ import torch
 from torch import Tensor
 
 from ..errors import DistacError
-from .formats import TensorEntry, read_header
+from .formats import read_header
 
 __all__ = ["Checkpoint", "SafetensorsFile", "TorchFile", "open_checkpoint", "resolve_weight_files"]
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 _NOT_WEIGHTS = ("training_args", "optimizer", "scheduler", "rng_state", "scaler")
+
+
+class _Staging:
+    """One reusable uint8 CPU buffer that grows to the largest read, shared by a checkpoint's files.
+
+    Reading through it allocates nothing per tensor: a fresh multi-MB buffer would be a fresh
+    ``mmap`` whose pages the kernel zero-fills on first touch.
+    """
+
+    def __init__(self) -> None:
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+    def take(self, nbytes: int) -> Tensor:
+        if self._buf.numel() < nbytes:
+            self._buf = torch.empty(0, dtype=torch.uint8)  # free the smaller one first
+            self._buf = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buf
+
+    def release(self) -> None:
+        self._buf = torch.empty(0, dtype=torch.uint8)
 
 
 class SafetensorsFile:
@@ -48,16 +68,30 @@ class SafetensorsFile:
     ``safetensors`` itself).
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, staging: _Staging | None = None):
         self.path = Path(path)
-        self.entries: dict[str, TensorEntry] = read_header(self.path)[0]
+        self.label = str(self.path)
+        self.entries, self.metadata = read_header(self.path)
         with open(self.path, "rb") as f:
             self._data_start = 8 + struct.unpack("<Q", f.read(8))[0]
         self._fd: int | None = None
+        self._staging = staging if staging is not None else _Staging()
 
     def names(self) -> list[str]:
         # storage order, so a streamed merge reads each file front to back
         return sorted(self.entries, key=lambda k: self.entries[k].begin)
+
+    def keys(self) -> list[str]:
+        return self.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name].shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.entries[name].dtype
+
+    def file_of(self, name: str) -> Path:
+        return self.path
 
     def _byte_range(self, name: str, rows: tuple[int, int] | None) -> tuple[int, int, tuple[int, ...]]:
         e = self.entries[name]
@@ -96,7 +130,7 @@ class SafetensorsFile:
         dtype = self.entries[name].dtype
         raw = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
         if nbytes:
-            self._pread_into(memoryview(raw.numpy()), offset, name)
+            self._pread_into(raw.numpy().data, offset, name)
         return raw.view(dtype).view(shape)
 
     def get(self, name: str) -> Tensor:
@@ -105,10 +139,24 @@ class SafetensorsFile:
     def get_rows(self, name: str, start: int, stop: int) -> Tensor:
         return self.read(name, (start, stop))
 
+    def read_into(self, name: str, rows: tuple[int, int] | None, out: Tensor) -> int:
+        """Read a tensor (or rows ``start:stop``) through the reusable staging buffer and convert it into ``out``."""
+        nbytes = self._byte_range(name, rows)[1]
+        raw = self.read(name, rows, out=self._staging.take(nbytes))
+        out.copy_(raw)
+        return nbytes
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        self._staging.release()
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _convert_hint(path: Path) -> str:
@@ -127,6 +175,7 @@ class TorchFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.label = str(self.path)
         if not self.path.is_file():
             raise DistacError(f"{self.path}: file not found")
         try:
@@ -165,24 +214,48 @@ class TorchFile:
     def names(self) -> list[str]:
         return list(self.state)
 
+    def keys(self) -> list[str]:
+        return self.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.state[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.state[name].dtype
+
+    def file_of(self, name: str) -> Path:
+        return self.path
+
     def get(self, name: str) -> Tensor:
         return self.state[name]
 
     def get_rows(self, name: str, start: int, stop: int) -> Tensor:
         return self.state[name][start:stop]
 
+    def read_into(self, name: str, rows: tuple[int, int] | None, out: Tensor) -> int:
+        """Convert a tensor (or rows ``start:stop``) of the memory-mapped state dict into ``out``."""
+        raw = self.get(name) if rows is None else self.get_rows(name, *rows)
+        out.copy_(raw)
+        return raw.numel() * raw.element_size()
+
     def close(self) -> None:
         self.state = {}
+
+    def __enter__(self) -> TorchFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 WeightFile = SafetensorsFile | TorchFile
 
 
-def _open_file(path: Path) -> WeightFile:
+def _open_file(path: Path, staging: _Staging) -> WeightFile:
     if not path.exists():
         raise DistacError(f"{path}: file not found")
     if path.suffix == ".safetensors":
-        return SafetensorsFile(path)
+        return SafetensorsFile(path, staging=staging)
     if path.suffix in _TORCH_SUFFIXES:
         return TorchFile(path)
     raise DistacError(f"{path}: unknown checkpoint format (expected .safetensors, .bin, .pt or an index .json)")
@@ -229,27 +302,33 @@ class Checkpoint:
     """A checkpoint on disk as a lazy ``TensorSource``: one or more weight files behind one name map.
 
     ``label`` (the path given) names the checkpoint in messages; :meth:`file_of` names the file that
-    holds a tensor, so an error about a tensor can point at the exact shard.
+    holds a tensor, so an error about a tensor can point at the exact shard. Use it as a context
+    manager to close its files (``with open_checkpoint(p) as ck: ...``); without ``with`` it works
+    the same and :meth:`close` releases the files.
     """
 
     def __init__(self, path: str | Path, *, label: str | None = None):
         self.path = Path(path)
         self.label = label or str(self.path)
-        self.files: list[WeightFile] = [_open_file(f) for f in resolve_weight_files(self.path)]
-        self._where: dict[str, WeightFile] = {}
+        self._staging = _Staging()  # one buffer for every file: see read_into
+        self.files: list[WeightFile] = []
+        try:
+            for f in resolve_weight_files(self.path):
+                self.files.append(_open_file(f, self._staging))
+            self._where = self._name_map()
+        except BaseException:
+            self.close()
+            raise
+        self._names = list(self._where)
+
+    def _name_map(self) -> dict[str, WeightFile]:
+        where: dict[str, WeightFile] = {}
         for f in self.files:
             for name in f.names():
-                if name in self._where:
-                    raise DistacError(f"{self.label}: tensor '{name}' is in both {self._where[name].path} and {f.path}")
-                self._where[name] = f
-        self._names = list(self._where)
-        self._staging = torch.empty(0, dtype=torch.uint8)  # see read_into
-        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        for f in self.files:
-            if isinstance(f, SafetensorsFile):
-                self._meta.update({k: (e.shape, e.dtype) for k, e in f.entries.items()})
-            else:
-                self._meta.update({k: (tuple(v.shape), v.dtype) for k, v in f.state.items()})
+                if name in where:
+                    raise DistacError(f"{self.label}: tensor '{name}' is in both {where[name].path} and {f.path}")
+                where[name] = f
+        return where
 
     @property
     def folder(self) -> Path:
@@ -260,17 +339,22 @@ class Checkpoint:
         return list(self._names)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._meta[name][0]
+        return self._where[name].shape(name)
 
     def dtype(self, name: str) -> torch.dtype:
-        return self._meta[name][1]
+        return self._where[name].dtype(name)
 
     def nbytes(self, name: str) -> int:
-        shape, dtype = self._meta[name]
-        return int(torch.Size(shape).numel()) * dtype.itemsize
+        return int(torch.Size(self.shape(name)).numel()) * self.dtype(name).itemsize
+
+    def metadata(self) -> dict[str, str]:
+        """The ``__metadata__`` of the first safetensors file (``{}`` for torch files)."""
+        first = self.files[0] if self.files else None
+        return dict(first.metadata) if isinstance(first, SafetensorsFile) else {}
 
     def file_of(self, name: str) -> Path:
-        return self._where[name].path
+        """The weight file that holds tensor ``name`` (the shard, for a sharded checkpoint)."""
+        return self._where[name].file_of(name)
 
     def get(self, name: str) -> Tensor:
         return self._where[name].get(name)
@@ -283,26 +367,39 @@ class Checkpoint:
         """Read a tensor (or rows ``start:stop``) and convert it straight into ``out`` (e.g. the
         engine's fp32 buffer). Safetensors bytes go through one reusable staging buffer, so
         reading allocates nothing per tensor. Returns the bytes read."""
-        f = self._where[name]
-        if isinstance(f, SafetensorsFile):
-            nbytes = f._byte_range(name, rows)[1]
-            if self._staging.numel() < nbytes:
-                self._staging = torch.empty(nbytes, dtype=torch.uint8)
-            raw = f.read(name, rows, out=self._staging)
-        else:
-            raw = f.get(name) if rows is None else f.get_rows(name, *rows)
-        out.copy_(raw)
-        return raw.numel() * raw.element_size()
+        return self._where[name].read_into(name, rows, out)
 
     def close(self) -> None:
-        self._staging = torch.empty(0, dtype=torch.uint8)
+        """Close every file (a later read reopens it: the checkpoint keeps working)."""
         for f in self.files:
             f.close()
+        self._staging.release()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.label!r}, {len(self._names)} tensors in {len(self.files)} file(s))"
 
 
 def open_checkpoint(path: str | Path, *, label: str | None = None) -> Checkpoint:
-    """Open any supported checkpoint lazily. Raises :class:`DistacError` naming the file at fault."""
+    """Open any supported checkpoint lazily.
+
+    Args:
+        path: a weight file, a shard index, or a model folder (see the module docstring).
+        label: how messages name the checkpoint (default: ``path``).
+
+    Returns:
+        A :class:`Checkpoint` (a ``TensorSource``; also a context manager that closes its files).
+
+    Raises:
+        DistacError: naming the file at fault.
+
+    Example:
+        >>> with open_checkpoint("org/model") as ck:  # doctest: +SKIP
+        ...     w = ck.get("embed.weight")
+    """
     return Checkpoint(path, label=label)
