@@ -22,14 +22,16 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import struct
+import stat
+import zipfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..errors import DistacError
-from .formats import read_header
+from .formats import DTYPE_NAMES, read_layout
+from .inputs import inside_model, open_regular, require_regular
 
 __all__ = ["Checkpoint", "SafetensorsFile", "TorchFile", "open_checkpoint", "resolve_weight_files"]
 
@@ -71,9 +73,11 @@ class SafetensorsFile:
     def __init__(self, path: Path, *, staging: _Staging | None = None):
         self.path = Path(path)
         self.label = str(self.path)
-        self.entries, self.metadata = read_header(self.path)
-        with open(self.path, "rb") as f:
-            self._data_start = 8 + struct.unpack("<Q", f.read(8))[0]
+        fd = open_regular(self.path)
+        try:  # the header is checked on the very file that is then read
+            self.entries, self.metadata, self._data_start = read_layout(fd, self.path)
+        finally:
+            os.close(fd)
         self._fd: int | None = None
         self._staging = staging if staging is not None else _Staging()
 
@@ -104,10 +108,7 @@ class SafetensorsFile:
 
     def _pread_into(self, dst: memoryview, offset: int, name: str) -> None:
         if self._fd is None:
-            try:
-                self._fd = os.open(self.path, os.O_RDONLY)
-            except OSError as e:
-                raise DistacError(f"{self.path}: cannot open ({e.strerror or e})") from e
+            self._fd = open_regular(self.path)
             if hasattr(os, "posix_fadvise"):  # a merge reads each file front to back: ask for readahead
                 os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         done = 0
@@ -170,46 +171,89 @@ def _convert_hint(path: Path) -> str:
     )
 
 
+# what torch.load raises on bytes that are not a torch checkpoint (random bytes, a truncated zip,
+# text): the unpickler's failures are as varied as its input
+_LOAD_ERRORS = (
+    pickle.UnpicklingError,
+    RuntimeError,
+    EOFError,
+    OSError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    UnicodeDecodeError,
+    OverflowError,
+    zipfile.BadZipFile,
+)
+
+
+def _torch_load(path: Path) -> object:
+    """``torch.load(weights_only=True)``, memory-mapped when the file allows; errors name the file."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            # files written with the legacy (non-zip) serialization cannot be memory-mapped
+            if "mmap" not in str(e) and "zip" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e) or "Unsupported class" in str(e):
+            raise DistacError(
+                f"{path}: refused to unpickle: it holds more than tensors (e.g. a pickled model or "
+                f"custom classes), and loading it would run arbitrary code. {_convert_hint(path)}"
+            ) from e
+        raise DistacError(f"{path}: not a torch checkpoint (corrupt, truncated or not a pickle)") from e
+    except _LOAD_ERRORS as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise DistacError(f"{path}: cannot load as a torch state dict ({first})") from e
+
+
+def _check_tensor(path: Path, name: object, t: Tensor) -> None:
+    """A plain dense tensor of a dtype distac merges (the ones safetensors stores), under a string name."""
+    if not isinstance(name, str):
+        raise DistacError(f"{path}: tensor name {name!r} is not a string")
+    if t.layout != torch.strided:
+        raise DistacError(f"{path}: tensor '{name}' is {t.layout} (sparse); distac reads dense tensors only")
+    if t.dtype not in DTYPE_NAMES:
+        raise DistacError(
+            f"{path}: tensor '{name}' has dtype {t.dtype} (complex, quantized or unsigned >8-bit); distac reads "
+            f"{', '.join(str(d).removeprefix('torch.') for d in DTYPE_NAMES)}"
+        )
+
+
 class TorchFile:
     """A torch state dict file, loaded with ``weights_only=True`` and memory-mapped when possible."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.label = str(self.path)
-        if not self.path.is_file():
-            raise DistacError(f"{self.path}: file not found")
-        try:
-            try:
-                obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                # files written with the legacy (non-zip) serialization cannot be memory-mapped
-                if "mmap" not in str(e) and "zip" not in str(e):
-                    raise
-                obj = torch.load(self.path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise DistacError(
-                f"{self.path}: refused to unpickle: it holds more than tensors (e.g. a pickled model or "
-                f"custom classes), and loading it would run arbitrary code. {_convert_hint(self.path)}"
-            ) from e
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
-            raise DistacError(f"{self.path}: cannot load as a torch state dict ({e})") from e
-        self.state = self._state_dict(obj)
+        require_regular(self.path)  # torch.load would block forever on a FIFO
+        self.state = self._state_dict(_torch_load(self.path))
 
     def _state_dict(self, obj: object) -> dict[str, Tensor]:
-        if isinstance(obj, dict):
-            # training checkpoints often nest the weights: {"state_dict": {...}, "epoch": 3}
-            for key in ("state_dict", "model_state_dict", "model"):
-                inner = obj.get(key)
-                if isinstance(inner, dict) and inner and all(isinstance(v, Tensor) for v in inner.values()):
-                    return inner
-            bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
-            if not bad:
-                return obj
+        if not isinstance(obj, dict):
+            raise DistacError(
+                f"{self.path}: holds a {type(obj).__name__}, not a state dict. {_convert_hint(self.path)}"
+            )
+        state = obj
+        # training checkpoints often nest the weights: {"state_dict": {...}, "epoch": 3}
+        for key in ("state_dict", "model_state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(v, Tensor) for v in inner.values()):
+                state = inner
+                break
+        bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
+        if bad:
             raise DistacError(
                 f"{self.path}: entries {bad[:3]} are not tensors; distac reads flat state dicts "
                 "(name -> tensor), or one nested under 'state_dict' / 'model'"
             )
-        raise DistacError(f"{self.path}: holds a {type(obj).__name__}, not a state dict. {_convert_hint(self.path)}")
+        for k, v in state.items():
+            _check_tensor(self.path, k, v)
+        return state
 
     def names(self) -> list[str]:
         return list(self.state)
@@ -252,8 +296,6 @@ WeightFile = SafetensorsFile | TorchFile
 
 
 def _open_file(path: Path, staging: _Staging) -> WeightFile:
-    if not path.exists():
-        raise DistacError(f"{path}: file not found")
     if path.suffix == ".safetensors":
         return SafetensorsFile(path, staging=staging)
     if path.suffix in _TORCH_SUFFIXES:
@@ -261,22 +303,70 @@ def _open_file(path: Path, staging: _Staging) -> WeightFile:
     raise DistacError(f"{path}: unknown checkpoint format (expected .safetensors, .bin, .pt or an index .json)")
 
 
-def _files_from_index(index: Path) -> list[Path]:
+_MAX_INDEX = 100_000_000  # a shard index is a name -> file map; anything larger is not one
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's ``weight_map`` (tensor name -> file name), checked to be one."""
+    fd = open_regular(index)
     try:
-        data = json.loads(index.read_text())
-        weight_map = data["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DistacError(f"{index}: not a valid shard index (needs a 'weight_map'): {e}") from e
-    files = sorted(set(weight_map.values()))
-    return [index.parent / f for f in files]
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(_MAX_INDEX + 1)
+        if len(raw) > _MAX_INDEX:
+            raise DistacError(f"{index}: not a valid shard index (larger than {_MAX_INDEX} bytes)")
+        data = json.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise DistacError(f"{index}: not a valid shard index ({e})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise DistacError(f"{index}: not a valid shard index (needs a 'weight_map' object of tensor name -> file)")
+    bad = [v for v in weight_map.values() if not isinstance(v, str) or not v]
+    if bad:
+        raise DistacError(f"{index}: not a valid shard index ('weight_map' value {bad[0]!r} is not a file name)")
+    return weight_map
+
+
+def _files_from_index(index: Path) -> list[Path]:
+    """The files a shard index names, each inside the index's folder and a regular file."""
+    files = []
+    for name in sorted(set(_weight_map(index).values())):
+        path = inside_model(index.parent, name, named_by=str(index))
+        if not path.exists():
+            raise DistacError(f"{index}: names '{name}', which does not exist in {index.parent}")
+        require_regular(path)
+        files.append(path)
+    return files
+
+
+def _found_in(folder: Path, pattern: str) -> list[Path]:
+    """Files of ``folder`` matching ``pattern`` (Trainer pickles that are not weights left out), each
+    resolving inside the model folder."""
+    found = sorted(f for f in folder.glob(pattern) if not f.name.startswith(_NOT_WEIGHTS))
+    return [inside_model(folder, f.name, named_by=str(folder)) for f in found]
 
 
 def resolve_weight_files(path: str | Path) -> list[Path]:
-    """The weight files a checkpoint path stands for (see the module docstring for the forms)."""
+    """The weight files a checkpoint path stands for (see the module docstring for the forms).
+
+    Args:
+        path: a weight file, a shard index, or a model folder.
+
+    Returns:
+        The weight files, each a regular file inside the model folder (see :mod:`distac.io.inputs`).
+
+    Example:
+        >>> resolve_weight_files("org/model")  # doctest: +SKIP
+        [PosixPath('org/model/model-00001-of-00002.safetensors'), ...]
+    """
     p = Path(path)
-    if not p.exists():
-        raise DistacError(f"{p}: no such file or directory")
-    if p.is_file():
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        raise DistacError(f"{p}: no such file or directory") from None
+    except OSError as e:
+        raise DistacError(f"{p}: cannot read ({e.strerror or e})") from e
+    if not stat.S_ISDIR(mode):
+        require_regular(p)
         return _files_from_index(p) if p.name.endswith(".json") else [p]
     for pattern in (
         "*.safetensors.index.json",
@@ -288,7 +378,7 @@ def resolve_weight_files(path: str | Path) -> list[Path]:
         "*.pth",
     ):
         # Trainer output folders also hold pickles that are not weights (training_args.bin, optimizer.pt)
-        found = sorted(f for f in p.glob(pattern) if not f.name.startswith(_NOT_WEIGHTS))
+        found = _found_in(p, pattern)
         if found:
             if pattern.endswith(".index.json"):
                 if len(found) > 1:

@@ -20,7 +20,11 @@ inside it aborts them.
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
+import stat
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +36,7 @@ from torch import Tensor
 
 from ..errors import DistacError
 from .formats import TensorEntry, header_bytes
+from .inputs import inside_model
 
 __all__ = [
     "DEFAULT_SHARD_BYTES",
@@ -49,6 +54,7 @@ DEFAULT_SHARD_BYTES = 1_000_000_000
 #: files that are weights, never copied from the base's folder
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
+_MAX_SIZE = 2**62
 _UNITS = {
     "": 1,
     "B": 1,
@@ -63,21 +69,41 @@ _UNITS = {
 }
 
 
-def parse_size(text: str | int | float) -> int:
-    """Bytes from ``"1GB"``, ``"500MB"``, ``"2GiB"``, ``"1e9"`` or a number (decimal units, like HF)."""
+def parse_size(text: str | int | float, *, what: str = "size") -> int:
+    """Bytes from ``"1GB"``, ``"500MB"``, ``"2GiB"``, ``"1e9"`` or a number (decimal units, like HF).
+
+    Args:
+        text: the size as given (a flag value, a config entry, a number).
+        what: how messages name it (e.g. ``"--shard-size"``).
+
+    Returns:
+        A positive number of bytes, at most 2**62 (an absurd size is a typo, not a plan).
+
+    Example:
+        >>> parse_size("2GiB")
+        2147483648
+    """
     if isinstance(text, int | float) and not isinstance(text, bool):
-        value = int(text)
+        number, unit = float(text), ""
     else:
         s = str(text).strip().upper().replace(" ", "")
         num = s.rstrip("KMGTIB")
         unit = s[len(num) :]
         try:
-            value = int(float(num) * _UNITS[unit])
-        except (ValueError, KeyError):
-            raise DistacError(f"cannot read size {text!r}; use e.g. 1GB, 500MB, 2GiB or a number of bytes") from None
-    if value <= 0:
-        raise DistacError(f"size {text!r} must be positive")
-    return value
+            number = float(num)
+        except ValueError:
+            number = math.nan
+        if unit not in _UNITS or math.isnan(number):
+            raise DistacError(f"{what}: cannot read {text!r}; use e.g. 1GB, 500MB, 2GiB or a number of bytes")
+    value = number * _UNITS[unit]
+    if not value > 0:  # also catches -inf
+        raise DistacError(f"{what}: {text!r} must be positive")
+    if not value <= _MAX_SIZE:  # also catches inf
+        raise DistacError(f"{what}: {text!r} is too large (at most {_MAX_SIZE:.3g} bytes)")
+    size = text if isinstance(text, int) else int(value)
+    if size <= 0:
+        raise DistacError(f"{what}: {text!r} must be positive")
+    return size
 
 
 Layout = Sequence[tuple[str, tuple[int, ...], torch.dtype]]
@@ -314,14 +340,43 @@ def copy_model_files(src_folder: Path, dst: Path, *, skip: Sequence[str] = ("REA
     """Copy the base's non-weight files (config.json, tokenizer, generation config, ...) to ``dst``.
 
     Only top-level regular files; weight files and shard indexes are skipped (the merge writes
-    its own), and so is the base's model card (the merge writes a new one).
+    its own), and so is the base's model card (the merge writes a new one). A symlink is copied
+    by content only when it resolves inside the model folder (see :mod:`distac.io.inputs`); one
+    that leads outside (a ``tokenizer_config.json`` linking to a private key) is skipped with a
+    warning on stderr, so nothing from outside the folder ever lands in an output that may be
+    uploaded, and a long merge is not thrown away at its last step. FIFOs, devices and sockets
+    are skipped the same way.
+
+    Args:
+        src_folder: the base model's folder.
+        dst: the output folder.
+        skip: file names never copied.
+
+    Returns:
+        The names copied.
+
+    Example:
+        >>> copy_model_files(Path("base"), Path("merged"))  # doctest: +SKIP
+        ['config.json', 'tokenizer.json']
     """
     copied = []
     for f in sorted(src_folder.iterdir()):
-        if not f.is_file() or f.name.startswith(".") or f.name in skip:
+        if f.name.startswith(".") or f.name in skip or f.suffix in WEIGHT_SUFFIXES or f.name.endswith(".index.json"):
             continue
-        if f.suffix in WEIGHT_SUFFIXES or f.name.endswith(".index.json"):
+        try:
+            inside_model(src_folder, f.name, named_by=str(src_folder))
+        except DistacError as e:
+            print(f"distac: warning: not copying {f.name}: {e}", file=sys.stderr)
             continue
-        shutil.copy2(f, dst / f.name)
+        try:
+            mode = os.stat(f).st_mode
+        except OSError:  # a dangling link
+            continue
+        if stat.S_ISDIR(mode):
+            continue
+        if not stat.S_ISREG(mode):
+            print(f"distac: warning: not copying {f}: not a regular file", file=sys.stderr)
+            continue
+        shutil.copy2(os.path.realpath(f), dst / f.name)
         copied.append(f.name)
     return copied
