@@ -94,7 +94,8 @@ def _no_constant(name: str) -> Any:
 
 
 def _int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    # the format's integers are unsigned 64-bit
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**64
 
 
 def _entry(name: str, info: Any, where: str) -> TensorEntry:
@@ -138,6 +139,8 @@ def _check_layout(path: Path, entries: dict[str, TensorEntry], data_size: int) -
 def _parse(path: Path, raw: bytes, data_size: int) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     try:
         text = raw.decode("utf-8")
+        if not text.startswith("{"):  # as the reference reader demands
+            raise _Corrupt("the header does not start with '{'")
         header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
         if not isinstance(header, dict):
             raise _Corrupt("header is not a JSON object")
