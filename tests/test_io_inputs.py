@@ -250,7 +250,8 @@ def test_a_header_length_a_few_bytes_short_is_refused(tmp_path):
         ({"a": {"dtype": 3, "shape": [1], "data_offsets": [0, 4]}}, 4, "dtype"),
         ({"a": [1, 2]}, 0, "not an object"),
         ('{"a": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 4]}}', 4, "NaN"),
-        ("[1, 2]", 0, "not a JSON object"),
+        ("[1, 2]", 0, "does not start with"),
+        (" " + json.dumps(_two()), 32, "does not start with"),
     ],
 )
 def test_headers_the_format_forbids_are_refused_naming_the_file(tmp_path, header, data, match):
