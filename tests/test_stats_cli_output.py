@@ -114,3 +114,34 @@ def test_a_full_disk_while_writing_a_sidecar_is_one_line_and_leaves_nothing(setu
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == [
         n for n in before if n != "__pycache__"
     ]
+
+
+@pytest.mark.parametrize("content", [b"\x80\x04garbage", b"hello", "FIFO"])
+def test_adam_refuses_a_broken_or_special_optimizer_file_in_one_line(tmp_path, content):
+    import os
+    import threading
+
+    from distac.errors import DistacError
+    from distac.stats import adam_fisher
+
+    path = tmp_path / "opt.pt"
+    if content == "FIFO":
+        os.mkfifo(path)
+    else:
+        path.write_bytes(content)
+    box: dict[str, BaseException] = {}
+
+    def call():
+        try:
+            adam_fisher(str(path), ["w"], n_examples=4, batch_size=2)
+        except BaseException as e:
+            box["error"] = e
+
+    th = threading.Thread(target=call, daemon=True)
+    th.start()
+    th.join(10)
+    if th.is_alive():
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # release the blocked reader
+        pytest.fail("blocked on the FIFO")
+    assert isinstance(box.get("error"), DistacError), box
+    assert "opt.pt" in str(box["error"]) and "\n" not in str(box["error"])

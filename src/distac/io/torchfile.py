@@ -19,7 +19,7 @@ from ..errors import DistacError
 from .formats import DTYPE_NAMES
 from .inputs import require_regular
 
-__all__ = ["TorchFile"]
+__all__ = ["TorchFile", "load_torch_file"]
 
 
 def _convert_hint(path: Path) -> str:
@@ -51,8 +51,23 @@ _LOAD_ERRORS = (
 )
 
 
-def _torch_load(path: Path) -> object:
-    """``torch.load(weights_only=True)``, memory-mapped when the file allows; errors name the file."""
+def load_torch_file(path: Path) -> object:
+    """``torch.load(weights_only=True)`` of a regular file, memory-mapped when the file allows.
+
+    Args:
+        path: a file written by ``torch.save`` (a state dict, an optimizer state).
+
+    Returns:
+        The unpickled object (tensors and plain containers only).
+
+    Raises:
+        DistacError: one line naming the file: not a regular file, a pickle that would run code,
+            or bytes that are not a torch checkpoint.
+
+    Example:
+        >>> state = load_torch_file(Path("optimizer.pt"))  # doctest: +SKIP
+    """
+    require_regular(path)  # torch.load would block forever on a FIFO
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -92,8 +107,7 @@ class TorchFile:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.label = str(self.path)
-        require_regular(self.path)  # torch.load would block forever on a FIFO
-        self.state = self._state_dict(_torch_load(self.path))
+        self.state = self._state_dict(load_torch_file(self.path))
 
     def _state_dict(self, obj: object) -> dict[str, Tensor]:
         if not isinstance(obj, dict):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import DistacError
+from ..io.torchfile import load_torch_file
 
 __all__ = ["adam_fisher"]
 
@@ -17,10 +19,8 @@ __all__ = ["adam_fisher"]
 def _optimizer_state(optimizer_state: str | Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
     """The optimizer state dict and the name to use for it in messages."""
     if isinstance(optimizer_state, str):
-        try:
-            state = torch.load(optimizer_state, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as e:
-            raise DistacError(f"{optimizer_state}: cannot read the optimizer state: {e}") from e
+        loaded = load_torch_file(Path(optimizer_state))
+        state = loaded if isinstance(loaded, Mapping) else {}
         where = optimizer_state
     else:
         state, where = optimizer_state, "optimizer state"
