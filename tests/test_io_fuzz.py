@@ -99,7 +99,8 @@ def mutated(draw: st.DrawFn) -> bytes:
             raw = _join(text[:-1] + f", {json.dumps(a)}: {json.dumps(header[b])}" + "}", data)
         else:  # two tensors exchange their byte ranges: still a valid file, other values
             a, b = draw(st.sampled_from(names)), draw(st.sampled_from(names))
-            header[a]["data_offsets"], header[b]["data_offsets"] = header[b]["data_offsets"], header[a]["data_offsets"]
+            oa, ob = header[a].get("data_offsets"), header[b].get("data_offsets")
+            header[a]["data_offsets"], header[b]["data_offsets"] = ob, oa
             raw = _join(header, data)
     return raw
 
