@@ -352,3 +352,17 @@ def test_background_writer_reraises_a_disk_error_and_aborts_in_a_with_block(tmp_
             for k, v in state.items():
                 bg.write(k, v)
     assert bg.writer._fh is None
+
+
+def test_write_safetensors_is_read_back_by_safetensors_itself(tmp_path):
+    from distac.io import write_safetensors
+
+    state = tiny_state(6)
+    state["tied"] = state["embed.weight"]  # shared storage: written as a copy
+    path = write_safetensors(tmp_path / "s.safetensors", state, {"kind": "fisher"})
+    back = load_file(path)
+    assert back.keys() == state.keys()
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"kind": "fisher"}

@@ -74,11 +74,15 @@ class SafetensorsFile:
         self.path = Path(path)
         self.label = str(self.path)
         fd = open_regular(self.path)
-        try:  # the header is checked on the very file that is then read
+        try:
             self.entries, self.metadata, self._data_start = read_layout(fd, self.path)
-        finally:
+        except BaseException:
             os.close(fd)
-        self._fd: int | None = None
+            raise
+        # kept open, so the bytes read are those of the file whose header was checked (a file
+        # replaced on disk meanwhile is not mixed in); close() releases it, a later read reopens
+        self._fd: int | None = fd
+        self._advise()
         self._staging = staging if staging is not None else _Staging()
 
     def names(self) -> list[str]:
@@ -106,11 +110,15 @@ class SafetensorsFile:
         shape = (max(stop - start, 0), *e.shape[1:])
         return self._data_start + e.begin + start * row_bytes, shape[0] * row_bytes, shape
 
+    def _advise(self) -> None:
+        if self._fd is not None and hasattr(os, "posix_fadvise"):
+            # a merge reads each file front to back: ask for readahead
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
     def _pread_into(self, dst: memoryview, offset: int, name: str) -> None:
         if self._fd is None:
             self._fd = open_regular(self.path)
-            if hasattr(os, "posix_fadvise"):  # a merge reads each file front to back: ask for readahead
-                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            self._advise()
         done = 0
         while done < len(dst):
             try:
