@@ -52,8 +52,8 @@ __all__ = ["SWEEP_METHODS", "run_suite", "run_vision"]
 SWEEP_METHODS = ("task_arithmetic", "fisher", "gradient_matching")
 
 
-def _bar(enabled: bool) -> Callable[[Iterable[int], str], Iterable[int]]:
-    def wrap(it: Iterable[int], desc: str) -> Iterable[int]:
+def _bar(enabled: bool) -> Callable[[Iterable[Any], str], Iterable[Any]]:
+    def wrap(it: Iterable[Any], desc: str) -> Iterable[Any]:
         return track(it, desc=desc, quiet=not enabled)
 
     return wrap
