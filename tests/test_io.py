@@ -280,3 +280,89 @@ def test_trainer_folder_pickles_are_not_taken_for_weights(tmp_path):
     torch.save({"lr": 1.0, "obj": _Custom()}, folder / "training_args.bin")
     torch.save({"state": {}}, folder / "optimizer.pt")
     _assert_same(open_checkpoint(folder), state)
+
+
+@pytest.mark.parametrize("form", ["file", "sharded", "pt"])
+def test_every_reader_implements_the_whole_tensor_source_protocol(tmp_path, form):
+    from distac.io.readers import SafetensorsFile, TorchFile
+
+    state = tiny_state(2)
+    path = write_checkpoint(state, tmp_path / ("m.safetensors" if form == "file" else "m"), form=form)
+    with open_checkpoint(path) as ck:
+        readers = [ck, *ck.files]
+        assert {type(f) for f in ck.files} <= {SafetensorsFile, TorchFile}
+        for r in readers:
+            for k in r.keys():
+                want = state[k]
+                assert r.shape(k) == tuple(want.shape) and r.dtype(k) == want.dtype
+                assert torch.equal(r.get(k), want)
+                assert r.file_of(k).name in {p.name for p in tmp_path.rglob("*")}
+                if want.dim():
+                    assert torch.equal(r.get_rows(k, 1, 3), want[1:3])
+                    out = torch.empty((2, *want.shape[1:]), dtype=torch.float32)
+                    assert r.read_into(k, (1, 3), out) == want[1:3].numel() * want.element_size()
+                    assert torch.equal(out, want[1:3].float())
+            assert isinstance(r.label, str)
+
+
+def test_checkpoint_is_a_context_manager_and_keeps_working_without_with(tmp_path):
+    path = write_checkpoint(tiny_state(1), tmp_path / "m.safetensors")
+    with open_checkpoint(path) as ck:
+        ck.get("scalar")
+        fds = [f._fd for f in ck.files]
+        assert all(fd is not None for fd in fds)
+    assert all(f._fd is None for f in ck.files)  # closed by the with block
+    ck2 = open_checkpoint(path)
+    assert torch.equal(ck2.get("scalar"), tiny_state(1)["scalar"])
+    ck2.close()
+    assert torch.equal(ck2.get("scalar"), tiny_state(1)["scalar"])  # reopens on demand
+
+
+def test_background_writer_is_a_context_manager_with_the_same_bytes(tmp_path):
+    from distac.io import BackgroundWriter
+
+    state = tiny_state(4)
+    layout = [(k, tuple(v.shape), v.dtype) for k, v in state.items()]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    plain = ShardWriter(tmp_path / "a", layout, max_shard_bytes=300)
+    for k, v in state.items():
+        plain.write(k, v)
+    plain.close()
+    with BackgroundWriter(ShardWriter(tmp_path / "b", layout, max_shard_bytes=300), depth=1) as bg:
+        for k, v in state.items():
+            bg.write(k, v)
+    assert [f.name for f in bg.files] == sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
+    for f in bg.files:
+        assert f.read_bytes() == (tmp_path / "a" / f.name).read_bytes()
+
+
+def test_background_writer_reraises_a_disk_error_and_aborts_in_a_with_block(tmp_path, monkeypatch):
+    from distac.io import BackgroundWriter
+
+    state = tiny_state(4)
+    layout = [(k, tuple(v.shape), v.dtype) for k, v in state.items()]
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ShardWriter, "_write_bytes", full)
+    with pytest.raises(OSError, match="No space"):
+        with BackgroundWriter(ShardWriter(tmp_path, layout)) as bg:
+            for k, v in state.items():
+                bg.write(k, v)
+    assert bg.writer._fh is None
+
+
+def test_write_safetensors_is_read_back_by_safetensors_itself(tmp_path):
+    from distac.io import write_safetensors
+
+    state = tiny_state(6)
+    state["tied"] = state["embed.weight"]  # shared storage: written as a copy
+    path = write_safetensors(tmp_path / "s.safetensors", state, {"kind": "fisher"})
+    back = load_file(path)
+    assert back.keys() == state.keys()
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"kind": "fisher"}

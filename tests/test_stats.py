@@ -499,3 +499,32 @@ def test_linear_shortcut_matches_autograd_on_token_inputs_and_falls_back_when_we
         ref = {k: sum(g[k].pow(2) for g in per_example_grads(model, x, y)) for k in f}
         for k in f:
             torch.testing.assert_close(f[k], ref[k], rtol=1e-4, atol=1e-7, msg=f"{k} reuse={reuse}")
+
+
+def test_open_sidecar_reads_the_header_once_and_keeps_a_lazy_reader(tmp_path):
+    from safetensors.torch import save_file
+
+    from distac.io import open_checkpoint
+    from distac.stats import open_sidecar
+
+    model = softmax_regression()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"))
+    f = fisher_diagonal(model, [torch.randn(4, 4)], progress=False)
+    path = save_stats(
+        tmp_path / "f.safetensors", f, kind="fisher", model=model, n_examples=4, scale="sum", estimator="sampled"
+    )
+    with (
+        open_checkpoint(tmp_path / "m.safetensors") as ck,
+        open_sidecar(path, use="fisher", model=ck, scale="sum") as sc,
+    ):
+        assert (sc.kind, sc.scale, sc.metadata["n_examples"]) == ("fisher", "sum", 4)
+        assert torch.equal(sc.source.get("weight"), f["weight"])
+        assert sc.source.file_of("weight") == path
+    with pytest.raises(DistacError, match="but the config uses it as 'gram'"):
+        open_sidecar(path, use="gram", role="the config")
+    plain = tmp_path / "plain.safetensors"
+    save_file({"weight": torch.ones(3, 4)}, str(plain))
+    with open_sidecar(plain, use="fisher") as sc:
+        assert sc.kind is None and sc.scale is None
+    with pytest.raises(DistacError, match="not a distac statistics sidecar"):
+        open_sidecar(plain, plain_ok=False)

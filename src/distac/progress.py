@@ -1,8 +1,12 @@
 """The one progress helper every long loop in distac uses (merging, statistics, distillation, reproduce).
 
-Built on tqdm. Bars are shown only on an interactive terminal and never when ``quiet``, so logs
-and CI output stay clean. :class:`Progress` counts items (tensors, steps) and bytes together and
-shows the byte rate, which is the number that matters for an I/O-bound merge.
+This is the only module that imports tqdm. Bars are shown only on an interactive terminal and
+never when ``quiet``, so logs and CI output stay clean. Three shapes cover every loop:
+
+* :class:`Progress`: bytes (with rate) and items together, for an I/O-bound merge;
+* :class:`Counter`: a count (examples, steps) updated by hand, with an optional postfix of named
+  values (a training loss), for loops whose unit is not one iteration of an iterable;
+* :func:`track`: wrap an iterable, one tick per item.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import TypeVar
 
 from tqdm.auto import tqdm
 
-__all__ = ["Progress", "track"]
+__all__ = ["Counter", "Progress", "track"]
 
 T = TypeVar("T")
 
@@ -56,6 +60,63 @@ class Progress:
         self._bar.close()
 
     def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Counter:
+    """A bar over a count (examples, optimisation steps), advanced by hand, with named values shown after it.
+
+    Args:
+        total: the count at the end (None: unknown, the bar shows the count and the rate only).
+        desc: what is counted, shown before the bar.
+        unit: the unit of the count (``"ex"``, ``"step"``).
+        initial: where the count starts (a resumed training run starts at its saved step).
+        quiet: never show the bar.
+        leave: keep the finished bar on the terminal.
+
+    Example:
+        >>> with Counter(steps, desc="condition", unit="step", initial=start) as bar:  # doctest: +SKIP
+        ...     for step in range(start, steps):
+        ...         bar.update(1, loss=f"{loss:.4g}")
+    """
+
+    def __init__(
+        self,
+        total: int | None,
+        *,
+        desc: str,
+        unit: str = "it",
+        initial: int = 0,
+        quiet: bool = False,
+        leave: bool = False,
+    ):
+        self._bar = tqdm(
+            total=total,
+            initial=initial,
+            desc=desc,
+            unit=unit,
+            disable=not _enabled(quiet),
+            dynamic_ncols=True,
+            leave=leave,
+        )
+
+    def update(self, n: int = 1, **postfix: object) -> None:
+        """Advance by ``n``; keyword arguments replace the values shown after the bar (e.g. ``loss=0.12``)."""
+        if postfix:
+            self.set_postfix(**postfix)
+        self._bar.update(n)
+
+    def set_postfix(self, **values: object) -> None:
+        """Show ``name=value`` pairs after the bar without advancing it (refreshed with the next update)."""
+        self._bar.set_postfix({k: str(v) for k, v in values.items()}, refresh=False)
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def __enter__(self) -> Counter:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,4 +1,5 @@
-"""Checkpoint I/O: lazy readers for every common checkpoint form, and streaming sharded output."""
+"""Checkpoint I/O: lazy readers for every common checkpoint form, streaming sharded output, and the
+input (:mod:`distac.io.inputs`) and output (:mod:`distac.io.atomic`) policies."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from .atomic import atomic_file as atomic_file
 from .atomic import check_output as check_output
 from .formats import DTYPE_NAMES as DTYPE_NAMES
 from .formats import read_header as read_header
+from .inputs import inside_model as inside_model
+from .inputs import open_regular as open_regular
+from .inputs import require_regular as require_regular
 from .readers import Checkpoint as Checkpoint
 from .readers import open_checkpoint as open_checkpoint
 from .readers import resolve_weight_files as resolve_weight_files
@@ -15,6 +19,7 @@ from .writer import BackgroundWriter as BackgroundWriter
 from .writer import ShardWriter as ShardWriter
 from .writer import copy_model_files as copy_model_files
 from .writer import parse_size as parse_size
+from .writer import write_safetensors as write_safetensors
 
 __all__ = [
     "DEFAULT_SHARD_BYTES",
@@ -26,8 +31,12 @@ __all__ = [
     "atomic_file",
     "check_output",
     "copy_model_files",
+    "inside_model",
     "open_checkpoint",
+    "open_regular",
     "parse_size",
     "read_header",
+    "require_regular",
     "resolve_weight_files",
+    "write_safetensors",
 ]

@@ -29,7 +29,7 @@ import shutil
 import sys
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from ..errors import DistacError
@@ -106,7 +106,7 @@ def _alive(pid: int) -> bool:
 def clean_stale(target: str | Path) -> list[Path]:
     """Remove temporaries of ``target`` left by processes that no longer run; return what was removed."""
     t = Path(target)
-    removed = []
+    removed: list[Path] = []
     if not t.parent.is_dir():
         return removed
     for p in t.parent.glob(f".{t.name}.*-*-*"):
@@ -199,7 +199,9 @@ def _commit(tmp: Path, target: Path) -> None:
         os.replace(tmp, target)
 
 
-def atomic_dir(target: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+def atomic_dir(
+    target: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path] = ()
+) -> AbstractContextManager[Path]:
     """Context manager: a fresh temporary folder, renamed to ``target`` when the block succeeds.
 
     Args:
@@ -214,7 +216,9 @@ def atomic_dir(target: str | Path, *, overwrite: bool = False, inputs: Iterable[
     return _atomic(target, overwrite, inputs, folder=True)
 
 
-def atomic_file(target: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+def atomic_file(
+    target: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path] = ()
+) -> AbstractContextManager[Path]:
     """Context manager: a temporary path next to ``target``, renamed to ``target`` when the block succeeds.
 
     Args:

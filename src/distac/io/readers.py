@@ -8,11 +8,12 @@
 * a Hugging Face model folder (``config.json`` + weights in any of these forms, or
   ``pytorch_model.bin`` / sharded ``pytorch_model-*.bin`` with ``pytorch_model.bin.index.json``);
 * a torch ``.bin`` / ``.pt`` / ``.pth`` state dict, loaded with ``torch.load(weights_only=True,
-  mmap=True)``. A pickle that needs more than tensors (a pickled ``nn.Module``, custom classes) is
-  refused: loading it would run arbitrary code. The message shows how to convert a trusted file.
+  mmap=True)`` (see :mod:`distac.io.torchfile`: pickles that would run code are refused).
 
-Safetensors headers are parsed and size-checked when the checkpoint is opened (see
-:mod:`distac.io.formats`), so a truncated file fails before the merge starts, naming the file.
+Which files are read follows the input policy of :mod:`distac.io.inputs` (regular files inside
+the model folder only). Safetensors headers are validated when the checkpoint is opened (see
+:mod:`distac.io.formats`), so a corrupt or truncated file fails before the merge starts, naming
+the file.
 Tensor bytes are then read with ``pread`` at the header's offsets (see :class:`SafetensorsFile`
 for why not a memory map); torch files are memory-mapped by ``torch.load(mmap=True)``.
 """
@@ -21,20 +22,41 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import struct
+import stat
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..errors import DistacError
-from .formats import TensorEntry, read_header
+from .formats import read_layout
+from .inputs import inside_model, open_regular, require_regular
+from .torchfile import TorchFile
 
 __all__ = ["Checkpoint", "SafetensorsFile", "TorchFile", "open_checkpoint", "resolve_weight_files"]
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 _NOT_WEIGHTS = ("training_args", "optimizer", "scheduler", "rng_state", "scaler")
+
+
+class _Staging:
+    """One reusable uint8 CPU buffer that grows to the largest read, shared by a checkpoint's files.
+
+    Reading through it allocates nothing per tensor: a fresh multi-MB buffer would be a fresh
+    ``mmap`` whose pages the kernel zero-fills on first touch.
+    """
+
+    def __init__(self) -> None:
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+    def take(self, nbytes: int) -> Tensor:
+        if self._buf.numel() < nbytes:
+            self._buf = torch.empty(0, dtype=torch.uint8)  # free the smaller one first
+            self._buf = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buf
+
+    def release(self) -> None:
+        self._buf = torch.empty(0, dtype=torch.uint8)
 
 
 class SafetensorsFile:
@@ -48,16 +70,36 @@ class SafetensorsFile:
     ``safetensors`` itself).
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, staging: _Staging | None = None):
         self.path = Path(path)
-        self.entries: dict[str, TensorEntry] = read_header(self.path)[0]
-        with open(self.path, "rb") as f:
-            self._data_start = 8 + struct.unpack("<Q", f.read(8))[0]
-        self._fd: int | None = None
+        self.label = str(self.path)
+        fd = open_regular(self.path)
+        try:
+            self.entries, self.metadata, self._data_start = read_layout(fd, self.path)
+        except BaseException:
+            os.close(fd)
+            raise
+        # kept open, so the bytes read are those of the file whose header was checked (a file
+        # replaced on disk meanwhile is not mixed in); close() releases it, a later read reopens
+        self._fd: int | None = fd
+        self._advise()
+        self._staging = staging if staging is not None else _Staging()
 
     def names(self) -> list[str]:
         # storage order, so a streamed merge reads each file front to back
         return sorted(self.entries, key=lambda k: self.entries[k].begin)
+
+    def keys(self) -> list[str]:
+        return self.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name].shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.entries[name].dtype
+
+    def file_of(self, name: str) -> Path:
+        return self.path
 
     def _byte_range(self, name: str, rows: tuple[int, int] | None) -> tuple[int, int, tuple[int, ...]]:
         e = self.entries[name]
@@ -68,14 +110,15 @@ class SafetensorsFile:
         shape = (max(stop - start, 0), *e.shape[1:])
         return self._data_start + e.begin + start * row_bytes, shape[0] * row_bytes, shape
 
+    def _advise(self) -> None:
+        if self._fd is not None and hasattr(os, "posix_fadvise"):
+            # a merge reads each file front to back: ask for readahead
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
     def _pread_into(self, dst: memoryview, offset: int, name: str) -> None:
         if self._fd is None:
-            try:
-                self._fd = os.open(self.path, os.O_RDONLY)
-            except OSError as e:
-                raise DistacError(f"{self.path}: cannot open ({e.strerror or e})") from e
-            if hasattr(os, "posix_fadvise"):  # a merge reads each file front to back: ask for readahead
-                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            self._fd = open_regular(self.path)
+            self._advise()
         done = 0
         while done < len(dst):
             try:
@@ -96,7 +139,7 @@ class SafetensorsFile:
         dtype = self.entries[name].dtype
         raw = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
         if nbytes:
-            self._pread_into(memoryview(raw.numpy()), offset, name)
+            self._pread_into(raw.numpy().data, offset, name)
         return raw.view(dtype).view(shape)
 
     def get(self, name: str) -> Tensor:
@@ -105,105 +148,101 @@ class SafetensorsFile:
     def get_rows(self, name: str, start: int, stop: int) -> Tensor:
         return self.read(name, (start, stop))
 
+    def read_into(self, name: str, rows: tuple[int, int] | None, out: Tensor) -> int:
+        """Read a tensor (or rows ``start:stop``) through the reusable staging buffer and convert it into ``out``."""
+        nbytes = self._byte_range(name, rows)[1]
+        raw = self.read(name, rows, out=self._staging.take(nbytes))
+        out.copy_(raw)
+        return nbytes
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        self._staging.release()
 
+    def __enter__(self) -> SafetensorsFile:
+        return self
 
-def _convert_hint(path: Path) -> str:
-    out = path.with_suffix(".safetensors")
-    return (
-        'If you trust this file, convert it once to safetensors: python -c "import torch; '
-        "from safetensors.torch import save_file; "
-        f"sd = torch.load('{path}', map_location='cpu', weights_only=False); "
-        "sd = sd.get('state_dict', sd) if isinstance(sd, dict) else sd.state_dict(); "
-        f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{out}')\""
-    )
-
-
-class TorchFile:
-    """A torch state dict file, loaded with ``weights_only=True`` and memory-mapped when possible."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise DistacError(f"{self.path}: file not found")
-        try:
-            try:
-                obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                # files written with the legacy (non-zip) serialization cannot be memory-mapped
-                if "mmap" not in str(e) and "zip" not in str(e):
-                    raise
-                obj = torch.load(self.path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise DistacError(
-                f"{self.path}: refused to unpickle: it holds more than tensors (e.g. a pickled model or "
-                f"custom classes), and loading it would run arbitrary code. {_convert_hint(self.path)}"
-            ) from e
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
-            raise DistacError(f"{self.path}: cannot load as a torch state dict ({e})") from e
-        self.state = self._state_dict(obj)
-
-    def _state_dict(self, obj: object) -> dict[str, Tensor]:
-        if isinstance(obj, dict):
-            # training checkpoints often nest the weights: {"state_dict": {...}, "epoch": 3}
-            for key in ("state_dict", "model_state_dict", "model"):
-                inner = obj.get(key)
-                if isinstance(inner, dict) and inner and all(isinstance(v, Tensor) for v in inner.values()):
-                    return inner
-            bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
-            if not bad:
-                return obj
-            raise DistacError(
-                f"{self.path}: entries {bad[:3]} are not tensors; distac reads flat state dicts "
-                "(name -> tensor), or one nested under 'state_dict' / 'model'"
-            )
-        raise DistacError(f"{self.path}: holds a {type(obj).__name__}, not a state dict. {_convert_hint(self.path)}")
-
-    def names(self) -> list[str]:
-        return list(self.state)
-
-    def get(self, name: str) -> Tensor:
-        return self.state[name]
-
-    def get_rows(self, name: str, start: int, stop: int) -> Tensor:
-        return self.state[name][start:stop]
-
-    def close(self) -> None:
-        self.state = {}
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 WeightFile = SafetensorsFile | TorchFile
 
 
-def _open_file(path: Path) -> WeightFile:
-    if not path.exists():
-        raise DistacError(f"{path}: file not found")
+def _open_file(path: Path, staging: _Staging) -> WeightFile:
     if path.suffix == ".safetensors":
-        return SafetensorsFile(path)
+        return SafetensorsFile(path, staging=staging)
     if path.suffix in _TORCH_SUFFIXES:
         return TorchFile(path)
     raise DistacError(f"{path}: unknown checkpoint format (expected .safetensors, .bin, .pt or an index .json)")
 
 
-def _files_from_index(index: Path) -> list[Path]:
+_MAX_INDEX = 100_000_000  # a shard index is a name -> file map; anything larger is not one
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's ``weight_map`` (tensor name -> file name), checked to be one."""
+    fd = open_regular(index)
     try:
-        data = json.loads(index.read_text())
-        weight_map = data["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DistacError(f"{index}: not a valid shard index (needs a 'weight_map'): {e}") from e
-    files = sorted(set(weight_map.values()))
-    return [index.parent / f for f in files]
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(_MAX_INDEX + 1)
+        if len(raw) > _MAX_INDEX:
+            raise DistacError(f"{index}: not a valid shard index (larger than {_MAX_INDEX} bytes)")
+        data = json.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise DistacError(f"{index}: not a valid shard index ({e})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise DistacError(f"{index}: not a valid shard index (needs a 'weight_map' object of tensor name -> file)")
+    bad = [v for v in weight_map.values() if not isinstance(v, str) or not v]
+    if bad:
+        raise DistacError(f"{index}: not a valid shard index ('weight_map' value {bad[0]!r} is not a file name)")
+    return weight_map
+
+
+def _files_from_index(index: Path) -> list[Path]:
+    """The files a shard index names, each inside the index's folder and a regular file."""
+    files = []
+    for name in sorted(set(_weight_map(index).values())):
+        path = inside_model(index.parent, name, named_by=str(index))
+        if not path.exists():
+            raise DistacError(f"{index}: names '{name}', which does not exist in {index.parent}")
+        require_regular(path)
+        files.append(path)
+    return files
+
+
+def _found_in(folder: Path, pattern: str) -> list[Path]:
+    """Files of ``folder`` matching ``pattern`` (Trainer pickles that are not weights left out), each
+    resolving inside the model folder."""
+    found = sorted(f for f in folder.glob(pattern) if not f.name.startswith(_NOT_WEIGHTS))
+    return [inside_model(folder, f.name, named_by=str(folder)) for f in found]
 
 
 def resolve_weight_files(path: str | Path) -> list[Path]:
-    """The weight files a checkpoint path stands for (see the module docstring for the forms)."""
+    """The weight files a checkpoint path stands for (see the module docstring for the forms).
+
+    Args:
+        path: a weight file, a shard index, or a model folder.
+
+    Returns:
+        The weight files, each a regular file inside the model folder (see :mod:`distac.io.inputs`).
+
+    Example:
+        >>> resolve_weight_files("org/model")  # doctest: +SKIP
+        [PosixPath('org/model/model-00001-of-00002.safetensors'), ...]
+    """
     p = Path(path)
-    if not p.exists():
-        raise DistacError(f"{p}: no such file or directory")
-    if p.is_file():
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        raise DistacError(f"{p}: no such file or directory") from None
+    except OSError as e:
+        raise DistacError(f"{p}: cannot read ({e.strerror or e})") from e
+    if not stat.S_ISDIR(mode):
+        require_regular(p)
         return _files_from_index(p) if p.name.endswith(".json") else [p]
     for pattern in (
         "*.safetensors.index.json",
@@ -215,7 +254,7 @@ def resolve_weight_files(path: str | Path) -> list[Path]:
         "*.pth",
     ):
         # Trainer output folders also hold pickles that are not weights (training_args.bin, optimizer.pt)
-        found = sorted(f for f in p.glob(pattern) if not f.name.startswith(_NOT_WEIGHTS))
+        found = _found_in(p, pattern)
         if found:
             if pattern.endswith(".index.json"):
                 if len(found) > 1:
@@ -229,27 +268,33 @@ class Checkpoint:
     """A checkpoint on disk as a lazy ``TensorSource``: one or more weight files behind one name map.
 
     ``label`` (the path given) names the checkpoint in messages; :meth:`file_of` names the file that
-    holds a tensor, so an error about a tensor can point at the exact shard.
+    holds a tensor, so an error about a tensor can point at the exact shard. Use it as a context
+    manager to close its files (``with open_checkpoint(p) as ck: ...``); without ``with`` it works
+    the same and :meth:`close` releases the files.
     """
 
     def __init__(self, path: str | Path, *, label: str | None = None):
         self.path = Path(path)
         self.label = label or str(self.path)
-        self.files: list[WeightFile] = [_open_file(f) for f in resolve_weight_files(self.path)]
-        self._where: dict[str, WeightFile] = {}
+        self._staging = _Staging()  # one buffer for every file: see read_into
+        self.files: list[WeightFile] = []
+        try:
+            for f in resolve_weight_files(self.path):
+                self.files.append(_open_file(f, self._staging))
+            self._where = self._name_map()
+        except BaseException:
+            self.close()
+            raise
+        self._names = list(self._where)
+
+    def _name_map(self) -> dict[str, WeightFile]:
+        where: dict[str, WeightFile] = {}
         for f in self.files:
             for name in f.names():
-                if name in self._where:
-                    raise DistacError(f"{self.label}: tensor '{name}' is in both {self._where[name].path} and {f.path}")
-                self._where[name] = f
-        self._names = list(self._where)
-        self._staging = torch.empty(0, dtype=torch.uint8)  # see read_into
-        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        for f in self.files:
-            if isinstance(f, SafetensorsFile):
-                self._meta.update({k: (e.shape, e.dtype) for k, e in f.entries.items()})
-            else:
-                self._meta.update({k: (tuple(v.shape), v.dtype) for k, v in f.state.items()})
+                if name in where:
+                    raise DistacError(f"{self.label}: tensor '{name}' is in both {where[name].path} and {f.path}")
+                where[name] = f
+        return where
 
     @property
     def folder(self) -> Path:
@@ -260,17 +305,22 @@ class Checkpoint:
         return list(self._names)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._meta[name][0]
+        return self._where[name].shape(name)
 
     def dtype(self, name: str) -> torch.dtype:
-        return self._meta[name][1]
+        return self._where[name].dtype(name)
 
     def nbytes(self, name: str) -> int:
-        shape, dtype = self._meta[name]
-        return int(torch.Size(shape).numel()) * dtype.itemsize
+        return int(torch.Size(self.shape(name)).numel()) * self.dtype(name).itemsize
+
+    def metadata(self) -> dict[str, str]:
+        """The ``__metadata__`` of the first safetensors file (``{}`` for torch files)."""
+        first = self.files[0] if self.files else None
+        return dict(first.metadata) if isinstance(first, SafetensorsFile) else {}
 
     def file_of(self, name: str) -> Path:
-        return self._where[name].path
+        """The weight file that holds tensor ``name`` (the shard, for a sharded checkpoint)."""
+        return self._where[name].file_of(name)
 
     def get(self, name: str) -> Tensor:
         return self._where[name].get(name)
@@ -283,26 +333,39 @@ class Checkpoint:
         """Read a tensor (or rows ``start:stop``) and convert it straight into ``out`` (e.g. the
         engine's fp32 buffer). Safetensors bytes go through one reusable staging buffer, so
         reading allocates nothing per tensor. Returns the bytes read."""
-        f = self._where[name]
-        if isinstance(f, SafetensorsFile):
-            nbytes = f._byte_range(name, rows)[1]
-            if self._staging.numel() < nbytes:
-                self._staging = torch.empty(nbytes, dtype=torch.uint8)
-            raw = f.read(name, rows, out=self._staging)
-        else:
-            raw = f.get(name) if rows is None else f.get_rows(name, *rows)
-        out.copy_(raw)
-        return raw.numel() * raw.element_size()
+        return self._where[name].read_into(name, rows, out)
 
     def close(self) -> None:
-        self._staging = torch.empty(0, dtype=torch.uint8)
+        """Close every file (a later read reopens it: the checkpoint keeps working)."""
         for f in self.files:
             f.close()
+        self._staging.release()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.label!r}, {len(self._names)} tensors in {len(self.files)} file(s))"
 
 
 def open_checkpoint(path: str | Path, *, label: str | None = None) -> Checkpoint:
-    """Open any supported checkpoint lazily. Raises :class:`DistacError` naming the file at fault."""
+    """Open any supported checkpoint lazily.
+
+    Args:
+        path: a weight file, a shard index, or a model folder (see the module docstring).
+        label: how messages name the checkpoint (default: ``path``).
+
+    Returns:
+        A :class:`Checkpoint` (a ``TensorSource``; also a context manager that closes its files).
+
+    Raises:
+        DistacError: naming the file at fault.
+
+    Example:
+        >>> with open_checkpoint("org/model") as ck:  # doctest: +SKIP
+        ...     w = ck.get("embed.weight")
+    """
     return Checkpoint(path, label=label)

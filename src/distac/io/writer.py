@@ -11,24 +11,32 @@ Shard naming follows Hugging Face: ``model.safetensors`` when there is one shard
 (``{"metadata": {"total_size": ...}, "weight_map": {name: file}}``), so ``transformers`` and
 mergekit read the output directly.
 
-:func:`atomic_output_dir` gives the writer a temporary folder next to the target and renames it
-into place only when everything is written: a failure (disk full included) leaves no partial output.
+:func:`distac.io.atomic.atomic_dir` gives the writer a temporary folder next to the target and
+renames it into place only when everything is written: a failure (disk full included) leaves no
+partial output. Both writers are context managers: the block's end finishes the shards, an error
+inside it aborts them.
 """
 
 from __future__ import annotations
 
 import json
-import queue
+import math
+import os
 import shutil
+import stat
+import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import Tensor
 
 from ..errors import DistacError
 from .formats import TensorEntry, header_bytes
+from .inputs import inside_model
 
 __all__ = [
     "DEFAULT_SHARD_BYTES",
@@ -38,6 +46,7 @@ __all__ = [
     "copy_model_files",
     "parse_size",
     "plan_shards",
+    "write_safetensors",
 ]
 
 #: default shard size: 1 GB (mergekit's "5B" default is parsed as 5e9 *bytes* and held in RAM).
@@ -45,6 +54,7 @@ DEFAULT_SHARD_BYTES = 1_000_000_000
 #: files that are weights, never copied from the base's folder
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
+_MAX_SIZE = 2**62
 _UNITS = {
     "": 1,
     "B": 1,
@@ -59,21 +69,41 @@ _UNITS = {
 }
 
 
-def parse_size(text: str | int | float) -> int:
-    """Bytes from ``"1GB"``, ``"500MB"``, ``"2GiB"``, ``"1e9"`` or a number (decimal units, like HF)."""
+def parse_size(text: str | int | float, *, what: str = "size") -> int:
+    """Bytes from ``"1GB"``, ``"500MB"``, ``"2GiB"``, ``"1e9"`` or a number (decimal units, like HF).
+
+    Args:
+        text: the size as given (a flag value, a config entry, a number).
+        what: how messages name it (e.g. ``"--shard-size"``).
+
+    Returns:
+        A positive number of bytes, at most 2**62 (an absurd size is a typo, not a plan).
+
+    Example:
+        >>> parse_size("2GiB")
+        2147483648
+    """
     if isinstance(text, int | float) and not isinstance(text, bool):
-        value = int(text)
+        number, unit = float(text), ""
     else:
         s = str(text).strip().upper().replace(" ", "")
         num = s.rstrip("KMGTIB")
         unit = s[len(num) :]
         try:
-            value = int(float(num) * _UNITS[unit])
-        except (ValueError, KeyError):
-            raise DistacError(f"cannot read size {text!r}; use e.g. 1GB, 500MB, 2GiB or a number of bytes") from None
-    if value <= 0:
-        raise DistacError(f"size {text!r} must be positive")
-    return value
+            number = float(num)
+        except ValueError:
+            number = math.nan
+        if unit not in _UNITS or math.isnan(number):
+            raise DistacError(f"{what}: cannot read {text!r}; use e.g. 1GB, 500MB, 2GiB or a number of bytes")
+    value = number * _UNITS[unit]
+    if not value > 0:  # also catches -inf
+        raise DistacError(f"{what}: {text!r} must be positive")
+    if not value <= _MAX_SIZE:  # also catches inf
+        raise DistacError(f"{what}: {text!r} is too large (at most {_MAX_SIZE:.3g} bytes)")
+    size = text if isinstance(text, int) else int(value)
+    if size <= 0:
+        raise DistacError(f"{what}: {text!r} must be positive")
+    return size
 
 
 Layout = Sequence[tuple[str, tuple[int, ...], torch.dtype]]
@@ -91,6 +121,36 @@ def plan_shards(layout: Layout, max_shard_bytes: int) -> list[dict[str, TensorEn
         shards[-1][name] = TensorEntry(dtype, tuple(shape), used, used + n)
         used += n
     return shards
+
+
+def write_safetensors(path: str | Path, tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Write whole tensors as one safetensors file at ``path`` (e.g. a temporary from :func:`atomic_file`).
+
+    Unlike ``safetensors.torch.save_file`` it writes through Python's file object, so a full disk is
+    an ``OSError`` (which the output policy turns into one line), and tensors that share storage
+    (tied weights) are simply written twice.
+
+    Args:
+        path: the file to create.
+        tensors: ``{name: tensor}`` in the order to store them.
+        metadata: the header's ``__metadata__`` (str -> str).
+
+    Returns:
+        ``path``.
+
+    Example:
+        >>> with atomic_file("fisher.safetensors") as tmp:  # doctest: +SKIP
+        ...     write_safetensors(tmp, {"w": torch.ones(2)}, {"kind": "fisher"})
+    """
+    layout = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    (entries,) = plan_shards(layout, max_shard_bytes=2**62)
+    with open(path, "wb") as f:
+        f.write(header_bytes(entries, metadata))
+        for v in tensors.values():
+            data = v.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            if data.numel():
+                f.write(data.numpy().data)
+    return Path(path)
 
 
 class ShardWriter:
@@ -124,7 +184,8 @@ class ShardWriter:
         self._pos = 0  # index into _order of the tensor being written
         self._written = 0  # bytes of that tensor written so far
         self._shard = -1
-        self._fh = None
+        self._fh: BinaryIO | None = None
+        self._done = False
         self.bytes_written = 0
 
     def dtype_of(self, name: str) -> torch.dtype:
@@ -132,6 +193,7 @@ class ShardWriter:
 
     def _write_bytes(self, data: memoryview | bytes) -> None:
         """The one place bytes reach the disk (tests patch it to simulate a full disk)."""
+        assert self._fh is not None, "a shard is open whenever bytes are written"
         self._fh.write(data)
 
     def _enter_shard(self, i: int) -> None:
@@ -154,7 +216,7 @@ class ShardWriter:
         n = data.numel()
         if self._written + n > entry.end - entry.begin:
             raise RuntimeError(f"writer got more bytes than tensor '{name}' {entry.shape} holds")
-        self._write_bytes(memoryview(data.numpy()))
+        self._write_bytes(data.numpy().data)
         self._written += n
         self.bytes_written += n
         if self._written == entry.end - entry.begin:
@@ -163,6 +225,7 @@ class ShardWriter:
 
     def close(self) -> list[Path]:
         """Finish: check every tensor was written, close the file, write the index when sharded."""
+        self._done = True
         # tensors of zero bytes never call write(); they are complete by definition
         while self._pos < len(self._order):
             name = self._order[self._pos]
@@ -186,37 +249,55 @@ class ShardWriter:
         return self.files
 
     def abort(self) -> None:
+        """Close the open shard without finishing it (the caller removes the partial output)."""
+        self._done = True
         if self._fh is not None:
             self._fh.close()
             self._fh = None
 
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._done:
+            return
+        if exc is None:
+            self.close()
+        else:
+            self.abort()
+
 
 class BackgroundWriter:
-    """Run a :class:`ShardWriter`'s disk writes on a thread, so they overlap the next piece's merge.
+    """Run a :class:`ShardWriter`'s disk writes on a one-thread pool, so they overlap the next piece's merge.
 
     ``write`` casts the tensor to its output dtype on the caller's thread (torch releases the
-    GIL while it works) and queues it; at most ``depth`` tensors wait, which bounds the memory.
-    An error on the writer thread (a full disk) is re-raised, unchanged, by the next ``write``
-    or by ``close``.
+    GIL while it works) and submits it; at most ``depth`` tensors wait besides the one being
+    written, which bounds the memory. One worker runs the jobs in submission order, so the bytes
+    are those a plain :class:`ShardWriter` writes. An error on the worker (a full disk) is
+    re-raised, unchanged, by the next ``write`` or by ``close``; later jobs are skipped.
+
+    Example:
+        >>> with BackgroundWriter(ShardWriter(folder, layout)) as w:  # doctest: +SKIP
+        ...     w.write("embed.weight", t)
+        >>> w.files  # the shards, once the block ended without an error  # doctest: +SKIP
     """
 
     def __init__(self, writer: ShardWriter, *, depth: int = 2):
         self.writer = writer
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self.files: list[Path] = []
+        self._slots = threading.BoundedSemaphore(depth + 1)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distac-writer")
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="distac-writer", daemon=True)
-        self._thread.start()
+        self._done = False
 
-    def _run(self) -> None:
-        while True:
-            job = self._q.get()
-            if job is None:
-                return
+    def _run(self, name: str, t: Tensor) -> None:
+        try:
             if self._error is None:
-                try:
-                    self.writer.write(*job)
-                except BaseException as e:  # re-raised on the caller's thread
-                    self._error = e
+                self.writer.write(name, t)
+        except BaseException as e:  # re-raised on the caller's thread
+            self._error = e
+        finally:
+            self._slots.release()
 
     def _check(self) -> None:
         if self._error is not None:
@@ -225,35 +306,77 @@ class BackgroundWriter:
     def write(self, name: str, t: Tensor) -> None:
         self._check()
         dtype = self.writer.dtype_of(name)
-        self._q.put((name, t.detach().to(device="cpu", dtype=dtype).contiguous()))
-
-    def _stop(self) -> None:
-        if self._thread.is_alive():
-            self._q.put(None)
-            self._thread.join()
+        data = t.detach().to(device="cpu", dtype=dtype).contiguous()
+        self._slots.acquire()
+        self._pool.submit(self._run, name, data)
 
     def close(self) -> list[Path]:
-        self._stop()
+        """Wait for every queued write, re-raise a writer error, finish the shards; return their paths."""
+        self._done = True
+        self._pool.shutdown(wait=True)
         self._check()
-        return self.writer.close()
+        self.files = self.writer.close()
+        return self.files
 
     def abort(self) -> None:
-        self._stop()
+        """Drop the queued writes and close the open shard (the caller removes the partial output)."""
+        self._done = True
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self.writer.abort()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._done:
+            return
+        if exc is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def copy_model_files(src_folder: Path, dst: Path, *, skip: Sequence[str] = ("README.md",)) -> list[str]:
     """Copy the base's non-weight files (config.json, tokenizer, generation config, ...) to ``dst``.
 
     Only top-level regular files; weight files and shard indexes are skipped (the merge writes
-    its own), and so is the base's model card (the merge writes a new one).
+    its own), and so is the base's model card (the merge writes a new one). A symlink is copied
+    by content only when it resolves inside the model folder (see :mod:`distac.io.inputs`); one
+    that leads outside (a ``tokenizer_config.json`` linking to a private key) is skipped with a
+    warning on stderr, so nothing from outside the folder ever lands in an output that may be
+    uploaded, and a long merge is not thrown away at its last step. FIFOs, devices and sockets
+    are skipped the same way.
+
+    Args:
+        src_folder: the base model's folder.
+        dst: the output folder.
+        skip: file names never copied.
+
+    Returns:
+        The names copied.
+
+    Example:
+        >>> copy_model_files(Path("base"), Path("merged"))  # doctest: +SKIP
+        ['config.json', 'tokenizer.json']
     """
     copied = []
     for f in sorted(src_folder.iterdir()):
-        if not f.is_file() or f.name.startswith(".") or f.name in skip:
+        if f.name.startswith(".") or f.name in skip or f.suffix in WEIGHT_SUFFIXES or f.name.endswith(".index.json"):
             continue
-        if f.suffix in WEIGHT_SUFFIXES or f.name.endswith(".index.json"):
+        try:
+            inside_model(src_folder, f.name, named_by=str(src_folder))
+        except DistacError as e:
+            print(f"distac: warning: not copying {f.name}: {e}", file=sys.stderr)
             continue
-        shutil.copy2(f, dst / f.name)
+        try:
+            mode = os.stat(f).st_mode
+        except OSError:  # a dangling link
+            continue
+        if stat.S_ISDIR(mode):
+            continue
+        if not stat.S_ISREG(mode):
+            print(f"distac: warning: not copying {f}: not a regular file", file=sys.stderr)
+            continue
+        shutil.copy2(os.path.realpath(f), dst / f.name)
         copied.append(f.name)
     return copied

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from ..progress import track
 from .grid import (
     CellResult,
     Evaluator,
@@ -52,9 +52,9 @@ __all__ = ["SWEEP_METHODS", "run_suite", "run_vision"]
 SWEEP_METHODS = ("task_arithmetic", "fisher", "gradient_matching")
 
 
-def _bar(enabled: bool) -> Callable[[Iterable[int], str], Iterable[int]]:
-    def wrap(it: Iterable[int], desc: str) -> Iterable[int]:
-        return tqdm(it, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
+def _bar(enabled: bool) -> Callable[[Iterable[Any], str], Iterable[Any]]:
+    def wrap(it: Iterable[Any], desc: str) -> Iterable[Any]:
+        return track(it, desc=desc, quiet=not enabled)
 
     return wrap
 

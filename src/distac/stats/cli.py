@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal, cast
 
 import click
 
 from ..errors import DistacError
+
+Estimator = Literal["sampled", "exact", "empirical"]
+Scale = Literal["sum", "mean"]
 
 
 def _model_options(f: Any) -> Any:
@@ -36,6 +40,36 @@ def _data_options(f: Any) -> Any:
     ):
         f = opt(f)
     return f
+
+
+def _out_options(f: Any) -> Any:
+    f = click.option("--overwrite", is_flag=True, help="Replace an existing file at --out (never an input).")(f)
+    return click.option(
+        "--out", required=True, type=click.Path(dir_okay=False), help="Sidecar to write (.safetensors)."
+    )(f)
+
+
+def _inputs(*paths: str | None) -> list[Path]:
+    """What a statistics command reads; the sidecar may never replace one of them.
+
+    A model folder contributes its files rather than itself, so a sidecar may be written next to
+    the weights (``model/fisher.safetensors``) but never over one of them.
+    """
+    out: list[Path] = []
+    for p in paths:
+        if p is None:
+            continue
+        path = Path(p)
+        out.extend(sorted(path.iterdir()) if path.is_dir() else [path])
+    return out
+
+
+def _check_out(out: str, overwrite: bool, inputs: list[Path]) -> list[Path]:
+    """Refuse a bad --out before any work is done (and again when writing); return the inputs."""
+    from ..io import check_output
+
+    check_output(out, overwrite=overwrite, inputs=inputs, folder=False)
+    return inputs
 
 
 def _load(model: str, data: str, *, factory: str | None, num_labels: int | None, need_labels: bool, **kw: Any):
@@ -78,7 +112,7 @@ def stats_command() -> None:
 @stats_command.command("fisher")
 @click.argument("model")
 @click.argument("data")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Sidecar to write (.safetensors).")
+@_out_options
 @click.option(
     "--estimator",
     type=click.Choice(["sampled", "exact", "empirical"]),
@@ -101,6 +135,7 @@ def fisher_cmd(
     model: str,
     data: str,
     out: str,
+    overwrite: bool,
     estimator: str,
     scale: str,
     seed: int,
@@ -120,15 +155,16 @@ def fisher_cmd(
     from .fisher import fisher_diagonal
     from .sidecar import save_stats
 
+    read = _check_out(out, overwrite, _inputs(model, data, data_kw["labels_file"]))
     need = estimator == "empirical"
     loaded, inputs = _load(model, data, factory=factory, num_labels=num_labels, need_labels=need, **data_kw)
     info: dict[str, Any] = {}
     f = fisher_diagonal(
         loaded.module,
         _batches(inputs, batch_size, n_examples, need),
-        estimator=estimator,
+        estimator=cast(Estimator, estimator),
         n_examples=n_examples,
-        scale=scale,
+        scale=cast(Scale, scale),
         seed=seed,
         device=default_device(device),
         progress=True,
@@ -143,6 +179,8 @@ def fisher_cmd(
         scale=scale,
         estimator=estimator,
         data_fingerprint=info["data_fingerprint"],
+        overwrite=overwrite,
+        inputs=read,
     )
     n = info["n_examples"]
     click.echo(f"wrote {path}: {estimator} Fisher ({scale} scale) of {len(f)} tensors over {n} examples")
@@ -151,7 +189,7 @@ def fisher_cmd(
 @stats_command.command("gram")
 @click.argument("model")
 @click.argument("data")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Sidecar to write (.safetensors).")
+@_out_options
 @click.option(
     "--scale",
     type=click.Choice(["mean", "sum"]),
@@ -165,6 +203,7 @@ def gram_cmd(
     model: str,
     data: str,
     out: str,
+    overwrite: bool,
     scale: str,
     factory: str | None,
     num_labels: int | None,
@@ -182,13 +221,14 @@ def gram_cmd(
     from .gram import gram_matrices
     from .sidecar import save_stats
 
+    read = _check_out(out, overwrite, _inputs(model, data, data_kw["labels_file"]))
     loaded, inputs = _load(model, data, factory=factory, num_labels=num_labels, need_labels=False, **data_kw)
     info: dict[str, Any] = {}
     g = gram_matrices(
         loaded.module,
         _batches(inputs, batch_size, n_examples, False),
         n_examples=n_examples,
-        scale=scale,
+        scale=cast(Scale, scale),
         device=default_device(device),
         progress=True,
         info=info,
@@ -204,6 +244,8 @@ def gram_cmd(
         data_fingerprint=info["data_fingerprint"],
         rows=info["rows"],
         layout=info["layout"],
+        overwrite=overwrite,
+        inputs=read,
     )
     layouts = sorted(set(info["layout"].values()))
     hint = f"; merge with regmean layout={layouts[0]}" if len(layouts) == 1 else ""
@@ -213,7 +255,7 @@ def gram_cmd(
 @stats_command.command("adam")
 @click.argument("model")
 @click.argument("optimizer_state", type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Sidecar to write (.safetensors).")
+@_out_options
 @click.option("--n-examples", type=int, required=True, help="N, the size of the training set.")
 @click.option("--batch-size", type=int, required=True, help="B, the training batch size.")
 @click.option("--no-bias-correction", is_flag=True, help="Use exp_avg_sq as stored (no ÷ (1 − β₂^step)).")
@@ -222,6 +264,7 @@ def adam_cmd(
     model: str,
     optimizer_state: str,
     out: str,
+    overwrite: bool,
     n_examples: int,
     batch_size: int,
     no_bias_correction: bool,
@@ -237,6 +280,7 @@ def adam_cmd(
     from .fisher import adam_fisher
     from .sidecar import save_stats
 
+    read = _check_out(out, overwrite, _inputs(model, optimizer_state))
     loaded = load_model(model, factory=factory, num_labels=num_labels)
     f = adam_fisher(
         optimizer_state,
@@ -245,5 +289,15 @@ def adam_cmd(
         batch_size=batch_size,
         bias_correction=not no_bias_correction,
     )
-    path = save_stats(out, f, kind="adam", model=loaded.state, n_examples=n_examples, scale="sum", estimator="adam")
+    path = save_stats(
+        out,
+        f,
+        kind="adam",
+        model=loaded.state,
+        n_examples=n_examples,
+        scale="sum",
+        estimator="adam",
+        overwrite=overwrite,
+        inputs=read,
+    )
     click.echo(f"wrote {path}: Adam curvature proxy (sum scale, N·B·v) of {len(f)} tensors")

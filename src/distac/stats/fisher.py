@@ -9,27 +9,36 @@ metadata so it can never be guessed.
 Per-example gradients come from ``torch.func`` (``functional_call`` + ``vmap(grad)``): every
 example is its own backward pass, so no cross-example terms enter the square. Squaring the
 gradient of a whole-batch loss, as MergeLM/FusionBench do, gives (Σ_n g_n)² instead of Σ_n g_n²
-(see ``tests/test_stats.py`` for the relation).
+(the tests check the relation).
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
-import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm.auto import tqdm
 
 from ..errors import DistacError, closest
-from ..nn.models import Batch, BoundModule, batch_size, batch_to, forward_logits
+from ..nn.models import Batch, BoundModule, batch_to, forward_logits
+from ..progress import Counter
+from .adam import adam_fisher
+from .examples import data_fingerprint_update, split_labels, take_examples
+from .fisher_linear import linear_batch, linear_owners
 
-__all__ = ["ESTIMATORS", "BoundModule", "adam_fisher", "data_fingerprint_update", "fisher_diagonal", "split_labels"]
+__all__ = [
+    "ESTIMATORS",
+    "BoundModule",
+    "adam_fisher",
+    "data_fingerprint_update",
+    "fisher_diagonal",
+    "split_labels",
+    "take_examples",
+]
 
 Estimator = Literal["sampled", "exact", "empirical"]
 #: "sampled": one label y ~ p_θ(y|x) per example (official UBGM); "exact": Σ_y p_θ(y|x)·g_y²
@@ -38,49 +47,6 @@ ESTIMATORS: tuple[str, ...] = ("sampled", "exact", "empirical")
 
 #: per-chunk memory budget for the vmapped per-example gradients (bytes); bounds B×P (×2 for exact).
 _CHUNK_BYTES = 256 * 2**20
-
-
-def split_labels(item: Any) -> tuple[Batch, Tensor | None]:
-    """Separate inputs from labels: ``(x, y)`` tuples and dicts with a ``labels`` key carry labels."""
-    if isinstance(item, tuple | list) and len(item) == 2:
-        return item[0], torch.as_tensor(item[1])
-    if isinstance(item, Mapping) and "labels" in item:
-        x = {k: v for k, v in item.items() if k != "labels"}
-        return x, torch.as_tensor(item["labels"])
-    return item, None
-
-
-def take_examples(batches: Iterable[Any], n_examples: int | None, h: Any) -> Iterator[tuple[Batch, Tensor | None, int]]:
-    """Yield ``(x, y, b)`` per batch until ``n_examples`` examples (the last batch cut to fit).
-
-    ``y`` is the batch's labels or None (:func:`split_labels`); each ``x`` also feeds the data
-    fingerprint ``h``. Shared by the Fisher and Gram collectors.
-    """
-    seen = 0
-    for item in batches:
-        if n_examples is not None and seen >= n_examples:
-            return
-        x, y = split_labels(item)
-        b = batch_size(x)
-        if n_examples is not None and seen + b > n_examples:
-            b = n_examples - seen
-            x = {k: v[:b] for k, v in x.items()} if isinstance(x, Mapping) else x[:b]
-            y = None if y is None else y[:b]
-        data_fingerprint_update(h, x)
-        yield x, y, b
-        seen += b
-
-
-def data_fingerprint_update(h: Any, batch: Batch) -> None:
-    """Feed a strided sample of a batch's values (at most 256 per tensor) into a blake2b hash."""
-    tensors = [batch[k] for k in sorted(batch)] if isinstance(batch, Mapping) else [batch]
-    for t in tensors:
-        if not isinstance(t, Tensor):
-            continue
-        flat = t.detach().reshape(-1)
-        step = max(1, flat.numel() // 256)
-        h.update(str(tuple(t.shape)).encode())
-        h.update(flat[::step].to("cpu", torch.float64).numpy().tobytes())
 
 
 def _selected_params(model: nn.Module, params: Sequence[str] | None) -> dict[str, Tensor]:
@@ -129,13 +95,13 @@ def _per_example_sq_grads(
 
     if estimator == "exact":
 
-        def one(x: Any, y: Tensor, u: Tensor) -> dict[str, Tensor]:
+        def one_exact(x: Any, y: Tensor, u: Tensor) -> dict[str, Tensor]:
             # With g_y = J_zᵀ(e_y − p) (J_z: Jacobian of the logits), Σ_y p_y g_y² is the diagonal of
             # J_zᵀ M J_z, M = diag(p) − ppᵀ. M has rank C−1 (M·1 = 0), so M = L Lᵀ with C−1 columns
             # from its eigendecomposition: C−1 vjps instead of C (half the work for C=2). The vjps
             # share one forward pass and run as a loop: a nested vmap over classes measured ~2×
             # slower on CPU and needs C−1 gradient copies in memory.
-            z, pull = vjp(lambda p: logits_one(p, x), params)
+            z, pull = vjp(lambda p: logits_one(p, x), params)  # type: ignore[misc]  # (out, fn) without has_aux
             prob = torch.softmax(z.detach(), -1)
             evals, evecs = torch.linalg.eigh(torch.diag(prob) - prob[:, None] * prob[None, :])
             factor = evecs[:, 1:] * evals[1:].clamp(min=0).sqrt()  # drop the null direction (eigh: ascending)
@@ -145,7 +111,7 @@ def _per_example_sq_grads(
                     out[k] = out[k] + g.pow(2) if k in out else g.pow(2)
             return out
 
-        return one
+        return one_exact
 
     def nll(p: dict[str, Tensor], x: Any, y: Tensor, u: Tensor) -> Tensor:
         logp = logp_one(p, x)
@@ -162,6 +128,89 @@ def _per_example_sq_grads(
         return {k: v.pow(2) for k, v in g(params, x, y, u).items()}
 
     return one
+
+
+class _Collector:
+    """Σ of per-example squared gradients of one batch, by the fastest path that gives the same numbers.
+
+    Models whose selected parameters are all plain ``nn.Linear`` layers take a matmul shortcut
+    (:mod:`distac.stats.fisher_linear`), checked against ``vmap`` on the first batch; everything
+    else goes through ``vmap`` (or, for models that branch on tensor values, a prepared mask or a loop).
+    """
+
+    def __init__(self, model: nn.Module, sel: dict[str, Tensor], frozen: dict[str, Tensor], estimator: str):
+        self.model, self.sel, self.frozen, self.estimator = model, sel, frozen, estimator
+        self.one = _per_example_sq_grads(model, sel, frozen, estimator)
+        self.linear = linear_owners(model, sel)
+        self.n_params = sum(v.numel() for v in sel.values())
+        self.n_classes = 0
+        self.mode = "vmap"
+        self.first = True
+
+    def _logits(self, x: Batch) -> Callable[[dict[str, Tensor]], Tensor]:
+        return lambda p: forward_logits(BoundModule(self.model, (p, self.frozen)), x)
+
+    def _check_classes(self, x: Batch) -> None:
+        if self.n_classes:
+            return
+        with torch.no_grad():
+            self.n_classes = int(self._logits(_first(x))(self.sel).shape[-1])
+        if self.n_classes < 2:
+            raise DistacError(
+                f"fisher_diagonal: the model returns {self.n_classes} logit(s) per example; the Fisher of a "
+                "classifier needs at least 2 classes"
+            )
+
+    def _agrees(self, x: Batch, y: Tensor, u: Tensor) -> bool:
+        """Check the Linear shortcut against vmap on the first few examples (a model that uses a Linear's
+        weight outside its forward, or mixes examples, would differ)."""
+        assert self.linear is not None
+        n = min(4, y.shape[0])
+        xs = {k: v[:n] for k, v in x.items()} if isinstance(x, Mapping) else x[:n]
+        fast = linear_batch(self.linear, self._logits(xs), self.sel, y[:n], u[:n], self.estimator)
+        with sdpa_kernel(SDPBackend.MATH):
+            ref, _ = _run_batch(self.one, xs, y[:n], u[:n], n, "vmap")
+        return fast is not None and all(
+            torch.allclose(fast[k], ref[k], rtol=1e-3, atol=1e-5 * float(ref[k].abs().max()) + 1e-12) for k in ref
+        )
+
+    def squares(self, x: Batch, y: Tensor, u: Tensor, b: int) -> dict[str, Tensor]:
+        self._check_classes(x)
+        per_example = self.n_params * (2 if self.estimator == "exact" else 1)  # exact: gradient + running sum
+        chunk = max(1, _CHUNK_BYTES // (4 * per_example))
+        if self.linear is not None and self.first and not self._agrees(x, y, u):
+            self.linear = None  # the layers are used some other way: per-example vmap
+        self.first = False
+        sq = None
+        if self.linear is not None:
+            sq = linear_batch(self.linear, self._logits(x), self.sel, y, u, self.estimator)
+        if sq is None:
+            # the math SDPA kernel is built from ops vmap batches natively (the fused CPU kernel's
+            # backward has no batching rule and would fall back to a slow per-example loop)
+            with sdpa_kernel(SDPBackend.MATH):
+                sq, self.mode = _run_batch(self.one, x, y, u, min(chunk, b), self.mode)
+        return sq
+
+
+def _labels(y: Tensor | None, given: Tensor | None, seen: int, b: int, estimator: str) -> Tensor | None:
+    """The batch's labels: its own, else the next ``b`` of ``labels=``; ``empirical`` needs some."""
+    if y is None and given is not None:
+        if seen + b > given.numel():
+            raise DistacError(f"fisher_diagonal: labels has {given.numel()} entries, data has more")
+        y = given[seen : seen + b]
+    if estimator == "empirical" and y is None:
+        raise DistacError(
+            "fisher_diagonal: estimator 'empirical' needs true labels: (x, y) batches, a 'labels' "
+            "entry in dict batches, or labels=[...]"
+        )
+    return y
+
+
+def _check_args(estimator: str, scale: str) -> None:
+    if estimator not in ESTIMATORS:
+        raise DistacError(f"fisher_diagonal: estimator '{estimator}' is not one of {list(ESTIMATORS)}")
+    if scale not in ("sum", "mean"):
+        raise DistacError(f"fisher_diagonal: scale '{scale}' must be 'sum' or 'mean'")
 
 
 def fisher_diagonal(
@@ -200,80 +249,44 @@ def fisher_diagonal(
         seed: seed of the label sampler (``"sampled"``).
         device: where to compute (default: the model's device). The model itself is not moved:
             its weights are copied to ``device`` and called through ``functional_call``.
-        progress: show a tqdm progress bar.
+        progress: show a progress bar (on a terminal only, see :mod:`distac.progress`).
         info: if given, filled with ``n_examples`` and ``data_fingerprint`` (for the sidecar).
 
     Returns:
         ``{name: fp32 tensor}`` on the CPU, same shapes as the parameters.
 
+    Example:
+        >>> f = fisher_diagonal(model, [(x, y)], estimator="exact", scale="mean")  # doctest: +SKIP
+
     Differs from MergeLM/FusionBench, which square the gradient of a whole-batch loss Σ_b √p·log p
     (cross-example terms included) and divide by N; use ``estimator="exact", scale="mean"`` for the
     official Fisher-merging quantity.
     """
-    if estimator not in ESTIMATORS:
-        raise DistacError(f"fisher_diagonal: estimator '{estimator}' is not one of {list(ESTIMATORS)}")
-    if scale not in ("sum", "mean"):
-        raise DistacError(f"fisher_diagonal: scale '{scale}' must be 'sum' or 'mean'")
+    _check_args(estimator, scale)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    sel = _selected_params(model, params)
-    sel = {k: v.to(dev) for k, v in sel.items()}
-    frozen = {k: v.detach().to(dev) for k, v in model.named_parameters() if k not in sel}
-    frozen.update({k: v.to(dev) for k, v in model.named_buffers()})
-    n_classes = 0
-    mode = "vmap"
-    one = _per_example_sq_grads(model, sel, frozen, estimator)
-    # models whose selected parameters are all plain nn.Linear layers take a matmul shortcut
-    linear = _linear_owners(model, sel)
-    total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in sel.items()}
-    n_params = sum(v.numel() for v in sel.values())
-    gen = torch.Generator().manual_seed(seed)
-    label_list = None if labels is None else torch.as_tensor(labels).reshape(-1)
-    h = hashlib.blake2b(digest_size=16)
-    seen = 0
-    show = progress and sys.stderr.isatty()  # same rule as distac.progress: bars on terminals only
-    bar = tqdm(total=n_examples, unit="ex", desc=f"fisher ({estimator})", disable=not show, leave=False)
     try:
-        for x, y, b in take_examples(batches, n_examples, h):
-            if y is None and label_list is not None:
-                if seen + b > label_list.numel():
-                    raise DistacError(f"fisher_diagonal: labels has {label_list.numel()} entries, data has more")
-                y = label_list[seen : seen + b]
-            if estimator == "empirical" and y is None:
-                raise DistacError(
-                    "fisher_diagonal: estimator 'empirical' needs true labels: (x, y) batches, a 'labels' "
-                    "entry in dict batches, or labels=[...]"
-                )
-            x = batch_to(dict(x) if isinstance(x, Mapping) else x, dev)
-            yy = (y if y is not None else torch.zeros(b, dtype=torch.long)).to(dev, torch.long)
-            u = torch.rand(b, generator=gen, dtype=torch.float32).to(dev)
-            if n_classes == 0:
-                with torch.no_grad():
-                    n_classes = int(forward_logits(BoundModule(model, (sel, frozen)), _first(x)).shape[-1])
-                if n_classes < 2:
-                    raise DistacError(
-                        f"fisher_diagonal: the model returns {n_classes} logit(s) per example; the Fisher of a "
-                        "classifier needs at least 2 classes"
-                    )
-            per_example = n_params * (2 if estimator == "exact" else 1)  # exact: gradient + running sum
-            chunk = max(1, _CHUNK_BYTES // (4 * per_example))
-            # the math SDPA kernel is built from ops vmap batches natively (the fused CPU kernel's
-            # backward has no batching rule and would fall back to a slow per-example loop)
-            sq = None
-            if linear is not None and seen == 0 and not _agrees(model, linear, sel, frozen, one, x, yy, u, estimator):
-                linear = None  # the layers are used some other way: per-example vmap
-            if linear is not None:
-                sq = _linear_batch(model, linear, sel, frozen, x, yy, u, estimator)
-            if sq is None:
-                with sdpa_kernel(SDPBackend.MATH):
-                    sq, mode = _run_batch(one, x, yy, u, min(chunk, b), mode)
-            for k, v in sq.items():
-                total[k] += v
-            seen += b
-            bar.update(b)
+        sel = {k: v.to(dev) for k, v in _selected_params(model, params).items()}
+        frozen = {k: v.detach().to(dev) for k, v in model.named_parameters() if k not in sel}
+        frozen.update({k: v.to(dev) for k, v in model.named_buffers()})
+        collector = _Collector(model, sel, frozen, estimator)
+        total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in sel.items()}
+        gen = torch.Generator().manual_seed(seed)
+        given = None if labels is None else torch.as_tensor(labels).reshape(-1)
+        h = hashlib.blake2b(digest_size=16)
+        seen = 0
+        with Counter(n_examples, desc=f"fisher ({estimator})", unit="ex", quiet=not progress) as bar:
+            for x, y, b in take_examples(batches, n_examples, h):
+                y = _labels(y, given, seen, b, estimator)
+                x = batch_to(dict(x) if isinstance(x, Mapping) else x, dev)
+                yy = (y if y is not None else torch.zeros(b, dtype=torch.long)).to(dev, torch.long)
+                u = torch.rand(b, generator=gen, dtype=torch.float32).to(dev)
+                for k, v in collector.squares(x, yy, u, b).items():
+                    total[k] += v
+                seen += b
+                bar.update(b)
     finally:
-        bar.close()
         model.train(was_training)
     if seen == 0:
         raise DistacError("fisher_diagonal: the data yielded no examples")
@@ -283,29 +296,6 @@ def fisher_diagonal(
     if info is not None:
         info.update(n_examples=seen, data_fingerprint=h.hexdigest(), estimator=estimator, scale=scale)
     return out
-
-
-def _agrees(
-    model: nn.Module,
-    linear: Mapping[str, nn.Linear],
-    sel: dict[str, Tensor],
-    frozen: dict[str, Tensor],
-    one: Callable[..., dict[str, Tensor]],
-    x: Batch,
-    y: Tensor,
-    u: Tensor,
-    estimator: str,
-) -> bool:
-    """Check the Linear shortcut against vmap on the first few examples (a model that uses a Linear's
-    weight outside its forward, or mixes examples, would differ)."""
-    n = min(4, y.shape[0])
-    xs = {k: v[:n] for k, v in x.items()} if isinstance(x, Mapping) else x[:n]
-    fast = _linear_batch(model, linear, sel, frozen, xs, y[:n], u[:n], estimator)
-    with sdpa_kernel(SDPBackend.MATH):
-        ref, _ = _run_batch(one, xs, y[:n], u[:n], n, "vmap")
-    return fast is not None and all(
-        torch.allclose(fast[k], ref[k], rtol=1e-3, atol=1e-5 * float(ref[k].abs().max()) + 1e-12) for k in ref
-    )
 
 
 _MODES = ("vmap", "vmap-4d-mask", "loop")
@@ -362,162 +352,5 @@ def _run_batch(
     raise AssertionError("unreachable: the loop mode always returns or raises")
 
 
-def _linear_owners(model: nn.Module, sel: Mapping[str, Tensor]) -> dict[str, nn.Linear] | None:
-    """``{module name: nn.Linear}`` when every selected parameter is the weight or bias of a plain
-    ``nn.Linear`` used by no other module (no ties); None otherwise."""
-    owner: dict[str, str] = {}
-    mods: dict[str, nn.Linear] = {}
-    for name, m in model.named_modules():
-        if type(m) is nn.Linear:  # exact type: subclasses may bypass forward (MultiheadAttention.out_proj)
-            mods[name] = m
-            for pn in ("weight", "bias"):
-                if getattr(m, pn, None) is not None:
-                    owner[f"{name}.{pn}" if name else pn] = name
-    if not sel or any(k not in owner for k in sel):
-        return None
-    uses: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        uses[id(p)] = uses.get(id(p), 0) + 1
-    if any(uses.get(id(p), 0) > 1 for k, p in model.named_parameters() if k in sel):
-        return None
-    return {owner[k]: mods[owner[k]] for k in sel}
-
-
-def _linear_batch(
-    model: nn.Module,
-    owners: Mapping[str, nn.Linear],
-    params: dict[str, Tensor],
-    frozen: dict[str, Tensor],
-    x: Batch,
-    y: Tensor,
-    u: Tensor,
-    estimator: str,
-) -> dict[str, Tensor] | None:
-    """Σ over the batch of per-example squared gradients for models whose selected parameters are all
-    ``nn.Linear`` weights/biases, from one batched forward and backward pass(es).
-
-    A Linear layer's per-example gradient is δ_nᵀ X_n (δ: gradient at its output, X: its input,
-    rows = positions), so with 2-D inputs Σ_n (δ_n x_nᵀ)² = (δ²)ᵀ(x²) is one matmul and no
-    per-example gradient is ever materialised. δ_n of example n's loss equals the δ of the summed
-    loss because examples do not interact in an eval-mode forward. Returns None when a hooked layer
-    did not run (its weight is used some other way), so the caller falls back to vmap.
-    """
-    inputs: dict[str, Tensor] = {}
-    outputs: dict[str, Tensor] = {}
-
-    def hook(name: str):
-        def fn(_m: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
-            inputs[name], outputs[name] = args[0].detach(), out
-
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in owners.items()]
-    try:
-        with torch.enable_grad():
-            req = {k: v.detach().requires_grad_() for k, v in params.items()}
-            z = forward_logits(BoundModule(model, (req, frozen)), x).float()
-    finally:
-        for h in handles:
-            h.remove()
-    if set(outputs) != set(owners) or any(o.shape[0] != y.shape[0] for o in outputs.values()):
-        return None
-    prob = torch.softmax(z.detach(), -1)
-    if estimator == "exact":
-        evals, evecs = torch.linalg.eigh(torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :])
-        cots = list((evecs[..., 1:] * evals[:, None, 1:].clamp(min=0).sqrt()).unbind(-1))  # C−1 × (B, C)
-    else:
-        if estimator == "sampled":  # the same inverse-CDF draw as the vmap path
-            cdf = prob.cumsum(-1)
-            y = (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=prob.shape[-1] - 1)
-        cots = [prob - nn.functional.one_hot(y, prob.shape[-1]).to(prob)]  # ∂(−log p_y)/∂z
-    names = list(owners)
-    out: dict[str, Tensor] = {}
-    for j, cot in enumerate(cots):
-        deltas = torch.autograd.grad(z, [outputs[n] for n in names], cot, retain_graph=j < len(cots) - 1)
-        for n, d in zip(names, deltas, strict=True):
-            a, d = inputs[n].float(), d.float()
-            if a.dim() == 2:
-                gw = (d * d).T @ (a * a)
-                gb = (d * d).sum(0)
-            else:  # (B, ..., features): sum over positions inside each example first
-                a, d = a.reshape(a.shape[0], -1, a.shape[-1]), d.reshape(d.shape[0], -1, d.shape[-1])
-                gw = torch.einsum("bto,bti->boi", d, a).pow(2).sum(0)
-                gb = d.sum(1).pow(2).sum(0)
-            for key, val in ((f"{n}.weight" if n else "weight", gw), (f"{n}.bias" if n else "bias", gb)):
-                if key in params:
-                    out[key] = out[key] + val if key in out else val
-    return out
-
-
 def _first(x: Batch) -> Batch:
     return {k: v[:1] for k, v in x.items()} if isinstance(x, Mapping) else x[:1]
-
-
-def adam_fisher(
-    optimizer_state: str | Mapping[str, Any],
-    param_names: Sequence[str] | nn.Module,
-    *,
-    n_examples: int,
-    batch_size: int,
-    bias_correction: bool = True,
-) -> dict[str, Tensor]:
-    """Adam/AdamW second moments as a free diagonal curvature proxy, on the sum-Fisher scale.
-
-    Adam's ``exp_avg_sq`` v is an EMA of squared *mini-batch-mean* gradients, so
-    E[v] ≈ F_per-example / B + ḡ² (ḡ the mean gradient, ≈ 0 near convergence). Hence
-    F_per-example ≈ B·v and the sum Fisher over N examples is **H ≈ N·B·v** ("Squisher", Li, Dangel,
-    Tam & Raffel 2025, arXiv 2507.18807; merge-methods.md §1.3).
-
-    * ``bias_correction`` divides v by (1 − β₂^step) as Adam does before using it; it only matters
-      for short runs (step ≲ 1/(1−β₂)).
-    * Weight decay: AdamW's decoupled decay does not enter v; torch ``Adam(weight_decay=λ)`` adds λθ
-      to the gradient, so v also holds (λθ)² and over-estimates curvature for large weights.
-    * v is the curvature along the optimisation *trajectory* (an EMA over the last ~1/(1−β₂)
-      steps), not at the final weights; use it when no data is at hand.
-
-    Args:
-        optimizer_state: a path to ``torch.save(optimizer.state_dict())`` (read with
-            ``weights_only=True``) or the state dict itself.
-        param_names: the model (its ``named_parameters()`` order) or the names, in the order the
-            parameters were given to the optimizer.
-        n_examples: N, the training-set size. batch_size: B used in training.
-    """
-    if isinstance(optimizer_state, str):
-        try:
-            state = torch.load(optimizer_state, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as e:
-            raise DistacError(f"{optimizer_state}: cannot read the optimizer state: {e}") from e
-        where = optimizer_state
-    else:
-        state, where = optimizer_state, "optimizer state"
-    if not isinstance(state, Mapping) or "state" not in state or "param_groups" not in state:
-        raise DistacError(f"{where}: not a torch optimizer state_dict (needs 'state' and 'param_groups')")
-    shapes = None
-    if isinstance(param_names, nn.Module):
-        shapes = {k: tuple(p.shape) for k, p in param_names.named_parameters()}
-        names = list(shapes)
-    else:
-        names = list(param_names)
-    ids = [i for g in state["param_groups"] for i in g["params"]]
-    if len(ids) != len(names):
-        raise DistacError(
-            f"{where}: the optimizer holds {len(ids)} parameters but {len(names)} names were given; "
-            "pass the names in the order the parameters were given to the optimizer"
-        )
-    betas = {i: g.get("betas", (0.9, 0.999)) for g in state["param_groups"] for i in g["params"]}
-    out: dict[str, Tensor] = {}
-    for i, name in zip(ids, names, strict=True):
-        s = state["state"].get(i)
-        if not s or "exp_avg_sq" not in s:
-            continue  # never stepped (frozen): no curvature information
-        v = s["exp_avg_sq"].detach().to(torch.float32).clone()
-        if shapes is not None and tuple(v.shape) != shapes[name]:
-            raise DistacError(f"{where}: exp_avg_sq of '{name}' has shape {tuple(v.shape)}, the model {shapes[name]}")
-        if bias_correction:
-            step = float(s.get("step", 0))
-            if step > 0:
-                v /= 1.0 - math.pow(float(betas[i][1]), step)
-        out[name] = v * float(n_examples) * float(batch_size)
-    if not out:
-        raise DistacError(f"{where}: no parameter has an 'exp_avg_sq' (not an Adam/AdamW state?)")
-    return out

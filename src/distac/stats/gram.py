@@ -17,22 +17,22 @@ it as its ``layout`` parameter for square weights (non-square ones are oriented 
 from __future__ import annotations
 
 import hashlib
-import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..errors import DistacError, closest
 from ..nn.models import batch_to, forward_logits
-from .fisher import BoundModule, take_examples
+from ..progress import Counter
+from .examples import take_examples
+from .fisher import BoundModule
 
 __all__ = ["gram_layouts", "gram_matrices", "linear_layers"]
 
 
-def _conv1d_type() -> type | None:
+def _conv1d_type() -> type[nn.Module] | None:
     try:  # transformers is optional; without it there is no Conv1D to handle
         from transformers.pytorch_utils import Conv1D
     except ImportError:
@@ -65,6 +65,25 @@ def _rows(x: Tensor, mask: Tensor | None) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _select_layers(model: nn.Module, layers: Sequence[str] | None) -> dict[str, tuple[nn.Module, str]]:
+    """The linear layers to cover: all of them, or the named ones (each must be a linear layer's weight)."""
+    found = linear_layers(model)
+    if layers is not None:
+        bad = [k for k in layers if k not in found]
+        if bad:
+            raise DistacError(f"gram_matrices: '{bad[0]}' is not a linear layer's weight{closest(bad[0], found)}")
+        found = {k: found[k] for k in layers}
+    if not found:
+        raise DistacError("gram_matrices: the model has no nn.Linear or Conv1D layer")
+    return found
+
+
+def _padding_mask(x: Any) -> Tensor | None:
+    """The batch's 2-D ``attention_mask`` (padding rows are left out of the Grams), if it has one."""
+    mask = x.get("attention_mask") if isinstance(x, Mapping) else None
+    return mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+
+
 def gram_matrices(
     model: nn.Module,
     batches: Iterable[Any],
@@ -90,23 +109,19 @@ def gram_matrices(
 
     Returns:
         ``{weight name: (d_in, d_in) fp32}`` on the CPU.
+
+    Example:
+        >>> grams = gram_matrices(model, loader, n_examples=256)  # doctest: +SKIP
     """
     if scale not in ("mean", "sum"):
         raise DistacError(f"gram_matrices: scale '{scale}' must be 'mean' or 'sum'")
-    found = linear_layers(model)
-    if layers is not None:
-        bad = [k for k in layers if k not in found]
-        if bad:
-            raise DistacError(f"gram_matrices: '{bad[0]}' is not a linear layer's weight{closest(bad[0], found)}")
-        found = {k: found[k] for k in layers}
-    if not found:
-        raise DistacError("gram_matrices: the model has no nn.Linear or Conv1D layer")
+    found = _select_layers(model, layers)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     sums: dict[str, Tensor] = {}
     rows: dict[str, int] = dict.fromkeys(found, 0)
     current: dict[str, Tensor | None] = {"mask": None}
 
-    def hook(key: str):
+    def hook(key: str) -> Callable[..., None]:
         def fn(_mod: nn.Module, inputs: tuple[Tensor, ...]) -> None:
             x = _rows(inputs[0].detach().float(), current["mask"])
             g = x.T @ x
@@ -125,21 +140,17 @@ def gram_matrices(
     model.eval()
     h = hashlib.blake2b(digest_size=16)
     seen = 0
-    show = progress and sys.stderr.isatty()  # same rule as distac.progress: bars on terminals only
-    bar = tqdm(total=n_examples, unit="ex", desc="gram", disable=not show, leave=False)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), Counter(n_examples, desc="gram", unit="ex", quiet=not progress) as bar:
             for x, _, b in take_examples(batches, n_examples, h):
                 x = batch_to(dict(x) if isinstance(x, Mapping) else x, dev)
-                mask = x.get("attention_mask") if isinstance(x, Mapping) else None
-                current["mask"] = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+                current["mask"] = _padding_mask(x)
                 forward_logits(bound, x)
                 seen += b
                 bar.update(b)
     finally:
         for hd in handles:
             hd.remove()
-        bar.close()
         model.train(was_training)
     if seen == 0:
         raise DistacError("gram_matrices: the data yielded no examples")
