@@ -51,7 +51,7 @@ from ..nn.evaluate import collect_logits, confidence_stats
 from ..nn.models import Batch, batch_to, forward_logits
 from ..nn.models import batch_size as _batch_len
 from ..nn.optim import lr_factor
-from ..progress import track
+from ..progress import Counter
 from ._setup import Task, default_lr, make_accelerator, prepare, resolve
 from ._state import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import MODES, ConditionConfig
@@ -285,20 +285,28 @@ class _Run:
         wrapped = acc.prepare(self.student)
         torch.manual_seed(cfg.seed + acc.process_index)  # dropout masks, if train_mode
         quiet = not (progress and acc.is_main_process)
-        for step in track(range(start, cfg.steps), desc=f"condition {self.job.name}", unit="step", quiet=quiet):
-            t_step = time.perf_counter()
-            try:
-                loss = self._step(wrapped, step)
-            except _NonFinite as e:
-                raise self._diverged(step, str(e), ckpt, t0) from None
-            self.report.loss_curve.append(loss)
-            self.report.step_seconds.append(time.perf_counter() - t_step)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                self.report.norm_curve.append((step + 1, self.norm()))
-            if ckpt is not None and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-                if acc.is_main_process:
-                    save_checkpoint(ckpt, self, step + 1)
-                acc.wait_for_everyone()
+        bar = Counter(cfg.steps, desc=f"condition {self.job.name}", unit="step", initial=start, quiet=quiet, leave=True)
+        with bar:
+            for step in range(start, cfg.steps):
+                self._train_step(wrapped, step, ckpt, t0)
+                bar.update(1, loss=f"{self.report.loss_curve[-1]:.4g}")
+
+    def _train_step(self, wrapped: nn.Module, step: int, ckpt: Path | None, t0: float) -> None:
+        """One step and its bookkeeping: loss, time, the norm every ``log_every``, a checkpoint every ``save_every``."""
+        cfg, acc = self.cfg, self.acc
+        t_step = time.perf_counter()
+        try:
+            loss = self._step(wrapped, step)
+        except _NonFinite as e:
+            raise self._diverged(step, str(e), ckpt, t0) from None
+        self.report.loss_curve.append(loss)
+        self.report.step_seconds.append(time.perf_counter() - t_step)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            self.report.norm_curve.append((step + 1, self.norm()))
+        if ckpt is not None and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+            if acc.is_main_process:
+                save_checkpoint(ckpt, self, step + 1)
+            acc.wait_for_everyone()
 
     def _step(self, wrapped: nn.Module, step: int) -> float:
         """One Adam step on KD + β‖θ − θ_init‖²; returns the total loss (all processes' mean)."""
