@@ -16,8 +16,8 @@ from .errors import DistacError
 
 # name -> "module:attribute" of a click.Command. Owners add their commands in their own modules.
 COMMANDS: dict[str, str] = {
-    "merge": "distac.merging.pipeline:merge_command",
-    "methods": "distac.merging.pipeline:methods_command",
+    "merge": "distac.merging.cli:merge_command",
+    "methods": "distac.merging.cli:methods_command",
     "stats": "distac.stats.cli:stats_command",
     "diagnose": "distac.conditioning.cli:diagnose_command",
     "condition": "distac.conditioning.cli:condition_command",

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DistacError
+from ..merging.temperatures import TEMPERATURES_FILE, TEMPERATURES_FORMAT, read_temperatures
 from ..nn.evaluate import ECE_BINS, collect_logits, ece, nll
 from ..nn.models import default_device
 from ._common import eval_batches, label_tensor
@@ -47,8 +48,8 @@ __all__ = [
     "write_temperatures",
 ]
 
-TEMPERATURES_FILE = "temperatures.json"
-FORMAT = "distac.temperatures/v1"
+# the file format and its reader live with the merge side, which reads it when exporting per-task models
+FORMAT = TEMPERATURES_FORMAT
 
 
 @dataclass
@@ -158,21 +159,6 @@ def calibrate(
     :func:`calibration_report` returns the NLL and ECE before and after as well.
     """
     return calibration_report(model, state, data, labels, batch_size=batch_size, device=device).temperature
-
-
-def read_temperatures(path: str | Path) -> dict[str, float]:
-    """``{task: T}`` from a ``temperatures.json`` (or the folder holding one); {} when absent."""
-    p = Path(path)
-    p = p / TEMPERATURES_FILE if p.is_dir() else p
-    if not p.is_file():
-        return {}
-    try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DistacError(f"'{p}' is not valid JSON: {e}") from e
-    if obj.get("format") != FORMAT:
-        raise DistacError(f"'{p}' is not a distac temperatures file (format {obj.get('format')!r}, expected {FORMAT})")
-    return {str(k): float(v) for k, v in obj["temperatures"].items()}
 
 
 def write_temperatures(path: str | Path, results: Mapping[str, CalibrationResult]) -> Path:
