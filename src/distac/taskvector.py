@@ -25,7 +25,7 @@ from torch import Tensor
 from .errors import DistacError
 from .tensors import check_compatible
 
-__all__ = ["TaskVector", "is_mergeable", "match_heads", "split_heads"]
+__all__ = ["TaskVector", "compile_head_pattern", "is_mergeable", "match_heads", "split_heads"]
 
 StateDict = dict[str, Tensor]
 
@@ -33,6 +33,21 @@ StateDict = dict[str, Tensor]
 def is_mergeable(t: Tensor) -> bool:
     """True for floating-point tensors: those have a task vector. Int/bool buffers do not."""
     return t.is_floating_point()
+
+
+def compile_head_pattern(pattern: str) -> re.Pattern[str] | None:
+    """The compiled regex of a ``re:`` head pattern (None for a glob); a bad one is a DistacError naming it.
+
+    Example:
+        >>> compile_head_pattern("re:head\\.").pattern
+        'head\\.'
+    """
+    if not pattern.startswith("re:"):
+        return None
+    try:
+        return re.compile(pattern[3:])
+    except (re.error, RecursionError, OverflowError) as e:
+        raise DistacError(f"heads pattern {pattern!r} is not a valid regular expression: {e}") from None
 
 
 def match_heads(names: Iterable[str], patterns: Iterable[str] | None) -> set[str]:
@@ -45,7 +60,7 @@ def match_heads(names: Iterable[str], patterns: Iterable[str] | None) -> set[str
     regexes: list[str] = []
     for p in patterns or ():
         (regexes if p.startswith("re:") else globs).append(p)
-    compiled = [re.compile(p[3:]) for p in regexes]
+    compiled = [c for p in regexes if (c := compile_head_pattern(p)) is not None]
     return {n for n in names if any(fnmatch.fnmatchcase(n, g) for g in globs) or any(r.search(n) for r in compiled)}
 
 

@@ -38,16 +38,17 @@ from ..taskvector import match_heads
 from ..tensors import TensorSource
 from .card import write_card
 from .config import STAT_KEYS, MergeConfig, ModelSpec, load_config
-from .engine import DEFAULT_CHUNK_BYTES, run_merge
+from .engine import DEFAULT_CHUNK_BYTES, check_finite_output, run_merge
 from .temperatures import read_temperatures
 
 __all__ = ["export_task_models", "merge_checkpoints"]
 
 
 def _input_paths(cfg: MergeConfig) -> list[Path]:
-    """Every file the merge reads: models and statistics sidecars (the output may not touch them)."""
+    """Every file the merge reads: the YAML config, models and statistics sidecars (the output may not touch them)."""
     specs = [cfg.base, *cfg.models]
-    return [p for s in specs for p in (s.path, *s.stats.values())]
+    config = [cfg.source] if cfg.source is not None else []
+    return config + [p for s in specs for p in (s.path, *s.stats.values())]
 
 
 def _open_sidecar(path: Path, key: str, what: str, model: Checkpoint) -> Checkpoint:
@@ -119,16 +120,21 @@ def _write_heads(
     specs: Sequence[ModelSpec],
     heads: Sequence[str],
     out_dtype: torch.dtype | None,
+    allow_nonfinite: bool,
 ) -> None:
-    """``heads/<name>.safetensors``: each model's own head tensors (small; written whole)."""
+    """``heads/<name>.safetensors``: each model's own head tensors (small; written whole).
+
+    They are copied, not merged, so the engine's input and output checks never see them: a head
+    holding NaN/Inf (or overflowing ``out_dtype``) is refused here unless ``allow_nonfinite``."""
     (folder / "heads").mkdir()
     for m, spec in zip(models, specs, strict=True):
         state = {}
         for k in heads:
             t = m.get(k)
-            if out_dtype is not None and t.is_floating_point():
-                t = t.to(out_dtype)
-            state[k] = t.contiguous()
+            dtype = out_dtype if out_dtype is not None and t.is_floating_point() else t.dtype
+            if not allow_nonfinite:
+                check_finite_output(k, t, dtype, where=f"{m.file_of(k)} (head of {spec.name})")
+            state[k] = t.to(dtype).contiguous()
         path = folder / "heads" / f"{spec.name}.safetensors"
         save_file(state, str(path), metadata={"format": "pt", "model": spec.name})
 
@@ -143,6 +149,7 @@ def merge_checkpoints(
     chunk_bytes: int | str = DEFAULT_CHUNK_BYTES,
     export_per_task: bool = False,
     quiet: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Merge the checkpoints a config names, streaming tensor by tensor, into ``out``; return ``out``.
 
@@ -157,12 +164,15 @@ def merge_checkpoints(
         export_per_task: also write ``out/tasks/<name>/``, one complete model per fine-tuned model
             (merged shared weights + that model's head); needs ``heads`` in the config.
         quiet: no progress bar (it is also hidden when stderr is not a terminal).
+        allow_nonfinite: write merged tensors and heads that hold NaN/Inf or overflow the output
+            dtype (also the config's ``allow_nonfinite: true``); by default they stop the merge.
 
     The output holds the merged weights (HF shard names), the base's ``config.json``/tokenizer
     files when the base is a folder, ``heads/<name>.safetensors`` per model when ``heads`` is set,
     ``README.md`` (model card) and ``distac_config.yml``.
     """
     cfg = load_config(config)
+    cfg.allow_nonfinite = cfg.allow_nonfinite or allow_nonfinite
     out = Path(out)
     check_output(out, overwrite=overwrite, inputs=_input_paths(cfg))
     shard = parse_size(max_shard_bytes)
@@ -209,6 +219,7 @@ def _merge_into(
     if cfg.heads and not heads:
         raise DistacError(f"heads patterns {cfg.heads} match no tensor of {base.label}")
     layout = _layout(base, cfg.out_dtype)
+    dtypes = {k: d for k, _, d in layout}
     # what the engine will read: N+1 copies of each merged tensor, one (the base's) of the rest
     head_set = set(heads)
     in_bytes = sum(
@@ -240,13 +251,15 @@ def _merge_into(
                     prefetch=True,
                     progress=prepass_progress,
                     on_piece=lambda _n, nbytes, done: bar.update(nbytes=nbytes, items=int(done)),
+                    out_dtype=lambda k: dtypes[k],
+                    allow_nonfinite=cfg.allow_nonfinite,
                 )
                 writer.close()
             except BaseException:
                 writer.abort()
                 raise
         if heads:
-            _write_heads(tmp, models, cfg.models, heads, cfg.out_dtype)
+            _write_heads(tmp, models, cfg.models, heads, cfg.out_dtype, cfg.allow_nonfinite)
         if cfg.base.path.is_dir():
             copy_model_files(cfg.base.path, tmp)
         write_card(tmp, cfg, plan.params, out.name)

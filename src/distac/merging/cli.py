@@ -33,6 +33,11 @@ __all__ = ["describe_method", "merge_command", "methods_command"]
 )
 @click.option("--export-per-task", is_flag=True, help="Also write OUT/tasks/<name>/: one full model per task.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option(
+    "--allow-nonfinite",
+    is_flag=True,
+    help="Write merged tensors holding NaN/Inf or overflowing the output dtype (default: stop naming the tensor).",
+)
 def merge_command(
     config: Path,
     out: Path,
@@ -42,6 +47,7 @@ def merge_command(
     chunk_size: str,
     export_per_task: bool,
     quiet: bool,
+    allow_nonfinite: bool,
 ) -> None:
     """Merge the checkpoints named in CONFIG (mergekit-style YAML) into OUT."""
     path = merge_checkpoints(
@@ -53,6 +59,7 @@ def merge_command(
         chunk_bytes=chunk_size,
         export_per_task=export_per_task,
         quiet=quiet,
+        allow_nonfinite=allow_nonfinite,
     )
     click.echo(str(path))
 

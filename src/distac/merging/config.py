@@ -24,13 +24,23 @@ Conventions, and where they differ from mergekit:
   only sets the output dtype when ``out_dtype`` is absent, as in mergekit; ``out_dtype`` defaults
   to each tensor's dtype in the base;
 * unknown keys are errors (with the closest valid names), never silently ignored;
-* relative paths resolve against the YAML's folder.
+* relative paths resolve against the YAML's folder;
+* ``allow_nonfinite: true`` (distac extra, default false) writes merged tensors even when they
+  hold NaN/Inf or overflow the output dtype; by default such a tensor stops the merge.
+
+The file is read with a restricted YAML loader (:func:`read_yaml`): anchors and aliases are
+refused (a few hundred bytes of nested aliases can expand to gigabytes), so are duplicate keys
+(YAML would silently keep the last one), nesting deeper than 64 levels, files over 1 MiB and
+text that is not UTF-8. Every value is type-checked at load, method parameters included.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import re
+import stat
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,10 +51,11 @@ import yaml
 
 from ..errors import DistacError, closest
 from ..methods import Method, get_method
+from ..taskvector import compile_head_pattern
 
 __all__ = ["MergeConfig", "ModelSpec", "dump_yaml", "load_config", "read_yaml"]
 
-TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "heads")
+TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "heads", "allow_nonfinite")
 MODEL_KEYS = ("model", "name", "parameters")
 STAT_KEYS = ("fisher", "gram")
 DTYPES: dict[str, torch.dtype] = {
@@ -81,6 +92,10 @@ class MergeConfig:
     out_dtype: torch.dtype | None
     heads: list[str]
     raw: dict[str, Any]  # the config with absolute paths (written to distac_config.yml)
+    #: write merged tensors even when they hold NaN/Inf or overflow the output dtype
+    allow_nonfinite: bool = False
+    #: the YAML file the config was read from (None for a dict); the output may not touch it
+    source: Path | None = None
 
 
 def _check_keys(d: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
@@ -113,6 +128,16 @@ def _default_name(path: Path) -> str:
     return _SAFE_NAME.sub("_", stem) or "model"
 
 
+def _path(folder: Path, value: Any, where: str) -> Path:
+    """A path of the config, resolved against its folder; a bad value is one line naming the key."""
+    if not isinstance(value, str | Path) or not str(value) or "\0" in str(value) or len(str(value)) > 4096:
+        raise DistacError(f"{where}: expected a file or folder path, got {value!r}")
+    try:
+        return (folder / value).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop, a name the OS refuses
+        raise DistacError(f"{where}: cannot resolve the path {str(value)!r}: {e}") from e
+
+
 def _model_entry(entry: Any, folder: Path, where: str) -> tuple[ModelSpec, dict[str, Any]]:
     """Parse ``{model, name, parameters}`` (or a bare path): the spec, and its non-statistics parameters."""
     if isinstance(entry, str | Path):
@@ -120,10 +145,15 @@ def _model_entry(entry: Any, folder: Path, where: str) -> tuple[ModelSpec, dict[
     if not isinstance(entry, Mapping) or "model" not in entry:
         raise DistacError(f"{where}: expected a path or a mapping with a 'model' key, got {entry!r}")
     _check_keys(entry, MODEL_KEYS, where)
-    path = (folder / str(entry["model"])).resolve()
-    params = dict(entry.get("parameters") or {})
-    stats = {k: (folder / str(params.pop(k))).resolve() for k in STAT_KEYS if k in params}
-    name = str(entry["name"]) if entry.get("name") is not None else _default_name(path)
+    path = _path(folder, entry["model"], f"{where}: model")
+    params = entry.get("parameters") or {}
+    if not isinstance(params, Mapping):
+        raise DistacError(f"{where}: 'parameters' must be a mapping, got {params!r}")
+    params = dict(params)
+    stats = {k: _path(folder, params.pop(k), f"{where}: {k}") for k in STAT_KEYS if k in params}
+    if entry.get("name") is not None and not isinstance(entry["name"], str):
+        raise DistacError(f"{where}: 'name' must be a string, got {entry['name']!r}")
+    name = entry["name"] if entry.get("name") is not None else _default_name(path)
     if _SAFE_NAME.search(name):
         raise DistacError(f"{where}: name {name!r} may only use letters, digits, '.', '_' and '-'")
     return ModelSpec(path, name, stats), params
@@ -179,25 +209,94 @@ def _gather_params(
     return params
 
 
+#: a merge config is a few kilobytes; anything much larger is a mistake (or an attack)
+MAX_YAML_BYTES = 1 << 20
+#: deeper nesting than any config needs; bounds the composer's recursion
+MAX_YAML_DEPTH = 64
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without anchors/aliases or duplicate keys, and with bounded nesting."""
+
+    def __init__(self, stream: str, name: str):
+        super().__init__(stream)
+        self.name, self.depth = name, 0
+
+    def _fail(self, mark: Any, msg: str) -> DistacError:
+        return DistacError(f"{self.name}: line {mark.line + 1}: {msg}")
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        # refusing the first anchor keeps an alias bomb from expanding at all
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise self._fail(
+                event.start_mark, "YAML anchors and aliases (&name, *name) are not allowed; write values out"
+            )
+        self.depth += 1
+        if self.depth > MAX_YAML_DEPTH:
+            raise self._fail(event.start_mark, f"nested deeper than {MAX_YAML_DEPTH} levels")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # the base class reports unhashable keys
+            if key in seen:
+                raise self._fail(key_node.start_mark, f"duplicate key '{key}' (first at line {seen[key]}); keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file.
+    """Parse a YAML file with distac's restricted loader (the only YAML reader in distac).
+
+    Anchors/aliases, duplicate keys, nesting deeper than :data:`MAX_YAML_DEPTH`, files larger than
+    :data:`MAX_YAML_BYTES`, anything but a regular file and text that is not UTF-8 are refused.
 
     Args:
         path: the file.
 
     Returns:
-        The parsed document.
+        The parsed document (plain dicts, lists and scalars).
 
     Raises:
-        DistacError: the file is missing, unreadable or not valid YAML (naming the file).
+        DistacError: one line naming the file (and the line, for a YAML error).
+
+    Example:
+        >>> read_yaml("merge.yml")["merge_method"]  # doctest: +SKIP
+        'ties'
     """
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text())
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise DistacError(f"{path}: not a regular file; give the path of a YAML config file")
+        if st.st_size > MAX_YAML_BYTES:
+            raise DistacError(f"{path}: {st.st_size} bytes is too large for a merge config (limit {MAX_YAML_BYTES})")
+        with open(path, "rb") as f:
+            data = f.read(MAX_YAML_BYTES + 1)
     except FileNotFoundError:
         raise DistacError(f"{path}: config file not found") from None
-    except (OSError, yaml.YAMLError) as e:
-        raise DistacError(f"{path}: cannot read the YAML config: {e}") from e
+    except OSError as e:
+        raise DistacError(f"{path}: cannot read the YAML config: {e.strerror or e}") from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DistacError(
+            f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); save the config as UTF-8"
+        ) from None
+    loader = _SafeLoader(text, str(path))
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise DistacError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    finally:
+        loader.dispose()
 
 
 def dump_yaml(obj: Any) -> str:
@@ -259,6 +358,63 @@ def _model_entries(raw: Mapping[str, Any], base: ModelSpec, folder: Path, where:
     return out
 
 
+def _scalar_types(typ: Any) -> set[Any]:
+    """The scalar types a parameter annotation allows: ``float | list[float] | None`` -> {float, None}."""
+    if typ is Any:
+        return {Any}
+    if typing.get_origin(typ) in (list, tuple):
+        return set().union(*(_scalar_types(a) for a in typing.get_args(typ) if a is not Ellipsis))
+    args = typing.get_args(typ)
+    if args:  # a union
+        return set().union(*(_scalar_types(a) for a in args))
+    return {None if typ is type(None) else typ}
+
+
+def _check_scalar(x: Any, allowed: set[Any], what: str) -> None:
+    if Any in allowed or (x is None and None in allowed):
+        return
+    if isinstance(x, bool):
+        ok = bool in allowed
+    elif isinstance(x, int):
+        ok = bool(allowed & {int, float})
+    elif isinstance(x, float):
+        if float in allowed and not math.isfinite(x):
+            raise DistacError(f"{what} must be a finite number, got {x}")
+        ok = float in allowed
+    else:
+        ok = type(x) in allowed
+    if not ok:
+        names = sorted("null" if t is None else getattr(t, "__name__", str(t)) for t in allowed)
+        raise DistacError(f"{what} must be {' or '.join(names)}, got {x!r}")
+
+
+def _check_param_types(method: Method, params: Mapping[str, Any], where: str) -> None:
+    """Every parameter value has its annotation's type (lists only where per model); floats are finite."""
+    for name, value in params.items():
+        spec = method.params.get(name)
+        if spec is None:
+            continue  # Method.resolve names the unknown parameter with its closest valid names
+        allowed = _scalar_types(spec.type)
+        if isinstance(value, list | tuple):
+            if not spec.per_model:
+                raise DistacError(f"{where}: parameter '{name}' is one value for all models, got a list {value!r}")
+            for i, x in enumerate(value):
+                _check_scalar(x, allowed, f"{where}: parameter '{name}' (value {i + 1} of {len(value)})")
+        else:
+            _check_scalar(value, allowed, f"{where}: parameter '{name}'")
+
+
+def _heads(raw: Mapping[str, Any], where: str) -> list[str]:
+    """The ``heads`` patterns; each ``re:`` pattern must compile."""
+    heads = raw.get("heads") or []
+    heads = [heads] if isinstance(heads, str) else heads
+    if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
+        raise DistacError(f"{where}: 'heads' must be a pattern or a list of patterns, got {raw.get('heads')!r}")
+    for h in heads:
+        compile_head_pattern(h)
+    return heads
+
+
 def _dtypes(raw: Mapping[str, Any], where: str) -> torch.dtype | None:
     """The output dtype from ``dtype``/``out_dtype`` (None: each tensor's dtype in the base)."""
     dtype = _dtype(raw["dtype"], "dtype", where) if raw.get("dtype") is not None else torch.float32
@@ -293,21 +449,27 @@ def load_config(config: Mapping[str, Any] | str | Path) -> MergeConfig:
     for k in ("merge_method", "base_model", "models"):
         if k not in raw:
             raise DistacError(f"{where}: missing required key '{k}'")
-    method = get_method(str(raw["merge_method"]))
+    if not isinstance(raw["merge_method"], str):
+        raise DistacError(f"{where}: 'merge_method' must be a method name, got {raw['merge_method']!r}")
+    allow_nonfinite = raw.get("allow_nonfinite", False)
+    if not isinstance(allow_nonfinite, bool):
+        raise DistacError(f"{where}: 'allow_nonfinite' must be true or false, got {allow_nonfinite!r}")
+    method = get_method(raw["merge_method"])
     base = _base_entry(raw, folder, where)
     models = _model_entries(raw, base, folder, where)
     gparams = raw.get("parameters") or {}
     if not isinstance(gparams, Mapping):
         raise DistacError(f"{where}: 'parameters' must be a mapping")
     params = _gather_params(method, gparams, [dict(p) for p in models.params], where, models.yaml_index)
+    _check_param_types(method, params, where)
     method.resolve(params, len(models.specs))  # validate now: ranges, unknown names, model counts
     out_dtype = _dtypes(raw, where)
-    heads = raw.get("heads") or []
-    heads = [heads] if isinstance(heads, str) else [str(h) for h in heads]
+    heads = _heads(raw, where)
     # the config with absolute paths and explicit names, so the output's copy re-runs from anywhere
     norm = copy.deepcopy(dict(raw))
     norm["base_model"] = {"model": str(base.path)}
     if base.stats:
         norm["base_model"]["parameters"] = {k: str(v) for k, v in base.stats.items()}
     norm["models"] = models.entries
-    return MergeConfig(method, base, models.specs, params, out_dtype, heads, norm)
+    source = None if isinstance(config, Mapping) else Path(config).resolve()
+    return MergeConfig(method, base, models.specs, params, out_dtype, heads, norm, allow_nonfinite, source)

@@ -28,6 +28,7 @@ Memory and speed:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +45,7 @@ from ..tensors import DictSource, TensorSource, check_compatible
 from .pieces import BufferPool, Loaded, Work, load_piece, offset_of, split_rows, stream
 from .prepass import TensorKth, global_kth_magnitudes, statistic_norms
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "MergePlan", "merge", "plan_merge", "run_merge"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "MergePlan", "check_finite_output", "merge", "plan_merge", "run_merge"]
 
 StateDict = dict[str, Tensor]
 Progress = Callable[[Iterator[str], str], Iterator[str]]
@@ -166,6 +167,44 @@ def _merge_piece(plan: MergePlan, base: TensorSource, item: Loaded, kth: Tensor 
     return item.base + plan.method(item.base, item.deltas, ctx=ctx, **plan.params)
 
 
+def check_finite_output(name: str, t: Tensor, dtype: torch.dtype, where: str = "") -> None:
+    """Refuse a tensor about to be written that holds NaN/Inf, or values that overflow ``dtype``.
+
+    A merge that writes NaN (NaN/Inf weights, a huge Fisher) or casts 70 000 to float16 (inf)
+    produces a broken model with exit code 0; this stops it naming the tensor. Callers skip it
+    when the user opted in (``allow_nonfinite``).
+
+    Args:
+        name: the tensor's name, for the message.
+        t: the values (any float dtype; other dtypes are not checked).
+        dtype: the dtype the tensor will be written in.
+        where: prefix for the message (a file), or "".
+
+    Example:
+        >>> check_finite_output("w", torch.tensor([6e4]), torch.float16)  # fits: returns None
+        >>> check_finite_output("w", torch.tensor([7e4]), torch.float16)  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        distac.errors.DistacError: tensor 'w': values up to 7e+04 overflow torch.float16 ...
+    """
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    lo, hi = torch.aminmax(t.detach())
+    peak = max(-float(lo), float(hi))  # NaN anywhere makes both NaN
+    prefix = f"{where}: " if where else ""
+    optin = "set allow_nonfinite: true (--allow-nonfinite) to write them anyway"
+    if not math.isfinite(peak):
+        raise DistacError(
+            f"{prefix}tensor '{name}': the merged values hold NaN or Inf; check the method's parameters and "
+            f"statistics, or {optin}"
+        )
+    limit = torch.finfo(dtype).max if dtype.is_floating_point else math.inf
+    if peak > limit and not bool(torch.isfinite(t.to(dtype)).all()):  # rounding may still fit
+        raise DistacError(
+            f"{prefix}tensor '{name}': values up to {peak:.3g} overflow {dtype} (largest finite {limit:.3g}); "
+            f"write float32 or bfloat16 (out_dtype), or {optin}"
+        )
+
+
 def _work(
     plan: MergePlan, base: TensorSource, budget: int | None, n_inputs: int, kth: TensorKth | None
 ) -> Iterator[Work]:
@@ -199,6 +238,8 @@ def run_merge(
     prefetch: bool = False,
     on_piece: Callable[[str, int, bool], None] | None = None,
     progress: Progress | None = None,
+    out_dtype: Callable[[str], torch.dtype] | None = None,
+    allow_nonfinite: bool = False,
 ) -> MergePlan:
     """Plan, pre-pass, then merge every tensor in the base's order and pass it to ``sink``.
 
@@ -209,6 +250,8 @@ def run_merge(
     ranges (same name, in row order); without it every call is a whole tensor. ``prefetch`` reads
     the next piece on a background thread. ``on_piece(name, bytes_read, tensor_done)`` is called
     after each piece, and ``progress(names, description)`` wraps the pre-pass loops (progress bars).
+    Every piece reaching ``sink`` is checked with :func:`check_finite_output` against
+    ``out_dtype(name)`` (default: the base's dtype) unless ``allow_nonfinite``.
 
     Returns:
         The :class:`MergePlan` (resolved parameters, pre-pass results).
@@ -242,10 +285,13 @@ def run_merge(
             kth.feed(item)
             continue
         if w.copy:
-            sink(w.name, item.base)
+            out = item.base
         else:
             piece_kth = kth.for_tensor(w) if kth is not None else None
-            sink(w.name, _merge_piece(plan, base, item, plan.kth_magnitudes if piece_kth is None else piece_kth))
+            out = _merge_piece(plan, base, item, plan.kth_magnitudes if piece_kth is None else piece_kth)
+        if not allow_nonfinite:
+            check_finite_output(w.name, out, base.dtype(w.name) if out_dtype is None else out_dtype(w.name))
+        sink(w.name, out)
         if on_piece is not None:
             on_piece(w.name, item.nbytes, w.rows is None or w.rows[1] == base.shape(w.name)[0])
     return plan
@@ -261,6 +307,7 @@ def merge(
     base_fisher: Mapping[str, Tensor] | None = None,
     grams: Sequence[Mapping[str, Tensor]] | None = None,
     device: torch.device | str | None = None,
+    allow_nonfinite: bool = False,
     **params: Any,
 ) -> StateDict:
     """Merge in-memory state dicts with any registered method.
@@ -273,6 +320,8 @@ def merge(
             merged; the result holds the base's values for them (see :func:`distac.export_task_models`).
         fishers, base_fisher, grams: statistics for the curvature methods, one dict per model.
         device: where to compute (default: CUDA when available, else CPU).
+        allow_nonfinite: return tensors holding NaN/Inf (or overflowing the base's dtype) instead of
+            raising :class:`DistacError` naming the first one.
         **params: the method's hyperparameters (``scale``, ``density``, ``weights``, ...).
 
     Returns:
@@ -306,5 +355,6 @@ def merge(
         head_patterns=heads,
         stats=stats,
         device=dev,
+        allow_nonfinite=allow_nonfinite,
     )
     return out
