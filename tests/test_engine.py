@@ -12,8 +12,11 @@ from safetensors.torch import load_file
 
 import distac
 from distac import METHODS, DistacError, merge_checkpoints, open_checkpoint
-from distac.merging.engine import DictSource, Work, _stream, run_merge, split_rows
+from distac.merging.engine import run_merge
+from distac.merging.pieces import Work, split_rows
+from distac.merging.pieces import stream as _stream
 from distac.nn.models import default_device
+from distac.tensors import DictSource
 
 N_MODELS = 2  # every registered method accepts two models (SLERP needs exactly two)
 
@@ -283,3 +286,41 @@ def test_in_memory_result_never_aliases_the_inputs():
     for v in out.values():
         v.zero_()
     assert all(torch.equal(base[k], before[k]) for k in base)
+
+
+def test_regmean_reads_each_gram_once_and_still_refuses_a_merge_without_grams():
+    """RegMean has no pre-pass: the Grams are read only when their tensor is merged."""
+    base = tiny_state(0)
+    models = [finetuned(base, i) for i in range(2)]
+    grams = _stats_for("regmean", base, models)["grams"]
+    reads: dict[str, int] = {}
+
+    class Counting(DictSource):
+        def get(self, name):
+            reads[name] = reads.get(name, 0) + 1
+            return super().get(name)
+
+    run_merge(
+        DictSource(base, "base"),
+        [DictSource(m) for m in models],
+        "regmean",
+        {},
+        lambda n, t: None,
+        stats={"gram": [Counting(g) for g in grams]},
+    )
+    assert reads and max(reads.values()) == len(models), reads  # each model's Gram once per tensor
+    with pytest.raises(DistacError, match=r"'gram' statistics.*distac stats gram"):
+        run_merge(DictSource(base, "base"), [DictSource(m) for m in models], "regmean", {}, lambda n, t: None)
+
+
+def test_a_bug_in_a_method_keeps_its_own_exception():
+    """Only DistacError is a user error; a ValueError raised inside a method is a bug and stays one."""
+    from distac.methods import Method
+
+    def broken(base, deltas, *, ctx):
+        raise ValueError("index out of range inside the method")
+
+    m = Method("broken", broken, summary="", paper="")
+    base = tiny_state(0)
+    with pytest.raises(ValueError, match="index out of range"):
+        run_merge(DictSource(base, "base"), [DictSource(finetuned(base, 1))], m, {}, lambda n, t: None)

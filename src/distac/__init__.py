@@ -20,10 +20,10 @@ from .conditioning import condition as condition
 from .conditioning import diagnose as diagnose
 from .errors import DistacError as DistacError
 from .io import open_checkpoint as open_checkpoint
+from .merging.checkpoints import export_task_models as export_task_models
+from .merging.checkpoints import merge_checkpoints as merge_checkpoints
+from .merging.config import load_config as load_config
 from .merging.engine import merge as merge
-from .merging.pipeline import export_task_models as export_task_models
-from .merging.pipeline import load_config as load_config
-from .merging.pipeline import merge_checkpoints as merge_checkpoints
 from .methods import METHODS as METHODS
 from .methods import get_method as get_method
 from .nn import data as data

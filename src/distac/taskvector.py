@@ -15,15 +15,17 @@ Conventions that every part of distac shares:
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor
 
 from .errors import DistacError
+from .tensors import check_compatible
 
-__all__ = ["TaskVector", "is_mergeable", "match_heads", "split_heads"]
+__all__ = ["TaskVector", "compile_head_pattern", "is_mergeable", "match_heads", "split_heads"]
 
 StateDict = dict[str, Tensor]
 
@@ -33,16 +35,32 @@ def is_mergeable(t: Tensor) -> bool:
     return t.is_floating_point()
 
 
+def compile_head_pattern(pattern: str) -> re.Pattern[str] | None:
+    """The compiled regex of a ``re:`` head pattern (None for a glob); a bad one is a DistacError naming it.
+
+    Example:
+        >>> compile_head_pattern("re:head\\.").pattern
+        'head\\.'
+    """
+    if not pattern.startswith("re:"):
+        return None
+    try:
+        return re.compile(pattern[3:])
+    except (re.error, RecursionError, OverflowError) as e:
+        raise DistacError(f"heads pattern {pattern!r} is not a valid regular expression: {e}") from None
+
+
 def match_heads(names: Iterable[str], patterns: Iterable[str] | None) -> set[str]:
     """Names that match any head pattern.
 
     A pattern is a shell glob matched against the whole name (``"classifier.*"``), or a regular
     expression searched anywhere in the name when prefixed with ``re:`` (``"re:head\\."``).
     """
-    globs, regexes = [], []
+    globs: list[str] = []
+    regexes: list[str] = []
     for p in patterns or ():
         (regexes if p.startswith("re:") else globs).append(p)
-    compiled = [re.compile(p[3:]) for p in regexes]
+    compiled = [c for p in regexes if (c := compile_head_pattern(p)) is not None]
     return {n for n in names if any(fnmatch.fnmatchcase(n, g) for g in globs) or any(r.search(n) for r in compiled)}
 
 
@@ -50,25 +68,6 @@ def split_heads(state: Mapping[str, Tensor], patterns: Iterable[str] | None) -> 
     """Split a state dict into ``(shared, heads)`` by head name patterns."""
     heads = match_heads(state.keys(), patterns)
     return ({k: v for k, v in state.items() if k not in heads}, {k: v for k, v in state.items() if k in heads})
-
-
-def check_compatible(base: Mapping[str, Tensor], other: Mapping[str, Tensor], what: str = "model") -> None:
-    """Raise a :class:`DistacError` naming the first key or shape that differs."""
-    missing = sorted(set(base) - set(other))
-    extra = sorted(set(other) - set(base))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s) of the base, e.g. {missing[:3]}")
-        if extra:
-            parts.append(f"{len(extra)} key(s) not in the base, e.g. {extra[:3]}")
-        raise DistacError(f"{what}: keys do not match the base: " + "; ".join(parts))
-    for k, t in base.items():
-        o = other[k]
-        if tuple(o.shape) != tuple(t.shape):
-            raise DistacError(f"{what}: tensor '{k}' has shape {tuple(o.shape)}, the base has {tuple(t.shape)}")
-        if o.is_floating_point() != t.is_floating_point():
-            raise DistacError(f"{what}: tensor '{k}' has dtype {o.dtype}, the base has {t.dtype}")
 
 
 class TaskVector(Mapping[str, Tensor]):
@@ -138,7 +137,7 @@ class TaskVector(Mapping[str, Tensor]):
     # measures ------------------------------------------------------------------------------
     def norm(self) -> float:
         """Global L2 norm over all entries (the DisTaC paper's ‖τ‖)."""
-        return float(torch.sqrt(sum((v.double() ** 2).sum() for v in self._d.values())) if self._d else 0.0)
+        return math.sqrt(sum(float((v.double() ** 2).sum()) for v in self._d.values()))
 
     def norms(self) -> dict[str, float]:
         """Per-tensor L2 norms."""
@@ -150,10 +149,6 @@ class TaskVector(Mapping[str, Tensor]):
     def cosine(self, other: TaskVector) -> float:
         denom = self.norm() * other.norm()
         return self.dot(other) / denom if denom > 0 else 0.0
-
-    def only(self, keys: Iterable[str]) -> TaskVector:
-        keep = set(keys)
-        return TaskVector({k: v for k, v in self._d.items() if k in keep})
 
     def without(self, keys: Iterable[str]) -> TaskVector:
         drop = set(keys)
@@ -170,8 +165,3 @@ class TaskVector(Mapping[str, Tensor]):
 
     def to_state_dict(self) -> StateDict:
         return dict(self._d)
-
-
-def task_vectors(base: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]]) -> list[TaskVector]:
-    """One :class:`TaskVector` per fine-tuned model."""
-    return [TaskVector.from_models(base, m) for m in models]

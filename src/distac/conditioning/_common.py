@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from ..errors import DistacError
 from ..nn.data import Inputs, check_fits, iter_batches
 from ..nn.models import Batch, check_head_patterns, default_head_patterns
-from ..taskvector import TaskVector, check_compatible, split_heads
+from ..taskvector import TaskVector, split_heads
+from ..tensors import check_compatible
 
 StateDict = dict[str, Tensor]
 

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ..errors import DistacError
 from ..io.atomic import write_text
+from ..merging.temperatures import TEMPERATURES_FILE, TEMPERATURES_FORMAT, read_temperatures
 from ..nn.data import Inputs
 from ..nn.evaluate import ECE_BINS, check_finite_logits, collect_logits, ece, nll
 from ..nn.models import default_device
@@ -47,8 +48,8 @@ __all__ = [
     "write_temperatures",
 ]
 
-TEMPERATURES_FILE = "temperatures.json"
-FORMAT = "distac.temperatures/v1"
+# the file format and its reader live with the merge side, which reads it when exporting per-task models
+FORMAT = TEMPERATURES_FORMAT
 
 
 @dataclass
@@ -153,21 +154,6 @@ def calibrate(
     if y.shape[0] != logits.shape[0]:
         raise DistacError(f"calibration: {y.shape[0]} labels for {logits.shape[0]} examples")
     return fit_temperature(logits, y)
-
-
-def read_temperatures(path: str | Path) -> dict[str, float]:
-    """``{task: T}`` from a ``temperatures.json`` (or the folder holding one); {} when absent."""
-    p = Path(path)
-    p = p / TEMPERATURES_FILE if p.is_dir() else p
-    if not p.is_file():
-        return {}
-    try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DistacError(f"'{p}' is not valid JSON: {e}") from e
-    if obj.get("format") != FORMAT:
-        raise DistacError(f"'{p}' is not a distac temperatures file (format {obj.get('format')!r}, expected {FORMAT})")
-    return {str(k): float(v) for k, v in obj["temperatures"].items()}
 
 
 def write_temperatures(

@@ -1,4 +1,4 @@
-"""Exact magnitude thresholds in O(n), in two streaming passes.
+"""Exact k-th smallest magnitudes in O(n), in two streaming passes.
 
 TIES (global scope), DARE-TIES and Consensus-TIES keep, for each task, the entries whose magnitude
 is at least a threshold computed over *the whole task vector*. A full sort is O(n log n) and needs

@@ -27,7 +27,7 @@ import math
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from torch import Tensor
 
@@ -109,7 +109,8 @@ class TensorContext:
     #: flat element offset of this chunk inside the full tensor (0 when the tensor is whole);
     #: counter-based randomness (DARE) hashes ``offset + i`` so chunking cannot change results.
     offset: int = 0
-    #: per-model magnitude thresholds from the global pre-pass, shape (N,), or None.
+    #: per-model magnitude thresholds (the k-th smallest magnitudes) from the engine's pre-pass,
+    #: shape (N,), or None (see :class:`Prepass`).
     thresholds: Tensor | None = None
     #: per-tensor statistics, e.g. ``{"fisher": (N, *S), "base_fisher": S, "gram": (N, d, d)}``.
     stats: Mapping[str, Tensor] = field(default_factory=dict)
@@ -119,19 +120,33 @@ class TensorContext:
 
 @dataclass(frozen=True)
 class Prepass:
-    """A whole-model statistic the engine computes, exactly, before the per-tensor merge.
+    """What the engine must compute, exactly, before (or while) it merges tensor by tensor.
 
-    * ``density``: per-model keep fractions. The engine computes each model's exact magnitude
-      threshold over all of its mergeable tensors (see :mod:`distac.merging.kth`) of
-      ``transform(base, deltas, ctx)`` (default: the deltas themselves), and passes it as
-      ``ctx.thresholds``.
+    * ``density``: per-model keep fractions. The engine selects each model's exact k-th smallest
+      magnitude of ``transform(base, deltas, ctx)`` (default: the deltas themselves; see
+      :mod:`distac.merging.kth`) and passes it to the method as ``ctx.thresholds``, shape (N,).
+    * ``scope``: over what the magnitudes are ranked. ``"global"``: all mergeable tensors of the
+      model, in a pass over the whole model before the merge. ``"tensor"``: each tensor alone; the
+      engine selects them only for tensors it splits into row pieces, just before merging their
+      pieces, and a tensor merged whole gets none (the method ranks it itself, same bits).
     * ``stat_norms``: names of statistics whose per-model global L2 norm is needed
       (Fisher merging's normalisation); passed as ``ctx.norms[name]``.
+
+    Example:
+        >>> Prepass(density=[0.2, 0.2], scope="tensor").scope
+        'tensor'
     """
 
     density: Sequence[float] | None = None
     transform: Callable[[Tensor, Tensor, TensorContext], Tensor] | None = None
     stat_norms: tuple[str, ...] = ()
+    scope: Literal["global", "tensor"] = "global"
+
+    def __post_init__(self) -> None:
+        if self.scope not in ("global", "tensor"):
+            raise ValueError(f"Prepass scope must be 'global' or 'tensor', got {self.scope!r}")
+        if self.scope == "tensor" and self.stat_norms:
+            raise ValueError("Prepass: stat_norms are whole-model norms; they need scope='global'")
 
 
 #: How to compute each statistic a method can declare in ``Method.stats``: (CLI command, Python argument).

@@ -245,12 +245,6 @@ def _solve_with_ridge(a: Tensor, b: Tensor, tau: Tensor, w: Tensor, ridge: float
     raise DistacError("regmean: the Gram system stays singular even with a large ridge (NaN in the Grams?)")
 
 
-def _regmean_prepass(params: dict, n: int) -> Prepass:
-    # RegMean reads no global norm, but asking for one makes the engine stop before merging when no
-    # Grams were given at all; otherwise every tensor would silently fall back to averaging.
-    return Prepass(stat_norms=("gram",))
-
-
 METHODS = (
     Method(
         "gradient_matching",
@@ -278,7 +272,6 @@ METHODS = (
         paper="Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023 "
         "(arXiv 2212.09849)",
         chunkable=False,
-        prepass=_regmean_prepass,
         stats=("gram",),
         notes="α=0.1 (most official configs; FusionBench CLIP 0.95). Grams exclude padding rows; ridge if singular.",
     ),

@@ -48,7 +48,6 @@ gamma           gamma                (no Breadcrumbs)                top_k_remov
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import torch
@@ -474,24 +473,8 @@ def consensus_ties(
 # ----------------------------------------------------------------------------------------------
 # what the engine must do for each
 # ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TensorPrepass(Prepass):
-    """A :class:`Prepass` whose thresholds are per tensor (``scope="tensor"``), not per model.
-
-    The engine does not run it over the whole model first: for each tensor it splits into row
-    chunks, it runs the two radix passes over that tensor's chunks just before merging them, and
-    hands the result to the method as ``ctx.thresholds``. Tensors it merges whole get none, and the
-    method computes their threshold itself. So per-tensor TIES is row-chunkable like global TIES.
-    """
-
-    per_tensor: bool = True
-
-
 def _trim_prepass(params: Mapping[str, Any], n: int, key: str, transform=None) -> Prepass:
-    dens = _per_model(params[key], n)
-    if params["scope"] == "global":
-        return Prepass(density=dens, transform=transform)
-    return TensorPrepass(density=dens, transform=transform)
+    return Prepass(density=_per_model(params[key], n), transform=transform, scope=params["scope"])
 
 
 def _trim_planner(key: str) -> Any:

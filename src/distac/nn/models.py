@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DistacError, closest
-from ..taskvector import check_compatible, match_heads
+from ..taskvector import match_heads
+from ..tensors import check_compatible
 
 __all__ = [
     "Batch",

@@ -50,12 +50,9 @@ TUNE_KEYS = (
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml  # INTEGRATE: the safe loader of merging/config.py
+    from ..merging.config import read_yaml
 
-    try:
-        obj = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise DistacError(f"{path}: cannot read the tune config: {e}") from e
+    obj = read_yaml(path)
     if not isinstance(obj, dict):
         raise DistacError(f"{path}: a tune config must be a mapping with keys {list(TUNE_KEYS)}")
     for k in obj:
@@ -77,7 +74,7 @@ def _paths(obj: Any, key: str, folder: Path) -> dict[str, str]:
 
 def _merge_config(spec: Any, folder: Path) -> dict[str, Any]:
     """The merge config as a dict whose relative paths are absolute (so it runs from anywhere)."""
-    from ..merging.pipeline import load_config
+    from ..merging.config import load_config
 
     if isinstance(spec, str):
         return copy.deepcopy(load_config(folder / spec).raw)
@@ -146,7 +143,8 @@ def _plot(result: Any, path: Path) -> bool:
 def tune_command(config: Path, out: Path, overwrite: bool, device: str | None, quiet: bool) -> None:
     """Grid-search a merge's hyperparameters on validation data; write the best merge, a table and a plot."""
     from ..io import atomic_dir, check_output
-    from ..merging.pipeline import load_config, merge_checkpoints
+    from ..merging.checkpoints import merge_checkpoints
+    from ..merging.config import load_config
     from .search import tune
 
     raw = _read_yaml(config)

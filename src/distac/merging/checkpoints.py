@@ -1,0 +1,338 @@
+"""Merging checkpoints on disk: ``merge_checkpoints`` (config -> output folder), heads, per-task export.
+
+Every merge writes the merged weights (HF shard names), the base's ``config.json``/tokenizer files,
+``heads/<name>.safetensors`` per model when the config has ``heads``, a model card (``README.md``:
+method, paper, resolved parameters, the config) and ``distac_config.yml`` (the config with
+absolute paths, re-runnable as is). The output goes through :mod:`distac.io.atomic`: a temporary
+folder next to ``out``, renamed when complete, never touching an input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, closing
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ..errors import DistacError
+from ..io import (
+    DEFAULT_SHARD_BYTES,
+    BackgroundWriter,
+    Checkpoint,
+    ShardWriter,
+    atomic_dir,
+    check_output,
+    copy_model_files,
+    open_checkpoint,
+    parse_size,
+    read_header,
+)
+from ..io.readers import SafetensorsFile
+from ..nn.models import default_device
+from ..progress import Progress, track
+from ..taskvector import match_heads
+from ..tensors import TensorSource
+from .card import write_card
+from .config import STAT_KEYS, MergeConfig, ModelSpec, load_config
+from .engine import DEFAULT_CHUNK_BYTES, check_finite_output, run_merge
+from .temperatures import read_temperatures
+
+__all__ = ["export_task_models", "merge_checkpoints"]
+
+
+def _input_paths(cfg: MergeConfig) -> list[Path]:
+    """Every file the merge reads: the YAML config, models and statistics sidecars (the output may not touch them)."""
+    specs = [cfg.base, *cfg.models]
+    config = [cfg.source] if cfg.source is not None else []
+    return config + [p for s in specs for p in (s.path, *s.stats.values())]
+
+
+def _open_sidecar(path: Path, key: str, what: str, model: Checkpoint) -> Checkpoint:
+    """Open a statistics file lazily, after checking it against the model it was computed on.
+
+    A ``distac.stats`` sidecar must hold the right kind of statistic, on the sum scale for Fishers,
+    with the model's keys and shapes, and the model's fingerprint (:func:`distac.stats.verify_sidecar`
+    with ``check_values=False``: it reads headers and the ≤ 64 sampled rows per tensor of the
+    fingerprint, not the model; the methods check the values as they merge). A plain safetensors
+    file keyed like the model is taken as is."""
+    from ..stats.sidecar import ACCEPTED_KINDS, verify_sidecar
+
+    src = open_checkpoint(path, label=f"{what} ({path})")
+    meta = read_header(src.files[0].path)[1] if isinstance(src.files[0], SafetensorsFile) else {}
+    if meta.get("format", "").startswith("distac-stats/"):
+        if meta.get("kind") not in ACCEPTED_KINDS[key]:
+            src.close()
+            raise DistacError(f"{path}: holds '{meta.get('kind')}' statistics, but the config uses it as '{key}'")
+        try:
+            verify_sidecar(path, model, scale="sum" if key == "fisher" else None, check_values=False)
+        except DistacError as e:
+            src.close()
+            raise DistacError(f"{e} (the {what}, checked against {model.label})") from None
+    return src
+
+
+def _open_stats(cfg: MergeConfig, base: Checkpoint, models: Sequence[Checkpoint], opened: ExitStack) -> dict[str, Any]:
+    """Open statistics sidecars lazily as ``{"fisher": [..N], "base_fisher": src, "gram": [..N]}``.
+
+    Each one is registered with ``opened`` as soon as it is open, so an error on a later one still
+    closes it."""
+    stats: dict[str, Any] = {}
+
+    def open_(path: Path, key: str, what: str, model: Checkpoint) -> Checkpoint:
+        return opened.enter_context(closing(_open_sidecar(path, key, what, model)))
+
+    for key in STAT_KEYS:
+        have = [m for m in cfg.models if key in m.stats]
+        if have and len(have) != len(cfg.models):
+            missing = [m.name for m in cfg.models if key not in m.stats]
+            raise DistacError(f"'{key}' statistics are given for some models but not for {missing}")
+        if have:
+            stats[key] = [
+                open_(m.stats[key], key, f"{key} of {m.name}", src) for m, src in zip(cfg.models, models, strict=True)
+            ]
+    if "fisher" in cfg.base.stats:
+        stats["base_fisher"] = open_(cfg.base.stats["fisher"], "fisher", "base fisher", base)
+    # (a statistic the method needs and lacks is the engine's check, with the command to compute it)
+    wanted = {s.rstrip("?") for s in cfg.method.stats}
+    for key in stats:
+        if key not in wanted:
+            raise DistacError(
+                f"method '{cfg.method.name}' does not use '{key}' statistics; remove them from the config"
+            )
+    return stats
+
+
+def _layout(base: Checkpoint, out_dtype: torch.dtype | None) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    def dt(k: str) -> torch.dtype:
+        d = base.dtype(k)
+        return out_dtype if out_dtype is not None and d.is_floating_point else d
+
+    return [(k, base.shape(k), dt(k)) for k in base.keys()]
+
+
+def _write_heads(
+    folder: Path,
+    models: Sequence[Checkpoint],
+    specs: Sequence[ModelSpec],
+    heads: Sequence[str],
+    out_dtype: torch.dtype | None,
+    allow_nonfinite: bool,
+) -> None:
+    """``heads/<name>.safetensors``: each model's own head tensors (small; written whole).
+
+    They are copied, not merged, so the engine's input and output checks never see them: a head
+    holding NaN/Inf (or overflowing ``out_dtype``) is refused here unless ``allow_nonfinite``."""
+    (folder / "heads").mkdir()
+    for m, spec in zip(models, specs, strict=True):
+        state = {}
+        for k in heads:
+            t = m.get(k)
+            dtype = out_dtype if out_dtype is not None and t.is_floating_point() else t.dtype
+            if not allow_nonfinite:
+                check_finite_output(k, t, dtype, where=f"{m.file_of(k)} (head of {spec.name})")
+            state[k] = t.to(dtype).contiguous()
+        path = folder / "heads" / f"{spec.name}.safetensors"
+        save_file(state, str(path), metadata={"format": "pt", "model": spec.name})
+
+
+def merge_checkpoints(
+    config: Mapping[str, Any] | str | Path,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    device: torch.device | str | None = None,
+    max_shard_bytes: int | str = DEFAULT_SHARD_BYTES,
+    chunk_bytes: int | str = DEFAULT_CHUNK_BYTES,
+    export_per_task: bool = False,
+    quiet: bool = False,
+    allow_nonfinite: bool = False,
+) -> Path:
+    """Merge the checkpoints a config names, streaming tensor by tensor, into ``out``; return ``out``.
+
+    Args:
+        config: a YAML path or a dict (see the module docstring).
+        out: the output folder. It is written to a temporary folder next to it and renamed when
+            complete; an existing folder is refused unless ``overwrite``.
+        device: where to compute (default: CUDA when available, else CPU).
+        max_shard_bytes: the largest safetensors shard ("1GB" by default; a larger tensor gets its own).
+        chunk_bytes: budget for the (N+1) fp32 copies of one piece; larger tensors are merged in
+            row chunks when the method is element-wise (16 MiB by default).
+        export_per_task: also write ``out/tasks/<name>/``, one complete model per fine-tuned model
+            (merged shared weights + that model's head); needs ``heads`` in the config.
+        quiet: no progress bar (it is also hidden when stderr is not a terminal).
+        allow_nonfinite: write merged tensors and heads that hold NaN/Inf or overflow the output
+            dtype (also the config's ``allow_nonfinite: true``); by default they stop the merge.
+
+    The output holds the merged weights (HF shard names), the base's ``config.json``/tokenizer
+    files when the base is a folder, ``heads/<name>.safetensors`` per model when ``heads`` is set,
+    ``README.md`` (model card) and ``distac_config.yml``.
+    """
+    cfg = load_config(config)
+    cfg.allow_nonfinite = cfg.allow_nonfinite or allow_nonfinite
+    out = Path(out)
+    check_output(out, overwrite=overwrite, inputs=_input_paths(cfg))
+    shard = parse_size(max_shard_bytes)
+    chunk = parse_size(chunk_bytes)
+    dev = default_device(device)
+    if export_per_task and not cfg.heads:
+        raise DistacError("export_per_task needs 'heads' patterns in the config (which tensors are task-specific)")
+    with ExitStack() as opened:  # every checkpoint's file descriptors are closed, whatever happens
+        base = opened.enter_context(closing(open_checkpoint(cfg.base.path)))
+        models = [opened.enter_context(closing(open_checkpoint(m.path))) for m in cfg.models]
+        stats = _open_stats(cfg, base, models, opened)
+        _merge_into(
+            cfg,
+            out,
+            base,
+            models,
+            stats,
+            overwrite=overwrite,
+            device=dev,
+            shard=shard,
+            chunk=chunk,
+            export_per_task=export_per_task,
+            quiet=quiet,
+        )
+    return out
+
+
+def _merge_into(
+    cfg: MergeConfig,
+    out: Path,
+    base: Checkpoint,
+    models: list[Checkpoint],
+    stats: dict[str, Any],
+    *,
+    overwrite: bool,
+    device: torch.device,
+    shard: int,
+    chunk: int,
+    export_per_task: bool,
+    quiet: bool,
+) -> None:
+    """The merge proper: stream into a temporary folder, add heads, config files and card, rename."""
+    heads = sorted(match_heads(base.keys(), cfg.heads), key=base.keys().index)
+    if cfg.heads and not heads:
+        raise DistacError(f"heads patterns {cfg.heads} match no tensor of {base.label}")
+    layout = _layout(base, cfg.out_dtype)
+    dtypes = {k: d for k, _, d in layout}
+    # what the engine will read: N+1 copies of each merged tensor, one (the base's) of the rest
+    head_set = set(heads)
+    in_bytes = sum(
+        base.nbytes(k) * (len(models) + 1 if base.dtype(k).is_floating_point and k not in head_set else 1)
+        for k in base.keys()
+    )
+
+    def prepass_progress(names: Iterator[str], desc: str) -> Iterator[str]:
+        return track(names, desc=desc, unit="piece", quiet=quiet)
+
+    with atomic_dir(out, overwrite=overwrite, inputs=_input_paths(cfg)) as tmp:
+        writer = BackgroundWriter(
+            ShardWriter(tmp, layout, max_shard_bytes=shard, metadata={"distac_method": cfg.method.name})
+        )
+        with Progress(
+            total_bytes=in_bytes, total_items=len(layout), desc=f"merge ({cfg.method.name})", quiet=quiet
+        ) as bar:
+            try:
+                plan = run_merge(
+                    base,
+                    models,
+                    cfg.method,
+                    cfg.params,
+                    writer.write,
+                    head_patterns=cfg.heads,
+                    stats=stats,
+                    device=device,
+                    chunk_bytes=chunk,
+                    prefetch=True,
+                    progress=prepass_progress,
+                    on_piece=lambda _n, nbytes, done: bar.update(nbytes=nbytes, items=int(done)),
+                    out_dtype=lambda k: dtypes[k],
+                    allow_nonfinite=cfg.allow_nonfinite,
+                )
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+        if heads:
+            _write_heads(tmp, models, cfg.models, heads, cfg.out_dtype, cfg.allow_nonfinite)
+        if cfg.base.path.is_dir():
+            copy_model_files(cfg.base.path, tmp)
+        write_card(tmp, cfg, plan.params, out.name)
+        if export_per_task:
+            export_task_models(tmp, tmp / "tasks", max_shard_bytes=shard, quiet=quiet)
+
+
+def export_task_models(
+    merged: str | Path,
+    out: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int | str = DEFAULT_SHARD_BYTES,
+    quiet: bool = False,
+) -> dict[str, Path]:
+    """Write one complete model per task: the merged shared weights plus that task's own head.
+
+    Reads ``merged/heads/<name>.safetensors`` (written by :func:`merge_checkpoints` when the config
+    has ``heads``) and writes ``out/<name>/`` (default ``merged/tasks/<name>/``), each with the
+    merged folder's config/tokenizer files. Returns ``{name: folder}``.
+
+    When ``merged/temperatures.json`` (written by ``distac calibrate``) holds a temperature T for a
+    task, the exported model is calibrated: its logits are divided by T, which for the head's final
+    linear layer is the same as dividing that layer's weight and bias by T (see :func:`_temperature_scaled`).
+    """
+    merged = Path(merged)
+    temperatures = read_temperatures(merged)
+    head_files = sorted((merged / "heads").glob("*.safetensors")) if (merged / "heads").is_dir() else []
+    if not head_files:
+        raise DistacError(f"{merged}: no heads/<name>.safetensors; merge with 'heads' patterns in the config first")
+    out = Path(out) if out is not None else merged / "tasks"
+    src = open_checkpoint(merged)
+    layout = [(k, src.shape(k), src.dtype(k)) for k in src.keys()]
+    result: dict[str, Path] = {}
+    with atomic_dir(out, overwrite=overwrite, inputs=[merged / "heads"]) as tmp:
+        for hf in head_files:
+            head = open_checkpoint(hf)
+            missing = [k for k in head.keys() if k not in set(src.keys())]
+            if missing:
+                raise DistacError(f"{hf}: head tensors {missing[:3]} are not in the merged model {merged}")
+            folder = tmp / hf.stem
+            folder.mkdir()
+            meta = {"distac_task": hf.stem}
+            scaled: dict[str, Tensor] = {}
+            if hf.stem in temperatures:
+                scaled = _temperature_scaled(head, temperatures[hf.stem], hf)
+                meta["distac_temperature"] = repr(temperatures[hf.stem])
+            writer = ShardWriter(folder, layout, max_shard_bytes=parse_size(max_shard_bytes), metadata=meta)
+            hk = set(head.keys())
+            try:
+                for k in src.keys():
+                    writer.write(k, scaled[k] if k in scaled else head.get(k) if k in hk else src.get(k))
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            copy_model_files(merged, folder)
+            result[hf.stem] = out / hf.stem
+    return result
+
+
+def _temperature_scaled(head: TensorSource, temperature: float, path: Path) -> dict[str, Tensor]:
+    """The head's final linear layer divided by T: softmax(W x / T + b / T) = softmax((W x + b) / T).
+
+    The final layer is the last 2-D ``*.weight`` in the head file's order (classification heads end
+    with their output projection), together with the ``*.bias`` of the same module when present.
+    """
+    weights = [k for k in head.keys() if k.endswith("weight") and len(head.shape(k)) == 2]
+    if not weights:
+        raise DistacError(f"{path}: a temperature is calibrated for this task, but its head has no 2-D weight to scale")
+    w = weights[-1]
+    out = {w: (head.get(w).float() / temperature).to(head.dtype(w))}
+    b = w[: -len("weight")] + "bias"
+    if b in head.keys():
+        out[b] = (head.get(b).float() / temperature).to(head.dtype(b))
+    return out

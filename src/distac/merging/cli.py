@@ -1,0 +1,99 @@
+"""The ``distac merge`` and ``distac methods`` commands."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..methods import METHODS, Method, get_method
+from .checkpoints import merge_checkpoints
+
+__all__ = ["describe_method", "merge_command", "methods_command"]
+
+
+@click.command("merge")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder (written to a temporary folder, renamed when complete).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available).")
+@click.option("--shard-size", default="1GB", show_default=True, help="Largest output shard, e.g. 500MB, 2GiB.")
+@click.option(
+    "--chunk-size",
+    default="16MiB",
+    show_default=True,
+    help="Memory budget for the N+1 fp32 copies of one piece; larger tensors are row-chunked.",
+)
+@click.option("--export-per-task", is_flag=True, help="Also write OUT/tasks/<name>/: one full model per task.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option(
+    "--allow-nonfinite",
+    is_flag=True,
+    help="Write merged tensors holding NaN/Inf or overflowing the output dtype (default: stop naming the tensor).",
+)
+def merge_command(
+    config: Path,
+    out: Path,
+    overwrite: bool,
+    device: str | None,
+    shard_size: str,
+    chunk_size: str,
+    export_per_task: bool,
+    quiet: bool,
+    allow_nonfinite: bool,
+) -> None:
+    """Merge the checkpoints named in CONFIG (mergekit-style YAML) into OUT."""
+    path = merge_checkpoints(
+        config,
+        out,
+        overwrite=overwrite,
+        device=device,
+        max_shard_bytes=shard_size,
+        chunk_bytes=chunk_size,
+        export_per_task=export_per_task,
+        quiet=quiet,
+        allow_nonfinite=allow_nonfinite,
+    )
+    click.echo(str(path))
+
+
+def describe_method(m: Method) -> list[str]:
+    """Lines describing one method for ``distac methods``: summary, paper, parameters, engine needs."""
+    needs = [
+        "row-chunked"
+        if m.chunkable is True
+        else "whole tensors"
+        if m.chunkable is False
+        else "row-chunked for some parameters"
+    ]
+    if m.prepass is not None:
+        needs.append("global pre-pass for some parameters")
+    if m.stats:
+        needs.append("statistics: " + ", ".join(m.stats))
+    count = f"{m.min_models}" + (f"..{m.max_models}" if m.max_models != m.min_models else "")
+    count = count.replace("..None", "+")
+    lines = [f"{m.name}  ({count} models; {'; '.join(needs)})", f"    {m.summary}", f"    paper: {m.paper}"]
+    lines += [f"    {p.describe()}" for p in m.params.values()] or ["    (no parameters)"]
+    return lines
+
+
+@click.command("methods")
+@click.argument("name", required=False)
+def methods_command(name: str | None) -> None:
+    """List every merge method with its parameters (name=default, range, per model) and paper."""
+    chosen = [get_method(name)] if name else list(METHODS.values())
+    for i, m in enumerate(chosen):
+        if i:
+            click.echo("")
+        click.echo("\n".join(describe_method(m)))
+        if name and m.notes:
+            click.echo(f"    convention: {m.notes}")
+    if not name:
+        click.echo(f"\n{len(chosen)} methods. `distac methods NAME` adds the convention notes.", file=sys.stdout)

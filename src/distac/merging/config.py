@@ -1,0 +1,475 @@
+"""The merge config: its YAML schema, and :func:`load_config`, which reads and validates it.
+
+The YAML is the one a mergekit user already writes::
+
+    merge_method: ties
+    base_model: ./base                      # or {model: ./base, parameters: {fisher: ./base.fisher.safetensors}}
+    models:
+      - model: ./finetuned_a
+        name: a                             # distac extra: names heads/<name>.safetensors (default: folder name)
+        parameters: {weight: 1.0, density: 0.5, fisher: ./a.fisher.safetensors}
+      - model: ./finetuned_b
+    parameters: {scale: 0.4, density: 0.2}  # global; per-model values override them
+    dtype: float32                          # see below
+    out_dtype: bfloat16
+    heads: ["classifier.*"]                 # distac extra: task-specific tensors, not merged
+
+Conventions, and where they differ from mergekit:
+
+* per-model ``weight`` becomes the method's ``weights`` list; any other per-model key must be a
+  parameter the method accepts per model (``distac methods`` marks them), or a statistics sidecar
+  (``fisher``, ``gram``; on the base model ``fisher`` becomes ``base_fisher``);
+* a ``models`` entry whose path is the base model is dropped (mergekit's TIES examples list it);
+* distac always computes in fp32. ``dtype`` is accepted for mergekit configs: a half type there
+  only sets the output dtype when ``out_dtype`` is absent, as in mergekit; ``out_dtype`` defaults
+  to each tensor's dtype in the base;
+* unknown keys are errors (with the closest valid names), never silently ignored;
+* relative paths resolve against the YAML's folder;
+* ``allow_nonfinite: true`` (distac extra, default false) writes merged tensors even when they
+  hold NaN/Inf or overflow the output dtype; by default such a tensor stops the merge.
+
+The file is read with a restricted YAML loader (:func:`read_yaml`): anchors and aliases are
+refused (a few hundred bytes of nested aliases can expand to gigabytes), so are duplicate keys
+(YAML would silently keep the last one), nesting deeper than 64 levels, files over 1 MiB and
+text that is not UTF-8. Every value is type-checked at load, method parameters included.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import stat
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..errors import DistacError, closest
+from ..methods import Method, get_method
+from ..taskvector import compile_head_pattern
+
+__all__ = ["MergeConfig", "ModelSpec", "dump_yaml", "load_config", "read_yaml"]
+
+TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "heads", "allow_nonfinite")
+MODEL_KEYS = ("model", "name", "parameters")
+STAT_KEYS = ("fisher", "gram")
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+}
+
+
+@dataclass
+class ModelSpec:
+    """One checkpoint of the config: where it is, what it is called, its statistics sidecars."""
+
+    path: Path
+    name: str
+    stats: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class MergeConfig:
+    """A validated merge config (see the module docstring for the YAML)."""
+
+    method: Method
+    base: ModelSpec
+    models: list[ModelSpec]
+    params: dict[str, Any]  # as the user gave them, per-model values gathered into lists
+    out_dtype: torch.dtype | None
+    heads: list[str]
+    raw: dict[str, Any]  # the config with absolute paths (written to distac_config.yml)
+    #: write merged tensors even when they hold NaN/Inf or overflow the output dtype
+    allow_nonfinite: bool = False
+    #: the YAML file the config was read from (None for a dict); the output may not touch it
+    source: Path | None = None
+
+
+def _check_keys(d: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
+    for k in d:
+        if k not in allowed:
+            raise DistacError(f"{where}: unknown key '{k}'{closest(str(k), allowed)}; valid keys: {', '.join(allowed)}")
+
+
+def _dtype(value: Any, key: str, where: str) -> torch.dtype:
+    d = DTYPES.get(str(value).lower().removeprefix("torch."))
+    if d is None:
+        raise DistacError(
+            f"{where}: '{key}: {value}' is not a dtype{closest(str(value), DTYPES)}; use one of "
+            "float32, bfloat16, float16, float64"
+        )
+    return d
+
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+_GENERIC_STEMS = ("model", "weights", "pytorch_model", "checkpoint", "state_dict", "adapter_model")
+
+
+def _default_name(path: Path) -> str:
+    """The folder's name, or the file's stem unless it is a generic one (model.safetensors -> its folder)."""
+    stem = path.name if path.is_dir() or not path.suffix else path.name.split(".")[0]
+    if not path.is_dir() and stem in _GENERIC_STEMS:
+        stem = path.parent.name
+    return _SAFE_NAME.sub("_", stem) or "model"
+
+
+def _path(folder: Path, value: Any, where: str) -> Path:
+    """A path of the config, resolved against its folder; a bad value is one line naming the key."""
+    if not isinstance(value, str | Path) or not str(value) or "\0" in str(value) or len(str(value)) > 4096:
+        raise DistacError(f"{where}: expected a file or folder path, got {value!r}")
+    try:
+        return (folder / value).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop, a name the OS refuses
+        raise DistacError(f"{where}: cannot resolve the path {str(value)!r}: {e}") from e
+
+
+def _model_entry(entry: Any, folder: Path, where: str) -> tuple[ModelSpec, dict[str, Any]]:
+    """Parse ``{model, name, parameters}`` (or a bare path): the spec, and its non-statistics parameters."""
+    if isinstance(entry, str | Path):
+        entry = {"model": str(entry)}
+    if not isinstance(entry, Mapping) or "model" not in entry:
+        raise DistacError(f"{where}: expected a path or a mapping with a 'model' key, got {entry!r}")
+    _check_keys(entry, MODEL_KEYS, where)
+    path = _path(folder, entry["model"], f"{where}: model")
+    params = entry.get("parameters") or {}
+    if not isinstance(params, Mapping):
+        raise DistacError(f"{where}: 'parameters' must be a mapping, got {params!r}")
+    params = dict(params)
+    stats = {k: _path(folder, params.pop(k), f"{where}: {k}") for k in STAT_KEYS if k in params}
+    if entry.get("name") is not None and not isinstance(entry["name"], str):
+        raise DistacError(f"{where}: 'name' must be a string, got {entry['name']!r}")
+    name = entry["name"] if entry.get("name") is not None else _default_name(path)
+    if _SAFE_NAME.search(name):
+        raise DistacError(f"{where}: name {name!r} may only use letters, digits, '.', '_' and '-'")
+    return ModelSpec(path, name, stats), params
+
+
+def _gather_params(
+    method: Method,
+    global_params: Mapping[str, Any],
+    per_model: list[dict[str, Any]],
+    where: str,
+    yaml_index: Sequence[int],
+) -> dict[str, Any]:
+    """Merge global and per-model parameters into the method's keyword arguments.
+
+    Per-model values become lists (``weight`` -> ``weights``); a model without its own value takes
+    the global one, else the method's default.
+    """
+    specs = method.params
+    params = dict(global_params)
+    if "weight" in params and "weight" not in specs:
+        params["weights"] = params.pop("weight")
+    keys: list[str] = []
+    spellings = [*specs, "weight"] if "weights" in specs else list(specs)
+    for i, p in zip(yaml_index, per_model, strict=True):
+        for k in list(p):
+            name = "weights" if k == "weight" and "weight" not in specs else k
+            if name not in specs:
+                raise DistacError(
+                    f"{where}: models[{i}]: method '{method.name}' has no parameter '{k}'{closest(k, spellings)}; "
+                    "per-model parameters: "
+                    + ", ".join([*(n for n, s in specs.items() if s.per_model), "fisher", "gram"])
+                )
+            if not specs[name].per_model:
+                raise DistacError(
+                    f"{where}: models[{i}]: parameter '{name}' of '{method.name}' is one value for all models; "
+                    "set it under the top-level 'parameters'"
+                )
+            p[name] = p.pop(k)
+            if name not in keys:
+                keys.append(name)
+    for name in keys:
+        shared = params.get(name, specs[name].default)
+        if isinstance(shared, list | tuple):
+            raise DistacError(f"{where}: parameter '{name}' is given both as a list and per model; use one")
+        if shared is None and any(name not in p for p in per_model):
+            # a None default (e.g. weights=None, "all ones") has no per-model meaning to fill in
+            lacking = [i for i, p in zip(yaml_index, per_model, strict=True) if name not in p]
+            raise DistacError(
+                f"{where}: parameter '{name}' is set for some models but not for models{lacking}; set it for "
+                "every model, or give a shared value under the top-level 'parameters'"
+            )
+        params[name] = [p.get(name, shared) for p in per_model]
+    return params
+
+
+#: a merge config is a few kilobytes; anything much larger is a mistake (or an attack)
+MAX_YAML_BYTES = 1 << 20
+#: deeper nesting than any config needs; bounds the composer's recursion
+MAX_YAML_DEPTH = 64
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without anchors/aliases or duplicate keys, and with bounded nesting."""
+
+    def __init__(self, stream: str, name: str):
+        super().__init__(stream)
+        self.name, self.depth = name, 0
+
+    def _fail(self, mark: Any, msg: str) -> DistacError:
+        return DistacError(f"{self.name}: line {mark.line + 1}: {msg}")
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        # refusing the first anchor keeps an alias bomb from expanding at all
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise self._fail(
+                event.start_mark, "YAML anchors and aliases (&name, *name) are not allowed; write values out"
+            )
+        self.depth += 1
+        if self.depth > MAX_YAML_DEPTH:
+            raise self._fail(event.start_mark, f"nested deeper than {MAX_YAML_DEPTH} levels")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # the base class reports unhashable keys
+            if key in seen:
+                raise self._fail(key_node.start_mark, f"duplicate key '{key}' (first at line {seen[key]}); keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file with distac's restricted loader (the only YAML reader in distac).
+
+    Anchors/aliases, duplicate keys, nesting deeper than :data:`MAX_YAML_DEPTH`, files larger than
+    :data:`MAX_YAML_BYTES`, anything but a regular file and text that is not UTF-8 are refused.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The parsed document (plain dicts, lists and scalars).
+
+    Raises:
+        DistacError: one line naming the file (and the line, for a YAML error).
+
+    Example:
+        >>> read_yaml("merge.yml")["merge_method"]  # doctest: +SKIP
+        'ties'
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise DistacError(f"{path}: not a regular file; give the path of a YAML config file")
+        if st.st_size > MAX_YAML_BYTES:
+            raise DistacError(f"{path}: {st.st_size} bytes is too large for a merge config (limit {MAX_YAML_BYTES})")
+        with open(path, "rb") as f:
+            data = f.read(MAX_YAML_BYTES + 1)
+    except FileNotFoundError:
+        raise DistacError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise DistacError(f"{path}: cannot read the YAML config: {e.strerror or e}") from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DistacError(
+            f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); save the config as UTF-8"
+        ) from None
+    loader = _SafeLoader(text, str(path))
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise DistacError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    finally:
+        loader.dispose()
+
+
+def dump_yaml(obj: Any) -> str:
+    """YAML text of ``obj`` in the order given (the model card's and ``distac_config.yml``'s style)."""
+    return yaml.safe_dump(obj, sort_keys=False, default_flow_style=None, allow_unicode=True)
+
+
+def _read(config: Mapping[str, Any] | str | Path) -> tuple[dict[str, Any], Path, str]:
+    """The raw mapping, the folder relative paths resolve against, and the name to use in messages."""
+    if isinstance(config, Mapping):
+        return dict(config), Path.cwd(), "config"
+    path = Path(config)
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise DistacError(f"{path}: the config must be a YAML mapping (merge_method, base_model, models, ...)")
+    return raw, path.resolve().parent, str(path)
+
+
+def _base_entry(raw: Mapping[str, Any], folder: Path, where: str) -> ModelSpec:
+    base, base_params = _model_entry(raw["base_model"], folder, f"{where}: base_model")
+    if base_params:
+        raise DistacError(
+            f"{where}: base_model: only statistics (fisher) may be set on the base, got {sorted(base_params)}"
+        )
+    if "gram" in base.stats:
+        raise DistacError(f"{where}: base_model: 'gram' statistics belong to the fine-tuned models")
+    return base
+
+
+@dataclass
+class _Models:
+    """The fine-tuned models of a config, the base's entries dropped."""
+
+    specs: list[ModelSpec] = field(default_factory=list)
+    params: list[dict[str, Any]] = field(default_factory=list)  # non-statistics parameters, per model
+    entries: list[dict[str, Any]] = field(default_factory=list)  # normalized YAML entries
+    yaml_index: list[int] = field(default_factory=list)  # position of each in the YAML's list
+
+
+def _model_entries(raw: Mapping[str, Any], base: ModelSpec, folder: Path, where: str) -> _Models:
+    if not isinstance(raw["models"], list) or not raw["models"]:
+        raise DistacError(f"{where}: 'models' must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
+    out = _Models()
+    for i, entry in enumerate(raw["models"]):
+        spec, params = _model_entry(entry, folder, f"{where}: models[{i}]")
+        if spec.path == base.path:
+            continue  # mergekit lists the base among the models; it has no task vector
+        out.specs.append(spec)
+        out.params.append(params)
+        out.yaml_index.append(i)
+        p = {**params, **{k: str(v) for k, v in spec.stats.items()}}
+        out.entries.append({"model": str(spec.path), "name": spec.name, **({"parameters": p} if p else {})})
+    if not out.specs:
+        raise DistacError(f"{where}: 'models' lists only the base model")
+    names = [m.name for m in out.specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise DistacError(f"{where}: several models are named {dup}; give each a distinct 'name'")
+    return out
+
+
+def _scalar_types(typ: Any) -> set[Any]:
+    """The scalar types a parameter annotation allows: ``float | list[float] | None`` -> {float, None}."""
+    if typ is Any:
+        return {Any}
+    if typing.get_origin(typ) in (list, tuple):
+        return set().union(*(_scalar_types(a) for a in typing.get_args(typ) if a is not Ellipsis))
+    args = typing.get_args(typ)
+    if args:  # a union
+        return set().union(*(_scalar_types(a) for a in args))
+    return {None if typ is type(None) else typ}
+
+
+def _check_scalar(x: Any, allowed: set[Any], what: str) -> None:
+    if Any in allowed or (x is None and None in allowed):
+        return
+    if isinstance(x, bool):
+        ok = bool in allowed
+    elif isinstance(x, int):
+        ok = bool(allowed & {int, float})
+    elif isinstance(x, float):
+        if float in allowed and not math.isfinite(x):
+            raise DistacError(f"{what} must be a finite number, got {x}")
+        ok = float in allowed
+    else:
+        ok = type(x) in allowed
+    if not ok:
+        names = sorted("null" if t is None else getattr(t, "__name__", str(t)) for t in allowed)
+        raise DistacError(f"{what} must be {' or '.join(names)}, got {x!r}")
+
+
+def _check_param_types(method: Method, params: Mapping[str, Any], where: str) -> None:
+    """Every parameter value has its annotation's type (lists only where per model); floats are finite."""
+    for name, value in params.items():
+        spec = method.params.get(name)
+        if spec is None:
+            continue  # Method.resolve names the unknown parameter with its closest valid names
+        allowed = _scalar_types(spec.type)
+        if isinstance(value, list | tuple):
+            if not spec.per_model:
+                raise DistacError(f"{where}: parameter '{name}' is one value for all models, got a list {value!r}")
+            for i, x in enumerate(value):
+                _check_scalar(x, allowed, f"{where}: parameter '{name}' (value {i + 1} of {len(value)})")
+        else:
+            _check_scalar(value, allowed, f"{where}: parameter '{name}'")
+
+
+def _heads(raw: Mapping[str, Any], where: str) -> list[str]:
+    """The ``heads`` patterns; each ``re:`` pattern must compile."""
+    heads = raw.get("heads") or []
+    heads = [heads] if isinstance(heads, str) else heads
+    if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
+        raise DistacError(f"{where}: 'heads' must be a pattern or a list of patterns, got {raw.get('heads')!r}")
+    for h in heads:
+        compile_head_pattern(h)
+    return heads
+
+
+def _dtypes(raw: Mapping[str, Any], where: str) -> torch.dtype | None:
+    """The output dtype from ``dtype``/``out_dtype`` (None: each tensor's dtype in the base)."""
+    dtype = _dtype(raw["dtype"], "dtype", where) if raw.get("dtype") is not None else torch.float32
+    out_dtype = _dtype(raw["out_dtype"], "out_dtype", where) if raw.get("out_dtype") is not None else None
+    if dtype == torch.float64:
+        raise DistacError(f"{where}: 'dtype: float64' is not supported; distac computes in float32")
+    if out_dtype is None and dtype in (torch.float16, torch.bfloat16):
+        out_dtype = dtype  # mergekit: out_dtype defaults to dtype. The arithmetic stays fp32.
+    return out_dtype
+
+
+def load_config(config: Mapping[str, Any] | str | Path) -> MergeConfig:
+    """Read and validate a merge config (see the module docstring for the YAML).
+
+    Args:
+        config: a YAML path, or the same content as a dict. Relative paths resolve against the
+            YAML's folder (the current directory for a dict).
+
+    Returns:
+        The validated :class:`MergeConfig`.
+
+    Raises:
+        DistacError: naming the file and the key at fault.
+
+    Example:
+        >>> cfg = load_config("merge.yml")  # doctest: +SKIP
+        >>> cfg.method.name, [m.name for m in cfg.models]  # doctest: +SKIP
+        ('ties', ['a', 'b'])
+    """
+    raw, folder, where = _read(config)
+    _check_keys(raw, TOP_KEYS, where)
+    for k in ("merge_method", "base_model", "models"):
+        if k not in raw:
+            raise DistacError(f"{where}: missing required key '{k}'")
+    if not isinstance(raw["merge_method"], str):
+        raise DistacError(f"{where}: 'merge_method' must be a method name, got {raw['merge_method']!r}")
+    allow_nonfinite = raw.get("allow_nonfinite", False)
+    if not isinstance(allow_nonfinite, bool):
+        raise DistacError(f"{where}: 'allow_nonfinite' must be true or false, got {allow_nonfinite!r}")
+    method = get_method(raw["merge_method"])
+    base = _base_entry(raw, folder, where)
+    models = _model_entries(raw, base, folder, where)
+    gparams = raw.get("parameters") or {}
+    if not isinstance(gparams, Mapping):
+        raise DistacError(f"{where}: 'parameters' must be a mapping")
+    params = _gather_params(method, gparams, [dict(p) for p in models.params], where, models.yaml_index)
+    _check_param_types(method, params, where)
+    method.resolve(params, len(models.specs))  # validate now: ranges, unknown names, model counts
+    out_dtype = _dtypes(raw, where)
+    heads = _heads(raw, where)
+    # the config with absolute paths and explicit names, so the output's copy re-runs from anywhere
+    norm = copy.deepcopy(dict(raw))
+    norm["base_model"] = {"model": str(base.path)}
+    if base.stats:
+        norm["base_model"]["parameters"] = {k: str(v) for k, v in base.stats.items()}
+    norm["models"] = models.entries
+    source = None if isinstance(config, Mapping) else Path(config).resolve()
+    return MergeConfig(method, base, models.specs, params, out_dtype, heads, norm, allow_nonfinite, source)

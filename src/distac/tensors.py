@@ -1,0 +1,155 @@
+"""Bags of named tensors: the one read interface of the merge engine, and the one compatibility check.
+
+A :class:`TensorSource` is read tensor by tensor, so a checkpoint on disk (``distac.io.Checkpoint``)
+and an in-memory state dict (:class:`DictSource`) go through the same engine loop. Every member
+is defined: the engine never probes for optional ones. A new source only has to implement
+``label``, ``keys``, ``shape``, ``dtype`` and ``get``; :class:`SourceDefaults` supplies the rest
+from those (reading whole tensors), and a reader that can do better (a row slice of a file, a read
+straight into the caller's buffer) overrides them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from .errors import DistacError
+
+__all__ = ["DictSource", "SourceDefaults", "TensorSource", "check_compatible"]
+
+
+@runtime_checkable
+class TensorSource(Protocol):
+    """Read access to one checkpoint (or statistics file), tensor by tensor."""
+
+    #: names the source in messages (a path, or "model 1")
+    label: str
+
+    def keys(self) -> list[str]:
+        """Tensor names, in the checkpoint's order."""
+        ...
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, without reading it."""
+        ...
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The tensor's stored dtype, without reading it."""
+        ...
+
+    def get(self, name: str) -> Tensor:
+        """The whole tensor, in its stored dtype."""
+        ...
+
+    def get_rows(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of a tensor of rank >= 1 (a file reader reads only those bytes)."""
+        ...
+
+    def file_of(self, name: str) -> str | Path:
+        """What to name in an error about ``name``: its file (one shard of a sharded model), or the label."""
+        ...
+
+    def read_into(self, name: str, rows: tuple[int, int] | None, out: Tensor) -> int:
+        """Copy the tensor (or ``rows``) into ``out``, converting the dtype; return the bytes read."""
+        ...
+
+
+class SourceDefaults:
+    """The optional :class:`TensorSource` members, derived from ``label``/``get``.
+
+    Inherit it in a source that has nothing better: ``get_rows`` slices the whole tensor,
+    ``file_of`` is the label, and ``read_into`` copies what ``get_rows``/``get`` returns.
+    """
+
+    label: str
+
+    def get(self, name: str) -> Tensor:  # pragma: no cover - defined by the subclass
+        raise NotImplementedError
+
+    def get_rows(self, name: str, start: int, stop: int) -> Tensor:
+        return self.get(name)[start:stop]
+
+    def file_of(self, name: str) -> str | Path:
+        return self.label
+
+    def read_into(self, name: str, rows: tuple[int, int] | None, out: Tensor) -> int:
+        raw = self.get(name) if rows is None else self.get_rows(name, *rows)
+        out.copy_(raw)  # one pass: stored dtype -> out's dtype, straight into the buffer
+        return raw.numel() * raw.element_size()
+
+
+@dataclass
+class DictSource(SourceDefaults):
+    """A :class:`TensorSource` over an in-memory state dict.
+
+    Example:
+        >>> src = DictSource({"w": torch.zeros(2, 3)}, "base")
+        >>> src.shape("w")
+        (2, 3)
+    """
+
+    state: Mapping[str, Tensor]
+    label: str = "model"
+
+    def keys(self) -> list[str]:
+        return list(self.state.keys())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.state[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.state[name].dtype
+
+    def get(self, name: str) -> Tensor:
+        return self.state[name]
+
+
+def _as_source(x: TensorSource | Mapping[str, Tensor], label: str) -> TensorSource:
+    return DictSource(x, label) if isinstance(x, Mapping) else x
+
+
+def check_compatible(
+    base: TensorSource | Mapping[str, Tensor],
+    other: TensorSource | Mapping[str, Tensor],
+    what: str | None = None,
+    *,
+    base_label: str = "the base",
+) -> None:
+    """Raise a :class:`DistacError` naming the first key, shape or dtype kind that differs from the base.
+
+    Both sides may be sources or state dicts. Shapes must be equal, and a floating-point tensor
+    must stay floating point (its precision may differ: bf16 fine-tunes of an fp32 base merge).
+
+    Args:
+        base: the reference (the pre-trained model).
+        other: the checkpoint to compare (a fine-tuned model).
+        what: names ``other`` in the message (default: its label).
+        base_label: names ``base`` in the message.
+
+    Example:
+        >>> check_compatible({"w": torch.zeros(2)}, {"w": torch.zeros(3)}, "model a")
+        Traceback (most recent call last):
+        distac.errors.DistacError: model a: tensor 'w' has shape (3,), the base has (2,)
+    """
+    b, o = _as_source(base, "base"), _as_source(other, what or "model")
+    keys = b.keys()
+    okeys = set(o.keys())
+    missing, extra = [k for k in keys if k not in okeys], sorted(okeys - set(keys))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s) of the base, e.g. {missing[:3]}")
+        if extra:
+            parts.append(f"has {len(extra)} tensor(s) the base lacks, e.g. {extra[:3]}")
+        raise DistacError(f"{what or o.label}: " + "; ".join(parts))
+    for k in keys:
+        where = what or str(o.file_of(k))
+        if tuple(o.shape(k)) != tuple(b.shape(k)):
+            raise DistacError(f"{where}: tensor '{k}' has shape {tuple(o.shape(k))}, {base_label} has {b.shape(k)}")
+        if o.dtype(k).is_floating_point != b.dtype(k).is_floating_point:
+            raise DistacError(f"{where}: tensor '{k}' has dtype {o.dtype(k)}, {base_label} has {b.dtype(k)}")
