@@ -157,7 +157,8 @@ def tune_command(config: Path, out: Path, overwrite: bool, device: str | None, q
     data_paths = _paths(raw["data"], "data", folder)
     label_paths = _paths(raw.get("labels"), "labels", folder)
     cfg = load_config(merge_cfg)
-    inputs = [config, cfg.base.path, *(m.path for m in cfg.models), *data_paths.values(), *label_paths.values()]
+    inputs: list[str | Path] = [config, cfg.base.path, *(m.path for m in cfg.models)]
+    inputs += [*data_paths.values(), *label_paths.values()]
     check_output(out, overwrite=overwrite, inputs=inputs)
     model, base, models, data, stats = _load(raw, cfg, data_paths, label_paths)
     result = tune(
