@@ -280,3 +280,18 @@ def test_bad_inputs_and_outputs(tmp_path):
         b.task("z")
     with pytest.raises(DistacError, match="out of range"):
         b.task(2)
+
+
+def test_opened_checkpoints_are_accepted_and_the_base_is_recorded_absolute(tmp_path, monkeypatch):
+    base = tiny_state(0)
+    models = _models(base, 2)
+    _files(tmp_path, base, models)
+    monkeypatch.chdir(tmp_path)
+    srcs = [open_checkpoint(Path(d)) for d in ("base", "m0", "m1")]
+    emr_merge(srcs[0], srcs[1:], out="bundle", device="cpu")
+    man = json.loads((tmp_path / "bundle" / "emr.json").read_text())
+    assert man["base"] == str((tmp_path / "base").resolve()) and man["tasks"] == ["m0", "m1"]
+    monkeypatch.chdir("/")
+    want = emr_merge(base, models, device="cpu").task(1)
+    got = load_emr_bundle(tmp_path / "bundle").task("m1")
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -65,14 +65,30 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..errors import DistacError
-from ..io import DEFAULT_SHARD_BYTES, BackgroundWriter, ShardWriter, atomic_dir, copy_model_files, open_checkpoint
-from ..io import parse_size as parse_size
+from ..io import (
+    DEFAULT_SHARD_BYTES,
+    BackgroundWriter,
+    ShardWriter,
+    atomic_dir,
+    copy_model_files,
+    open_checkpoint,
+    parse_size,
+)
 from ..io.readers import Checkpoint
 from ..nn.models import default_device
 from ..progress import Progress, track
 from ..taskvector import match_heads
-from .engine import DEFAULT_CHUNK_BYTES, BufferPool, DictSource, TensorSource, Work, _check_sources, _load, _stream
-from .engine import split_rows as split_rows
+from .engine import (
+    DEFAULT_CHUNK_BYTES,
+    BufferPool,
+    DictSource,
+    TensorSource,
+    Work,
+    _check_sources,
+    _load,
+    _stream,
+    split_rows,
+)
 
 __all__ = [
     "EMRBundle",
@@ -349,7 +365,8 @@ def _as_source(x: Source, label: str) -> tuple[TensorSource, Path | None]:
         return open_checkpoint(path), path
     if isinstance(x, Mapping):
         return DictSource(x, label), None
-    return x, getattr(x, "path", None)
+    path = getattr(x, "path", None)  # a Checkpoint: recorded absolute, so the bundle loads from anywhere
+    return x, Path(path).expanduser().resolve() if path is not None else None
 
 
 def _task_names(tasks: Sequence[str] | None, paths: Sequence[Path | None]) -> list[str]:
