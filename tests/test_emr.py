@@ -155,10 +155,11 @@ def _files(tmp_path: Path, base: dict, models: list[dict], form: str = "sharded"
     return bp, [write_checkpoint(m, tmp_path / f"m{i}{ext}", form=form) for i, m in enumerate(models)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk_bytes", [None, 200, 1000])
-def test_streamed_bundle_equals_the_in_memory_result_bit_for_bit(tmp_path, chunk_bytes):
-    base = tiny_state(0)
-    base["odd.weight"] = torch.randn(13, 3)  # 3 entries per row: chunks must still pack into whole bytes
+def test_streamed_bundle_equals_the_in_memory_result_bit_for_bit(tmp_path, chunk_bytes, dtype):
+    base = tiny_state(0, dtype=dtype)
+    base["odd.weight"] = torch.randn(13, 3).to(dtype)  # 3 entries per row: chunks must still fill whole bytes
     models = _models(base)
     want = emr_merge(base, models, heads=HEADS, device="cpu", chunk_bytes=None)
     bp, mps = _files(tmp_path, base, models)
@@ -177,6 +178,8 @@ def test_streamed_bundle_equals_the_in_memory_result_bit_for_bit(tmp_path, chunk
     again = load_emr_bundle(tmp_path / "bundle")
     assert again.tasks == got.tasks and torch.equal(again.rescalers, want.rescalers)
     assert all(torch.equal(again.task("b")[k], want.task(1)[k]) for k in base)
+    again.close()  # closing releases the files; building a task later reopens them
+    assert torch.equal(again.task("c")["embed.weight"], want.task(2)["embed.weight"])
 
 
 def test_manifest_and_mask_rows_are_readable_without_distac(tmp_path):

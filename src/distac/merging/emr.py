@@ -365,8 +365,8 @@ def _as_source(x: Source, label: str) -> tuple[TensorSource, Path | None]:
         return open_checkpoint(path), path
     if isinstance(x, Mapping):
         return DictSource(x, label), None
-    path = getattr(x, "path", None)  # a Checkpoint: recorded absolute, so the bundle loads from anywhere
-    return x, Path(path).expanduser().resolve() if path is not None else None
+    own = getattr(x, "path", None)  # a Checkpoint: recorded absolute, so the bundle loads from anywhere
+    return x, Path(own).expanduser().resolve() if own is not None else None
 
 
 def _task_names(tasks: Sequence[str] | None, paths: Sequence[Path | None]) -> list[str]:
