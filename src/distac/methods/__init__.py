@@ -9,6 +9,7 @@ from .curvature import METHODS as _CURVATURE
 from .interpolate import METHODS as _INTERPOLATE
 from .sparse import METHODS as _SPARSE
 from .spectral import METHODS as _SPECTRAL
+from .wudi import METHODS as _WUDI
 
 __all__ = [
     "METHODS",
@@ -22,7 +23,7 @@ __all__ = [
     "get_method",
 ]
 
-METHODS: dict[str, Method] = {m.name: m for m in (*_BASIC, *_SPARSE, *_SPECTRAL, *_INTERPOLATE, *_CURVATURE)}
+METHODS: dict[str, Method] = {m.name: m for m in (*_BASIC, *_SPARSE, *_SPECTRAL, *_INTERPOLATE, *_CURVATURE, *_WUDI)}
 
 
 def get_method(name: str) -> Method:
