@@ -114,18 +114,18 @@ def _dtype(value: Any, key: str, where: str) -> torch.dtype:
     return d
 
 
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 _GENERIC_STEMS = ("model", "weights", "pytorch_model", "checkpoint", "state_dict", "adapter_model")
 
 
-def _default_name(path: Path) -> str:
+def default_name(path: Path) -> str:
     """The folder's name, or the file's stem unless it is a generic one (model.safetensors -> its folder)."""
     stem = path.name if path.is_dir() or not path.suffix else path.name.split(".")[0]
     if not path.is_dir() and stem in _GENERIC_STEMS:
         stem = path.parent.name
-    return _SAFE_NAME.sub("_", stem) or "model"
+    return UNSAFE_NAME_CHARS.sub("_", stem) or "model"
 
 
 def _path(folder: Path, value: Any, where: str) -> Path:
@@ -153,8 +153,8 @@ def _model_entry(entry: Any, folder: Path, where: str) -> tuple[ModelSpec, dict[
     stats = {k: _path(folder, params.pop(k), f"{where}: {k}") for k in STAT_KEYS if k in params}
     if entry.get("name") is not None and not isinstance(entry["name"], str):
         raise DistacError(f"{where}: 'name' must be a string, got {entry['name']!r}")
-    name = entry["name"] if entry.get("name") is not None else _default_name(path)
-    if _SAFE_NAME.search(name):
+    name = entry["name"] if entry.get("name") is not None else default_name(path)
+    if UNSAFE_NAME_CHARS.search(name):
         raise DistacError(f"{where}: name {name!r} may only use letters, digits, '.', '_' and '-'")
     return ModelSpec(path, name, stats), params
 

@@ -78,17 +78,10 @@ from ..io.readers import Checkpoint
 from ..nn.models import default_device
 from ..progress import Progress, track
 from ..taskvector import match_heads
-from .engine import (
-    DEFAULT_CHUNK_BYTES,
-    BufferPool,
-    DictSource,
-    TensorSource,
-    Work,
-    _check_sources,
-    _load,
-    _stream,
-    split_rows,
-)
+from ..tensors import DictSource, TensorSource, check_compatible
+from .config import UNSAFE_NAME_CHARS, default_name
+from .engine import DEFAULT_CHUNK_BYTES
+from .pieces import BufferPool, Work, load_piece, split_rows, stream
 
 __all__ = [
     "EMRBundle",
@@ -239,9 +232,9 @@ def _emr_pass(
     masked_means = torch.zeros(n, dtype=torch.float64)
     fingerprints: dict[str, str] = {}
     state = _TensorState()
-    for item in _stream(
+    for item in stream(
         work,
-        lambda w: _load(base, models, w, {}, device, pool),
+        lambda w: load_piece(base, models, w, {}, device, pool),
         prefetch=prefetch,
         release=lambda x: pool.give(x.buffer),
     ):
@@ -370,13 +363,11 @@ def _as_source(x: Source, label: str) -> tuple[TensorSource, Path | None]:
 
 
 def _task_names(tasks: Sequence[str] | None, paths: Sequence[Path | None]) -> list[str]:
-    from .pipeline import _SAFE_NAME, _default_name  # pipeline imports the engine; imported late to avoid a cycle
-
-    names = list(tasks) if tasks is not None else [_default_name(p) if p else f"task{i}" for i, p in enumerate(paths)]
+    names = list(tasks) if tasks is not None else [default_name(p) if p else f"task{i}" for i, p in enumerate(paths)]
     if len(names) != len(paths):
         raise DistacError(f"emr_merge: {len(names)} task names for {len(paths)} models; give one name per model")
     for nm in names:
-        if not isinstance(nm, str) or not nm or nm.startswith(".") or _SAFE_NAME.search(nm):
+        if not isinstance(nm, str) or not nm or nm.startswith(".") or UNSAFE_NAME_CHARS.search(nm):
             raise DistacError(f"emr_merge: task name {nm!r} may only use letters, digits, '.', '_' and '-'")
     dup = sorted({nm for nm in names if names.count(nm) > 1})
     if dup:
@@ -388,7 +379,8 @@ def _plan(base: TensorSource, models: Sequence[TensorSource], heads: Sequence[st
     """(merged tensor names, head tensor names), both in the base's order."""
     if not models:
         raise DistacError("emr_merge needs at least one fine-tuned model")
-    _check_sources(base, models)
+    for m in models:
+        check_compatible(base, m, base_label=f"the base {base.label}")
     head_set = match_heads(base.keys(), heads)
     if heads and not head_set:
         raise DistacError(f"heads patterns {list(heads)} match no tensor of {base.label}")
