@@ -7,16 +7,17 @@ functions through the engine as ``ctx.stats``: ``"fisher"`` (N, *S) on the **sum
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
 from ..errors import DistacError
-from .base import STATISTICS, Method, OneOf, PerModel, Prepass, Range, TensorContext
-from .basic import Weights, model_weights
+from .base import STATISTICS, OneOf, PerModel, Prepass, Range, TensorContext, merge_method
+from .basic import ROW_CHUNKED, Weights, model_weights, weights_sum_nonzero
 
-__all__ = ["METHODS", "fisher", "gradient_matching", "missing_stats_error", "regmean"]
+__all__ = ["fisher", "gradient_matching", "missing_stats_error", "regmean"]
 
 
 def missing_stats_error(method: str, stat: str, name: str) -> DistacError:
@@ -42,6 +43,15 @@ def _curvature(ctx: TensorContext, stat: str, method: str) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # uncertainty-based gradient matching
 # ----------------------------------------------------------------------------------------------
+@merge_method(
+    "gradient_matching",
+    summary="θ0 + Σ α_t H̄⁻¹(H0+H_t)τ_t, H̄ = H0 + Σ α_s H_s (diagonal Fishers, sum scale).",
+    paper="Daheim et al., Model Merging by Uncertainty-Based Gradient Matching, ICLR 2024 (arXiv 2310.12808)",
+    chunkable=True,
+    stats=("fisher", "base_fisher?"),
+    notes="Not in FusionBench/mergekit/peft. Fishers must be on the sum scale; prior δ0 defaults to 1e-12.",
+    memory=ROW_CHUNKED + "; plus the (N+1) x piece Fishers",
+)
 def gradient_matching(
     base: Tensor,
     deltas: Tensor,
@@ -66,6 +76,8 @@ def gradient_matching(
       official code's δ_0 > 0 would give.
 
     Not in FusionBench/mergekit/peft; a community mergekit port hard-codes H_0 = 1.
+
+    Memory: row-chunked; the N Fishers of the piece and a few piece-sized temporaries.
     """
     n = deltas.shape[0]
     h = _curvature(ctx, "fisher", "gradient_matching")
@@ -114,6 +126,30 @@ def _unsafe_alpha_message(name: str, h0: Tensor, h: Tensor, a: Tensor, n_bad: in
 # ----------------------------------------------------------------------------------------------
 # Fisher merging
 # ----------------------------------------------------------------------------------------------
+def _fisher_prepass(params: Mapping[str, Any], n: int) -> Prepass | None:
+    return Prepass(stat_norms=("fisher",)) if params["normalize"] else None
+
+
+def _weights_nonnegative_some_positive(params: Mapping[str, Any], n: int) -> str | None:
+    """Fisher weights are the coefficients of a weighted average: negative or all-zero ones mean nothing."""
+    w = params.get("weights")
+    values = [1.0] * n if w is None else (w if isinstance(w, list) else [w] * n)
+    if min(values) >= 0 and max(values) > 0:
+        return None
+    return f"parameter 'weights' = {w} must be >= 0 with at least one > 0 (they weight an average); fix the weights"
+
+
+@merge_method(
+    "fisher",
+    summary="Σ c_i F̃_i θ_i / Σ c_i F̃_i with c_i/‖F_i‖ and a 1e-6 floor on the target.",
+    paper="Matena & Raffel, Merging Models with Fisher-Weighted Averaging, NeurIPS 2022 (arXiv 2111.09832)",
+    chunkable=True,
+    prepass=_fisher_prepass,
+    stats=("fisher",),
+    notes="FusionBench adds 1e-6 to every Fisher and squares batch gradients; official floors only the target.",
+    memory=ROW_CHUNKED + "; plus the N x piece Fishers",
+    checks=(_weights_nonnegative_some_positive,),
+)
 def fisher(
     base: Tensor,
     deltas: Tensor,
@@ -140,6 +176,8 @@ def fisher(
     FusionBench/MergeLM differ: they *add* 1e-6 to every model's Fisher and estimate F from squared
     batch gradients; their normalisation is equivalent after the ratio. The official code copies
     the head from the target; distac keeps heads per model (``heads=``).
+
+    Memory: row-chunked; the N Fishers of the piece and a few piece-sized temporaries.
     """
     n = deltas.shape[0]
     f = _curvature(ctx, "fisher", "fisher")
@@ -161,10 +199,6 @@ def fisher(
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), deltas[0])
 
 
-def _fisher_prepass(params: dict, n: int) -> Prepass | None:
-    return Prepass(stat_norms=("fisher",)) if params["normalize"] else None
-
-
 # ----------------------------------------------------------------------------------------------
 # RegMean
 # ----------------------------------------------------------------------------------------------
@@ -178,6 +212,24 @@ def _input_dim(shape: tuple[int, ...], d: int, layout: str, name: str) -> int:
     return match[0]
 
 
+def _regmean_prepass(params: dict, n: int) -> Prepass:
+    # RegMean reads no global norm, but asking for one makes the engine stop before merging when no
+    # Grams were given at all; otherwise every tensor would silently fall back to averaging.
+    return Prepass(stat_norms=("gram",))
+
+
+@merge_method(
+    "regmean",
+    summary="Per linear layer (ΣG̃_i)⁻¹ΣG̃_i W_i; other tensors averaged.",
+    paper="Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023 (arXiv 2212.09849)",
+    chunkable=False,
+    prepass=_regmean_prepass,
+    stats=("gram",),
+    notes="α=0.1 (most official configs; FusionBench CLIP 0.95). Grams exclude padding rows; ridge if singular.",
+    memory="whole tensor: the engine's (N+1) x largest inputs, an fp64 copy of the N task vectors of a linear "
+    "layer (2N x largest) and the N Grams (d x d each, fp64)",
+    checks=(weights_sum_nonzero,),
+)
 def regmean(
     base: Tensor,
     deltas: Tensor,
@@ -205,11 +257,12 @@ def regmean(
       the system, split over the models as w_i/Σw, i.e. shrinks towards the weighted average, and
       multiplies the ridge by 10 until the Cholesky factorisation succeeds. The official code uses
       a plain inverse (no ridge). The solve runs in float64.
+
+    Memory: whole tensor; an fp64 copy of the N task vectors of a linear layer (2N x its fp32
+    size) and the N Grams in fp64; other tensors are averaged.
     """
     n = deltas.shape[0]
     w = model_weights(weights, n, deltas).reshape(n)
-    if float(w.sum()) == 0:
-        raise DistacError("regmean: weights sum to zero")
     g = ctx.stats.get("gram")
     if g is None:
         return (w.reshape(n, *([1] * (deltas.dim() - 1))) * deltas).sum(0) / w.sum()
@@ -243,43 +296,3 @@ def _solve_with_ridge(a: Tensor, b: Tensor, tau: Tensor, w: Tensor, ridge: float
             return torch.cholesky_solve(b + r * avg, l)
         r *= 10
     raise DistacError("regmean: the Gram system stays singular even with a large ridge (NaN in the Grams?)")
-
-
-def _regmean_prepass(params: dict, n: int) -> Prepass:
-    # RegMean reads no global norm, but asking for one makes the engine stop before merging when no
-    # Grams were given at all; otherwise every tensor would silently fall back to averaging.
-    return Prepass(stat_norms=("gram",))
-
-
-METHODS = (
-    Method(
-        "gradient_matching",
-        gradient_matching,
-        summary="θ0 + Σ α_t H̄⁻¹(H0+H_t)τ_t, H̄ = H0 + Σ α_s H_s (diagonal Fishers, sum scale).",
-        paper="Daheim et al., Model Merging by Uncertainty-Based Gradient Matching, ICLR 2024 (arXiv 2310.12808)",
-        chunkable=True,
-        stats=("fisher", "base_fisher?"),
-        notes="Not in FusionBench/mergekit/peft. Fishers must be on the sum scale; prior δ0 defaults to 1e-12.",
-    ),
-    Method(
-        "fisher",
-        fisher,
-        summary="Σ c_i F̃_i θ_i / Σ c_i F̃_i with c_i/‖F_i‖ and a 1e-6 floor on the target.",
-        paper="Matena & Raffel, Merging Models with Fisher-Weighted Averaging, NeurIPS 2022 (arXiv 2111.09832)",
-        chunkable=True,
-        prepass=_fisher_prepass,
-        stats=("fisher",),
-        notes="FusionBench adds 1e-6 to every Fisher and squares batch gradients; official floors only the target.",
-    ),
-    Method(
-        "regmean",
-        regmean,
-        summary="Per linear layer (ΣG̃_i)⁻¹ΣG̃_i W_i; other tensors averaged.",
-        paper="Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023 "
-        "(arXiv 2212.09849)",
-        chunkable=False,
-        prepass=_regmean_prepass,
-        stats=("gram",),
-        notes="α=0.1 (most official configs; FusionBench CLIP 0.95). Grams exclude padding rows; ridge if singular.",
-    ),
-)
