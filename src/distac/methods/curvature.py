@@ -269,25 +269,45 @@ def regmean(
     if not torch.isfinite(g).all() or (g.diagonal(dim1=-2, dim2=-1) < 0).any():
         raise DistacError(f"regmean: the Gram of tensor '{ctx.name}' has NaN/Inf or a negative diagonal")
     din = _input_dim(tuple(base.shape), g.shape[-1], layout, ctx.name)
-    tau = deltas.double()
-    if din == 1:
-        tau = tau.transpose(1, 2)  # (N, in, out)
+    stacked = _fp64_stacked(deltas, din)
     g = g.double()
     diag = torch.diag_embed(g.diagonal(dim1=-2, dim2=-1))
     gt = w.double().reshape(n, 1, 1) * (reduce_nondiag * g + (1 - reduce_nondiag) * diag)
     a = gt.sum(0)
-    b = torch.einsum("nij,njk->ik", gt, tau)
-    out = _solve_with_ridge(a, b, tau, w.double(), ridge)
+    d = a.shape[0]
+    # b = Σ_i G̃_i τ_i = einsum("nij,njk->ik", G̃, τ), computed as torch does it: one (d, d·N) @ (d·N, out)
+    # product with the inputs ordered (j, n); ``stacked`` already has that layout, so no copy is made
+    b = gt.permute(1, 2, 0).reshape(d, d * n) @ stacked.reshape(d * n, -1)
+    l, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        del stacked  # only the ridge fallback reads the task vectors again
+        out = torch.cholesky_solve(b, l)
+    else:
+        out = _solve_with_ridge(a, b, stacked, w.double(), ridge)
     return (out.T if din == 1 else out).to(deltas.dtype)
 
 
-def _solve_with_ridge(a: Tensor, b: Tensor, tau: Tensor, w: Tensor, ridge: float) -> Tensor:
+def _fp64_stacked(deltas: Tensor, din: int) -> Tensor:
+    """The task vectors in fp64, input dim first: a contiguous (in, N, out) tensor filled model by model.
+
+    Holds 2N × the fp32 task vectors. ``deltas.double()``, its transpose and the einsum's own
+    reordered copy held three times that.
+    """
+    n = deltas.shape[0]
+    stacked = torch.empty((deltas.shape[1 + din], n, deltas.shape[2 - din]), dtype=torch.float64, device=deltas.device)
+    for i in range(n):
+        stacked[:, i].copy_(deltas[i].T if din == 1 else deltas[i])
+    return stacked
+
+
+def _solve_with_ridge(a: Tensor, b: Tensor, stacked: Tensor, w: Tensor, ridge: float) -> Tensor:
     """Solve a X = b by Cholesky; if a is singular, add r·I to a and r·(weighted mean of τ) to b."""
     l, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
         return torch.cholesky_solve(b, l)
     scale = float(a.diagonal().mean())
     r = ridge * (scale if scale > 0 else 1.0)
+    tau = stacked.permute(1, 0, 2).contiguous()  # (N, in, out), the layout the average was defined on
     avg = (w.reshape(-1, 1, 1) * tau).sum(0) / w.sum()
     eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     for _ in range(20):

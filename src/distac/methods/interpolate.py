@@ -65,16 +65,41 @@ def slerp(
     """
     v0 = base + deltas[0]
     v1 = base + deltas[1]
-    n0 = float(torch.linalg.vector_norm(v0.double()))
-    n1 = float(torch.linalg.vector_norm(v1.double()))
-    dot = float((v0.double() * v1.double()).sum()) / ((n0 if n0 > EPS else 1.0) * (n1 if n1 > EPS else 1.0))
+    n0, n1, dot = _norms_and_dot(v0, v1)
+    dot = dot / ((n0 if n0 > EPS else 1.0) * (n1 if n1 > EPS else 1.0))
     if abs(dot) > DOT_THRESHOLD:
-        merged = (1 - t) * v0 + t * v1
+        c0, c1 = 1 - t, t
     else:
         omega = math.acos(dot)
         s = math.sin(omega)
-        merged = (math.sin((1 - t) * omega) / s) * v0 + (math.sin(t * omega) / s) * v1
-    return merged - base
+        c0, c1 = math.sin((1 - t) * omega) / s, math.sin(t * omega) / s
+    # in place: c0·v0 + c1·v1 − θ0 rounded exactly as the out-of-place expression, without 3 temporaries
+    return v0.mul_(c0).add_(v1.mul_(c1)).sub_(base)
+
+
+#: elements per block of SLERP's fp64 reductions (8 MiB of fp64 per operand)
+_FP64_BLOCK = 1 << 20
+
+
+def _norms_and_dot(v0: Tensor, v1: Tensor) -> tuple[float, float, float]:
+    """‖v0‖, ‖v1‖ and ⟨v0, v1⟩ in fp64, reading the fp32 tensors in blocks.
+
+    A tensor of at most one block is reduced whole, as ever; a larger one block by block, so only
+    two blocks are ever in fp64 instead of three whole fp64 copies (6 × the fp32 tensor). The
+    block sums round differently from one whole sum, by fp64 ulps: far below what the fp32
+    coefficients derived from them can resolve.
+    """
+    a, b = v0.reshape(-1), v1.reshape(-1)
+    if a.numel() <= _FP64_BLOCK:
+        x, y = a.double(), b.double()
+        return float(torch.linalg.vector_norm(x)), float(torch.linalg.vector_norm(y)), float((x * y).sum())
+    sq0 = sq1 = dot = 0.0
+    for i in range(0, a.numel(), _FP64_BLOCK):
+        x, y = a[i : i + _FP64_BLOCK].double(), b[i : i + _FP64_BLOCK].double()
+        sq0 += float(x.square().sum())
+        sq1 += float(y.square().sum())
+        dot += float(x.mul_(y).sum())
+    return math.sqrt(sq0), math.sqrt(sq1), dot
 
 
 def model_stock_ratio(deltas: Tensor) -> Tensor:

@@ -108,7 +108,12 @@ def tsv_m(
         u_cat[:, t * k : (t + 1) * k] = u
         s_cat[t * k : (t + 1) * k] = s
         vh_cat[t * k : (t + 1) * k] = vh
-    return scale * (polar(u_cat) * s_cat) @ polar(vh_cat)
+        del u, s, vh  # the views keep the full factors alive: release them before the next SVD
+    # = scale * (polar(U) * σ) @ polar(Vᵀ), the same operations in place, each input freed once used
+    left = polar(u_cat)
+    del u_cat
+    left.mul_(s_cat).mul_(scale)
+    return left @ polar(vh_cat)
 
 
 @merge_method(
@@ -139,7 +144,9 @@ def iso_c(
     if deltas.dim() != 3:
         return scale * deltas.mean(0)
     u, s, vh = torch.linalg.svd(deltas.sum(0), full_matrices=False)
-    return scale * s.mean() * (u @ vh)
+    out = u @ vh
+    del u
+    return out.mul_(scale * s.mean())  # = scale * s.mean() * (u @ vh)
 
 
 @merge_method(
@@ -193,10 +200,17 @@ def iso_cts(
     for t in range(t_count):
         specific = deltas[t] - uc @ (uc.mT @ deltas[t])
         ut, st, vht = torch.linalg.svd(specific, full_matrices=False)
-        us.append(ut[:, :per_task])
-        ss.append(st[:per_task])
-        vhs.append(vht[:per_task])
+        del specific
+        # copies of the leading columns, so each task's full factors are freed before the next SVD
+        us.append(ut[:, :per_task].clone())
+        ss.append(st[:per_task].clone())
+        vhs.append(vht[:per_task].clone())
+        del ut, st, vht
     u_all = torch.cat([*us, uc], dim=1)
+    del us, uc, u
     s_all = torch.cat([*ss, sc])
     vh_all = torch.cat([*vhs, vhc], dim=0)
-    return scale * s_all.mean() * (polar(u_all) @ polar(vh_all))
+    out = polar(u_all)
+    del u_all
+    out = out @ polar(vh_all)
+    return out.mul_(scale * s_all.mean())  # = scale * s_all.mean() * (polar(U) @ polar(Vᵀ))
