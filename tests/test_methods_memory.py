@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import distac.methods.interpolate as interpolate
+import distac.methods.masked as masked
 import distac.methods.sparse as sparse
 from distac import get_method
 from distac.methods import TensorContext
@@ -37,7 +38,7 @@ def test_breadcrumbs_in_row_blocks_equals_whole_tensor(method, shape, monkeypatc
     blocked = call(method, d, **params)
     assert torch.equal(whole, blocked)
     # and both equal the unblocked composition of the steps
-    mask = sparse.breadcrumbs_mask(d, density=params["density"], gamma=0.2)
+    mask = masked.breadcrumbs_mask(d, density=params["density"], gamma=0.2)
     ref = sparse._combine(mask, weights=params["weights"], elect=method.endswith("ties"), merge_fn="mean", scale=0.7)
     assert torch.equal(whole, ref)
 

@@ -7,7 +7,7 @@ this module lists the records, in the order ``distac methods`` shows them.
 from __future__ import annotations
 
 from ..errors import DistacError, closest
-from . import basic, curvature, interpolate, sparse, spectral
+from . import basic, curvature, interpolate, masked, sparse, spectral
 from .base import Method, OneOf, ParamSpec, PerModel, Prepass, Range, TensorContext, merge_method
 
 __all__ = [
@@ -29,10 +29,10 @@ _RECORDS: tuple[Method, ...] = (
     sparse.ties,
     sparse.dare_linear,
     sparse.dare_ties,
-    sparse.breadcrumbs,
-    sparse.breadcrumbs_ties,
-    sparse.consensus_ta,
-    sparse.consensus_ties,
+    masked.breadcrumbs,
+    masked.breadcrumbs_ties,
+    masked.consensus_ta,
+    masked.consensus_ties,
     spectral.tsv_m,
     spectral.iso_c,
     spectral.iso_cts,
