@@ -1,4 +1,4 @@
-"""Degenerate-case invariants (merge-methods.md §12), exactness of global scope, and DARE's determinism."""
+"""Degenerate-case invariants of every method, exactness of global scope, and DARE's determinism."""
 
 from __future__ import annotations
 
@@ -230,16 +230,19 @@ def test_consensus_weights_scale_the_result() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Consensus (§12 #7)
+# Consensus
 # ----------------------------------------------------------------------------------------------
-def test_consensus_k0_is_ta_and_k_above_T_is_base() -> None:
+def test_consensus_k0_is_ta_and_k_above_T_is_refused() -> None:
     base, models = make_models(3)
     ta = distac.merge(base, models, "task_arithmetic", scale=0.4)
     assert_close(distac.merge(base, models, "consensus_ta", k=0, scale=0.4), ta)
-    assert_close(distac.merge(base, models, "consensus_ta", k=4), base, 0)
     ties_sum = distac.merge(base, models, "ties", density=0.2, merge_fn="sum", scale=0.4)
     assert_close(distac.merge(base, models, "consensus_ties", k=0, scale=0.4), ties_sum)
-    assert_close(distac.merge(base, models, "consensus_ties", k=4), base, 0)
+    # k = T keeps the weights every task selects; k > T would silently return the base model
+    assert not torch.equal(distac.merge(base, models, "consensus_ta", k=3)["emb"], base["emb"])
+    for method in ("consensus_ta", "consensus_ties"):
+        with pytest.raises(DistacError, match=r"'k' = 4 is larger than the number of models \(3\)"):
+            distac.merge(base, models, method, k=4)
 
 
 def test_consensus_ties_global_equals_brute_force() -> None:
@@ -254,7 +257,7 @@ def test_consensus_ties_global_equals_brute_force() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# DARE (§12 #6) and its counter-based randomness
+# DARE and its counter-based randomness
 # ----------------------------------------------------------------------------------------------
 def test_dare_density_one_is_identity() -> None:
     base, models = make_models(3)
@@ -415,7 +418,7 @@ def test_dare_same_on_cuda_and_cpu() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# spectral (§12 #8, #9)
+# spectral
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(6, 4), (4, 6), (5, 5), (7,)])
 def test_tsv_m_single_task_returns_tau(shape: tuple[int, ...]) -> None:
@@ -439,7 +442,7 @@ def test_spectral_methods_are_not_chunkable_and_average_vectors() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# interpolation (§12 #10)
+# interpolation
 # ----------------------------------------------------------------------------------------------
 def test_slerp_endpoints_and_collinear_fallback() -> None:
     base, models = make_models(2)

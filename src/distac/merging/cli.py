@@ -81,6 +81,7 @@ def describe_method(m: Method) -> list[str]:
     count = count.replace("..None", "+")
     lines = [f"{m.name}  ({count} models; {'; '.join(needs)})", f"    {m.summary}", f"    paper: {m.paper}"]
     lines += [f"    {p.describe()}" for p in m.params.values()] or ["    (no parameters)"]
+    lines.append(f"    memory: {m.memory}")
     return lines
 
 

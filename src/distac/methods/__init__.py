@@ -1,15 +1,14 @@
-"""All merge methods, in one explicit registry (no registration by import side effect)."""
+"""All merge methods, in one explicit registry (no registration by import side effect).
+
+Each method's record is built next to its function by :func:`~distac.methods.base.merge_method`;
+this module lists the records, in the order ``distac methods`` shows them.
+"""
 
 from __future__ import annotations
 
 from ..errors import DistacError, closest
-from .base import Method, OneOf, ParamSpec, PerModel, Prepass, Range, TensorContext
-from .basic import METHODS as _BASIC
-from .curvature import METHODS as _CURVATURE
-from .interpolate import METHODS as _INTERPOLATE
-from .sparse import METHODS as _SPARSE
-from .spectral import METHODS as _SPECTRAL
-from .wudi import METHODS as _WUDI
+from . import basic, curvature, interpolate, masked, sparse, spectral, wudi
+from .base import Method, OneOf, ParamSpec, PerModel, Prepass, Range, TensorContext, merge_method
 
 __all__ = [
     "METHODS",
@@ -21,9 +20,32 @@ __all__ = [
     "Range",
     "TensorContext",
     "get_method",
+    "merge_method",
 ]
 
-METHODS: dict[str, Method] = {m.name: m for m in (*_BASIC, *_SPARSE, *_SPECTRAL, *_INTERPOLATE, *_CURVATURE, *_WUDI)}
+_RECORDS: tuple[Method, ...] = (
+    basic.average,
+    basic.task_arithmetic,
+    sparse.ties,
+    sparse.dare_linear,
+    sparse.dare_ties,
+    masked.breadcrumbs,
+    masked.breadcrumbs_ties,
+    masked.consensus_ta,
+    masked.consensus_ties,
+    spectral.tsv_m,
+    spectral.iso_c,
+    spectral.iso_cts,
+    interpolate.slerp,
+    interpolate.model_stock,
+    curvature.gradient_matching,
+    curvature.fisher,
+    curvature.regmean,
+    wudi.wudi,
+)
+
+#: every merge method by name
+METHODS: dict[str, Method] = {m.name: m for m in _RECORDS}
 
 
 def get_method(name: str) -> Method:

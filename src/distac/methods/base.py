@@ -15,15 +15,21 @@ It returns the merged *task vector* (already scaled); the engine adds the base b
 same form, since ``mean(θ_t) = θ_0 + mean(τ_t)``.
 
 The :class:`Method` record says what the engine must do for a function: whether it may be split by
-rows (``chunkable``), which whole-model statistic it needs first (``prepass``), and which
-per-model statistics it reads (``stats``). Parameters are read from the signature, so the
-function is the single source of truth for names, defaults and ranges.
+rows (``chunkable``), which whole-model statistic it needs first (``prepass``), which per-model
+statistics it reads (``stats``), and how much memory it needs (``memory``). Parameters are read
+from the signature, so the function is the single source of truth for names, defaults and ranges;
+the checks that relate a parameter to the others or to the number of models (``checks``) sit in
+the record too, so :meth:`Method.resolve` is the one place where parameters are validated.
+
+The record is written next to its function with the :func:`merge_method` decorator, which
+returns the :class:`Method` and registers nothing: ``distac.methods`` lists the records explicitly.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import re
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,13 +42,18 @@ from ..errors import DistacError, closest
 __all__ = [
     "METHOD_PARAM_NAMES",
     "STATISTICS",
+    "Check",
+    "Count",
     "Method",
+    "Number",
     "OneOf",
     "ParamSpec",
+    "Patterns",
     "PerModel",
     "Prepass",
     "Range",
     "TensorContext",
+    "merge_method",
     "missing_statistic",
 ]
 
@@ -90,6 +101,53 @@ class OneOf:
 
     def __str__(self) -> str:
         return " | ".join(self.options)
+
+
+@dataclass(frozen=True)
+class Number:
+    """Any finite number (for parameters without a range, such as ``weights``); not shown in listings."""
+
+    def check(self, name: str, v: Any) -> None:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise DistacError(f"parameter '{name}' must be a finite number, got {v!r}")
+
+    def __str__(self) -> str:
+        return ""
+
+
+@dataclass(frozen=True)
+class Count:
+    """An integer parameter ``>= lo`` (``Range`` alone would accept 2.5)."""
+
+    lo: int = 0
+
+    def check(self, name: str, v: Any) -> None:
+        if isinstance(v, bool) or not isinstance(v, int) or v < self.lo:
+            raise DistacError(f"parameter '{name}' = {v!r} must be an integer >= {self.lo}")
+
+    def __str__(self) -> str:
+        return f"integer >= {self.lo}"
+
+
+@dataclass(frozen=True)
+class Patterns:
+    """Name patterns: one string or a list of them; ``re:`` ones must compile."""
+
+    def check(self, name: str, v: Any) -> None:
+        items = [v] if isinstance(v, str) else v
+        if not isinstance(items, list) or not items or not all(isinstance(p, str) and p for p in items):
+            raise DistacError(f"parameter '{name}' = {v!r} must be a name pattern or a non-empty list of them")
+        for p in items:
+            if p.startswith("re:"):
+                try:
+                    re.compile(p[3:])
+                except re.error as e:
+                    raise DistacError(
+                        f"parameter '{name}': pattern {p!r} is not a valid regular expression ({e})"
+                    ) from None
+
+    def __str__(self) -> str:
+        return "glob or 're:' regex, or a list of them"
 
 
 @dataclass(frozen=True)
@@ -178,12 +236,31 @@ class ParamSpec:
     per_model: bool
 
     def describe(self) -> str:
-        c = ", ".join(str(x) for x in self.constraints if not isinstance(x, PerModel))
+        c = ", ".join(str(x) for x in self.constraints if not isinstance(x, PerModel) and str(x))
         pm = " (per model)" if self.per_model else ""
         return f"{self.name}={self.default!r}{pm}" + (f" in {c}" if c else "")
 
+    def resolve(self, method: str, params: Mapping[str, Any], n_models: int) -> Any:
+        """The user's value (or the default), checked against the constraints; tuples become lists."""
+        v = params.get(self.name, self.default)
+        if v is inspect.Parameter.empty:
+            raise DistacError(f"method '{method}' needs parameter '{self.name}'")
+        values = [v]
+        if self.per_model and isinstance(v, list | tuple):
+            if len(v) != n_models:
+                raise DistacError(f"parameter '{self.name}' has {len(v)} values but there are {n_models} models")
+            values = list(v)
+        _numbers(self.name, values)
+        for x in values:
+            if x is None:
+                continue
+            for c in self.constraints:
+                if hasattr(c, "check"):
+                    c.check(self.name, x)
+        return list(v) if isinstance(v, tuple) else v
 
-#: Names with one meaning across all methods (issue #2). Methods reuse them; they never invent synonyms.
+
+#: Names with one meaning across all methods. Methods reuse them; they never invent synonyms.
 METHOD_PARAM_NAMES = (
     "scale",
     "weights",
@@ -205,9 +282,27 @@ def _unwrap(annotation: Any) -> tuple[Any, tuple[Any, ...]]:
     return annotation, ()
 
 
+#: A check of the resolved parameters against each other or the number of models: it returns the
+#: error message (naming the parameter and the fix) or None when the parameters make sense.
+Check = Callable[[Mapping[str, Any], int], str | None]
+
+
+def _count_phrase(lo: int, hi: int | None) -> str:
+    if lo == hi:
+        return f"exactly {lo}"
+    return f"at least {lo}" + (f" and at most {hi}" if hi else "")
+
+
+def _numbers(name: str, values: Sequence[Any]) -> None:
+    """Every numeric value of a parameter must be finite: NaN or Inf would end up in every tensor."""
+    for x in values:
+        if isinstance(x, float) and not math.isfinite(x):
+            raise DistacError(f"parameter '{name}' = {x} is not a finite number; give a finite value")
+
+
 @dataclass(frozen=True)
 class Method:
-    """A registered merge method."""
+    """A registered merge method: its function and what the engine and the docs must know about it."""
 
     name: str
     fn: Callable[..., Tensor]
@@ -223,6 +318,11 @@ class Method:
     max_models: int | None = None
     #: how distac's convention differs from mergekit / FusionBench / peft, for the docs.
     notes: str = ""
+    #: the method's working set beyond the engine's inputs, shown by ``distac methods``
+    #: (N models, "piece" = the engine's row chunk, "largest" = the largest tensor in fp32).
+    memory: str = ""
+    #: cross-parameter checks run by :meth:`resolve` after each parameter passed its own constraints.
+    checks: tuple[Check, ...] = ()
 
     @property
     def params(self) -> dict[str, ParamSpec]:
@@ -243,13 +343,14 @@ class Method:
         return self.prepass(params, n_models) if self.prepass else None
 
     def resolve(self, params: Mapping[str, Any], n_models: int) -> dict[str, Any]:
-        """Validate user parameters and fill defaults. Raises :class:`DistacError` naming the culprit."""
+        """Validate user parameters and fill defaults. Raises :class:`DistacError` naming the culprit.
+
+        Each value must be finite and satisfy its own constraints (``Range``, ``OneOf``; per model
+        when ``PerModel``); then the record's ``checks`` relate the parameters to each other and
+        to ``n_models``.
+        """
         if n_models < self.min_models or (self.max_models is not None and n_models > self.max_models):
-            want = (
-                f"exactly {self.min_models}"
-                if self.min_models == self.max_models
-                else f"at least {self.min_models}" + (f" and at most {self.max_models}" if self.max_models else "")
-            )
+            want = _count_phrase(self.min_models, self.max_models)
             raise DistacError(f"method '{self.name}' needs {want} fine-tuned model(s), got {n_models}")
         specs = self.params
         for k in params:
@@ -258,25 +359,67 @@ class Method:
                     f"method '{self.name}' has no parameter '{k}'{closest(k, specs)}; "
                     f"its parameters are: {', '.join(specs) or 'none'}"
                 )
-        out: dict[str, Any] = {}
-        for name, spec in specs.items():
-            v = params.get(name, spec.default)
-            if v is inspect.Parameter.empty:
-                raise DistacError(f"method '{self.name}' needs parameter '{name}'")
-            if spec.per_model and isinstance(v, list | tuple):
-                if len(v) != n_models:
-                    raise DistacError(f"parameter '{name}' has {len(v)} values but there are {n_models} models")
-                values = list(v)
-            else:
-                values = [v]
-            for x in values:
-                if x is None:
-                    continue
-                for c in spec.constraints:
-                    if hasattr(c, "check"):
-                        c.check(name, x)
-            out[name] = list(v) if isinstance(v, tuple) else v
+        out = {name: spec.resolve(self.name, params, n_models) for name, spec in specs.items()}
+        for check in self.checks:
+            msg = check(out, n_models)
+            if msg is not None:
+                raise DistacError(f"method '{self.name}': {msg}")
         return out
 
     def __call__(self, base: Tensor, deltas: Tensor, *, ctx: TensorContext, **params: Any) -> Tensor:
         return self.fn(base, deltas, ctx=ctx, **params)
+
+
+def merge_method(
+    name: str,
+    *,
+    summary: str,
+    paper: str,
+    memory: str,
+    chunkable: bool | Callable[[Mapping[str, Any]], bool] = True,
+    prepass: Callable[[Mapping[str, Any], int], Prepass | None] | None = None,
+    stats: tuple[str, ...] = (),
+    min_models: int = 1,
+    max_models: int | None = None,
+    notes: str = "",
+    checks: tuple[Check, ...] = (),
+) -> Callable[[Callable[..., Tensor]], Method]:
+    """Decorator: turn a per-tensor function into its :class:`Method` record, registering nothing.
+
+    The module-level name becomes the record (still callable like the function); the registry in
+    :mod:`distac.methods` lists the records explicitly, so importing a module has no side effect.
+
+    Args:
+        name: the method's name in configs and on the command line.
+        summary, paper, notes: one-line description, reference, conventions versus other tools.
+        memory: working set beyond the engine's inputs, e.g. ``"row-chunked: (N+1) x piece"``.
+        chunkable, prepass, stats, min_models, max_models, checks: see :class:`Method`.
+
+    Returns:
+        A decorator mapping the function to its :class:`Method`.
+
+    Example:
+        >>> @merge_method("negate", summary="-Σ τ", paper="none", memory="row-chunked: 1 x piece")
+        ... def negate(base, deltas, *, ctx):
+        ...     return -deltas.sum(0)
+        >>> negate.name, negate.is_chunkable({})
+        ('negate', True)
+    """
+
+    def wrap(fn: Callable[..., Tensor]) -> Method:
+        return Method(
+            name,
+            fn,
+            summary=summary,
+            paper=paper,
+            chunkable=chunkable,
+            prepass=prepass,
+            stats=stats,
+            min_models=min_models,
+            max_models=max_models,
+            notes=notes,
+            memory=memory,
+            checks=checks,
+        )
+
+    return wrap

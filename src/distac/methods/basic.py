@@ -1,16 +1,30 @@
-"""Weight averaging and task arithmetic."""
+"""Weight averaging and task arithmetic, and the per-model ``weights`` shared by most methods."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
-from ..errors import DistacError
-from .base import Method, PerModel, Range, TensorContext
+from .base import Number, PerModel, Range, TensorContext, merge_method
 
-Weights = Annotated[float | list[float] | None, PerModel()]
+Weights = Annotated[float | list[float] | None, Number(), PerModel()]
+
+#: the memory note of every row-chunked method: the engine hands it pieces of at most
+#: ``DEFAULT_CHUNK_BYTES`` (16 MiB) of (N+1) fp32 inputs, so its working set does not grow with the tensor.
+ROW_CHUNKED = "row-chunked: a few x the (N+1) x piece inputs (16 MiB pieces), whatever the tensor size"
+
+
+def weights_sum_nonzero(params: Mapping[str, Any], n: int) -> str | None:
+    """Check for methods that divide by Σ_t w_t: a zero sum has no normalised weights."""
+    w = params.get("weights")
+    if w is None or sum(w if isinstance(w, list) else [w] * n) != 0:
+        return None
+    return (
+        f"parameter 'weights' = {w} sums to zero, so the weights cannot be normalised; give weights with a nonzero sum"
+    )
 
 
 def model_weights(weights: float | list[float] | None, n: int, like: Tensor) -> Tensor:
@@ -23,6 +37,14 @@ def model_weights(weights: float | list[float] | None, n: int, like: Tensor) -> 
     return w.to(like.device, like.dtype).reshape(n, *([1] * (like.dim() - 1)))
 
 
+@merge_method(
+    "average",
+    summary="Weight averaging / uniform model soup.",
+    paper="Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)",
+    notes="Weights normalised to sum to 1 (mergekit linear normalize: true, FusionBench weighted_average).",
+    memory=ROW_CHUNKED,
+    checks=(weights_sum_nonzero,),
+)
 def average(
     base: Tensor,
     deltas: Tensor,
@@ -34,15 +56,22 @@ def average(
 
     Uniform by default (Wortsman et al., Model soups, ICML 2022, arXiv 2203.05482). Weights are
     normalised to sum to one, like mergekit ``linear`` (``normalize: true``) and FusionBench
-    ``weighted_average``. Written on task vectors, since mean_t θ_t = θ0 + mean_t τ_t.
+    ``weighted_average``; weights summing to zero are refused when the parameters are resolved.
+    Written on task vectors, since mean_t θ_t = θ0 + mean_t τ_t.
+
+    Memory: row-chunked; an (N, piece) weighted copy and the output beside the engine's inputs.
     """
     w = model_weights(weights, deltas.shape[0], deltas)
-    total = float(w.sum())
-    if total == 0:
-        raise DistacError(f"tensor '{ctx.name}': parameter 'weights' sums to zero, so it cannot be normalised")
-    return (w * deltas).sum(0) / total
+    return (w * deltas).sum(0) / float(w.sum())
 
 
+@merge_method(
+    "task_arithmetic",
+    summary="θ0 + λ·Σ w_t τ_t; negation with λ < 0.",
+    paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv 2212.04089)",
+    notes="scale 1.0 like mergekit lambda; FusionBench 0.3, TIES paper's no-validation value 0.4.",
+    memory=ROW_CHUNKED,
+)
 def task_arithmetic(
     base: Tensor,
     deltas: Tensor,
@@ -56,24 +85,8 @@ def task_arithmetic(
     Negation is a negative ``scale`` (or a negative per-model weight). ``scale`` defaults to 1.0
     like mergekit's ``lambda``; the paper selects λ on validation data (TIES recommends 0.4 without
     it; FusionBench defaults to 0.3).
+
+    Memory: row-chunked; an (N, piece) weighted copy and the output beside the engine's inputs.
     """
     w = model_weights(weights, deltas.shape[0], deltas)
     return scale * (w * deltas).sum(0)
-
-
-METHODS = (
-    Method(
-        "average",
-        average,
-        summary="Weight averaging / uniform model soup.",
-        paper="Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)",
-        notes="Weights normalised to sum to 1 (mergekit linear normalize: true, FusionBench weighted_average).",
-    ),
-    Method(
-        "task_arithmetic",
-        task_arithmetic,
-        summary="θ0 + λ·Σ w_t τ_t; negation with λ < 0.",
-        paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv 2212.04089)",
-        notes="scale 1.0 like mergekit lambda; FusionBench 0.3, TIES paper's no-validation value 0.4.",
-    ),
-)

@@ -7,16 +7,17 @@ functions through the engine as ``ctx.stats``: ``"fisher"`` (N, *S) on the **sum
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
 from ..errors import DistacError
-from .base import STATISTICS, Method, OneOf, PerModel, Prepass, Range, TensorContext
-from .basic import Weights, model_weights
+from .base import STATISTICS, OneOf, PerModel, Prepass, Range, TensorContext, merge_method
+from .basic import ROW_CHUNKED, Weights, model_weights, weights_sum_nonzero
 
-__all__ = ["METHODS", "fisher", "gradient_matching", "missing_stats_error", "regmean"]
+__all__ = ["fisher", "gradient_matching", "missing_stats_error", "regmean"]
 
 
 def missing_stats_error(method: str, stat: str, name: str) -> DistacError:
@@ -42,6 +43,15 @@ def _curvature(ctx: TensorContext, stat: str, method: str) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # uncertainty-based gradient matching
 # ----------------------------------------------------------------------------------------------
+@merge_method(
+    "gradient_matching",
+    summary="θ0 + Σ α_t H̄⁻¹(H0+H_t)τ_t, H̄ = H0 + Σ α_s H_s (diagonal Fishers, sum scale).",
+    paper="Daheim et al., Model Merging by Uncertainty-Based Gradient Matching, ICLR 2024 (arXiv 2310.12808)",
+    chunkable=True,
+    stats=("fisher", "base_fisher?"),
+    notes="Not in FusionBench/mergekit/peft. Fishers must be on the sum scale; prior δ0 defaults to 1e-12.",
+    memory=ROW_CHUNKED + "; plus the (N+1) x piece Fishers",
+)
 def gradient_matching(
     base: Tensor,
     deltas: Tensor,
@@ -66,6 +76,8 @@ def gradient_matching(
       official code's δ_0 > 0 would give.
 
     Not in FusionBench/mergekit/peft; a community mergekit port hard-codes H_0 = 1.
+
+    Memory: row-chunked; the N Fishers of the piece and a few piece-sized temporaries.
     """
     n = deltas.shape[0]
     h = _curvature(ctx, "fisher", "gradient_matching")
@@ -114,6 +126,30 @@ def _unsafe_alpha_message(name: str, h0: Tensor, h: Tensor, a: Tensor, n_bad: in
 # ----------------------------------------------------------------------------------------------
 # Fisher merging
 # ----------------------------------------------------------------------------------------------
+def _fisher_prepass(params: Mapping[str, Any], n: int) -> Prepass | None:
+    return Prepass(stat_norms=("fisher",)) if params["normalize"] else None
+
+
+def _weights_nonnegative_some_positive(params: Mapping[str, Any], n: int) -> str | None:
+    """Fisher weights are the coefficients of a weighted average: negative or all-zero ones mean nothing."""
+    w = params.get("weights")
+    values = [1.0] * n if w is None else (w if isinstance(w, list) else [w] * n)
+    if min(values) >= 0 and max(values) > 0:
+        return None
+    return f"parameter 'weights' = {w} must be >= 0 with at least one > 0 (they weight an average); fix the weights"
+
+
+@merge_method(
+    "fisher",
+    summary="Σ c_i F̃_i θ_i / Σ c_i F̃_i with c_i/‖F_i‖ and a 1e-6 floor on the target.",
+    paper="Matena & Raffel, Merging Models with Fisher-Weighted Averaging, NeurIPS 2022 (arXiv 2111.09832)",
+    chunkable=True,
+    prepass=_fisher_prepass,
+    stats=("fisher",),
+    notes="FusionBench adds 1e-6 to every Fisher and squares batch gradients; official floors only the target.",
+    memory=ROW_CHUNKED + "; plus the N x piece Fishers",
+    checks=(_weights_nonnegative_some_positive,),
+)
 def fisher(
     base: Tensor,
     deltas: Tensor,
@@ -140,6 +176,8 @@ def fisher(
     FusionBench/MergeLM differ: they *add* 1e-6 to every model's Fisher and estimate F from squared
     batch gradients; their normalisation is equivalent after the ratio. The official code copies
     the head from the target; distac keeps heads per model (``heads=``).
+
+    Memory: row-chunked; the N Fishers of the piece and a few piece-sized temporaries.
     """
     n = deltas.shape[0]
     f = _curvature(ctx, "fisher", "fisher")
@@ -161,10 +199,6 @@ def fisher(
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), deltas[0])
 
 
-def _fisher_prepass(params: dict, n: int) -> Prepass | None:
-    return Prepass(stat_norms=("fisher",)) if params["normalize"] else None
-
-
 # ----------------------------------------------------------------------------------------------
 # RegMean
 # ----------------------------------------------------------------------------------------------
@@ -178,6 +212,17 @@ def _input_dim(shape: tuple[int, ...], d: int, layout: str, name: str) -> int:
     return match[0]
 
 
+@merge_method(
+    "regmean",
+    summary="Per linear layer (ΣG̃_i)⁻¹ΣG̃_i W_i; other tensors averaged.",
+    paper="Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023 (arXiv 2212.09849)",
+    chunkable=False,
+    stats=("gram",),
+    notes="α=0.1 (most official configs; FusionBench CLIP 0.95). Grams exclude padding rows; ridge if singular.",
+    memory="whole tensor: the engine's (N+1) x largest inputs, an fp64 copy of the N task vectors of a linear "
+    "layer (2N x largest) and the N Grams (d x d each, fp64)",
+    checks=(weights_sum_nonzero,),
+)
 def regmean(
     base: Tensor,
     deltas: Tensor,
@@ -205,36 +250,57 @@ def regmean(
       the system, split over the models as w_i/Σw, i.e. shrinks towards the weighted average, and
       multiplies the ridge by 10 until the Cholesky factorisation succeeds. The official code uses
       a plain inverse (no ridge). The solve runs in float64.
+
+    Memory: whole tensor; an fp64 copy of the N task vectors of a linear layer (2N x its fp32
+    size) and the N Grams in fp64; other tensors are averaged.
     """
     n = deltas.shape[0]
     w = model_weights(weights, n, deltas).reshape(n)
-    if float(w.sum()) == 0:
-        raise DistacError("regmean: weights sum to zero")
     g = ctx.stats.get("gram")
     if g is None:
         return (w.reshape(n, *([1] * (deltas.dim() - 1))) * deltas).sum(0) / w.sum()
     if not torch.isfinite(g).all() or (g.diagonal(dim1=-2, dim2=-1) < 0).any():
         raise DistacError(f"regmean: the Gram of tensor '{ctx.name}' has NaN/Inf or a negative diagonal")
     din = _input_dim(tuple(base.shape), g.shape[-1], layout, ctx.name)
-    tau = deltas.double()
-    if din == 1:
-        tau = tau.transpose(1, 2)  # (N, in, out)
+    stacked = _fp64_stacked(deltas, din)
     g = g.double()
     diag = torch.diag_embed(g.diagonal(dim1=-2, dim2=-1))
     gt = w.double().reshape(n, 1, 1) * (reduce_nondiag * g + (1 - reduce_nondiag) * diag)
     a = gt.sum(0)
-    b = torch.einsum("nij,njk->ik", gt, tau)
-    out = _solve_with_ridge(a, b, tau, w.double(), ridge)
+    d = a.shape[0]
+    # b = Σ_i G̃_i τ_i = einsum("nij,njk->ik", G̃, τ), computed as torch does it: one (d, d·N) @ (d·N, out)
+    # product with the inputs ordered (j, n); ``stacked`` already has that layout, so no copy is made
+    b = gt.permute(1, 2, 0).reshape(d, d * n) @ stacked.reshape(d * n, -1)
+    l, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        del stacked  # only the ridge fallback reads the task vectors again
+        out = torch.cholesky_solve(b, l)
+    else:
+        out = _solve_with_ridge(a, b, stacked, w.double(), ridge)
     return (out.T if din == 1 else out).to(deltas.dtype)
 
 
-def _solve_with_ridge(a: Tensor, b: Tensor, tau: Tensor, w: Tensor, ridge: float) -> Tensor:
+def _fp64_stacked(deltas: Tensor, din: int) -> Tensor:
+    """The task vectors in fp64, input dim first: a contiguous (in, N, out) tensor filled model by model.
+
+    Holds 2N × the fp32 task vectors. ``deltas.double()``, its transpose and the einsum's own
+    reordered copy held three times that.
+    """
+    n = deltas.shape[0]
+    stacked = torch.empty((deltas.shape[1 + din], n, deltas.shape[2 - din]), dtype=torch.float64, device=deltas.device)
+    for i in range(n):
+        stacked[:, i].copy_(deltas[i].T if din == 1 else deltas[i])
+    return stacked
+
+
+def _solve_with_ridge(a: Tensor, b: Tensor, stacked: Tensor, w: Tensor, ridge: float) -> Tensor:
     """Solve a X = b by Cholesky; if a is singular, add r·I to a and r·(weighted mean of τ) to b."""
     l, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
         return torch.cholesky_solve(b, l)
     scale = float(a.diagonal().mean())
     r = ridge * (scale if scale > 0 else 1.0)
+    tau = stacked.permute(1, 0, 2).contiguous()  # (N, in, out), the layout the average was defined on
     avg = (w.reshape(-1, 1, 1) * tau).sum(0) / w.sum()
     eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     for _ in range(20):
@@ -243,36 +309,3 @@ def _solve_with_ridge(a: Tensor, b: Tensor, tau: Tensor, w: Tensor, ridge: float
             return torch.cholesky_solve(b + r * avg, l)
         r *= 10
     raise DistacError("regmean: the Gram system stays singular even with a large ridge (NaN in the Grams?)")
-
-
-METHODS = (
-    Method(
-        "gradient_matching",
-        gradient_matching,
-        summary="θ0 + Σ α_t H̄⁻¹(H0+H_t)τ_t, H̄ = H0 + Σ α_s H_s (diagonal Fishers, sum scale).",
-        paper="Daheim et al., Model Merging by Uncertainty-Based Gradient Matching, ICLR 2024 (arXiv 2310.12808)",
-        chunkable=True,
-        stats=("fisher", "base_fisher?"),
-        notes="Not in FusionBench/mergekit/peft. Fishers must be on the sum scale; prior δ0 defaults to 1e-12.",
-    ),
-    Method(
-        "fisher",
-        fisher,
-        summary="Σ c_i F̃_i θ_i / Σ c_i F̃_i with c_i/‖F_i‖ and a 1e-6 floor on the target.",
-        paper="Matena & Raffel, Merging Models with Fisher-Weighted Averaging, NeurIPS 2022 (arXiv 2111.09832)",
-        chunkable=True,
-        prepass=_fisher_prepass,
-        stats=("fisher",),
-        notes="FusionBench adds 1e-6 to every Fisher and squares batch gradients; official floors only the target.",
-    ),
-    Method(
-        "regmean",
-        regmean,
-        summary="Per linear layer (ΣG̃_i)⁻¹ΣG̃_i W_i; other tensors averaged.",
-        paper="Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023 "
-        "(arXiv 2212.09849)",
-        chunkable=False,
-        stats=("gram",),
-        notes="α=0.1 (most official configs; FusionBench CLIP 0.95). Grams exclude padding rows; ridge if singular.",
-    ),
-)

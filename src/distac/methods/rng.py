@@ -283,11 +283,11 @@ def uniform(key: tuple[int, int], offset: int, numel: int, *, device: torch.devi
         return torch.from_numpy(out).mul_(1.0 / (1 << 24))
     if not _int32_wraps(device):
         return _uniform_int64(key, offset, numel, device)
-    out = torch.empty(numel, dtype=torch.float32, device=device)
+    res = torch.empty(numel, dtype=torch.float32, device=device)
     for h, s in _hash_torch(key, offset, numel, device):
         h.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF)
-        out[s : s + h.numel()] = h
-    return out.mul_(1.0 / (1 << 24))
+        res[s : s + h.numel()] = h
+    return res.mul_(1.0 / (1 << 24))
 
 
 def keep_threshold(density: float) -> int:
@@ -325,12 +325,12 @@ def keep_mask(
         return torch.from_numpy(out)
     if not _int32_wraps(device):
         return _uniform_int64(key, offset, numel, device) < density
-    out = torch.empty(numel, dtype=torch.bool, device=device)
-    limit = (t << 8) - (1 << 31)  # h < t·2**8 unsigned  ⇔  (h ^ 2**31) < t·2**8 − 2**31 signed
+    mask = torch.empty(numel, dtype=torch.bool, device=device)
+    signed_limit = (t << 8) - (1 << 31)  # h < t·2**8 unsigned  ⇔  (h ^ 2**31) < t·2**8 − 2**31 signed
     for h, s in _hash_torch(key, offset, numel, device):
         h.bitwise_xor_(-(1 << 31))
-        torch.lt(h, limit, out=out[s : s + h.numel()])
-    return out
+        torch.lt(h, signed_limit, out=mask[s : s + h.numel()])
+    return mask
 
 
 def keep_where(key: tuple[int, int], offset: int, density: float, x: Tensor, *, out: Tensor | None = None) -> Tensor:

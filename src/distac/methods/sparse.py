@@ -1,7 +1,8 @@
 """The task-arithmetic family as one composition of small pure steps.
 
-Every method here is ``scale · merge(elect(weights · sparsify(τ)))`` with one choice per column
-(the idea of mergekit's ``GeneralizedTaskArithmetic``, written as a table instead of classes):
+Every method here and in :mod:`distac.methods.masked` (Breadcrumbs, Consensus) is
+``scale · merge(elect(weights · sparsify(τ)))`` with one choice per column (the idea of mergekit's
+``GeneralizedTaskArithmetic``, written as a table instead of classes):
 
 =================  ==========================  ===========  =============================
 method             sparsify                    elect        merge
@@ -47,7 +48,7 @@ gamma           gamma                (no Breadcrumbs)                top_k_remov
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 import torch
@@ -55,17 +56,11 @@ from torch import Tensor
 
 from ..errors import DistacError
 from ..merging.kth import magnitude_threshold
-from .base import Method, OneOf, PerModel, Prepass, Range, TensorContext
-from .basic import Weights, model_weights
+from .base import OneOf, PerModel, Prepass, Range, TensorContext, merge_method
+from .basic import ROW_CHUNKED, Weights, model_weights
 from .rng import keep_where, stream_key
 
 __all__ = [
-    "breadcrumbs",
-    "breadcrumbs_mask",
-    "breadcrumbs_ties",
-    "consensus_mask",
-    "consensus_ta",
-    "consensus_ties",
     "dare",
     "dare_linear",
     "dare_ties",
@@ -156,7 +151,7 @@ def dare(deltas: Tensor, *, density: float | list[float], seed: int | list[int],
     """DARE drop-and-rescale: δ̃_t = m_t ⊙ δ_t / density_t, with m_t ~ Bernoulli(density_t).
 
     Yu et al., "Language Models are Super Mario", ICML 2024 (arXiv 2311.03099). The rescale is the
-    exact ``1/(1-p)`` of the official MergeLM code and peft; mergekit (since PR #245) instead
+    exact ``1/(1-p)`` of the official MergeLM code and peft; mergekit (its current ``dare``) instead
     rescales to match the L1 norm of the kept entries, so its results differ.
 
     Entry ``j`` of model ``t`` is kept when ``u < density_t`` with ``u`` from
@@ -175,29 +170,6 @@ def dare(deltas: Tensor, *, density: float | list[float], seed: int | list[int],
             # where(keep, δ, 0) / d = where(keep, δ/d, 0) exactly: δ/d, not δ·(1/d), as the reference
             out[i].div_(d)
     return out
-
-
-def breadcrumbs_mask(deltas: Tensor, *, density: float | list[float], gamma: float) -> Tensor:
-    """Model Breadcrumbs: per row (last dim), drop the top ``gamma`` fraction by |τ|, keep the next ``density``.
-
-    Davari & Belilovsky, ECCV 2024 (arXiv 2312.06795), official ``TaskVectorMiddleKeep``
-    (remove first): with row length L, the entries whose descending-magnitude rank lies in
-    ``[int(γL), int(γL) + int(βL))`` are kept. 0-d tensors are returned unchanged, 1-d tensors are
-    one row. mergekit's ``breadcrumbs`` ranks over the whole tensor instead of per row, and its
-    ``density`` is the final keep fraction with ``1 - density - gamma`` removed from the bottom.
-    Ties in magnitude are broken by position (stable sort); the official ``topk`` breaks them
-    arbitrarily.
-    """
-    if deltas.dim() <= 1:  # a scalar per model: untouched, as in the official code
-        return deltas.clone()
-    n, length = deltas.shape[0], deltas.shape[-1]
-    order = torch.sort(deltas.abs(), dim=-1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(length, device=deltas.device).expand_as(order))
-    lo = int(length * gamma)
-    hi = _column([lo + int(length * d) for d in _per_model(density, n)], ranks)
-    keep = (ranks >= lo) & (ranks < hi)
-    return torch.where(keep, deltas, torch.zeros((), dtype=deltas.dtype, device=deltas.device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,12 +219,13 @@ def disjoint_merge(x: Tensor, sign: Tensor, merge_fn: str) -> Tensor:
 _BLOCK_ELEMS = 1 << 20
 
 
-def _blockwise(deltas: Tensor, fn) -> Tensor:
-    """``fn(deltas)`` computed over blocks of rows, for an element-wise ``fn: (N, *S) -> S``.
+def _blockwise(deltas: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """``fn(deltas)`` computed over blocks of rows, for a row-wise ``fn: (N, *S) -> S``.
 
-    Once per-tensor thresholds are known the rest of TIES is element-wise, but its masks and
-    weighted copies are (N, *S) temporaries; on a whole embedding matrix they cost several times
-    the inputs. Blocks of rows cap them at a few × 4 MiB, whatever the tensor's size.
+    Once per-tensor thresholds are known the rest of TIES is element-wise, and Breadcrumbs works
+    on each row alone, but their masks and weighted copies are (N, *S) temporaries; on a whole
+    embedding matrix they cost several times the inputs. Blocks of rows (the first dim of ``S``)
+    cap them at a few × 4 MiB, whatever the tensor's size.
     """
     if deltas.dim() < 2 or deltas.numel() <= _BLOCK_ELEMS:
         return fn(deltas)
@@ -285,193 +258,7 @@ def _trim_elect_merge(
 
 
 # ----------------------------------------------------------------------------------------------
-# registered methods
-# ----------------------------------------------------------------------------------------------
-def ties(
-    base: Tensor,
-    deltas: Tensor,
-    *,
-    ctx: TensorContext,
-    density: Density = 0.2,
-    scope: Scope = "global",
-    merge_fn: MergeFn = "mean",
-    scale: Scale = 1.0,
-    weights: Weights = None,
-) -> Tensor:
-    """TIES-Merging: θ = θ0 + λ · disjoint_merge(elect(w ⊙ trim(τ))).
-
-    Yadav et al., NeurIPS 2023 (arXiv 2306.01708). Trim keeps the top ``density`` fraction of |τ_t|
-    (``|τ| >= threshold``, ties kept), over the whole task vector (``scope="global"``, official) or
-    per tensor (``scope="tensor"``, mergekit/peft); elect by mass; disjoint mean or sum.
-
-    Defaults are the official recipe without validation data: k = 20 (``density=0.2``), mass
-    election, disjoint mean, λ = 1. FusionBench uses ``merge_fn="sum"`` with ``scale=0.3``;
-    mergekit ``ties`` trims per tensor with density 1.0 (no trim) unless set, and divides by the
-    sum of the agreeing weights; the DisTaC repository keeps the top 10% (``density=0.1``).
-    """
-    thr = magnitude_thresholds(deltas, density=density, scope=scope, ctx=ctx)
-    return _trim_elect_merge(deltas, thr, weights=weights, merge_fn=merge_fn, scale=scale)
-
-
-def dare_linear(
-    base: Tensor,
-    deltas: Tensor,
-    *,
-    ctx: TensorContext,
-    density: Density = 0.9,
-    seed: Seed = 0,
-    scale: Scale = 1.0,
-    weights: Weights = None,
-) -> Tensor:
-    """DARE + task arithmetic: θ = θ0 + λ Σ_t w_t · m_t ⊙ τ_t / density_t.
-
-    Yu et al., ICML 2024 (arXiv 2311.03099). ``density`` is the keep probability 1 − p; the
-    default 0.9 is the official MergeLM CLI's ``weight_mask_rate`` 0.1 (its GLUE grid is
-    p ∈ {0.1, …, 0.9}; FusionBench uses p = 0.5, mergekit density 1.0 = no drop). ``seed`` 0 as in
-    MergeLM's LLM scripts (a list gives one seed per model, see :func:`dare`). The rescale
-    is exactly 1/density (official, peft); mergekit matches L1 norms instead. Randomness: see :func:`dare`.
-    """
-    return _combine(
-        dare(deltas, density=density, seed=seed, ctx=ctx), weights=weights, elect=False, merge_fn="sum", scale=scale
-    )
-
-
-def dare_ties(
-    base: Tensor,
-    deltas: Tensor,
-    *,
-    ctx: TensorContext,
-    density: Density = 0.9,
-    trim_density: Density = 0.2,
-    scope: Scope = "global",
-    merge_fn: MergeFn = "mean",
-    seed: Seed = 0,
-    scale: Scale = 1.0,
-    weights: Weights = None,
-) -> Tensor:
-    """DARE-TIES: DARE (keep ``density``, rescale 1/density), then TIES on the DARE'd vectors.
-
-    Yu et al., ICML 2024 (arXiv 2311.03099), MergeLM ``mask_merging`` with ``ties``: the TIES trim
-    keeps the top ``trim_density`` fraction of the *DARE'd* task vector (its global threshold comes
-    from the engine's pre-pass over the DARE'd deltas), then mass election and disjoint mean.
-
-    Names: ``density`` = MergeLM 1 − ``weight_mask_rate`` = mergekit/peft ``density`` = FusionBench
-    1 − ``sparsity_ratio``; ``trim_density`` = MergeLM 1 − ``param_value_mask_rate`` = FusionBench
-    ``threshold``/100 (default 0.2 = its 20). mergekit's ``dare_ties`` has no magnitude trim (set
-    ``trim_density=1``), uses ``merge_fn="sum"`` and L1-matched rescaling; FusionBench uses
-    ``merge_fn="sum"`` and ``scale=0.5``.
-    """
-    dropped = dare(deltas, density=density, seed=seed, ctx=ctx)
-    thr = magnitude_thresholds(dropped, density=trim_density, scope=scope, ctx=ctx)
-    return _trim_elect_merge(dropped, thr, weights=weights, merge_fn=merge_fn, scale=scale)
-
-
-def breadcrumbs(
-    base: Tensor,
-    deltas: Tensor,
-    *,
-    ctx: TensorContext,
-    density: Density = 0.2,
-    gamma: Annotated[float, Range(0, 1, hi_open=True)] = 0.1,
-    scale: Scale = 1.0,
-    weights: Weights = None,
-) -> Tensor:
-    """Model Breadcrumbs: θ = θ0 + λ Σ_t w_t · mask_t ⊙ τ_t, mask per row (see :func:`breadcrumbs_mask`).
-
-    Davari & Belilovsky, ECCV 2024 (arXiv 2312.06795). ``density`` = β (``top_k_keep``) and
-    ``gamma`` = γ (``top_k_remove``); defaults β = 0.2, γ = 0.1 from the official README example
-    (its α is 0.4; distac's ``scale`` defaults to 1.0 like the rest of the family). mergekit masks
-    per tensor, with ``gamma`` 0.01 and ``density`` 1.0 by default. Not in FusionBench.
-    """
-    masked = breadcrumbs_mask(deltas, density=density, gamma=gamma)
-    return _combine(masked, weights=weights, elect=False, merge_fn="sum", scale=scale)
-
-
-def breadcrumbs_ties(
-    base: Tensor,
-    deltas: Tensor,
-    *,
-    ctx: TensorContext,
-    density: Density = 0.2,
-    gamma: Annotated[float, Range(0, 1, hi_open=True)] = 0.1,
-    merge_fn: MergeFn = "mean",
-    scale: Scale = 1.0,
-    weights: Weights = None,
-) -> Tensor:
-    """Breadcrumbs masks, then TIES sign election and disjoint merge (mergekit ``breadcrumbs_ties``).
-
-    Masks as in :func:`breadcrumbs` (per row, official); election and merge as in :func:`ties`.
-    mergekit masks per tensor and merges with ``normalize: false`` (``merge_fn="sum"``).
-    """
-    masked = breadcrumbs_mask(deltas, density=density, gamma=gamma)
-    return _combine(masked, weights=weights, elect=True, merge_fn=merge_fn, scale=scale)
-
-
-def consensus_mask(deltas: Tensor, mtl: Tensor, *, tall_lambda: float | list[float], k: float) -> Tensor:
-    """TALL masks and their consensus, shape ``S`` (bool).
-
-    Wang et al., "Localizing Task Information for Improved Model Merging and Compression", ICML 2024
-    (arXiv 2405.07813): m_t = 1{|τ_t| > λ_t·|τ_MTL − τ_t|} (strict), consensus = 1{Σ_t m_t ≥ k}.
-    """
-    lam = _column(_per_model(tall_lambda, deltas.shape[0]), deltas)
-    tall = deltas.abs() > lam * (mtl.unsqueeze(0) - deltas).abs()
-    return tall.sum(0) >= k
-
-
-Lambda = Annotated[float | list[float], Range(0), PerModel()]
-
-
-def consensus_ta(
-    base: Tensor,
-    deltas: Tensor,
-    *,
-    ctx: TensorContext,
-    k: Annotated[int, Range(0)] = 2,
-    tall_lambda: Lambda = 0.4,
-    scale: Scale = 1.0,
-    weights: Weights = None,
-) -> Tensor:
-    """Consensus Task Arithmetic: θ = θ0 + α · (m_cons ⊙ τ_MTL), τ_MTL = Σ_t w_t τ_t.
-
-    Wang et al., ICML 2024 (arXiv 2405.07813), official ``tall_masks``. ``k`` = ``prun_thre_k``
-    (default 2: drops weights used by fewer than two tasks; k = 0 is TA, k > T gives θ0).
-    ``tall_lambda``: the official code picks λ_t ∈ {0.2, …, 0.6} per task on validation data; the
-    default 0.4 is the middle of that grid, since a data-free merge cannot search it. α is searched
-    on validation in {0.1, …, 1.0} officially; ``scale`` defaults to 1.0 like task arithmetic.
-    Weights scale each τ_t before the masks. mergekit's former ``consensus_ta`` (removed in a2dda31)
-    used k = 1 and λ = 1 with masks per tensor; since all the masks are elementwise, distac's
-    per-tensor computation equals the official flattened one.
-    """
-    x = model_weights(weights, deltas.shape[0], deltas) * deltas
-    mtl = x.sum(0)
-    return scale * torch.where(consensus_mask(x, mtl, tall_lambda=tall_lambda, k=k), mtl, torch.zeros_like(mtl))
-
-
-def consensus_ties(
-    base: Tensor,
-    deltas: Tensor,
-    *,
-    ctx: TensorContext,
-    k: Annotated[int, Range(0)] = 2,
-    tall_lambda: Lambda = 0.4,
-    density: Density = 0.2,
-    scope: Scope = "global",
-    scale: Scale = 1.0,
-    weights: Weights = None,
-) -> Tensor:
-    """Consensus TIES: as :func:`consensus_ta` with τ_MTL = TIES(top ``density``, disjoint *sum*, λ = 1).
-
-    Wang et al., ICML 2024 (arXiv 2405.07813), official ``use_ties``: the multi-task vector is TIES
-    with k = 20 and "dis-sum"; the TALL masks compare it with the *untrimmed* τ_t.
-    """
-    x = model_weights(weights, deltas.shape[0], deltas) * deltas
-    thr = magnitude_thresholds(deltas, density=density, scope=scope, ctx=ctx)
-    mtl = _combine(trim_magnitude(deltas, thr), weights=weights, elect=True, merge_fn="sum", scale=1.0)
-    return scale * torch.where(consensus_mask(x, mtl, tall_lambda=tall_lambda, k=k), mtl, torch.zeros_like(mtl))
-
-
-# ----------------------------------------------------------------------------------------------
-# what the engine must do for each
+# what the engine must do first: exact magnitude thresholds (the pre-pass classes are at the end)
 # ----------------------------------------------------------------------------------------------
 def _trim_prepass(params: Mapping[str, Any], n: int, key: str, transform=None) -> Prepass:
     return Prepass(density=_per_model(params[key], n), transform=transform, scope=params["scope"])
@@ -500,65 +287,123 @@ _FAMILY_NOTES = (
     "the count of agreeing entries (official/peft), not by their summed weights (mergekit normalize)."
 )
 
-METHODS = (
-    Method(
-        "ties",
-        ties,
-        summary="Trim to the top density by |τ| (global or per tensor), elect sign by mass, disjoint mean/sum.",
-        paper="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708)",
-        prepass=_trim_planner("density"),
-        notes="Official defaults (global top 20%, dis-mean, λ=1). FusionBench: merge_fn=sum, scale=0.3. "
-        "mergekit/peft: scope=tensor. Zero elected sign -> +1 (official: whole-model majority). " + _FAMILY_NOTES,
-    ),
-    Method(
-        "dare_linear",
-        dare_linear,
-        summary="DARE random drop with exact 1/density rescale, then task arithmetic.",
-        paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)",
-        notes="Counter-based RNG keyed by (seed, tensor name, model index), or (seed_t, tensor name) for a "
-        "per-model seed list: independent of tensor order, chunking and device. "
-        "mergekit rescales by L1 matching; official/peft/FusionBench by 1/density. " + _FAMILY_NOTES,
-    ),
-    Method(
-        "dare_ties",
-        dare_ties,
-        summary="DARE, then TIES (trim to trim_density, elect, disjoint merge) on the DARE'd task vectors.",
-        paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)",
-        prepass=_dare_ties_prepass,
-        notes="Global trim threshold computed on the DARE'd deltas. mergekit dare_ties = trim_density=1, "
-        "merge_fn=sum, L1 rescale; FusionBench: density 0.5, merge_fn=sum, scale 0.5. " + _FAMILY_NOTES,
-    ),
-    Method(
-        "breadcrumbs",
-        breadcrumbs,
-        summary="Per-row mask dropping the top gamma and keeping the next density by |τ|, then task arithmetic.",
-        paper="Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv 2312.06795)",
-        # rows lie along the last dim; a 1-D tensor is one row, so a chunk could split it
-        chunkable=False,
-        notes="Masks per row along the last dim (official); mergekit masks per whole tensor. " + _FAMILY_NOTES,
-    ),
-    Method(
-        "breadcrumbs_ties",
-        breadcrumbs_ties,
-        summary="Breadcrumbs masks, then TIES sign election and disjoint merge.",
-        paper="Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv 2312.06795)",
-        chunkable=False,
-        notes="mergekit's breadcrumbs_ties masks per tensor and sums (merge_fn=sum). " + _FAMILY_NOTES,
-    ),
-    Method(
-        "consensus_ta",
-        consensus_ta,
-        summary="Task arithmetic restricted to weights that at least k TALL masks select.",
-        paper="Wang et al., Localizing Task Information (TALL masks / Consensus), ICML 2024 (arXiv 2405.07813)",
-        notes="tall_lambda defaults to 0.4, the middle of the official per-task validation grid {0.2..0.6}; "
-        "mergekit's removed consensus_ta used k=1, λ=1.",
-    ),
-    Method(
-        "consensus_ties",
-        consensus_ties,
-        summary="Consensus mask applied to the TIES (top density, disjoint sum) multi-task vector.",
-        paper="Wang et al., Localizing Task Information (TALL masks / Consensus), ICML 2024 (arXiv 2405.07813)",
-        prepass=_trim_planner("density"),
-        notes="Official use_ties: TIES k=20 with dis-sum for τ_MTL; TALL masks use the untrimmed τ_t.",
-    ),
+
+# ----------------------------------------------------------------------------------------------
+# registered methods
+# ----------------------------------------------------------------------------------------------
+@merge_method(
+    "ties",
+    summary="Trim to the top density by |τ| (global or per tensor), elect sign by mass, disjoint mean/sum.",
+    paper="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708)",
+    prepass=_trim_planner("density"),
+    notes="Official defaults (global top 20%, dis-mean, λ=1). FusionBench: merge_fn=sum, scale=0.3. "
+    "mergekit/peft: scope=tensor. Zero elected sign -> +1 (official: whole-model majority). " + _FAMILY_NOTES,
+    memory=ROW_CHUNKED,
 )
+def ties(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    ctx: TensorContext,
+    density: Density = 0.2,
+    scope: Scope = "global",
+    merge_fn: MergeFn = "mean",
+    scale: Scale = 1.0,
+    weights: Weights = None,
+) -> Tensor:
+    """TIES-Merging: θ = θ0 + λ · disjoint_merge(elect(w ⊙ trim(τ))).
+
+    Yadav et al., NeurIPS 2023 (arXiv 2306.01708). Trim keeps the top ``density`` fraction of |τ_t|
+    (``|τ| >= threshold``, ties kept), over the whole task vector (``scope="global"``, official) or
+    per tensor (``scope="tensor"``, mergekit/peft); elect by mass; disjoint mean or sum.
+
+    Defaults are the official recipe without validation data: k = 20 (``density=0.2``), mass
+    election, disjoint mean, λ = 1. FusionBench uses ``merge_fn="sum"`` with ``scale=0.3``;
+    mergekit ``ties`` trims per tensor with density 1.0 (no trim) unless set, and divides by the
+    sum of the agreeing weights; the DisTaC repository keeps the top 10% (``density=0.1``).
+
+    Memory: row-chunked (the engine's pieces; per-tensor thresholds come from its pre-pass), and
+    the trim/elect/merge temporaries live in 4 MiB blocks of rows.
+    """
+    thr = magnitude_thresholds(deltas, density=density, scope=scope, ctx=ctx)
+    return _trim_elect_merge(deltas, thr, weights=weights, merge_fn=merge_fn, scale=scale)
+
+
+@merge_method(
+    "dare_linear",
+    summary="DARE random drop with exact 1/density rescale, then task arithmetic.",
+    paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)",
+    notes="Counter-based RNG keyed by (seed, tensor name, model index), or (seed_t, tensor name) for a "
+    "per-model seed list: independent of tensor order, chunking and device. "
+    "mergekit rescales by L1 matching; official/peft/FusionBench by 1/density. " + _FAMILY_NOTES,
+    memory=ROW_CHUNKED,
+)
+def dare_linear(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    ctx: TensorContext,
+    density: Density = 0.9,
+    seed: Seed = 0,
+    scale: Scale = 1.0,
+    weights: Weights = None,
+) -> Tensor:
+    """DARE + task arithmetic: θ = θ0 + λ Σ_t w_t · m_t ⊙ τ_t / density_t.
+
+    Yu et al., ICML 2024 (arXiv 2311.03099). ``density`` is the keep probability 1 − p; the
+    default 0.9 is the official MergeLM CLI's ``weight_mask_rate`` 0.1 (its GLUE grid is
+    p ∈ {0.1, …, 0.9}; FusionBench uses p = 0.5, mergekit density 1.0 = no drop). ``seed`` 0 as in
+    MergeLM's LLM scripts (a list gives one seed per model, see :func:`dare`). The rescale
+    is exactly 1/density (official, peft); mergekit matches L1 norms instead. Randomness: see :func:`dare`.
+
+    Memory: row-chunked; the DARE'd copy (N x piece) and the output.
+    """
+    return _combine(
+        dare(deltas, density=density, seed=seed, ctx=ctx), weights=weights, elect=False, merge_fn="sum", scale=scale
+    )
+
+
+@merge_method(
+    "dare_ties",
+    summary="DARE, then TIES (trim to trim_density, elect, disjoint merge) on the DARE'd task vectors.",
+    paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)",
+    prepass=_dare_ties_prepass,
+    notes="Global trim threshold computed on the DARE'd deltas. mergekit dare_ties = trim_density=1, "
+    "merge_fn=sum, L1 rescale; FusionBench: density 0.5, merge_fn=sum, scale 0.5. " + _FAMILY_NOTES,
+    memory=ROW_CHUNKED,
+)
+def dare_ties(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    ctx: TensorContext,
+    density: Density = 0.9,
+    trim_density: Density = 0.2,
+    scope: Scope = "global",
+    merge_fn: MergeFn = "mean",
+    seed: Seed = 0,
+    scale: Scale = 1.0,
+    weights: Weights = None,
+) -> Tensor:
+    """DARE-TIES: DARE (keep ``density``, rescale 1/density), then TIES on the DARE'd vectors.
+
+    Yu et al., ICML 2024 (arXiv 2311.03099), MergeLM ``mask_merging`` with ``ties``: the TIES trim
+    keeps the top ``trim_density`` fraction of the *DARE'd* task vector (its global threshold comes
+    from the engine's pre-pass over the DARE'd deltas), then mass election and disjoint mean.
+
+    Names: ``density`` = MergeLM 1 − ``weight_mask_rate`` = mergekit/peft ``density`` = FusionBench
+    1 − ``sparsity_ratio``; ``trim_density`` = MergeLM 1 − ``param_value_mask_rate`` = FusionBench
+    ``threshold``/100 (default 0.2 = its 20). mergekit's ``dare_ties`` has no magnitude trim (set
+    ``trim_density=1``), uses ``merge_fn="sum"`` and L1-matched rescaling; FusionBench uses
+    ``merge_fn="sum"`` and ``scale=0.5``.
+
+    Memory: row-chunked; the DARE'd copy (N x piece), then TIES in 4 MiB blocks of rows.
+    """
+    dropped = dare(deltas, density=density, seed=seed, ctx=ctx)
+    thr = magnitude_thresholds(dropped, density=trim_density, scope=scope, ctx=ctx)
+    return _trim_elect_merge(dropped, thr, weights=weights, merge_fn=merge_fn, scale=scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# what the engine must do for each
+# ----------------------------------------------------------------------------------------------

@@ -19,11 +19,20 @@ from typing import Annotated
 import torch
 from torch import Tensor
 
-from .base import Method, OneOf, Range, TensorContext
+from .base import OneOf, Range, TensorContext, merge_method
 
 __all__ = ["iso_c", "iso_cts", "polar", "tsv_m"]
 
 Scale = Annotated[float, Range()]
+
+_COVERAGE = (
+    "2-D tensors (embeddings included) are merged spectrally; other tensors get the mean of the task "
+    "vectors. No text_projection exclusion: pass such tensors as heads. No per-model weights."
+)
+
+#: An SVD of an m×n matrix (r = min(m, n)) returns U (m×r) and Vᵀ (r×n), together one matrix's
+#: size when m ≫ n, and LAPACK's workspace is about as much again.
+SVD_MEMORY = "whole tensor: the engine's (N+1) x largest inputs, the output, and a few x largest for the SVDs"
 
 
 def polar(a: Tensor) -> Tensor:
@@ -48,6 +57,14 @@ def _top_svd(x: Tensor, k: int, method: str) -> tuple[Tensor, Tensor, Tensor]:
     return u[:, :k], s[:k], vh[:k]
 
 
+@merge_method(
+    "tsv_m",
+    summary="Task Singular Vectors: top r/T singular triplets per task, orthogonalised, recombined.",
+    paper="Gargiulo et al., Task Singular Vectors, CVPR 2025 (arXiv 2412.00081)",
+    chunkable=False,
+    notes="scale (α) 1.0 as FusionBench; svd='lowrank' uses torch.svd_lowrank. " + _COVERAGE,
+    memory=SVD_MEMORY,
+)
 def tsv_m(
     base: Tensor,
     deltas: Tensor,
@@ -71,6 +88,9 @@ def tsv_m(
     ``svd="lowrank"`` computes each task's top k triplets with ``torch.svd_lowrank`` (randomized,
     with a fixed seed in a forked RNG, so reproducible) instead of a full SVD: faster for large
     matrices when k ≪ r, approximate.
+
+    Memory: whole tensor; beside the engine's inputs, the concatenated U (m×r) and Vᵀ (r×n), one SVD at
+    a time, and their polar factors (each SVD's workspace is released before the next).
     """
     n = deltas.shape[0]
     if deltas.dim() != 3:
@@ -88,9 +108,22 @@ def tsv_m(
         u_cat[:, t * k : (t + 1) * k] = u
         s_cat[t * k : (t + 1) * k] = s
         vh_cat[t * k : (t + 1) * k] = vh
-    return scale * (polar(u_cat) * s_cat) @ polar(vh_cat)
+        del u, s, vh  # the views keep the full factors alive: release them before the next SVD
+    # = scale * (polar(U) * σ) @ polar(Vᵀ), the same operations in place, each input freed once used
+    left = polar(u_cat)
+    del u_cat
+    left.mul_(s_cat).mul_(scale)
+    return left @ polar(vh_cat)
 
 
+@merge_method(
+    "iso_c",
+    summary="Isotropic merging: SVD of Σ τ_t with all singular values set to their mean.",
+    paper="Marczak et al., No Task Left Behind: Isotropic Model Merging, ICML 2025 (arXiv 2502.04959)",
+    chunkable=False,
+    notes="Arithmetic mean of the spectrum (official, FusionBench). " + _COVERAGE,
+    memory=SVD_MEMORY,
+)
 def iso_c(
     base: Tensor,
     deltas: Tensor,
@@ -103,15 +136,27 @@ def iso_c(
     Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific
     Subspaces", ICML 2025 (arXiv 2502.04959), official ``iso_c``: Δ = Σ_t τ_t = U Σ Vᵀ,
     Δ_iso = σ̄ · U Vᵀ with σ̄ the arithmetic mean of all r singular values (FusionBench too; sd-mecha's
-    PR #64 used a geometric mean). Non-2-D tensors: mean_t τ_t. θ = θ0 + α·Δ_iso, ``scale`` = α
+    port used a geometric mean). Non-2-D tensors: mean_t τ_t. θ = θ0 + α·Δ_iso, ``scale`` = α
     default 1.0 (FusionBench; the official code sweeps α ∈ {0.1, …, 3.0}).
+
+    Memory: whole tensor; Σ_t τ_t, its SVD factors and the output.
     """
     if deltas.dim() != 3:
         return scale * deltas.mean(0)
     u, s, vh = torch.linalg.svd(deltas.sum(0), full_matrices=False)
-    return scale * s.mean() * (u @ vh)
+    out = u @ vh
+    del u
+    return out.mul_(scale * s.mean())  # = scale * s.mean() * (u @ vh)
 
 
+@merge_method(
+    "iso_cts",
+    summary="Isotropic merging in common + task-specific subspaces (Iso-CTS).",
+    paper="Marczak et al., No Task Left Behind: Isotropic Model Merging, ICML 2025 (arXiv 2502.04959)",
+    chunkable=False,
+    notes="common_space_fraction 0.8, scale 1.0 (FusionBench). " + _COVERAGE,
+    memory=SVD_MEMORY,
+)
 def iso_cts(
     base: Tensor,
     deltas: Tensor,
@@ -134,6 +179,9 @@ def iso_cts(
 
     Non-2-D tensors: α · mean_t τ_t (official). ``common_space_fraction`` f default 0.8 and
     ``scale`` α default 1.0 follow FusionBench (the official code sweeps α).
+
+    Memory: whole tensor; one task's projection and SVD at a time, the concatenated factors and
+    their polar factors.
     """
     t_count = deltas.shape[0]
     if deltas.dim() != 3:
@@ -152,43 +200,17 @@ def iso_cts(
     for t in range(t_count):
         specific = deltas[t] - uc @ (uc.mT @ deltas[t])
         ut, st, vht = torch.linalg.svd(specific, full_matrices=False)
-        us.append(ut[:, :per_task])
-        ss.append(st[:per_task])
-        vhs.append(vht[:per_task])
+        del specific
+        # copies of the leading columns, so each task's full factors are freed before the next SVD
+        us.append(ut[:, :per_task].clone())
+        ss.append(st[:per_task].clone())
+        vhs.append(vht[:per_task].clone())
+        del ut, st, vht
     u_all = torch.cat([*us, uc], dim=1)
+    del us, uc, u
     s_all = torch.cat([*ss, sc])
     vh_all = torch.cat([*vhs, vhc], dim=0)
-    return scale * s_all.mean() * (polar(u_all) @ polar(vh_all))
-
-
-_COVERAGE = (
-    "2-D tensors (embeddings included) are merged spectrally; other tensors get the mean of the task "
-    "vectors. No text_projection exclusion: pass such tensors as heads. No per-model weights."
-)
-
-METHODS = (
-    Method(
-        "tsv_m",
-        tsv_m,
-        summary="Task Singular Vectors: top r/T singular triplets per task, orthogonalised, recombined.",
-        paper="Gargiulo et al., Task Singular Vectors, CVPR 2025 (arXiv 2412.00081)",
-        chunkable=False,
-        notes="scale (α) 1.0 as FusionBench; svd='lowrank' uses torch.svd_lowrank. " + _COVERAGE,
-    ),
-    Method(
-        "iso_c",
-        iso_c,
-        summary="Isotropic merging: SVD of Σ τ_t with all singular values set to their mean.",
-        paper="Marczak et al., No Task Left Behind: Isotropic Model Merging, ICML 2025 (arXiv 2502.04959)",
-        chunkable=False,
-        notes="Arithmetic mean of the spectrum (official, FusionBench). " + _COVERAGE,
-    ),
-    Method(
-        "iso_cts",
-        iso_cts,
-        summary="Isotropic merging in common + task-specific subspaces (Iso-CTS).",
-        paper="Marczak et al., No Task Left Behind: Isotropic Model Merging, ICML 2025 (arXiv 2502.04959)",
-        chunkable=False,
-        notes="common_space_fraction 0.8, scale 1.0 (FusionBench). " + _COVERAGE,
-    ),
-)
+    out = polar(u_all)
+    del u_all
+    out = out @ polar(vh_all)
+    return out.mul_(scale * s_all.mean())  # = scale * s_all.mean() * (polar(U) @ polar(Vᵀ))

@@ -62,21 +62,17 @@ on the other side: WUDI then decorrelates the wrong subspace; leave them out of 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
-from ..errors import DistacError
 from ..taskvector import match_heads
-from .base import Method, OneOf, Range, TensorContext
+from .base import Count, OneOf, Patterns, Range, TensorContext, merge_method
 
 __all__ = [
     "BLOCK_LINEAR_WEIGHTS",
-    "METHODS",
     "wudi",
     "wudi_adam",
     "wudi_adam_plain",
@@ -93,41 +89,6 @@ BLOCK_LINEAR_WEIGHTS = r"re:(^|\.)\d+\..*weight$"
 #: Adam's defaults in ``torch.optim.Adam``, which the official code uses
 _BETAS = (0.9, 0.999)
 _EPS = 1e-8
-
-
-@dataclass(frozen=True)
-class Count:
-    """An integer parameter ``>= lo`` (``Range`` alone would accept 2.5)."""
-
-    lo: int = 0
-
-    def check(self, name: str, v: Any) -> None:
-        if isinstance(v, bool) or not isinstance(v, int) or v < self.lo:
-            raise DistacError(f"parameter '{name}' = {v!r} must be an integer >= {self.lo}")
-
-    def __str__(self) -> str:
-        return f"integer >= {self.lo}"
-
-
-@dataclass(frozen=True)
-class Patterns:
-    """Name patterns: one string or a list of them; ``re:`` ones must compile."""
-
-    def check(self, name: str, v: Any) -> None:
-        items = [v] if isinstance(v, str) else v
-        if not isinstance(items, list) or not items or not all(isinstance(p, str) and p for p in items):
-            raise DistacError(f"parameter '{name}' = {v!r} must be a name pattern or a non-empty list of them")
-        for p in items:
-            if p.startswith("re:"):
-                try:
-                    re.compile(p[3:])
-                except re.error as e:
-                    raise DistacError(
-                        f"parameter '{name}': pattern {p!r} is not a valid regular expression ({e})"
-                    ) from None
-
-    def __str__(self) -> str:
-        return "glob or 're:' regex, or a list of them"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,6 +232,17 @@ def is_target(name: str, shape: Sequence[int], targets: str | Sequence[str]) -> 
     return len(shape) == 2 and bool(match_heads([name], patterns))
 
 
+@merge_method(
+    "wudi",
+    summary="WUDI-Merging: per linear weight, Adam (or the closed form) on Σ_t ‖(τ_m − τ_t) τ_tᵀ‖²/‖τ_t‖².",
+    paper="Cheng et al., Whoever Started the Interference Should End It (WUDI-Merging), ICML 2025 (arXiv 2503.08099)",
+    chunkable=False,
+    notes="Official defaults: 300 Adam steps, lr 1e-5 (RoBERTa 2e-5), only the linear weights inside "
+    "numbered blocks, other tensors at θ0; FusionBench: targets='*', others='mean' (iter_num 400 in its "
+    "config).",
+    memory="whole tensor: the (N+1) m×n inputs plus A (n×n), B, τ_m, its gradient and Adam's two moments "
+    "(5 m×n); closed form: A, B and A's eigenvectors in float64",
+)
 def wudi(
     base: Tensor,
     deltas: Tensor,
@@ -291,6 +263,9 @@ def wudi(
     mean_t τ_t (``others="mean"``, FusionBench, with ``targets="*"``). No scale: θ = θ0 + τ_m.
     See :mod:`distac.methods.wudi` for the fast form, the closed form and what the lr·iters
     budget of Adam implies under norm mismatch.
+
+    Memory: whole tensor; beside the engine's (N+1) inputs, A (n×n), B, τ_m, its gradient and Adam's two
+    moments (5 m×n) per target matrix; the closed form holds A, B and A's eigenvectors in float64.
     """
     if is_target(ctx.name, ctx.shape, targets) and deltas.dim() == 3:
         return wudi_closed_form(deltas) if solver == "closed_form" else wudi_adam(deltas, iters=iters, lr=lr)
@@ -298,19 +273,3 @@ def wudi(
         return deltas.mean(0)
     # −0.0 is the exact additive identity (x + −0.0 == x bit for bit, −0.0 included): θ stays θ0
     return torch.full_like(base, -0.0)
-
-
-METHODS = (
-    Method(
-        "wudi",
-        wudi,
-        summary="WUDI-Merging: per linear weight, Adam (or the closed form) on Σ_t ‖(τ_m − τ_t) τ_tᵀ‖²/‖τ_t‖².",
-        paper="Cheng et al., Whoever Started the Interference Should End It (WUDI-Merging), ICML 2025 "
-        "(arXiv 2503.08099)",
-        chunkable=False,
-        notes="Official defaults: 300 Adam steps, lr 1e-5 (RoBERTa 2e-5), only the linear weights inside "
-        "numbered blocks, other tensors at θ0; FusionBench: targets='*', others='mean' (iter_num 400 in its "
-        "config). Memory per matrix: the (N+1) m×n inputs plus A (n×n), B, τ_m, its gradient and Adam's two "
-        "moments (5 m×n); closed form: A, B and A's eigenvectors in float64.",
-    ),
-)
