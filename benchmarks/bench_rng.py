@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from distac import random as R
+from distac.methods import rng as R
 
 
 def main() -> None:

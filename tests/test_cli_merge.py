@@ -17,6 +17,7 @@ import distac
 from distac import METHODS
 from distac.cli import main
 from distac.io import ShardWriter
+from distac.merging.checkpoints import export_task_models
 
 
 def run(args: list[str], capsys) -> tuple[int, str, str]:
@@ -412,7 +413,7 @@ def test_export_task_models_needs_heads(project, capsys):
     del cfg["heads"]
     out = distac.merge_checkpoints(write_cfg(root, cfg), root / "plain", quiet=True)
     with pytest.raises(distac.DistacError, match=r"no heads/<name>\.safetensors"):
-        distac.export_task_models(out)
+        export_task_models(out)
 
 
 def test_export_applies_calibrated_temperature_to_the_final_head_layer(project, capsys):
@@ -425,7 +426,7 @@ def test_export_applies_calibrated_temperature_to_the_final_head_layer(project, 
     assert code == 0, err
     res = CalibrationResult(temperature=2.5, nll_before=0.0, nll_after=0.0, ece_before=0.0, ece_after=0.0, n=0)
     write_temperatures(merged, {"a": res})
-    out = distac.export_task_models(merged)
+    out = export_task_models(merged)
     task_a, task_b = load_dir(out["a"]), load_dir(out["ft_b"])
     torch.testing.assert_close(task_a["classifier.weight"], models[0]["classifier.weight"] / 2.5)
     torch.testing.assert_close(task_a["classifier.bias"], models[0]["classifier.bias"] / 2.5)

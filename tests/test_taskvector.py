@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distac import DistacError, TaskVector, split_heads
-from distac.taskvector import match_heads
+from distac import DistacError, TaskVector
+from distac.taskvector import match_heads, split_heads
 
 
 def _sd(seed: int) -> dict[str, torch.Tensor]:

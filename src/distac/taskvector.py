@@ -39,8 +39,8 @@ def compile_head_pattern(pattern: str) -> re.Pattern[str] | None:
     """The compiled regex of a ``re:`` head pattern (None for a glob); a bad one is a DistacError naming it.
 
     Example:
-        >>> compile_head_pattern("re:head\\.").pattern
-        'head\\.'
+        >>> print(compile_head_pattern("re:head\\.").pattern)
+        head\\.
     """
     if not pattern.startswith("re:"):
         return None

@@ -167,9 +167,16 @@ def merge_checkpoints(
         allow_nonfinite: write merged tensors and heads that hold NaN/Inf or overflow the output
             dtype (also the config's ``allow_nonfinite: true``); by default they stop the merge.
 
-    The output holds the merged weights (HF shard names), the base's ``config.json``/tokenizer
-    files when the base is a folder, ``heads/<name>.safetensors`` per model when ``heads`` is set,
-    ``README.md`` (model card) and ``distac_config.yml``.
+    Returns:
+        ``out``, holding the merged weights (HF shard names), the base's ``config.json``/tokenizer
+        files when the base is a folder, ``heads/<name>.safetensors`` per model when ``heads`` is
+        set, ``README.md`` (model card) and ``distac_config.yml``.
+
+    Example:
+        >>> distac.merge_checkpoints(  # doctest: +SKIP
+        ...     {"merge_method": "ties", "base_model": "base/", "models": ["ft-a/", "ft-b/"],
+        ...      "parameters": {"density": 0.2}}, "merged/")
+        PosixPath('merged')
     """
     cfg = load_config(config)
     cfg.allow_nonfinite = cfg.allow_nonfinite or allow_nonfinite

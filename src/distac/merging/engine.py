@@ -317,7 +317,8 @@ def merge(
         models: the fine-tuned state dicts θ_1..θ_N (same keys and shapes as ``base``).
         method: a name from ``distac.METHODS`` (``distac methods`` lists them).
         heads: name patterns of task-specific tensors (globs, or ``re:`` regexes). They are not
-            merged; the result holds the base's values for them (see :func:`distac.export_task_models`).
+            merged; the result holds the base's values for them (per-task models:
+            :func:`distac.merging.checkpoints.export_task_models`).
         fishers, base_fisher, grams: statistics for the curvature methods, one dict per model.
         device: where to compute (default: CUDA when available, else CPU).
         allow_nonfinite: return tensors holding NaN/Inf (or overflowing the base's dtype) instead of
@@ -326,6 +327,13 @@ def merge(
 
     Returns:
         The merged state dict, in the base's key order and dtypes.
+
+    Example:
+        >>> base = {"w": torch.zeros(3)}
+        >>> merged = merge(base, [{"w": torch.tensor([1.0, 0.0, 0.0])}, {"w": torch.tensor([0.0, 2.0, 0.0])}],
+        ...                "task_arithmetic", scale=0.5)
+        >>> merged["w"].tolist()
+        [0.5, 1.0, 0.0]
     """
     if not models:
         raise DistacError("merge needs at least one fine-tuned model")

@@ -49,7 +49,22 @@ METHODS: dict[str, Method] = {m.name: m for m in _RECORDS}
 
 
 def get_method(name: str) -> Method:
-    """Look a method up by name; an unknown name lists the closest valid ones."""
+    """Look a merge method's record up by name.
+
+    Args:
+        name: a method name, as ``distac methods`` lists them.
+
+    Returns:
+        The :class:`Method` record: the pure per-tensor function, its parameters (defaults,
+        ranges), paper, memory and what the engine must do for it. It is callable like the function.
+
+    Raises:
+        DistacError: for an unknown name, with the closest valid ones.
+
+    Example:
+        >>> get_method("ties").params["density"].default
+        0.2
+    """
     try:
         return METHODS[name]
     except KeyError:

@@ -233,7 +233,7 @@ def tune(
     Example:
         >>> res = distac.tune(net, base, {"a": sd_a, "b": sd_b}, {"a": va, "b": vb},  # doctest: +SKIP
         ...                   method="ties", grid={"scale": [0.5, 1.0], "density": [0.1, 0.2]}, heads=["head.*"])
-        >>> merged = distac.merge(base, [sd_a, sd_b], "ties", heads=["head.*"], **res.best.params)
+        >>> merged = distac.merge(base, [sd_a, sd_b], "ties", heads=["head.*"], **res.best.params)  # doctest: +SKIP
     """
     if not models:
         raise DistacError("tune needs at least one fine-tuned model")
