@@ -115,7 +115,7 @@ def _plot(result: Any, path: Path) -> bool:
     except ImportError:
         return False
     keys = list(result.best.params)
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
     pick = max if result.higher_is_better else min
     for ax, k in zip(axes[0], keys, strict=True):
         values = list(dict.fromkeys(p.params[k] for p in result.points))
@@ -126,7 +126,8 @@ def _plot(result: Any, path: Path) -> bool:
         if not numeric:
             ax.set_xticks(xs, [str(v) for v in values])
         ax.set_xlabel(k)
-        ax.set_ylabel(f"{result.criterion} (best over other parameters)")
+        ax.set_ylabel(result.criterion.replace("_", " "))
+        ax.set_title("best over the other parameters", fontsize=9)
     fig.suptitle(f"distac tune: {result.method}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -112,7 +112,8 @@ def _points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     for k, values in grid.items():
         if isinstance(values, str | bytes) or not isinstance(values, Sequence) or not values:
             raise DistacError(f"tune grid '{k}': give a non-empty list of values, got {values!r}")
-    keys = list(grid)
+    # scale varies fastest: linear-scale methods then merge once per setting of the other parameters
+    keys = sorted(grid, key=lambda k: k == "scale")
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
