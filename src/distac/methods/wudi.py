@@ -127,7 +127,9 @@ def wudi_quadratic(deltas: Tensor, weights: Tensor, dtype: torch.dtype = torch.f
         w = float(weights[t])
         if w == 0.0:
             continue
-        tau = deltas[t].to(dtype)
+        # a fresh copy, not a view: BLAS rounds differently for an input at another alignment, and
+        # the engine's (N+1, ...) buffer puts task t at an offset; with a copy the bits do not depend on it
+        tau = deltas[t].to(dtype, copy=True)
         gram = tau.mT @ tau
         a.add_(gram, alpha=w)
         b.add_((tau @ tau.mT) @ tau if m < n else tau @ gram, alpha=w)
