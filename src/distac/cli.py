@@ -31,6 +31,7 @@ from .errors import DistacError
 COMMANDS: dict[str, str] = {
     "merge": "distac.merging.cli:merge_command",
     "methods": "distac.merging.cli:methods_command",
+    "export-tasks": "distac.merging.cli:export_tasks_command",
     "stats": "distac.stats.cli:stats_command",
     "diagnose": "distac.conditioning.cli:diagnose_command",
     "condition": "distac.conditioning.cli:condition_command",

@@ -11,13 +11,18 @@ from .config import MergeConfig, dump_yaml
 __all__ = ["model_card", "write_card"]
 
 
-def model_card(cfg: MergeConfig, params: Mapping[str, Any], title: str) -> str:
-    """The README.md of a merged model: front matter for the Hub, method, paper, parameters and config."""
+def model_card(cfg: MergeConfig, params: Mapping[str, Any] | None, title: str, *, bundle: str = "") -> str:
+    """The README.md of a merged model: front matter for the Hub, method, paper, parameters and config.
+
+    ``bundle`` (markdown) describes an output that is not one model (EMR's bundle): it replaces the
+    parameters section (``params`` is then None), and the front matter names no loading library.
+    """
     from .. import __version__
 
     m = cfg.method
+    loadable = not bundle and (cfg.base.path / "config.json").exists()
     front = {
-        "library_name": "transformers" if (cfg.base.path / "config.json").exists() else None,
+        "library_name": "transformers" if loadable else None,
         "tags": ["merge", "distac", m.name],
         "base_model": str(cfg.base.path),
     }
@@ -37,19 +42,16 @@ def model_card(cfg: MergeConfig, params: Mapping[str, Any], title: str) -> str:
         lines += [f"Convention: {m.notes}", ""]
     lines += ["## Models", "", f"* base: `{cfg.base.path}`"]
     lines += [f"* {s.name}: `{s.path}`" for s in cfg.models]
-    if cfg.heads:
+    if cfg.heads and not bundle:  # a bundle says where its heads are
         lines += [
             "",
             f"Task-specific heads ({', '.join(cfg.heads)}) are not merged: the weights hold the base's, and "
             "`heads/<name>.safetensors` each model's own.",
         ]
+    lines += ["", bundle.rstrip()] if bundle else []
+    if params is not None:
+        lines += ["", "## Parameters (resolved, with defaults)", "", "```yaml", dump_yaml(dict(params)).rstrip(), "```"]
     lines += [
-        "",
-        "## Parameters (resolved, with defaults)",
-        "",
-        "```yaml",
-        dump_yaml(dict(params)).rstrip(),
-        "```",
         "",
         "Arithmetic ran in float32"
         + (
@@ -70,7 +72,9 @@ def model_card(cfg: MergeConfig, params: Mapping[str, Any], title: str) -> str:
     return "\n".join(lines)
 
 
-def write_card(folder: Path, cfg: MergeConfig, params: Mapping[str, Any], title: str) -> None:
+def write_card(
+    folder: Path, cfg: MergeConfig, params: Mapping[str, Any] | None, title: str, *, bundle: str = ""
+) -> None:
     """Write ``README.md`` (the model card) and ``distac_config.yml`` (the re-runnable config) into ``folder``."""
-    (folder / "README.md").write_text(model_card(cfg, params, title))
+    (folder / "README.md").write_text(model_card(cfg, params, title, bundle=bundle))
     (folder / "distac_config.yml").write_text(dump_yaml(cfg.raw))

@@ -4,7 +4,9 @@ Every merge writes the merged weights (HF shard names), the base's ``config.json
 ``heads/<name>.safetensors`` per model when the config has ``heads``, a model card (``README.md``:
 method, paper, resolved parameters, the config) and ``distac_config.yml`` (the config with
 absolute paths, re-runnable as is). The output goes through :mod:`distac.io.atomic`: a temporary
-folder next to ``out``, renamed when complete, never touching an input.
+folder next to ``out``, renamed when complete, never touching an input. ``merge_method: emr``
+writes an EMR-Merging bundle instead (:mod:`distac.merging.emr`: one model per task), with the
+same card and config.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from ..taskvector import match_heads
 from ..tensors import TensorSource
 from .card import write_card
 from .config import STAT_KEYS, MergeConfig, ModelSpec, load_config
+from .emr import EMR, EMRBundle, bundle_card, emr_merge
 from .engine import DEFAULT_CHUNK_BYTES, check_finite_output, run_merge
 from .temperatures import read_temperatures
 
@@ -162,7 +165,8 @@ def merge_checkpoints(
         chunk_bytes: budget for the (N+1) fp32 copies of one piece; larger tensors are merged in
             row chunks when the method is element-wise (16 MiB by default).
         export_per_task: also write ``out/tasks/<name>/``, one complete model per fine-tuned model
-            (merged shared weights + that model's head); needs ``heads`` in the config.
+            (merged shared weights + that model's head); needs ``heads`` in the config, except with
+            ``emr`` (each task's θ̂_t).
         quiet: no progress bar (it is also hidden when stderr is not a terminal).
         allow_nonfinite: write merged tensors and heads that hold NaN/Inf or overflow the output
             dtype (also the config's ``allow_nonfinite: true``); by default they stop the merge.
@@ -185,6 +189,11 @@ def merge_checkpoints(
     shard = parse_size(max_shard_bytes)
     chunk = parse_size(chunk_bytes)
     dev = default_device(device)
+    if cfg.method is EMR:
+        if allow_nonfinite:
+            raise DistacError("allow_nonfinite is not accepted with method 'emr': it always stops at NaN/Inf")
+        _merge_emr(cfg, out, overwrite, dev, shard, chunk, export_per_task, quiet)
+        return out
     if export_per_task and not cfg.heads:
         raise DistacError("export_per_task needs 'heads' patterns in the config (which tensors are task-specific)")
     with ExitStack() as opened:  # every checkpoint's file descriptors are closed, whatever happens
@@ -205,6 +214,37 @@ def merge_checkpoints(
             quiet=quiet,
         )
     return out
+
+
+def _merge_emr(
+    cfg: MergeConfig,
+    out: Path,
+    overwrite: bool,
+    device: torch.device,
+    shard: int,
+    chunk: int,
+    export_per_task: bool,
+    quiet: bool,
+) -> None:
+    """EMR-Merging's bundle (task names = model names), with the model card and the re-runnable config."""
+
+    def card(tmp: Path, bundle: EMRBundle) -> None:
+        write_card(tmp, cfg, None, out.name, bundle=bundle_card(bundle))
+
+    emr_merge(
+        cfg.base.path,
+        [m.path for m in cfg.models],
+        tasks=[m.name for m in cfg.models],
+        heads=cfg.heads or None,
+        out=out,
+        overwrite=overwrite,
+        export_per_task=export_per_task,
+        device=device,
+        chunk_bytes=chunk,
+        max_shard_bytes=shard,
+        quiet=quiet,
+        finish=card,
+    )
 
 
 def _merge_into(

@@ -1,4 +1,4 @@
-"""The ``distac merge`` and ``distac methods`` commands."""
+"""The ``distac merge``, ``distac methods`` and ``distac export-tasks`` commands."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from pathlib import Path
 
 import click
 
+from ..errors import DistacError
 from ..methods import METHODS, Method, get_method
-from .checkpoints import merge_checkpoints
+from .checkpoints import export_task_models, merge_checkpoints
+from .emr import EMR, MANIFEST, describe_emr, export_per_task, load_emr_bundle
 
-__all__ = ["describe_method", "merge_command", "methods_command"]
+__all__ = ["describe_method", "export_tasks_command", "merge_command", "methods_command"]
 
 
 @click.command("merge")
@@ -89,6 +91,9 @@ def describe_method(m: Method) -> list[str]:
 @click.argument("name", required=False)
 def methods_command(name: str | None) -> None:
     """List every merge method with its parameters (name=default, range, per model) and paper."""
+    if name == EMR.name:
+        click.echo("\n".join(describe_emr(full=True)))
+        return
     chosen = [get_method(name)] if name else list(METHODS.values())
     for i, m in enumerate(chosen):
         if i:
@@ -98,3 +103,39 @@ def methods_command(name: str | None) -> None:
             click.echo(f"    convention: {m.notes}")
     if not name:
         click.echo(f"\n{len(chosen)} methods. `distac methods NAME` adds the convention notes.", file=sys.stdout)
+        click.echo("\nNot one merged model (not per tensor):\n" + "\n".join(describe_emr()))
+
+
+@click.command("export-tasks")
+@click.argument("merged", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder to create: OUT/<task>/, one complete checkpoint per task.",
+)
+@click.option("--base", default=None, help="EMR bundle only: θ0, when not at the path the bundle records.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--shard-size", default="1GB", show_default=True, help="Largest output shard, e.g. 500MB, 2GiB.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def export_tasks_command(
+    merged: Path, out: Path, base: str | None, overwrite: bool, shard_size: str, quiet: bool
+) -> None:
+    """Write one complete model per task from MERGED: a `distac merge` output with heads, or an EMR bundle.
+
+    A merge with heads gives the merged weights plus each task's head (calibrated when `distac
+    calibrate` wrote temperatures); an EMR bundle gives each task's θ̂_t = θ0 + λ_t · M_t ⊙ τ_uni.
+    """
+    if (merged / MANIFEST).is_file():
+        bundle = load_emr_bundle(merged, base=base)
+        try:
+            written = export_per_task(bundle, out, overwrite=overwrite, max_shard_bytes=shard_size, quiet=quiet)
+        finally:
+            bundle.close()
+    elif base is not None:
+        raise DistacError(f"{merged}: --base is for EMR bundles (a folder with {MANIFEST}); remove it")
+    else:
+        written = export_task_models(merged, out, overwrite=overwrite, max_shard_bytes=shard_size, quiet=quiet)
+    for folder in written.values():
+        click.echo(str(folder))

@@ -426,6 +426,38 @@ def _dtypes(raw: Mapping[str, Any], where: str) -> torch.dtype | None:
     return out_dtype
 
 
+def _method(name: str) -> Method:
+    """The registered method, or EMR-Merging's record (a bundle writer, outside the per-tensor registry)."""
+    if name == "emr":
+        from .emr import EMR  # here: emr.py imports this module
+
+        return EMR
+    return get_method(name)
+
+
+def _check_emr(
+    raw: Mapping[str, Any], gparams: Mapping[str, Any], base: ModelSpec, models: _Models, where: str
+) -> None:
+    """What EMR-Merging refuses: parameters, statistics, dtypes, allow_nonfinite (each one line, with why)."""
+    given = [*gparams, *(k for p in models.params for k in p)]
+    if given:
+        raise DistacError(
+            f"{where}: method 'emr' takes no parameters (got {sorted(set(given))}): it is tuning-free, each "
+            "task's rescaler λ_t comes from the task vectors; remove them"
+        )
+    stats = sorted({k for s in (base, *models.specs) for k in s.stats})
+    if stats:
+        raise DistacError(f"{where}: method 'emr' reads no statistics; remove {stats} from the config")
+    for key in ("dtype", "out_dtype"):
+        if raw.get(key) is not None:
+            raise DistacError(
+                f"{where}: '{key}' is not accepted with method 'emr': its bundle stores τ_uni in the base's dtype "
+                "and the exact λ_t, and rebuilds each task in the base's dtype; remove it"
+            )
+    if raw.get("allow_nonfinite"):
+        raise DistacError(f"{where}: 'allow_nonfinite' is not accepted with method 'emr': it always stops at NaN/Inf")
+
+
 def load_config(config: Mapping[str, Any] | str | Path) -> MergeConfig:
     """Read and validate a merge config (see the module docstring for the YAML).
 
@@ -454,12 +486,14 @@ def load_config(config: Mapping[str, Any] | str | Path) -> MergeConfig:
     allow_nonfinite = raw.get("allow_nonfinite", False)
     if not isinstance(allow_nonfinite, bool):
         raise DistacError(f"{where}: 'allow_nonfinite' must be true or false, got {allow_nonfinite!r}")
-    method = get_method(raw["merge_method"])
+    method = _method(raw["merge_method"])
     base = _base_entry(raw, folder, where)
     models = _model_entries(raw, base, folder, where)
     gparams = raw.get("parameters") or {}
     if not isinstance(gparams, Mapping):
         raise DistacError(f"{where}: 'parameters' must be a mapping")
+    if method.name == "emr":
+        _check_emr(raw, gparams, base, models, where)
     params = _gather_params(method, gparams, [dict(p) for p in models.params], where, models.yaml_index)
     _check_param_types(method, params, where)
     method.resolve(params, len(models.specs))  # validate now: ranges, unknown names, model counts

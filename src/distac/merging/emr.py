@@ -75,6 +75,7 @@ from ..io import (
     parse_size,
 )
 from ..io.readers import Checkpoint
+from ..methods.base import Method
 from ..nn.models import default_device
 from ..progress import Progress, track
 from ..taskvector import match_heads
@@ -84,7 +85,10 @@ from .engine import DEFAULT_CHUNK_BYTES
 from .pieces import BufferPool, Work, load_piece, split_rows, stream
 
 __all__ = [
+    "EMR",
     "EMRBundle",
+    "bundle_card",
+    "describe_emr",
     "emr_merge",
     "emr_piece",
     "export_per_task",
@@ -98,6 +102,61 @@ MANIFEST = "emr.json"
 _BIT_VALUES = (128, 64, 32, 16, 8, 4, 2, 1)  # numpy.packbits' default (big-endian) order
 
 Source = TensorSource | Mapping[str, Tensor] | str | Path
+
+
+# ----------------------------------------------------------------------------------------------
+# the method's record: what the merge config, the model card and ``distac methods`` show
+# ----------------------------------------------------------------------------------------------
+def _not_per_tensor(base: Tensor, deltas: Tensor, *, ctx: Any) -> Tensor:
+    # EMR's λ_t sums over every tensor, and its result is one model per task: the per-tensor
+    # engine cannot run it, so the record only describes it and ``merge_checkpoints`` calls emr_merge
+    raise DistacError(
+        "method 'emr' is not a per-tensor merge (it writes a bundle, one model per task); "
+        "run it with `distac merge` or distac.merging.emr.emr_merge"
+    )
+
+
+#: EMR-Merging's record: outside ``distac.METHODS`` (not one model, not per tensor), read by
+#: ``load_config`` (``merge_method: emr``), the model card and ``distac methods``.
+EMR = Method(
+    name="emr",
+    fn=_not_per_tensor,
+    summary="bundle: one model per task, needs the task id at inference. τ_uni = γ ⊙ max_t |M_t ⊙ τ_t| "
+    "with γ = sign(mean_t τ_t), 1-bit masks M_t = [τ_t · γ > 0] and rescalers λ_t; task t is "
+    "θ0 + λ_t · M_t ⊙ τ_uni",
+    paper="Huang et al., EMR-Merging: Tuning-Free High-Performance Model Merging, NeurIPS 2024 (arXiv 2405.17461)",
+    notes="γ = −1 where mean_t τ_t is exactly 0, as in the official code; λ_t = Σ_l mean|τ_t,l| / "
+    "Σ_l mean|M_t,l ⊙ τ_uni,l| (sums over tensors of per-tensor means, accumulated in float64), 1 where "
+    "the denominator is 0; heads are not merged (each task keeps its own); int buffers stay θ0's",
+    memory="N+1 fp32 copies of one piece (row chunks of large tensors); the bundle is one model in the "
+    "base's dtype + N bits per parameter",
+)
+
+
+def describe_emr(full: bool = False) -> list[str]:
+    """The lines ``distac methods`` prints for EMR; ``full`` (``distac methods emr``) adds formula and layout.
+
+    Example:
+        >>> describe_emr()[0]
+        'emr  (bundle: one model per task, needs the task id at inference; 1+ models; no parameters)'
+    """
+    lines = [
+        f"{EMR.name}  (bundle: one model per task, needs the task id at inference; 1+ models; no parameters)",
+        f"    {EMR.paper}",
+    ]
+    if not full:
+        return lines
+    return [
+        *lines,
+        f"    {EMR.summary}",
+        f"    convention: {EMR.notes}",
+        f"    memory: {EMR.memory}",
+        "    output: OUT/emr.json (tasks, exact λ_t, base path, base fingerprints), OUT/unified/ (τ_uni in the "
+        "base's dtype), OUT/masks/ (uint8 (N, ⌈numel/8⌉) per tensor), OUT/heads/<task>.safetensors, README.md, "
+        "distac_config.yml; --export-per-task adds OUT/tasks/<task>/, each θ̂_t as a normal checkpoint",
+        "    use: distac.merging.emr.load_emr_bundle(OUT).task(name), or `distac export-tasks OUT --out DIR`",
+        "    parameters: none (tuning-free); dtype/out_dtype are refused: the bundle keeps the base's dtype",
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,6 +464,7 @@ def emr_merge(
     chunk_bytes: int | str | None = DEFAULT_CHUNK_BYTES,
     max_shard_bytes: int | str = DEFAULT_SHARD_BYTES,
     quiet: bool = False,
+    finish: Callable[[Path, EMRBundle], None] | None = None,
 ) -> EMRBundle:
     """EMR-Merging in one streaming pass; in memory, or written as a bundle folder when ``out`` is given.
 
@@ -420,6 +480,8 @@ def emr_merge(
         chunk_bytes: budget for one piece's N+1 fp32 copies; larger tensors are read in row chunks.
         max_shard_bytes: the largest safetensors shard of the bundle.
         quiet: no progress bar.
+        finish: with ``out``, called with the temporary folder and its bundle before the folder is
+            renamed into place, to add files (``distac merge`` writes its model card and config).
 
     Returns:
         The :class:`EMRBundle` (read back from ``out`` when given).
@@ -428,8 +490,8 @@ def emr_merge(
         >>> b = emr_merge(base_sd, [sd_a, sd_b], tasks=["a", "b"])  # doctest: +SKIP
         >>> b.rescalers, b.task("b")["layer.weight"]               # doctest: +SKIP
     """
-    if export_per_task and out is None:
-        raise DistacError("emr_merge: export_per_task needs out=FOLDER")
+    if (export_per_task or finish is not None) and out is None:
+        raise DistacError(f"emr_merge: {'export_per_task' if export_per_task else 'finish'} needs out=FOLDER")
     dev = default_device(device)
     chunk = None if chunk_bytes is None else parse_size(chunk_bytes)
     with ExitStack() as opened:
@@ -466,9 +528,13 @@ def emr_merge(
             _write_bundle(
                 tmp, base_src, model_srcs, names, merged, head_names, base_path, dev, chunk, max_shard_bytes, quiet
             )
-            if export_per_task:
-                (tmp / "tasks").mkdir()
-                _export_into(load_emr_bundle(tmp, base=base_src), tmp / "tasks", parse_size(max_shard_bytes), quiet)
+            if export_per_task or finish is not None:
+                written = load_emr_bundle(tmp, base=base_src)
+                if export_per_task:
+                    (tmp / "tasks").mkdir()
+                    _export_into(written, tmp / "tasks", parse_size(max_shard_bytes), quiet)
+                if finish is not None:
+                    finish(tmp, written)
     return load_emr_bundle(out, base=None if isinstance(base, str | Path) else base)
 
 
@@ -548,23 +614,39 @@ def _write_bundle(
         "fingerprints": res.fingerprints,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    (tmp / "README.md").write_text(_card(tasks, lam, base_path))
+    (tmp / "README.md").write_text(_card(tasks, lam, base_path, bool(head_names)))
 
 
 def _numel(shape: Sequence[int]) -> int:
     return int(torch.Size(shape).numel())
 
 
-def _card(tasks: Sequence[str], lam: Tensor, base_path: Path | None) -> str:
+def _card(tasks: Sequence[str], lam: Tensor, base_path: Path | None, heads: bool) -> str:
+    return "# EMR-Merging bundle (distac)\n\n" + _usage(tasks, lam, base_path, heads=heads)
+
+
+def _usage(tasks: Sequence[str], lam: Tensor, base_path: Path | str | None, *, heads: bool) -> str:
     rows = "\n".join(f"| {t} | {float(x):.6g} |" for t, x in zip(tasks, lam, strict=True))
+    own = "; each task keeps its own head (`heads/<task>.safetensors`)" if heads else ""
     return (
-        "# EMR-Merging bundle (distac)\n\n"
         "Not one model: task t is θ0 + λ_t · M_t ⊙ τ_uni (Huang et al., EMR-Merging, NeurIPS 2024, "
-        "arXiv 2405.17461).\n"
+        f"arXiv 2405.17461){own}.\n"
         "Load it with `distac.merging.emr.load_emr_bundle(path).task(name)`, or export every task as a normal "
-        "checkpoint with `distac.merging.emr.export_per_task(path, out)`.\n\n"
+        "checkpoint with `distac export-tasks path --out DIR` (`distac.merging.emr.export_per_task(path, out)`).\n\n"
         f"Base model: `{base_path or 'given in memory: pass base= when loading'}`\n\n"
         f"| task | λ_t |\n|---|---|\n{rows}\n"
+    )
+
+
+def bundle_card(bundle: EMRBundle) -> str:
+    """The model card's section for a bundle: what it is, how to load or export it, the base and each λ_t.
+
+    Example:
+        >>> "| a |" in bundle_card(emr_merge(base_sd, [sd_a], tasks=["a"]))  # doctest: +SKIP
+        True
+    """
+    return "## EMR-Merging bundle\n\n" + _usage(
+        bundle.tasks, bundle.rescalers, bundle.base_path, heads=bool(bundle.head_names)
     )
 
 
