@@ -85,6 +85,19 @@ def write_checkpoint(state: StateDict, path: Path, *, form: str = "file", shard_
     return path
 
 
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run ``distac ARGS`` in-process: ``(exit code, stdout, stderr)``."""
+    from distac.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def tree_digest(*paths: Path) -> str:
     """blake2b over every file (name and bytes) under the given paths: inputs must stay untouched."""
     h = hashlib.blake2b()

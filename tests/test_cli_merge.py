@@ -11,23 +11,13 @@ import pytest
 import torch
 import yaml
 from conftest import finetuned, tiny_state, tree_digest, write_checkpoint
+from conftest import run_cli as run
 from safetensors.torch import load_file, save_file
 
 import distac
 from distac import METHODS
-from distac.cli import main
 from distac.io import ShardWriter
 from distac.merging.checkpoints import export_task_models
-
-
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def load_dir(folder: Path) -> dict[str, torch.Tensor]:

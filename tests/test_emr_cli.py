@@ -7,24 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import run_cli as run
 from safetensors.torch import load_file
 
 import distac
-from distac.cli import main
 from distac.io import open_checkpoint
 from distac.merging.emr import emr_merge, load_emr_bundle
 
 HEADS = ["classifier.*"]
-
-
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def write_cfg(root: Path, cfg: dict) -> Path:

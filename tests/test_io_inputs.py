@@ -15,21 +15,11 @@ import pytest
 import torch
 import yaml
 from conftest import finetuned, tiny_state, write_checkpoint
+from conftest import run_cli as run
 from safetensors.torch import save_file
 
 from distac import DistacError, open_checkpoint
-from distac.cli import main
 from distac.io import copy_model_files, parse_size, read_header
-
-
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _sharded(tmp_path: Path, weight_map: object) -> Path:

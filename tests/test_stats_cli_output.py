@@ -9,9 +9,8 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli as run
 from safetensors.torch import save_file
-
-from distac.cli import main
 
 FACTORY = textwrap.dedent(
     """
@@ -23,16 +22,6 @@ FACTORY = textwrap.dedent(
         return nn.Sequential(nn.Linear(d_in, 6), nn.Tanh(), nn.Linear(6, n_classes))
     """
 )
-
-
-def run(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
 import torch
 from torch import Tensor
@@ -153,7 +153,30 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, Tensor], metadata:
     return Path(path)
 
 
-class ShardWriter:
+class _Finishing:
+    """``with``: ``close()`` (finish the output) on success, ``abort()`` on an error; nothing if done already."""
+
+    _done: bool
+
+    def close(self) -> object:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._done:
+            return
+        if exc is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class ShardWriter(_Finishing):
     """Write tensors (whole or as consecutive row chunks) in layout order into safetensors shards.
 
     >>> w = ShardWriter(folder, [("w", (4, 2), torch.bfloat16)])    # doctest: +SKIP
@@ -255,19 +278,8 @@ class ShardWriter:
             self._fh.close()
             self._fh = None
 
-    def __enter__(self) -> ShardWriter:
-        return self
 
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if self._done:
-            return
-        if exc is None:
-            self.close()
-        else:
-            self.abort()
-
-
-class BackgroundWriter:
+class BackgroundWriter(_Finishing):
     """Run a :class:`ShardWriter`'s disk writes on a one-thread pool, so they overlap the next piece's merge.
 
     ``write`` casts the tensor to its output dtype on the caller's thread (torch releases the
@@ -323,17 +335,6 @@ class BackgroundWriter:
         self._done = True
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.writer.abort()
-
-    def __enter__(self) -> BackgroundWriter:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if self._done:
-            return
-        if exc is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def copy_model_files(src_folder: Path, dst: Path, *, skip: Sequence[str] = ("README.md",)) -> list[str]:
