@@ -392,7 +392,7 @@ def _plot_headline(plt: Any, cells: Sequence[CellResult], base_norm: float | Non
             ax.axhline(base_norm, color="0.4", ls=":", label="pre-trained (α = 0)")
         ticks = []
         for j, (setting, title, srcs) in enumerate(_GROUPS):
-            ticks.append((j * 4 + 1, title))
+            ticks.append((j * 4 + (len(srcs) - 1) / 2, title))
             for k, src in enumerate(srcs):
                 cs = by.get((lab, setting, src))
                 if cs:
