@@ -111,6 +111,82 @@ def test_zero_shot_heads_average_the_digit_rows_of_each_class():
     assert torch.allclose(m.heads[parity.name].weight, torch.stack([even, odd]))
 
 
+def test_cosine_head_logits_are_scaled_cosines_whatever_the_row_norms():
+    torch.manual_seed(0)
+    cfg = ViTConfig(dim=16, depth=1, heads=2, logit_scale=100.0, cosine_head=True)
+    m = TinyViT(cfg, {"a": 3})
+    with torch.no_grad():
+        m.heads["a"].weight.mul_(torch.tensor([[0.1], [1.0], [7.0]]))  # rows of very different norms
+    f = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
+    w = torch.nn.functional.normalize(m.heads["a"].weight, dim=-1)
+    torch.testing.assert_close(m.logits(f, "a"), 100.0 * f @ w.T)
+    assert float(m.logits(f, "a").abs().max()) <= 100.0 + 1e-4
+    # without the option the rows' norms scale the logits (the previous head)
+    plain = TinyViT(replace(cfg, cosine_head=False), {"a": 3})
+    plain.load_state_dict(m.state_dict())
+    torch.testing.assert_close(plain.logits(f, "a"), 100.0 * f @ m.heads["a"].weight.T)
+
+
+def test_cosine_zero_shot_heads_are_unit_rows_of_the_mean_direction():
+    from distac.reproduce.train import zero_shot_heads
+
+    parity = next(t for t in TASKS if t.name == "rotm35_parity")
+    m = TinyViT(ViTConfig(dim=16, depth=1, heads=2, cosine_head=True), {parity.name: 2})
+    w = torch.randn(10, 16) * torch.linspace(0.5, 5, 10)[:, None]
+    x = torch.rand(4, 28, 28)
+    zero_shot_heads(m, [TaskData(parity, *(Split(x, torch.zeros(4, dtype=torch.long)),) * 3)], w)
+    u = torch.nn.functional.normalize(w, dim=-1)
+    expect = torch.nn.functional.normalize(torch.stack([u[0::2].mean(0), u[1::2].mean(0)]), dim=-1)
+    torch.testing.assert_close(m.heads[parity.name].weight, expect)
+
+
+def test_pretraining_augmentation_is_seeded_per_image_and_identity_when_off():
+    from distac.reproduce.train import Augment, _random_affine
+
+    x = torch.rand(6, 28, 28)
+    aug = Augment(degrees=20.0, scale=0.2, shear=0.3)
+    a = _random_affine(x, torch.Generator().manual_seed(1), aug)
+    b = _random_affine(x, torch.Generator().manual_seed(1), aug)
+    assert torch.equal(a, b) and a.shape == x.shape
+    assert not torch.allclose(a, x)
+    # one independent map per image: the same image twice in a batch comes out different
+    twin = _random_affine(torch.stack([x[0], x[0]]), torch.Generator().manual_seed(2), aug)
+    assert not torch.allclose(twin[0], twin[1])
+    assert _random_affine(x, torch.Generator().manual_seed(1), Augment()) is x
+
+
+def _cell(label, setting, source, norm):
+    from distac.reproduce.grid import CellResult
+
+    return CellResult("m", label, setting, source, 1.0, 0.0, [norm / 100], [norm / 100], [0.0], [0.0], [1.0], [])
+
+
+def test_targets_report_ideal_ta_margin_and_distac_vs_rescaling_over_seeds():
+    from distac.reproduce.report import targets
+
+    cells = []
+    for lab, shift in (("TA", 0.0), ("TIES", 2.0)):
+        for seed_norms in ((72, 60, 64, 70, 71), (70, 58, 66, 69, 69)):
+            ideal, nraw, nres, ndis, idis = (v + shift for v in seed_norms)
+            cells += [
+                _cell(lab, "ideal", "raw", ideal),
+                _cell(lab, "norm", "raw", nraw),
+                _cell(lab, "norm", "rescaled", nres),
+                _cell(lab, "norm", "distac", ndis),
+                _cell(lab, "ideal", "distac", idis),
+            ]
+    rows = {r["target"]: r for r in targets(cells, {}, base_norm=58.0)}
+    assert rows["ideal TA keeps ≥ 70 % normalised"]["gap"] == 1.0
+    assert rows["ideal TA beats α = 0 by ≥ 10 points (norm.)"]["gap"] == 3.0
+    assert rows["TA: norm setting costs ≥ 5 points of norm. acc."]["measured"] == 12.0
+    assert rows["TA/ideal: DisTaC on the ideal zoo costs < 2 points"]["measured"] == 1.0
+    # per seed, DisTaC − rescaling over methods: 6 and 3 -> mean 4.5; column sds: 0.7 (distac), 1.4 (rescaled)
+    r = rows["mean over methods: DisTaC − naive rescaling > 1 sd (norm)"]
+    assert r["gap"] == pytest.approx(4.5 - 2**0.5, abs=0.051)
+    one_seed = {r["target"]: r for r in targets(cells[:5] + cells[10:15], {})}
+    assert one_seed["mean over methods: DisTaC − naive rescaling > 1 sd (norm)"]["gap"] is None
+
+
 def test_quick_profile_end_to_end(tmp_path):
     from distac.cli import cli
 
@@ -127,8 +203,10 @@ def test_quick_profile_end_to_end(tmp_path):
     rows = list(csv.DictReader((out / "cells.csv").open()))
     methods = {r["method"] for r in rows}
     assert methods == {s.method for s in METHOD_SPECS if s.method in distac.METHODS and s.method in QUICK.methods}
-    # 6 source sets (ideal/norm/conf raw, norm rescaled, norm/conf DisTaC) × methods × (8 tasks + mean)
-    assert len(rows) == 6 * len(methods) * 9
+    # 7 source sets (ideal/norm/conf raw, norm rescaled, ideal/norm/conf DisTaC) × methods × (8 tasks + mean)
+    assert len(rows) == 7 * len(methods) * 9
+    assert {(r["setting"], r["source"]) for r in rows} >= {("ideal", "distac"), ("conf", "distac")}
+    assert "| ideal + DisTaC |" in md
     for r in rows:
         assert 0.0 <= float(r["test_acc"]) <= 1.0 and float(r["ece_before"]) >= 0.0
     run = json.loads((out / "run.json").read_text())

@@ -85,6 +85,13 @@ METHOD_SPECS: tuple[MethodSpec, ...] = (
     MethodSpec("fisher", "Fisher", "mean", {"favor_target_model": False}, fisher=True),
     # H_t and H_0 on the sum scale; α enters the formula non-linearly, so every α is a merge
     MethodSpec("gradient_matching", "Gradient matching", "sum", fisher=True, base_fisher=True, linear=False),
+    # The paper's two most fragile methods go here once distac registers them (available_specs
+    # skips names missing from distac.METHODS):
+    # * WUDI: θ_0 + τ_m with no α of its own; give it the "sum" grid (α multiplies τ_m, which does
+    #   not depend on α, so linear=True) and the block-linear targets matching this ViT's
+    #   "blocks.<i>.{qkv,proj,fc1,fc2}.weight".
+    # * EMR: one task-specific model per task (shared vector × task mask × task rescaler), not one
+    #   merged state: run_cell / Evaluator.logits need a per-task state before it can be listed.
 )
 
 
@@ -315,6 +322,17 @@ def flagged_tasks(profile: Profile, setting: str) -> list[str]:
     return list({"ideal": (), "norm": profile.norm_tasks, "conf": profile.conf_tasks}[setting])
 
 
+# DisTaC's mode per setting. On the ideal zoo nothing is defective; it gets the low-confidence
+# setting's conditioning (confidence mode on ``conf_tasks``), i.e. what a user who conditions every
+# model blindly would run: the "does DisTaC hurt when nothing is wrong?" control.
+DISTAC_MODE = {"ideal": "confidence", "norm": "norm", "conf": "confidence"}
+
+
+def conditioned_tasks(profile: Profile, setting: str) -> list[str]:
+    """The tasks DisTaC conditions in a setting: the flagged ones; on the ideal zoo, ``conf_tasks``."""
+    return list(profile.conf_tasks) if setting == "ideal" else flagged_tasks(profile, setting)
+
+
 def kappas(norms: Sequence[float], names: Sequence[str], flagged: Sequence[str], setting: str) -> dict[str, float]:
     """κ_t per flagged task: mean_{s≠t}‖τ_s‖/‖τ_t‖ under norm mismatch (distac.md §1.3), 1 otherwise."""
     out = {}
@@ -346,16 +364,16 @@ def rescaled_sources(zoo: Zoo, setting: str) -> SourceSet:
 
 
 def distac_sources(zoo: Zoo, setting: str, *, evaluator: Evaluator, progress: bool) -> SourceSet:
-    """DisTaC-conditioned sources: every flagged model distilled with :func:`distac.condition`."""
+    """DisTaC-conditioned sources: every model of :func:`conditioned_tasks` distilled with :func:`distac.condition`."""
     raw = zoo.setting(setting)
     names = [td.spec.name for td in zoo.tasks]
-    flagged = flagged_tasks(zoo.profile, setting)
+    flagged = conditioned_tasks(zoo.profile, setting)
     rec = zoo.profile.distac
     ft_map = dict(zip(names, raw, strict=True))
-    mode = {"norm": "norm", "conf": "confidence"}.get(setting)
+    mode = DISTAC_MODE[setting]
     models = list(raw)
     for i, n in enumerate(names):
-        if n not in flagged or mode is None:
+        if n not in flagged:
             continue
         temps = rec.norm_temperatures if mode == "norm" else rec.conf_temperatures
         model = evaluator.task_model(zoo.base, n)

@@ -23,6 +23,7 @@ __all__ = ["COLUMNS", "targets", "write_csv", "write_plots", "write_text"]
 # the headline table's columns: (setting, source)
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("ideal", "raw"),
+    ("ideal", "distac"),
     ("norm", "raw"),
     ("norm", "rescaled"),
     ("norm", "distac"),
@@ -33,6 +34,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 # has no column of its own.
 _COL_TITLE = {
     ("ideal", "raw"): "ideal",
+    ("ideal", "distac"): "ideal + DisTaC",
     ("norm", "raw"): "norm mismatch",
     ("norm", "rescaled"): "+ naive rescale",
     ("norm", "distac"): "+ DisTaC",
@@ -137,66 +139,129 @@ def sweep_table(sweeps: Mapping[str, list[list[tuple[float, float, float]]]]) ->
     return _md_table(["α", *labels], rows)
 
 
+def _target(name: str, measured: Any, threshold: Any, gap: float | None) -> dict[str, Any]:
+    return {"target": name, "measured": measured, "threshold": threshold, "gap": None if gap is None else round(gap, 1)}
+
+
+def _harm_and_recovery_targets(norm: Callable[[str, str, str], float | None], labels: Sequence[str]) -> list[dict]:
+    """Defect costs (TA, TIES, TSV-M), DisTaC vs ideal and vs naive rescaling, and DisTaC on the ideal zoo."""
+    out = []
+    for lab in ("TA", "TIES", "TSV-M"):
+        for setting in ("norm", "conf"):
+            ideal, raw = norm(lab, "ideal", "raw"), norm(lab, setting, "raw")
+            if ideal is not None and raw is not None:
+                out.append(
+                    _target(
+                        f"{lab}: {setting} setting costs ≥ 5 points of norm. acc.",
+                        round(ideal - raw, 1),
+                        5.0,
+                        ideal - raw - 5.0,
+                    )
+                )
+    for lab in labels:
+        ideal = norm(lab, "ideal", "raw")
+        for setting in ("norm", "conf"):
+            dis, res = norm(lab, setting, "distac"), norm(lab, setting, "rescaled")
+            if ideal is None or dis is None:
+                continue
+            out.append(
+                _target(
+                    f"{lab}/{setting}: DisTaC within 2 points of ideal", round(ideal - dis, 1), 2.0, 2.0 - (ideal - dis)
+                )
+            )
+            if res is not None:
+                out.append(
+                    _target(f"{lab}/{setting}: DisTaC beats naive rescaling", round(dis - res, 1), 0.0, dis - res)
+                )
+        dis = norm(lab, "ideal", "distac")
+        if ideal is not None and dis is not None:
+            out.append(
+                _target(
+                    f"{lab}/ideal: DisTaC on the ideal zoo costs < 2 points",
+                    round(ideal - dis, 1),
+                    2.0,
+                    2.0 - (ideal - dis),
+                )
+            )
+    return out
+
+
+def _column_means(
+    by: Mapping[tuple[str, str, str], list[CellResult]], labels: Sequence[str], setting: str, source: str
+) -> list[float]:
+    """Per seed: the mean over methods of the normalised accuracy in one column (methods with every seed)."""
+    runs = [by[(lab, setting, source)] for lab in labels if (lab, setting, source) in by]
+    if not runs:
+        return []
+    n = min(len(r) for r in runs)
+    return [statistics.fmean(r[i].mean_norm for r in runs) for i in range(n)]
+
+
+def _rescaling_target(by: Mapping[tuple[str, str, str], list[CellResult]], labels: Sequence[str]) -> list[dict]:
+    """DisTaC beats naive rescaling (norm mismatch) on the mean over methods by more than one sd over seeds."""
+    dis, res = _column_means(by, labels, "norm", "distac"), _column_means(by, labels, "norm", "rescaled")
+    if not dis or not res:
+        return []
+    diff = statistics.fmean(dis) - statistics.fmean(res)
+    if len(dis) < 2:
+        return [
+            _target(
+                "mean over methods: DisTaC − naive rescaling > 1 sd (norm)", round(diff, 1), "sd needs ≥ 2 seeds", None
+            )
+        ]
+    sd = max(statistics.stdev(dis), statistics.stdev(res))
+    return [
+        _target(
+            "mean over methods: DisTaC − naive rescaling > 1 sd (norm)",
+            f"{diff:.1f} (sd {sd:.1f})",
+            "> 1 sd",
+            diff - sd,
+        )
+    ]
+
+
 def targets(
-    cells: Sequence[CellResult], sweeps: Mapping[str, list[list[tuple[float, float, float]]]]
+    cells: Sequence[CellResult],
+    sweeps: Mapping[str, list[list[tuple[float, float, float]]]],
+    base_norm: float | None = None,
 ) -> list[dict[str, Any]]:
-    """The issue's targets, each with the measured value, the threshold and the gap (negative = missed)."""
+    """The issue's targets, each with the measured value, the threshold and the gap (negative = missed).
+
+    ``base_norm``: mean normalised accuracy at α = 0 (the ideal TA's margin over the pre-trained model).
+    Cells of one (method, setting, source) come in seed order.
+    """
     by = _by_key(cells)
 
     def norm(lab: str, setting: str, source: str) -> float | None:
         cs = by.get((lab, setting, source))
         return statistics.fmean(c.mean_norm for c in cs) if cs else None
 
+    labels = list(dict.fromkeys(c.label for c in cells))
     out: list[dict[str, Any]] = []
-    labels = sorted({c.label for c in cells}, key=[c.label for c in cells].index)
-    for lab in ("TA", "TIES"):
-        for setting in ("norm", "conf"):
-            ideal, raw = norm(lab, "ideal", "raw"), norm(lab, setting, "raw")
-            if ideal is not None and raw is not None:
-                harm = ideal - raw
-                out.append(
-                    {
-                        "target": f"{lab}: {setting} setting costs ≥ 5 points of norm. acc.",
-                        "measured": round(harm, 1),
-                        "threshold": 5.0,
-                        "gap": round(harm - 5.0, 1),
-                    }
-                )
-    for lab in labels:
-        for setting in ("norm", "conf"):
-            ideal, dis, res = norm(lab, "ideal", "raw"), norm(lab, setting, "distac"), norm(lab, setting, "rescaled")
-            if ideal is None or dis is None:
-                continue
+    ta = norm("TA", "ideal", "raw")
+    if ta is not None:
+        out.append(_target("ideal TA keeps ≥ 70 % normalised", round(ta, 1), 70.0, ta - 70.0))
+        if base_norm is not None:
             out.append(
-                {
-                    "target": f"{lab}/{setting}: DisTaC within 2 points of ideal",
-                    "measured": round(ideal - dis, 1),
-                    "threshold": 2.0,
-                    "gap": round(2.0 - (ideal - dis), 1),
-                }
-            )
-            if res is not None:
-                out.append(
-                    {
-                        "target": f"{lab}/{setting}: DisTaC beats naive rescaling",
-                        "measured": round(dis - res, 1),
-                        "threshold": 0.0,
-                        "gap": round(dis - res, 1),
-                    }
+                _target(
+                    "ideal TA beats α = 0 by ≥ 10 points (norm.)", round(ta - base_norm, 1), 10.0, ta - base_norm - 10.0
                 )
+            )
+    out += _harm_and_recovery_targets(norm, labels)
+    out += _rescaling_target(by, labels)
     if "TA" in sweeps and "Gradient matching" in sweeps:
 
         def spread(lab: str) -> float:
             return statistics.fmean(max(p[1] for p in s) - min(p[1] for p in s) for s in sweeps[lab])
 
-        ta, gm = spread("TA"), spread("Gradient matching")
+        ta_s, gm = spread("TA"), spread("Gradient matching")
         out.append(
-            {
-                "target": "gradient matching varies less across α than TA (max − min of mean acc.)",
-                "measured": f"GM {gm:.1f} vs TA {ta:.1f}",
-                "threshold": "GM < TA",
-                "gap": round(ta - gm, 1),
-            }
+            _target(
+                "gradient matching varies less across α than TA (max − min of mean acc.)",
+                f"GM {gm:.1f} vs TA {ta_s:.1f}",
+                "GM < TA",
+                ta_s - gm,
+            )
         )
     return out
 
@@ -268,6 +333,15 @@ def _save(fig: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+_COLORS = {"raw": "#c44e52", "rescaled": "#dd8452", "distac": "#55a868"}
+# the headline plot's bar groups: (setting, tick label, sources drawn as bars)
+_GROUPS = (
+    ("ideal", "ideal", ("distac",)),
+    ("norm", "norm mismatch", ("raw", "rescaled", "distac")),
+    ("conf", "low confidence", ("raw", "distac")),
+)
+
+
 def write_plots(
     out: Path,
     cells: Sequence[CellResult],
@@ -288,35 +362,46 @@ def write_plots(
     import matplotlib.pyplot as plt
 
     written = []
+    for name, draw in (
+        ("headline.png", lambda: _plot_headline(plt, cells, base_norm)),
+        ("norms.png", lambda: _plot_norms(plt, sources, names)),
+        ("reliability.png", lambda: _plot_reliability(plt, cells, names, labels_y)),
+        ("alpha.png", lambda: _plot_alpha(plt, sweeps)),
+    ):
+        fig = draw()
+        if fig is None:
+            continue
+        _save(fig, out / name)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def _plot_headline(plt: Any, cells: Sequence[CellResult], base_norm: float | None) -> Any:
+    """Per method: the ideal merge (dashed), α = 0 (dotted) and bars per setting and source."""
     by = _by_key(cells)
     labels = list(dict.fromkeys(c.label for c in cells))
-    # 1. per method: ideal vs harmful vs rescaled vs DisTaC (normalised accuracy)
     cols = 4
     rows = (len(labels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
-    colors = {"raw": "#c44e52", "rescaled": "#dd8452", "distac": "#55a868"}
     for ax, lab in zip(axes.flat, labels, strict=False):
         ideal = by.get((lab, "ideal", "raw"))
         if ideal:
             ax.axhline(statistics.fmean(c.mean_norm for c in ideal), color="#4c72b0", ls="--", label="ideal")
         if base_norm is not None:
             ax.axhline(base_norm, color="0.4", ls=":", label="pre-trained (α = 0)")
-        for j, setting in enumerate(("norm", "conf")):
-            for k, src in enumerate(("raw", "rescaled", "distac")):
+        ticks = []
+        for j, (setting, title, srcs) in enumerate(_GROUPS):
+            ticks.append((j * 4 + (len(srcs) - 1) / 2, title))
+            for k, src in enumerate(srcs):
                 cs = by.get((lab, setting, src))
                 if cs:
-                    ax.bar(
-                        j * 4 + k,
-                        statistics.fmean(c.mean_norm for c in cs),
-                        color=colors[src],
-                        label=src if j == 0 else None,
-                    )
-        ax.set_xticks([1, 5], ["norm mismatch", "low confidence"])
+                    mean = statistics.fmean(c.mean_norm for c in cs)
+                    ax.bar(j * 4 + k, mean, color=_COLORS[src], label=src if setting == "norm" else None)
+        ax.set_xticks([t for t, _ in ticks], [n for _, n in ticks], fontsize=8)
         ax.set_title(lab)
         ax.set_ylabel("norm. acc. (%)")
-        lo = min(
-            [c.mean_norm for c in cells if c.label == lab] + ([base_norm] if base_norm is not None else []), default=0
-        )
+        lo = min([c.mean_norm for c in cells if c.label == lab] + ([base_norm] if base_norm is not None else []))
         ax.set_ylim(max(0, lo - 10), 102)
     for ax in list(axes.flat)[len(labels) :]:
         ax.axis("off")
@@ -324,76 +409,77 @@ def write_plots(
     fig.legend(handles, names_, loc="lower center", ncol=len(names_), fontsize=8, frameon=False)
     fig.suptitle("Normalised test accuracy: ideal (dashed) vs harmful zoo, naive rescaling and DisTaC")
     fig.subplots_adjust(bottom=0.14)
-    _save(fig, out / "headline.png")
-    plt.close(fig)
-    written.append("headline.png")
-    # 2. norms before/after conditioning
+    return fig
+
+
+def _plot_norms(plt: Any, sources: Sequence[tuple[SourceSet, list[float]]], names: Sequence[str]) -> Any:
+    """Task-vector norms of the harmful settings' source sets, with the ideal norms as ticks."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.5))
+    ideal = next((s for s, _ in sources if (s.setting, s.source) == ("ideal", "raw")), None)
     for ax, setting in zip(axes, ("norm", "conf"), strict=True):
-        sets = [s for s, _ in sources if s.setting in (setting, "ideal") and not (s.setting == "ideal")]
+        sets = [s for s, _ in sources if s.setting == setting]
         width = 0.8 / max(1, len(sets))
         for k, s in enumerate(sets):
             ax.bar(
-                [i + k * width for i in range(len(names))], s.norms, width, label=s.source, color=colors.get(s.source)
+                [i + k * width for i in range(len(names))], s.norms, width, label=s.source, color=_COLORS.get(s.source)
             )
-        ideal = next((s for s, _ in sources if s.setting == "ideal"), None)
         if ideal:
             ax.plot(range(len(names)), ideal.norms, "k_", ms=14, label="ideal")
         ax.set_xticks(range(len(names)), names, rotation=40, fontsize=7)
         ax.set_ylabel("‖τ_t‖ (body)")
         ax.set_title(f"{setting}: task-vector norms before/after conditioning")
         ax.legend(fontsize=7)
-    _save(fig, out / "norms.png")
-    plt.close(fig)
-    written.append("norms.png")
-    # 3. reliability diagrams: each method's merged model, low-confidence setting, raw vs DisTaC
-    rel = [c for c in cells if c.setting == "conf" and c.source in ("raw", "distac") and c.test_logits]
+    return fig
+
+
+def _plot_reliability(
+    plt: Any, cells: Sequence[CellResult], names: Sequence[str], labels_y: Mapping[str, Any]
+) -> Any | None:
+    """Reliability diagrams of each method's merged model, low-confidence setting, raw vs DisTaC."""
     seen: dict[tuple[str, str], CellResult] = {}
-    for c in rel:
-        seen.setdefault((c.label, c.source), c)
-    if seen:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-        for ax, (title, src, calibrated) in zip(
-            axes,
-            (
-                ("raw sources", "raw", False),
-                ("DisTaC sources", "distac", False),
-                ("DisTaC sources, temperature-scaled", "distac", True),
-            ),
-            strict=True,
-        ):
-            for lab in labels:
-                c = seen.get((lab, src))
-                if c is None:
-                    continue
-                # heads have different class counts, so bin each task's max-prob and pool the bins
-                d = _pooled_diagram(
-                    c.test_logits, [labels_y[n] for n in names], c.temperatures if calibrated else [1.0] * len(names)
-                )
-                ax.plot(d[0], d[1], "o-", ms=3, label=lab)
-            ax.plot([0, 1], [0, 1], "k:", lw=1)
-            ax.set_xlabel("confidence")
-            ax.set_ylabel("accuracy")
-            ax.set_title(f"low confidence: {title}", fontsize=9)
-        axes[0].legend(fontsize=7)
-        _save(fig, out / "reliability.png")
-        plt.close(fig)
-        written.append("reliability.png")
-    # 4. accuracy vs α
-    if sweeps:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for lab, runs in sweeps.items():
-            alphas = [a for a, _, _ in runs[0]]
-            ys = [statistics.fmean(r[i][1] for r in runs) for i in range(len(alphas))]
-            ax.plot(alphas, ys, "o-", label=lab)
-        ax.set_xlabel("α (scaling coefficient)")
-        ax.set_ylabel("mean test accuracy (%)")
-        ax.set_title("Sensitivity to α (ideal zoo)")
-        ax.legend()
-        _save(fig, out / "alpha.png")
-        plt.close(fig)
-        written.append("alpha.png")
-    return written
+    for c in cells:
+        if c.setting == "conf" and c.source in ("raw", "distac") and c.test_logits:
+            seen.setdefault((c.label, c.source), c)
+    if not seen:
+        return None
+    labels = list(dict.fromkeys(c.label for c in cells))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    panels = (
+        ("raw sources", "raw", False),
+        ("DisTaC sources", "distac", False),
+        ("DisTaC sources, temperature-scaled", "distac", True),
+    )
+    for ax, (title, src, calibrated) in zip(axes, panels, strict=True):
+        for lab in labels:
+            cell = seen.get((lab, src))
+            if cell is None:
+                continue
+            # heads have different class counts, so bin each task's max-prob and pool the bins
+            temps = cell.temperatures if calibrated else [1.0] * len(names)
+            d = _pooled_diagram(cell.test_logits, [labels_y[n] for n in names], temps)
+            ax.plot(d[0], d[1], "o-", ms=3, label=lab)
+        ax.plot([0, 1], [0, 1], "k:", lw=1)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"low confidence: {title}", fontsize=9)
+    axes[0].legend(fontsize=7)
+    return fig
+
+
+def _plot_alpha(plt: Any, sweeps: Mapping[str, list[list[tuple[float, float, float]]]]) -> Any | None:
+    """Mean test accuracy against α on the ideal zoo (the sensitivity experiment)."""
+    if not sweeps:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for lab, runs in sweeps.items():
+        alphas = [a for a, _, _ in runs[0]]
+        ys = [statistics.fmean(r[i][1] for r in runs) for i in range(len(alphas))]
+        ax.plot(alphas, ys, "o-", label=lab)
+    ax.set_xlabel("α (scaling coefficient)")
+    ax.set_ylabel("mean test accuracy (%)")
+    ax.set_title("Sensitivity to α (ideal zoo)")
+    ax.legend()
+    return fig
 
 
 def _pooled_diagram(logits: Sequence[Any], labels: Sequence[Any], temps: Sequence[float]) -> tuple[list, list]:

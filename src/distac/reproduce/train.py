@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from .tasks import Split, TaskData
 from .vit import TinyViT, ViTConfig, set_head
 
 __all__ = [
+    "Augment",
     "Recipe",
     "body_state",
     "evaluate",
@@ -52,6 +54,38 @@ class Recipe:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Augment:
+    """Random per-image affine augmentation of pre-training: rotation ±``degrees``, zoom ×(1 ± ``scale``),
+    x-shear ±``shear`` (uniform; all 0 = none, the upright-digit pre-training)."""
+
+    degrees: float = 0.0
+    scale: float = 0.0
+    shear: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def _random_affine(x: Tensor, g: torch.Generator, aug: Augment) -> Tensor:
+    """Apply an independent random affine map (see :class:`Augment`) to every image of ``x`` (B, H, W)."""
+    if aug.degrees == 0 and aug.scale == 0 and aug.shear == 0:
+        return x
+    b = len(x)
+    u = torch.rand(3, b, generator=g) * 2 - 1  # uniform in [-1, 1]
+    a = torch.deg2rad(u[0] * aug.degrees)
+    s = 1 + u[1] * aug.scale
+    sh = u[2] * aug.shear
+    zero = torch.zeros(b)
+    # grid_sample maps output to input coordinates, hence the inverse zoom (as tasks._affine)
+    theta = (
+        torch.stack([torch.stack([a.cos(), -a.sin() + sh, zero], -1), torch.stack([a.sin(), a.cos(), zero], -1)], 1)
+        / s[:, None, None]
+    )
+    grid = F.affine_grid(theta, [b, 1, *x.shape[1:]], align_corners=False)
+    return F.grid_sample(x[:, None], grid, align_corners=False)[:, 0]
+
+
 def _shift(x: Tensor, g: torch.Generator, max_shift: int = 2) -> Tensor:
     """Random translation by up to ``max_shift`` pixels (one shift per batch; cheap augmentation)."""
     dx, dy = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=g))
@@ -66,9 +100,10 @@ def pretrain(
     lr: float = 1e-3,
     batch: int = 128,
     seed: int = 0,
+    augment: Augment | None = None,
     progress: Progress = _no_progress,
 ) -> StateDict:
-    """Pre-train the body on upright digits (CE, random shifts); returns the body and the digit head.
+    """Pre-train the body on digits (CE, shifts, optional random affine maps); returns the body and digit head.
 
     The digit head is returned as ``heads.pretrain_digit.*``: it is the semantic space the task heads
     are built from (:func:`zero_shot_heads`) and the head gradient matching needs for H_0.
@@ -83,7 +118,10 @@ def pretrain(
         for group in opt.param_groups:
             group["lr"] = lr * lr_factor(step, steps=steps, warmup=max(1, steps // 20))
         i = torch.randint(0, n, (batch,), generator=g)
-        loss = F.cross_entropy(model(_shift(data.x[i], g)), data.y[i])
+        x = _shift(data.x[i], g)
+        if augment is not None:
+            x = _random_affine(x, g, augment)
+        loss = F.cross_entropy(model(x), data.y[i])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -109,12 +147,21 @@ def zero_shot_heads(model: TinyViT, tasks: list[TaskData], digit_head: Tensor) -
     semantic space, not fitted to the task, that fine-tuning (heads frozen) aligns the features to.
     A fitted linear probe would instead absorb most of what fine-tuning learns: with probe heads
     the pre-trained model scored as well as every merge (docs/results.md).
+
+    With a cosine head (``model.cfg.cosine_head``) the digit rows are normalised, averaged, and each
+    average normalised again, as CLIP does with a class's prompt embeddings: the head then scores
+    cos(f, mean direction), and a mean of unit vectors (shorter than 1) does not shrink the logits.
     """
     digits = torch.arange(digit_head.shape[0])
+    cosine = bool(getattr(model.cfg, "cosine_head", False))
+    if cosine:
+        digit_head = F.normalize(digit_head, dim=-1)
     for td in tasks:
         cls = td.spec.label(digits)
         rows = torch.stack([digit_head[cls == c].mean(0) for c in range(td.spec.classes)])
-        model.heads[td.spec.name].weight.copy_(rows)
+        if cosine:
+            rows = F.normalize(rows, dim=-1)
+        cast(nn.Linear, model.heads[td.spec.name]).weight.copy_(rows)
 
 
 def body_state(model: TinyViT) -> StateDict:

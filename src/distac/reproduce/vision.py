@@ -23,6 +23,7 @@ from .grid import (
     alpha_sweep,
     available_specs,
     base_fisher,
+    conditioned_tasks,
     distac_sources,
     flagged_tasks,
     own_accuracy,
@@ -72,17 +73,23 @@ def _machine() -> dict[str, Any]:
 
 
 def _source_sets(zoo: Any, evaluator: Evaluator, *, progress: bool, log: Callable[[str], None]) -> list[SourceSet]:
-    """raw for every setting; naive rescaling for norm mismatch; DisTaC for both harmful settings."""
+    """raw for every setting; naive rescaling for norm mismatch; DisTaC for both harmful settings.
+
+    With ``profile.distac_on_ideal`` the ideal zoo is conditioned too (the control: does DisTaC hurt
+    when nothing is wrong?). The ideal raw set stays first (the α sweep uses it).
+    """
     sets = []
     for setting in SETTINGS:
         raw = zoo.setting(setting)
         sets.append(SourceSet(setting, "raw", raw, flagged_tasks(zoo.profile, setting), body_norms(zoo.base, raw)))
     sets.append(rescaled_sources(zoo, "norm"))
-    for setting in ("norm", "conf"):
+    for setting in ("norm", "conf", "ideal"):
+        if setting == "ideal" and not zoo.profile.distac_on_ideal:
+            continue
         t0 = time.perf_counter()
         sets.append(distac_sources(zoo, setting, evaluator=evaluator, progress=progress))
         log(
-            f"DisTaC ({setting}): {len(flagged_tasks(zoo.profile, setting))} model(s) in "
+            f"DisTaC ({setting}): {len(conditioned_tasks(zoo.profile, setting))} model(s) in "
             f"{time.perf_counter() - t0:.0f}s"
         )
     return sets
@@ -144,7 +151,6 @@ def run_suite(
     t_start = time.perf_counter()
     machine = _machine()
     out.mkdir(parents=True, exist_ok=True)
-    bar = _bar(progress)
     specs = available_specs(profile.methods)
     if not specs:
         raise RuntimeError("no merge method of the grid is registered in distac.METHODS")
@@ -173,7 +179,7 @@ def run_suite(
         bf = None
         if any(s.fisher for s in specs):
             fcache: dict[int, dict[str, torch.Tensor]] = {}
-            for s in bar(sets, "fishers"):
+            for s in track(sets, desc="fishers", quiet=not progress):
                 add_fishers(s, zoo, evaluator, cache=fcache, progress=False)
             if prior_data is not None and any(s.base_fisher for s in specs):
                 px, py = prior_data(zoo)
@@ -183,13 +189,13 @@ def run_suite(
             seed0_sources = [(s, own_accuracy(evaluator, s)) for s in sets]
         t0 = time.perf_counter()
         jobs = [(spec, s) for s in sets for spec in specs]
-        for spec, s in bar(jobs, f"grid (seed {seed})"):
+        for spec, s in track(jobs, desc=f"grid (seed {seed})", quiet=not progress):
             cells.append(run_cell(evaluator, spec, s, profile=profile, base=zoo.base, base_fisher=bf))
             cell_seeds.append(seed)
         timings[f"seed{seed}_grid_s"] = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
         ideal = sets[0]
-        for spec in bar([s for s in specs if s.method in SWEEP_METHODS], "α sweep"):
+        for spec in track([s for s in specs if s.method in SWEEP_METHODS], desc="α sweep", quiet=not progress):
             sweeps.setdefault(spec.label, []).append(
                 alpha_sweep(evaluator, spec, ideal, profile.alpha_sweep, base=zoo.base, base_fisher=bf)
             )
@@ -200,7 +206,8 @@ def run_suite(
     machine["loadavg_1m_at_end"] = round(load[0], 2)
     machine["loadavg_15m_at_end"] = round(load[2], 2)
     labels = list(dict.fromkeys(c.label for c in cells))
-    tgt = targets(cells, sweeps)
+    base_norm = statistics.fmean(n for _, n in base_rows) if base_rows else None
+    tgt = targets(cells, sweeps, base_norm)
     meta = {
         "suite": suite,
         "profile": profile.name,
@@ -216,7 +223,6 @@ def run_suite(
         "base_test_norm_acc": [round(n, 2) for _, n in base_rows],
     }
     write_csv(out / "cells.csv", cells, names, cell_seeds)
-    base_norm = statistics.fmean(n for _, n in base_rows) if base_rows else None
     plots = write_plots(out, cells, seed0_sources, sweeps, names, labels_y, base_norm=base_norm)
     md = _markdown(meta, cells, labels, seed0_sources, names, sweeps, tgt, plots)
     write_text(out / "results.md", md)

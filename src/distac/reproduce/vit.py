@@ -6,12 +6,17 @@ L2-normalised and multiplied by a fixed logit scale before a per-task linear hea
 feature norm is fixed, a fine-tuned body can only change its confidence by changing the feature
 geometry (cosine margins), not by inflating one gain, which is what makes label smoothing leave a
 trace in the task vector (distac.md §1.2 "bounded logits").
+
+With ``cosine_head`` the class rows are unit-norm too, as CLIP's text embeddings are, so every
+logit is ``logit_scale · cos(f, w_c)`` and lies in [−s, s]: the head's scale is exactly the logit
+scale, whatever the rows' norms (averaged zero-shot rows are shorter than their parts).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +39,8 @@ class ViTConfig:
     heads: int = 4
     mlp: int = 4
     logit_scale: float = 20.0
+    # unit-norm class rows (a cosine classifier, CLIP's head): logits = scale · cos(f, w_c)
+    cosine_head: bool = False
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -95,8 +102,14 @@ class TinyViT(nn.Module):
         return F.normalize(self.ln(h[:, 0]), dim=-1)
 
     def logits(self, feats: Tensor, task: str) -> Tensor:
-        """Logits of one task's head: s·W f, with the fixed CLIP-like scale s and unit-norm f."""
-        return self.cfg.logit_scale * self.heads[task](feats)
+        """Logits of one task's head: s·W f, with the fixed CLIP-like scale s and unit-norm f.
+
+        With ``cfg.cosine_head`` the rows of W are normalised first (s·cos(f, w_c)).
+        """
+        w = cast(nn.Linear, self.heads[task]).weight
+        if self.cfg.cosine_head:
+            w = F.normalize(w, dim=-1)
+        return self.cfg.logit_scale * F.linear(feats, w)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.logits(self.features(x), self.active)

@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -32,7 +32,7 @@ from .vit import TinyViT
 __all__ = ["SETTINGS", "Zoo", "build_or_load_zoo", "default_cache", "setting_recipes"]
 
 StateDict = dict[str, Tensor]
-ZOO_VERSION = 2
+ZOO_VERSION = 3
 PRETRAIN_HEAD = "pretrain_digit"
 SETTINGS = ("ideal", "norm", "conf")
 
@@ -113,11 +113,13 @@ def finetune_models(
     recipes = {"ideal": profile.ideal, "long": profile.long, "smooth": profile.smooth}
     by_name = {td.spec.name: td for td in tasks}
     models: dict[str, StateDict] = {}
+    # any model with TinyViT's head interface (heads, active, features, logits): the text suite's too
+    clf = cast(TinyViT, model)
     for i, key in enumerate(keys):
         task, rname = key.split("__")
-        model.load_state_dict(base)
-        models[key] = finetune(model, by_name[task], recipes[rname], seed=100 * seed + i, progress=progress)
-        own[key] = evaluate(model, task, by_name[task].test)
+        clf.load_state_dict(base)
+        models[key] = finetune(clf, by_name[task], recipes[rname], seed=100 * seed + i, progress=progress)
+        own[key] = evaluate(clf, task, by_name[task].test)
         if on_model is not None:
             on_model(key)
         if path is not None:
@@ -240,6 +242,7 @@ def _build(
         lr=profile.pretrain_lr,
         batch=profile.pretrain_batch,
         seed=1000 + seed,
+        augment=profile.pretrain_augment,
         progress=progress,
     )
     model = TinyViT(profile.vit, _head_sizes(tasks))
