@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -15,18 +16,27 @@ from .emr import EMR, MANIFEST, describe_emr, export_per_task, load_emr_bundle
 __all__ = ["describe_method", "export_tasks_command", "merge_command", "methods_command"]
 
 
+def _writes_checkpoints(out_help: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """The options every command that writes checkpoints shares: --out, --overwrite, --shard-size, --quiet."""
+    options = [
+        click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help=out_help),
+        click.option("--overwrite", is_flag=True, help="Replace an existing output folder that distac wrote."),
+        click.option("--shard-size", default="1GB", show_default=True, help="Largest output shard, e.g. 500MB, 2GiB."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+    ]
+
+    def apply(fn: Callable[..., None]) -> Callable[..., None]:
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+
+    return apply
+
+
 @click.command("merge")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--out",
-    "-o",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Output folder (written to a temporary folder, renamed when complete).",
-)
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@_writes_checkpoints("Output folder (written to a temporary folder, renamed when complete).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available).")
-@click.option("--shard-size", default="1GB", show_default=True, help="Largest output shard, e.g. 500MB, 2GiB.")
 @click.option(
     "--chunk-size",
     default="16MiB",
@@ -34,7 +44,6 @@ __all__ = ["describe_method", "export_tasks_command", "merge_command", "methods_
     help="Memory budget for the N+1 fp32 copies of one piece; larger tensors are row-chunked.",
 )
 @click.option("--export-per-task", is_flag=True, help="Also write OUT/tasks/<name>/: one full model per task.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option(
     "--allow-nonfinite",
     is_flag=True,
@@ -108,17 +117,8 @@ def methods_command(name: str | None) -> None:
 
 @click.command("export-tasks")
 @click.argument("merged", type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--out",
-    "-o",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder to create: OUT/<task>/, one complete checkpoint per task.",
-)
+@_writes_checkpoints("Folder to create: OUT/<task>/, one complete checkpoint per task.")
 @click.option("--base", default=None, help="EMR bundle only: θ0, when not at the path the bundle records.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-@click.option("--shard-size", default="1GB", show_default=True, help="Largest output shard, e.g. 500MB, 2GiB.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def export_tasks_command(
     merged: Path, out: Path, base: str | None, overwrite: bool, shard_size: str, quiet: bool
 ) -> None:
