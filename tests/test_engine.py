@@ -324,3 +324,19 @@ def test_a_bug_in_a_method_keeps_its_own_exception():
     base = tiny_state(0)
     with pytest.raises(ValueError, match="index out of range"):
         run_merge(DictSource(base, "base"), [DictSource(finetuned(base, 1))], m, {}, lambda n, t: None)
+
+
+def test_non_float_buffers_come_from_the_base_whichever_model_has_them():
+    # older transformers saved embeddings.position_ids, newer ones do not: such checkpoints must merge
+    from conftest import finetuned, tiny_state
+
+    base = tiny_state(0)
+    a = finetuned(base, 1)
+    del a["position_ids"]
+    b = finetuned(base, 2)
+    b["step"] = torch.tensor(7)
+    out = distac.merge(base, [a, b], "task_arithmetic", scale=0.5)
+    assert set(out) == set(base) and torch.equal(out["position_ids"], base["position_ids"])
+    a["embed.weight2"] = a["embed.weight"].clone()  # a *float* tensor the base lacks is still an error
+    with pytest.raises(DistacError, match="the base lacks"):
+        distac.merge(base, [a, b], "task_arithmetic")

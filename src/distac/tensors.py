@@ -119,6 +119,7 @@ def check_compatible(
     what: str | None = None,
     *,
     base_label: str = "the base",
+    buffers_from_base: bool = False,
 ) -> None:
     """Raise a :class:`DistacError` naming the first key, shape or dtype kind that differs from the base.
 
@@ -130,6 +131,9 @@ def check_compatible(
         other: the checkpoint to compare (a fine-tuned model).
         what: names ``other`` in the message (default: its label).
         base_label: names ``base`` in the message.
+        buffers_from_base: a merge copies non-float tensors (``position_ids``, step counters) from
+            the base, so ``other`` may lack them or hold ones the base lacks: older transformers
+            saved ``position_ids``, newer ones do not.
 
     Example:
         >>> check_compatible({"w": torch.zeros(2)}, {"w": torch.zeros(3)}, "model a")
@@ -140,6 +144,10 @@ def check_compatible(
     keys = b.keys()
     okeys = set(o.keys())
     missing, extra = [k for k in keys if k not in okeys], sorted(okeys - set(keys))
+    if buffers_from_base:
+        missing = [k for k in missing if b.dtype(k).is_floating_point]
+        extra = [k for k in extra if o.dtype(k).is_floating_point]
+        keys = [k for k in keys if k in okeys]
     if missing or extra:
         parts = []
         if missing:

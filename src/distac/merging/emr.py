@@ -289,7 +289,7 @@ def _plan(base: TensorSource, models: Sequence[TensorSource], heads: Sequence[st
     if not models:
         raise DistacError("emr_merge needs at least one fine-tuned model")
     for m in models:
-        check_compatible(base, m, base_label=f"the base {base.label}")
+        check_compatible(base, m, base_label=f"the base {base.label}", buffers_from_base=True)
     head_set = match_heads(base.keys(), heads)
     if heads and not head_set:
         raise DistacError(f"heads patterns {list(heads)} match no tensor of {base.label}")

@@ -100,7 +100,7 @@ def _resolve(
         if not stat.endswith("?") and not stats.get(stat):
             raise missing_statistic(m.name, stat)
     for model in models:
-        check_compatible(base, model, base_label=f"the base {base.label}")
+        check_compatible(base, model, base_label=f"the base {base.label}", buffers_from_base=True)
     heads = match_heads(base.keys(), head_patterns)
     names: list[str] = []
     copied: list[str] = []
