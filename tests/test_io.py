@@ -366,3 +366,17 @@ def test_write_safetensors_is_read_back_by_safetensors_itself(tmp_path):
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata() == {"kind": "fisher"}
+
+
+def test_copy_model_files_copies_subfolders_like_sentence_transformers_pooling(tmp_path):
+    src = write_checkpoint(tiny_state(0), tmp_path / "src", form="hf")
+    (src / "1_Pooling").mkdir()
+    (src / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    (src / "1_Pooling" / "extra.safetensors").write_bytes(b"weights are never copied")
+    (src / "modules.json").write_text("[]")
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    copied = copy_model_files(src, dst)
+    assert "1_Pooling/config.json" in copied and "modules.json" in copied
+    assert (dst / "1_Pooling" / "config.json").read_text() == '{"pooling_mode_mean_tokens": true}'
+    assert not (dst / "1_Pooling" / "extra.safetensors").exists()

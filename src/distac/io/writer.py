@@ -340,7 +340,8 @@ class BackgroundWriter(_Finishing):
 def copy_model_files(src_folder: Path, dst: Path, *, skip: Sequence[str] = ("README.md",)) -> list[str]:
     """Copy the base's non-weight files (config.json, tokenizer, generation config, ...) to ``dst``.
 
-    Only top-level regular files; weight files and shard indexes are skipped (the merge writes
+    Regular files, in subfolders too (sentence-transformers' ``1_Pooling/``, ``2_Normalize/``), so the
+    output loads wherever the base did; weight files and shard indexes are skipped (the merge writes
     its own), and so is the base's model card (the merge writes a new one). A symlink is copied
     by content only when it resolves inside the model folder (see :mod:`distac.io.inputs`); one
     that leads outside (a ``tokenizer_config.json`` linking to a private key) is skipped with a
@@ -360,24 +361,34 @@ def copy_model_files(src_folder: Path, dst: Path, *, skip: Sequence[str] = ("REA
         >>> copy_model_files(Path("base"), Path("merged"))  # doctest: +SKIP
         ['config.json', 'tokenizer.json']
     """
+    return _copy_tree(src_folder, src_folder, dst, set(skip))
+
+
+def _copy_tree(root: Path, folder: Path, dst: Path, skip: set[str]) -> list[str]:
+    """:func:`copy_model_files` for one folder level; subfolders (sentence-transformers' ``1_Pooling/``)
+    are copied with the same rules, their names relative to ``root``."""
     copied = []
-    for f in sorted(src_folder.iterdir()):
-        if f.name.startswith(".") or f.name in skip or f.suffix in WEIGHT_SUFFIXES or f.name.endswith(".index.json"):
+    for f in sorted(folder.iterdir()):
+        rel = f.relative_to(root).as_posix()
+        if f.name.startswith(".") or rel in skip or f.suffix in WEIGHT_SUFFIXES or f.name.endswith(".index.json"):
             continue
         try:
-            inside_model(src_folder, f.name, named_by=str(src_folder))
+            inside_model(root, rel, named_by=str(root))
         except DistacError as e:
-            print(f"distac: warning: not copying {f.name}: {e}", file=sys.stderr)
+            print(f"distac: warning: not copying {rel}: {e}", file=sys.stderr)
             continue
         try:
             mode = os.stat(f).st_mode
         except OSError:  # a dangling link
             continue
         if stat.S_ISDIR(mode):
+            sub = _copy_tree(root, f, dst / f.name, skip) if not f.is_symlink() else []
+            copied += sub
             continue
         if not stat.S_ISREG(mode):
             print(f"distac: warning: not copying {f}: not a regular file", file=sys.stderr)
             continue
+        dst.mkdir(parents=True, exist_ok=True)
         shutil.copy2(os.path.realpath(f), dst / f.name)
-        copied.append(f.name)
+        copied.append(rel)
     return copied
