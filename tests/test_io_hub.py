@@ -56,3 +56,19 @@ def test_an_uncached_repo_offline_says_how_to_download(tmp_path, monkeypatch):
         resolve_model("org/other", where="base_model")
     with pytest.raises(distac.DistacError, match="--revision v2"):
         resolve_model("org/tiny@v2")
+
+
+def test_a_merge_config_may_name_models_by_repo_id(tmp_path, monkeypatch):
+    from conftest import finetuned
+
+    snap = _cache(tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    from safetensors.torch import save_file as save
+
+    save(finetuned(tiny_state(0), 1), str(tmp_path / "ft.safetensors"))
+    cfg = {"merge_method": "task_arithmetic", "base_model": "org/tiny", "models": ["ft.safetensors"]}
+    out = distac.merge_checkpoints(cfg, tmp_path / "out", quiet=True)
+    assert (out / "model.safetensors").is_file() and snap.is_dir()
+    from distac.merging.config import load_config
+
+    assert load_config(cfg).base.name == "tiny"

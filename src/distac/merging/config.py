@@ -48,6 +48,7 @@ from typing import Any
 import torch
 
 from ..errors import DistacError, closest
+from ..io.hub import is_repo_id, resolve_model
 from ..methods import Method, get_method
 from ..taskvector import compile_head_pattern
 from .yaml_loader import MAX_YAML_BYTES, MAX_YAML_DEPTH, dump_yaml, read_yaml
@@ -137,6 +138,15 @@ def _path(folder: Path, value: Any, where: str) -> Path:
         raise DistacError(f"{where}: cannot resolve the path {str(value)!r}: {e}") from e
 
 
+def _model_path(folder: Path, value: Any, where: str) -> tuple[Path, str | None]:
+    """A model reference: a path against the config's folder, or a Hub repo id (``org/name[@rev]``)
+    when no such path exists, resolved through the local Hugging Face cache (:mod:`distac.io.hub`).
+    Returns the path and, for a repo id, the repo's name (the default model name)."""
+    if isinstance(value, str) and is_repo_id(value) and not (folder / value).exists():
+        return resolve_model(value, where=where).resolve(), value.split("@")[0].split("/")[-1]
+    return _path(folder, value, where), None
+
+
 def _model_entry(entry: Any, folder: Path, where: str) -> tuple[ModelSpec, dict[str, Any]]:
     """Parse ``{model, name, parameters}`` (or a bare path): the spec, and its non-statistics parameters."""
     if isinstance(entry, str | Path):
@@ -144,7 +154,7 @@ def _model_entry(entry: Any, folder: Path, where: str) -> tuple[ModelSpec, dict[
     if not isinstance(entry, Mapping) or "model" not in entry:
         raise DistacError(f"{where}: expected a path or a mapping with a 'model' key, got {entry!r}")
     _check_keys(entry, MODEL_KEYS, where)
-    path = _path(folder, entry["model"], f"{where}: model")
+    path, repo_name = _model_path(folder, entry["model"], f"{where}: model")
     params = entry.get("parameters") or {}
     if not isinstance(params, Mapping):
         raise DistacError(f"{where}: 'parameters' must be a mapping, got {params!r}")
@@ -152,7 +162,7 @@ def _model_entry(entry: Any, folder: Path, where: str) -> tuple[ModelSpec, dict[
     stats = {k: _path(folder, params.pop(k), f"{where}: {k}") for k in STAT_KEYS if k in params}
     if entry.get("name") is not None and not isinstance(entry["name"], str):
         raise DistacError(f"{where}: 'name' must be a string, got {entry['name']!r}")
-    name = entry["name"] if entry.get("name") is not None else default_name(path)
+    name = entry["name"] if entry.get("name") is not None else repo_name or default_name(path)
     if UNSAFE_NAME_CHARS.search(name):
         raise DistacError(f"{where}: name {name!r} may only use letters, digits, '.', '_' and '-'")
     return ModelSpec(path, name, stats), params
