@@ -8,6 +8,12 @@ independently.
 
 from __future__ import annotations
 
+import os
+
+# tests never download: a model reference that is not a path must fail from the local cache at once
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 import hashlib
 import json
 from collections.abc import Callable
