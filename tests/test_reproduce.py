@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 import distac
-from distac.reproduce.grid import METHOD_SPECS, SourceSet, kappas, merge_fn, select_alpha
+from distac.reproduce.grid import METHOD_SPECS, SourceSet, available_specs, kappas, merge_fn, select_alpha
 from distac.reproduce.profile import QUICK
 from distac.reproduce.tasks import TASKS, Split, TaskData, make_tasks
 from distac.reproduce.vit import TinyViT, ViTConfig
@@ -187,6 +187,37 @@ def test_targets_report_ideal_ta_margin_and_distac_vs_rescaling_over_seeds():
     assert one_seed["mean over methods: DisTaC − naive rescaling > 1 sd (norm)"]["gap"] is None
 
 
+def _check_wudi_and_emr_cells(zoo):
+    # one cell each, checked against a direct evaluation: WUDI at its only α = 1, EMR scoring task t
+    # with its own model θ̂_t, both as CellResults with per-task ECE
+    from distac.reproduce.grid import Evaluator, run_cell
+    from distac.reproduce.per_task import per_task_states
+
+    specs = {s.method: s for s in available_specs(None)}
+    assert {"wudi", "emr"} <= set(specs)  # the full profile (methods=None) runs both
+    ev = Evaluator(zoo)
+    models = zoo.setting("norm")
+    sources = SourceSet("norm", "raw", models, [], [1.0] * len(models))
+    n = len(ev.tasks)
+
+    wudi = run_cell(ev, specs["wudi"], sources, profile=QUICK, base=zoo.base, base_fisher=None)
+    assert wudi.alpha == 1.0 and [a for a, _ in wudi.curve] == [1.0]
+    direct = distac.merge(zoo.base, models, "wudi", heads=["heads.*"])
+    assert wudi.test_acc == pytest.approx(ev.accuracy(direct, models, "test"))
+
+    emr = run_cell(ev, specs["emr"], sources, profile=QUICK, base=zoo.base, base_fisher=None)
+    states = per_task_states(ev, sources, base=zoo.base)
+    assert emr.test_acc == [ev.own(sd, i, "test") for i, sd in enumerate(states)]
+    assert emr.alpha == 1.0 and emr.val_norm == pytest.approx(
+        sum(ev.normalised([ev.own(sd, i, "val") for i, sd in enumerate(states)], "val")) / n
+    )
+    # task t's model differs from task u's (mask and rescaler are per task), so EMR is not one merged model
+    assert not torch.equal(states[0]["blocks.0.qkv.weight"], states[1]["blocks.0.qkv.weight"])
+    for cell in (wudi, emr):
+        assert len(cell.test_logits) == len(cell.ece_before) == len(cell.temperatures) == n
+        assert all(t > 0 for t in cell.temperatures) and all(e >= 0 for e in cell.ece_after)
+
+
 def test_quick_profile_end_to_end(tmp_path):
     from distac.cli import cli
 
@@ -202,7 +233,7 @@ def test_quick_profile_end_to_end(tmp_path):
         assert (out / png).stat().st_size > 1000, png
     rows = list(csv.DictReader((out / "cells.csv").open()))
     methods = {r["method"] for r in rows}
-    assert methods == {s.method for s in METHOD_SPECS if s.method in distac.METHODS and s.method in QUICK.methods}
+    assert methods == {s.method for s in available_specs(QUICK.methods)} == set(QUICK.methods)
     # 7 source sets (ideal/norm/conf raw, norm rescaled, ideal/norm/conf DisTaC) × methods × (8 tasks + mean)
     assert len(rows) == 7 * len(methods) * 9
     assert {(r["setting"], r["source"]) for r in rows} >= {("ideal", "distac"), ("conf", "distac")}
@@ -220,6 +251,7 @@ def test_quick_profile_end_to_end(tmp_path):
     assert logs == [f"zoo: loaded {len(manifest['models'])} models from {cache / 'quick' / 'seed0'}"]
     assert torch.equal(zoo.base["patch.weight"], zoo.model().state_dict()["patch.weight"])
     assert zoo.own_acc == manifest["own_test_accuracy"]
+    _check_wudi_and_emr_cells(zoo)  # here, on the cached zoo: a zoo of its own would cost ~20 s
     stale = replace(QUICK, pretrain_steps=QUICK.pretrain_steps + 1)
     logs.clear()
     build_or_load_zoo(stale, cache=cache, progress=_silent, log=logs.append)

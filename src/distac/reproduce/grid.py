@@ -7,7 +7,7 @@ accuracy, the protocol of the DisTaC/TSV/TALL code), then the test split is repo
 and after per-task temperature scaling of the merged model (:func:`distac.calibrate`).
 
 Calls into the rest of distac are limited to ``distac.merge``, ``distac.condition``,
-``distac.calibrate`` and ``distac.stats.fisher_diagonal``.
+``distac.calibrate``, ``distac.emr_merge`` (in :mod:`.per_task`) and ``distac.stats.fisher_diagonal``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ __all__ = [
     "alpha_sweep",
     "available_specs",
     "run_cell",
+    "score_cell",
     "select_alpha",
 ]
 
@@ -58,7 +59,9 @@ class MethodSpec:
     TSV/Iso code's range, which also covers official TIES's 0.8–2.5).
     ``linear``: the merge is θ_0 + α·Δ with Δ independent of α, so Δ is computed once and α applied
     by the grid (exact; saves one merge per α). Methods with no ``scale`` parameter (Fisher) get α the
-    same way, as a final multiplier of the merged task vector.
+    same way, as a final multiplier of the merged task vector. ``grid="one"``: α = 1 only (no search).
+    ``per_task``: the method gives one model per task, not one merged state (EMR; run by
+    :func:`distac.reproduce.per_task.per_task_cell`, with no α).
     """
 
     method: str
@@ -68,6 +71,7 @@ class MethodSpec:
     fisher: bool = False
     base_fisher: bool = False
     linear: bool = True
+    per_task: bool = False
 
 
 METHOD_SPECS: tuple[MethodSpec, ...] = (
@@ -85,20 +89,26 @@ METHOD_SPECS: tuple[MethodSpec, ...] = (
     MethodSpec("fisher", "Fisher", "mean", {"favor_target_model": False}, fisher=True),
     # H_t and H_0 on the sum scale; α enters the formula non-linearly, so every α is a merge
     MethodSpec("gradient_matching", "Gradient matching", "sum", fisher=True, base_fisher=True, linear=False),
-    # The paper's two most fragile methods go here once distac registers them (available_specs
-    # skips names missing from distac.METHODS):
-    # * WUDI: θ_0 + τ_m with no α of its own; give it the "sum" grid (α multiplies τ_m, which does
-    #   not depend on α, so linear=True) and the block-linear targets matching this ViT's
-    #   "blocks.<i>.{qkv,proj,fc1,fc2}.weight".
-    # * EMR: one task-specific model per task (shared vector × task mask × task rescaler), not one
-    #   merged state: run_cell / Evaluator.logits need a per-task state before it can be listed.
+    # WUDI has no α: the paper (and the official code) evaluate θ_0 + τ_m as is, so it gets the
+    # one-point grid α = 1 rather than a search the method does not have (α, when searched, would
+    # be a final multiplier of τ_m). Official defaults: 300 Adam steps at lr 1e-5 on the linear
+    # weights inside numbered blocks (this ViT's "blocks.<i>.{qkv,proj,fc1,fc2}.weight").
+    MethodSpec("wudi", "WUDI", "one"),
+    # EMR: one model per task (shared vector × task mask × task rescaler), each scored on its own
+    # task; tuning-free, so no α either.
+    MethodSpec("emr", "EMR", "one", per_task=True),
 )
 
 
 def available_specs(names: Iterable[str] | None = None) -> list[MethodSpec]:
-    """The specs whose method is registered in ``distac.METHODS`` (optionally only ``names``)."""
+    """The specs whose method is registered in ``distac.METHODS``, plus the per-task ones (optionally only ``names``).
+
+    Per-task methods are not merge methods of ``distac.METHODS`` (EMR is ``distac.emr_merge``).
+    """
     wanted = set(names) if names is not None else None
-    return [s for s in METHOD_SPECS if s.method in distac.METHODS and (wanted is None or s.method in wanted)]
+    return [
+        s for s in METHOD_SPECS if (s.per_task or s.method in distac.METHODS) and (wanted is None or s.method in wanted)
+    ]
 
 
 class Evaluator:
@@ -195,6 +205,8 @@ class CellResult:
 
 def grid_for(spec: MethodSpec, profile: Profile) -> tuple[float, ...]:
     """The α grid of a method family (see :class:`MethodSpec`)."""
+    if spec.grid == "one":
+        return (1.0,)
     return profile.grid_linear if spec.grid == "sum" else profile.grid_spectral
 
 
@@ -256,17 +268,41 @@ def run_cell(
     base_fisher: StateDict | None,
 ) -> CellResult:
     """Select α on val, evaluate on test, calibrate per task on val and report ECE before/after."""
+    if spec.per_task:
+        from .per_task import per_task_cell  # it builds on this module's evaluator and scoring
+
+        return per_task_cell(evaluator, spec, sources, base=base)
     merged_at = merge_fn(spec, base, sources, base_fisher)
     alpha, curve = select_alpha(evaluator, merged_at, sources.models, grid_for(spec, profile))
     state = merged_at(alpha)
     test_logits = evaluator.logits(state, sources.models, "test")
+    task_states = []
+    for td, src in zip(evaluator.tasks, sources.models, strict=True):
+        head = f"heads.{td.spec.name}.weight"
+        task_states.append({**state, head: src[head]})
+    return score_cell(evaluator, spec, sources, task_states, test_logits, alpha=alpha, curve=curve)
+
+
+def score_cell(
+    evaluator: Evaluator,
+    spec: MethodSpec,
+    sources: SourceSet,
+    task_states: Sequence[StateDict],
+    test_logits: list[Tensor],
+    *,
+    alpha: float,
+    curve: list[tuple[float, float]],
+) -> CellResult:
+    """The cell of per-task test logits: accuracy, and ECE before/after calibrating ``task_states[t]`` on val.
+
+    ``task_states[t]`` is the model task t is served by (the merged body with task t's head, or
+    EMR's task t model); ``test_logits[t]`` its test logits.
+    """
     tasks = evaluator.tasks
     acc = [float((z.argmax(-1) == td.test.y).float().mean()) for z, td in zip(test_logits, tasks, strict=True)]
     temps, before, after = [], [], []
-    for td, z, src in zip(tasks, test_logits, sources.models, strict=True):
+    for td, z, task_state in zip(tasks, test_logits, task_states, strict=True):
         name = td.spec.name
-        task_state = dict(state)
-        task_state[f"heads.{name}.weight"] = src[f"heads.{name}.weight"]
         try:
             t = distac.calibrate(evaluator.task_model(task_state, name), task_state, td.val.x, td.val.y).temperature
         except RuntimeError as e:

@@ -136,6 +136,7 @@ QUICK = replace(
     grid_linear=(0.5, 1.0),
     grid_spectral=(1.0, 2.0),
     alpha_sweep=(0.5, 1.0),
-    # one method per code path of the grid: linear α, global pre-pass, spectral, Fisher, non-linear α
-    methods=("task_arithmetic", "ties", "tsv_m", "fisher", "gradient_matching"),
+    # one method per code path of the grid: linear α, global pre-pass, spectral, Fisher, non-linear α,
+    # no α (one-point grid), one model per task
+    methods=("task_arithmetic", "ties", "tsv_m", "fisher", "gradient_matching", "wudi", "emr"),
 )
