@@ -11,8 +11,9 @@ import torch
 from click.testing import CliRunner
 
 import distac
-from distac.reproduce.grid import METHOD_SPECS, SourceSet, available_specs, kappas, merge_fn, select_alpha
+from distac.reproduce.grid import METHOD_SPECS, SourceSet, available_specs, merge_fn, select_alpha
 from distac.reproduce.profile import QUICK
+from distac.reproduce.sources import kappas
 from distac.reproduce.tasks import TASKS, Split, TaskData, make_tasks
 from distac.reproduce.vit import TinyViT, ViTConfig
 from distac.reproduce.zoo import build_or_load_zoo

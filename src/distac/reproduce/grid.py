@@ -29,7 +29,7 @@ from .profile import Profile
 from .tasks import TaskData
 from .train import predict_logits
 from .vit import HEAD_PATTERN, TinyViT, set_head
-from .zoo import PRETRAIN_HEAD, Zoo, body_norms
+from .zoo import Zoo
 
 __all__ = [
     "METHOD_SPECS",
@@ -353,135 +353,6 @@ def alpha_sweep(
 # ------------------------------------------------------------------------------------------------
 # source models: raw, naive rescaling, DisTaC
 # ------------------------------------------------------------------------------------------------
-def flagged_tasks(profile: Profile, setting: str) -> list[str]:
-    """The tasks whose fine-tune is defective in a setting (known from the zoo's recipes)."""
-    return list({"ideal": (), "norm": profile.norm_tasks, "conf": profile.conf_tasks}[setting])
-
-
-# DisTaC's mode per setting. On the ideal zoo nothing is defective; it gets the low-confidence
-# setting's conditioning (confidence mode on ``conf_tasks``), i.e. what a user who conditions every
-# model blindly would run: the "does DisTaC hurt when nothing is wrong?" control.
-DISTAC_MODE = {"ideal": "confidence", "norm": "norm", "conf": "confidence"}
-
-
-def conditioned_tasks(profile: Profile, setting: str) -> list[str]:
-    """The tasks DisTaC conditions in a setting: the flagged ones; on the ideal zoo, ``conf_tasks``."""
-    return list(profile.conf_tasks) if setting == "ideal" else flagged_tasks(profile, setting)
-
-
-def kappas(norms: Sequence[float], names: Sequence[str], flagged: Sequence[str], setting: str) -> dict[str, float]:
-    """κ_t per flagged task: mean_{s≠t}‖τ_s‖/‖τ_t‖ under norm mismatch (distac.md §1.3), 1 otherwise."""
-    out = {}
-    for i, n in enumerate(names):
-        if n in flagged:
-            others = [v for j, v in enumerate(norms) if j != i]
-            out[n] = (sum(others) / len(others)) / norms[i] if setting == "norm" else 1.0
-    return out
-
-
-def rescaled_sources(zoo: Zoo, setting: str) -> SourceSet:
-    """Naive rescaling: θ_0 + κ_t τ_t for the flagged tasks, no distillation (the paper's strawman)."""
-    raw = zoo.setting(setting)
-    names = [td.spec.name for td in zoo.tasks]
-    flagged = flagged_tasks(zoo.profile, setting)
-    k = kappas(body_norms(zoo.base, raw), names, flagged, setting)
-    models = []
-    for n, sd in zip(names, raw, strict=True):
-        if n not in k:
-            models.append(sd)
-            continue
-        models.append(
-            {
-                key: (zoo.base[key] + k[n] * (v - zoo.base[key])) if not key.startswith("heads.") else v
-                for key, v in sd.items()
-            }
-        )
-    return SourceSet(setting, "rescaled", models, flagged, body_norms(zoo.base, models))
-
-
-def distac_sources(zoo: Zoo, setting: str, *, evaluator: Evaluator, progress: bool) -> SourceSet:
-    """DisTaC-conditioned sources: every model of :func:`conditioned_tasks` distilled with :func:`distac.condition`."""
-    raw = zoo.setting(setting)
-    names = [td.spec.name for td in zoo.tasks]
-    flagged = conditioned_tasks(zoo.profile, setting)
-    rec = zoo.profile.distac
-    ft_map = dict(zip(names, raw, strict=True))
-    mode = DISTAC_MODE[setting]
-    models = list(raw)
-    for i, n in enumerate(names):
-        if n not in flagged:
-            continue
-        temps = rec.norm_temperatures if mode == "norm" else rec.conf_temperatures
-        model = evaluator.task_model(zoo.base, n)
-        models[i] = distac.condition(
-            model,
-            zoo.base,
-            ft_map,
-            zoo.tasks[i].train.x,
-            task=n,
-            mode=mode,
-            t_teacher=temps[0],
-            t_student=temps[1],
-            beta=rec.beta,
-            steps=rec.steps,
-            lr=rec.lr,
-            batch_size=rec.batch,
-            seed=zoo.seed,
-            heads=[HEAD_PATTERN],
-            progress=progress,
-            device="cpu",
-        ).state
-    return SourceSet(setting, "distac", models, flagged, body_norms(zoo.base, models))
-
-
-def add_fishers(
-    sources: SourceSet, zoo: Zoo, evaluator: Evaluator, *, cache: dict[int, StateDict], progress: bool
-) -> None:
-    """Diagonal Fishers of every source model on its task's training images, on the sum scale.
-
-    ``fisher_diagonal`` sums over ``fisher_examples`` sampled examples; the result is multiplied by
-    N_t / n so that H_t = N_t × mean Fisher over the N_t training images (UBGM's s_t, merge-methods.md
-    §1.2). Models shared between source sets are computed once (``cache`` keyed by object id).
-    """
-    from distac.stats import fisher_diagonal
-
-    body = [k for k, _ in evaluator.model.named_parameters() if not k.startswith("heads.")]
-    out = []
-    for td, sd in zip(zoo.tasks, sources.models, strict=True):
-        if id(sd) not in cache:
-            n = min(zoo.profile.fisher_examples, len(td.train.x))
-            model = evaluator.task_model(sd, td.spec.name)
-            f = fisher_diagonal(
-                model,
-                [td.train.x[:n]],
-                params=body,
-                n_examples=n,
-                scale="sum",
-                seed=zoo.seed,
-                progress=progress,
-                device="cpu",
-            )
-            cache[id(sd)] = {k: v * (len(td.train.x) / n) for k, v in f.items()}
-        out.append(cache[id(sd)])
-    sources.fishers = out
-
-
-def base_fisher(zoo: Zoo, evaluator: Evaluator, pretrain_x: Tensor, pretrain_y: Tensor, *, progress: bool) -> StateDict:
-    """H_0: the base's Fisher on its own pre-training digits (pre-training head), sum scale N_pre × mean.
-
-    This is UBGM's prior precision from the pre-training task (the paper's IMDB model on IMDB).
-    """
-    from distac.stats import fisher_diagonal
-
-    body = [k for k, _ in evaluator.model.named_parameters() if not k.startswith("heads.")]
-    n = min(zoo.profile.fisher_examples, len(pretrain_x))
-    model = evaluator.task_model(zoo.base, PRETRAIN_HEAD)
-    f = fisher_diagonal(
-        model, [pretrain_x[:n]], params=body, n_examples=n, scale="sum", seed=zoo.seed, progress=progress, device="cpu"
-    )
-    return {k: v * (len(pretrain_x) / n) for k, v in f.items()}
-
-
 def own_accuracy(evaluator: Evaluator, sources: SourceSet, split: str = "test") -> list[float]:
     """Each source model's accuracy on its own task (how much conditioning/rescaling cost it)."""
     return [evaluator.own(sd, i, split) for i, sd in enumerate(sources.models)]

@@ -19,15 +19,9 @@ from .grid import (
     CellResult,
     Evaluator,
     SourceSet,
-    add_fishers,
     alpha_sweep,
     available_specs,
-    base_fisher,
-    conditioned_tasks,
-    distac_sources,
-    flagged_tasks,
     own_accuracy,
-    rescaled_sources,
     run_cell,
     task_names,
 )
@@ -44,6 +38,7 @@ from .report import (
     write_plots,
     write_text,
 )
+from .sources import add_fishers, base_fisher, conditioned_tasks, distac_sources, flagged_tasks, rescaled_sources
 from .tasks import load_digits_5000, make_tasks
 from .zoo import SETTINGS, Zoo, body_norms, build_or_load_zoo
 
