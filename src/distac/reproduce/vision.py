@@ -25,6 +25,7 @@ from .grid import (
     run_cell,
     task_names,
 )
+from .plots import write_plots
 from .profile import Profile
 from .report import (
     alpha_table,
@@ -35,7 +36,6 @@ from .report import (
     targets,
     targets_table,
     write_csv,
-    write_plots,
     write_text,
 )
 from .sources import add_fishers, base_fisher, conditioned_tasks, distac_sources, flagged_tasks, rescaled_sources

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..errors import DistacError
+from ..io.atomic import atomic_file, write_text
 from .profile import Profile
 from .tasks import TASKS, TaskData, TaskSpec, load_digits_5000, make_tasks
 from .train import Progress, Recipe, evaluate, finetune, pretrain, zero_shot_heads
@@ -140,9 +141,8 @@ def _expected_manifest(profile: Profile, seed: int) -> dict[str, Any]:
 
 
 def _atomic_save(state: StateDict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_file(path, overwrite=True) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
 
 
 def _load_data(profile: Profile) -> list[TaskData]:
@@ -215,9 +215,7 @@ def start_cache(path: Path) -> None:
 def finish_cache(path: Path, manifest: dict[str, Any], own: dict[str, float]) -> None:
     """Write the manifest (with every model's own test accuracy) last: the build is then complete."""
     files = ["base.safetensors", *(f"{k}.safetensors" for k in manifest["models"])]
-    tmp = path / "manifest.json.tmp"
-    tmp.write_text(json.dumps(dict(manifest, own_test_accuracy=own, files=files), indent=2))
-    os.replace(tmp, path / "manifest.json")
+    write_text(path / "manifest.json", json.dumps(dict(manifest, own_test_accuracy=own, files=files), indent=2))
 
 
 def _build(
