@@ -147,7 +147,7 @@ def test_cli_writes_the_best_merge_table_plot_and_temperatures(tmp_path, monkeyp
     [
         ({"grdi": {"scale": [1.0]}}, "unknown key 'grdi'"),
         ({"grid": {"density": [0.2]}, "per_model_density": True}, "set per model"),
-        ({"data": {"nobody": "val.npz"}}, "unknown model"),
+        ({"data": {"nobody": "val.npz"}}, "unknown task"),
         ({"grid": []}, "'grid' must map"),
     ],
 )

@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from ..errors import DistacError
-from ..nn.data import Inputs, check_fits, load_inputs
+from ..nn.data import Inputs, load_task_data
 from ..nn.models import LoadedModel, is_hf_dir, load_model, load_state_like, read_state
 from .config import ConditionConfig, click_options
 
@@ -47,38 +47,6 @@ def _load_base(base: str, arch: str | None, arch_kwargs: str | None, heads: Sequ
     except json.JSONDecodeError as e:
         raise DistacError(f"--arch-kwargs is not valid JSON: {e}") from e
     return load_model(base, factory=arch, factory_kwargs=kwargs, heads=list(heads) or None)
-
-
-def _load_data(
-    loaded: LoadedModel,
-    data: dict[str, str],
-    *,
-    tasks: Sequence[str],
-    column: str | None,
-    label_column: str | None,
-    labels: dict[str, str],
-    need_labels: bool,
-    max_length: int,
-) -> dict[str, Inputs]:
-    """Read each task's data and run one batch through the model (fails early, naming the file)."""
-    unknown = sorted(set(data) - set(tasks)) + sorted(set(labels) - set(tasks))
-    if unknown:
-        raise DistacError(f"--data/--labels name unknown task(s) {unknown}; the tasks are {list(tasks)}")
-    out = {}
-    for name, path in data.items():
-        inputs = load_inputs(
-            path,
-            tokenizer=loaded.tokenizer,
-            image_processor=loaded.image_processor,
-            column=column,
-            label_column=label_column,
-            labels=labels.get(name),
-            need_labels=need_labels,
-            max_length=max_length,
-        )
-        check_fits(loaded.module, inputs)
-        out[name] = inputs
-    return out
 
 
 def _common_options(fn):
@@ -128,7 +96,7 @@ def _setup(
     data_paths = _pairs(data, "--data")
     if need_data and not data_paths:
         raise DistacError("--data NAME=PATH is required")
-    inputs = _load_data(
+    inputs = load_task_data(
         loaded,
         data_paths,
         tasks=list(paths),
@@ -410,7 +378,7 @@ def calibrate_command(
     loaded = _load_base(merged, arch, arch_kwargs, heads)
     data_paths = _pairs(data, "--data")
     heads_from = _pairs(head_from, "--head")
-    inputs = _load_data(
+    inputs = load_task_data(
         loaded,
         data_paths,
         tasks=list(data_paths),

@@ -39,10 +39,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DistacError
-from .models import Batch, forward_logits
+from .models import Batch, LoadedModel, forward_logits
 from .readers import Raw, labels_tensor, load_npy, read_utf8, reader_for
 
-__all__ = ["Inputs", "check_fits", "iter_batches", "load_inputs", "load_labels"]
+__all__ = ["Inputs", "check_fits", "iter_batches", "load_inputs", "load_labels", "load_task_data"]
 
 
 @dataclass
@@ -280,3 +280,52 @@ def iter_batches(data: Inputs | Iterator[Batch] | Sequence[Batch], batch_size: i
     if isinstance(data, Tensor):
         return Inputs(data).batches(batch_size)
     return list(data)
+
+
+def load_task_data(
+    loaded: LoadedModel,
+    data: Mapping[str, str],
+    *,
+    tasks: Sequence[str],
+    column: str | None = None,
+    label_column: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    need_labels: bool = False,
+    max_length: int = 128,
+    source: str = "--data/--labels",
+) -> dict[str, Inputs]:
+    """Read each task's data file with the model's tokenizer/processor and run one batch through it.
+
+    The shared loader of the commands that take per-task data (``diagnose``, ``condition``,
+    ``tune``): a name that is not one of ``tasks`` and a file the model cannot take fail early,
+    naming the file.
+
+    Args:
+        loaded: the base model (its tokenizer or image processor reads the files).
+        data: ``{task: path}``.
+        tasks: the valid task names.
+        column, label_column, labels, need_labels, max_length: as :func:`load_inputs`.
+        source: how the error names where ``data`` came from.
+
+    Returns:
+        ``{task: Inputs}``.
+    """
+    labels = dict(labels or {})
+    unknown = sorted(set(data) - set(tasks)) + sorted(set(labels) - set(tasks))
+    if unknown:
+        raise DistacError(f"{source} name unknown task(s) {unknown}; the tasks are {list(tasks)}")
+    out = {}
+    for name, path in data.items():
+        inputs = load_inputs(
+            path,
+            tokenizer=loaded.tokenizer,
+            image_processor=loaded.image_processor,
+            column=column,
+            label_column=label_column,
+            labels=labels.get(name),
+            need_labels=need_labels,
+            max_length=max_length,
+        )
+        check_fits(loaded.module, inputs)
+        out[name] = inputs
+    return out

@@ -191,7 +191,7 @@ def tune_command(config: Path, out: Path, overwrite: bool, device: str | None, q
 
 
 def _load(raw: Mapping[str, Any], cfg: Any, data_paths: dict[str, str], label_paths: dict[str, str]) -> tuple:
-    from ..nn.data import check_fits, load_inputs
+    from ..nn.data import load_task_data
     from ..nn.models import load_model, load_state_like, read_state
 
     kwargs = raw.get("arch_kwargs") or {}
@@ -199,22 +199,16 @@ def _load(raw: Mapping[str, Any], cfg: Any, data_paths: dict[str, str], label_pa
         raise DistacError("tune config 'arch_kwargs' must be a mapping")
     loaded = load_model(cfg.base.path, factory=raw.get("arch"), factory_kwargs=kwargs, heads=cfg.heads or None)
     models = {m.name: load_state_like(m.path, loaded) for m in cfg.models}
-    unknown = sorted(set(data_paths) - set(models)) + sorted(set(label_paths) - set(models))
-    if unknown:
-        raise DistacError(f"tune: data/labels name unknown model(s) {unknown}; the models are {list(models)}")
-    data = {}
-    for name, path in data_paths.items():
-        data[name] = load_inputs(
-            path,
-            tokenizer=loaded.tokenizer,
-            image_processor=loaded.image_processor,
-            column=raw.get("column"),
-            label_column=raw.get("label_column"),
-            labels=label_paths.get(name),
-            need_labels=False,
-            max_length=int(raw.get("max_length", 128)),
-        )
-        check_fits(loaded.module, data[name])
+    data = load_task_data(
+        loaded,
+        data_paths,
+        tasks=list(models),
+        column=raw.get("column"),
+        label_column=raw.get("label_column"),
+        labels=label_paths,
+        max_length=int(raw.get("max_length", 128)),
+        source="tune config: data/labels",
+    )
     stats: dict[str, Any] = {}
     if any("fisher" in m.stats for m in cfg.models):
         stats["fishers"] = [read_state(m.stats["fisher"]) for m in cfg.models]
