@@ -220,18 +220,15 @@ def _load(raw: Mapping[str, Any], cfg: Any, data_paths: dict[str, str], label_pa
 
 
 def _calibrate(model: Any, folder: Path, models: Mapping, data: Mapping, heads: list[str], device: str | None) -> None:
-    from ..conditioning.calibrate import fit_temperature, write_temperatures
-    from ..nn.evaluate import collect_logits
-    from ..nn.models import default_device, read_state
+    from ..conditioning.calibrate import calibrate, write_temperatures
+    from ..nn.models import read_state
     from ..taskvector import match_heads
 
     merged = read_state(folder)
-    dev = default_device(device)
     results = {}
     for t, d in data.items():
         if d.labels is None:
             raise DistacError(f"tune: calibrate needs labels; task '{t}' ({d.source}) has none")
         state = {**merged, **{k: models[t][k] for k in match_heads(merged, heads)}}
-        z = collect_logits(model, d.batches(256), state={k: v.to(dev) for k, v in state.items()}, device=dev)
-        results[t] = fit_temperature(z, d.labels)
+        results[t] = calibrate(model, state, d, device=device)
     write_temperatures(folder, results)
