@@ -156,9 +156,10 @@ class _Scorer:
     def _metric(self, task: str, state: Mapping[str, Tensor], kind: str) -> float:
         d = self.data[task]
         st = {k: v.to(self.device) for k, v in state.items()}
-        z = collect_logits(self.model, d.batches(self.batch_size), state=st, device=self.device)
-        if not bool(torch.isfinite(z).all()):
-            raise DistacError(f"task '{task}': the merged model gives NaN/Inf logits on {d.source}")
+        # collect_logits refuses NaN/Inf logits, naming the task's data
+        z = collect_logits(
+            self.model, d.batches(self.batch_size), state=st, device=self.device, source=f"task '{task}' ({d.source})"
+        )
         if kind == "entropy":
             return float(entropy(z).mean())
         assert d.labels is not None
