@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .errors import DistacError
 
-__all__ = ["DictSource", "SourceDefaults", "TensorSource", "check_compatible"]
+__all__ = ["DictSource", "RenamedSource", "SourceDefaults", "TensorSource", "check_compatible"]
 
 
 @runtime_checkable
@@ -107,6 +107,49 @@ class DictSource(SourceDefaults):
 
     def get(self, name: str) -> Tensor:
         return self.state[name]
+
+
+@dataclass
+class RenamedSource:
+    """A view of a :class:`TensorSource` under other tensor names (nothing is copied).
+
+    ``names`` maps each name the view shows to the name it reads in ``source``, in the view's
+    order. One wrapper serves every renaming: a key-prefix mapping (``bert.`` <-> none), a layer
+    slice of a frankenmerge (output layer j reads layer i), an adapter's module names.
+
+    Example:
+        >>> src = RenamedSource(DictSource({"bert.w": torch.zeros(2)}, "ft"), {"w": "bert.w"})
+        >>> src.keys(), src.shape("w")
+        (['w'], (2,))
+    """
+
+    source: TensorSource
+    names: Mapping[str, str]
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.source.label
+
+    def keys(self) -> list[str]:
+        return list(self.names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.source.shape(self.names[name])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.source.dtype(self.names[name])
+
+    def get(self, name: str) -> Tensor:
+        return self.source.get(self.names[name])
+
+    def get_rows(self, name: str, start: int, stop: int) -> Tensor:
+        return self.source.get_rows(self.names[name], start, stop)
+
+    def file_of(self, name: str) -> str | Path:
+        return self.source.file_of(self.names[name])
+
+    def read_into(self, name: str, rows: tuple[int, int] | None, out: Tensor) -> int:
+        return self.source.read_into(self.names[name], rows, out)
 
 
 def _as_source(x: TensorSource | Mapping[str, Tensor], label: str) -> TensorSource:
