@@ -156,6 +156,78 @@ def _as_source(x: TensorSource | Mapping[str, Tensor], label: str) -> TensorSour
     return DictSource(x, label) if isinstance(x, Mapping) else x
 
 
+def _suffixes(key: str) -> list[str]:
+    """``a.b.c`` -> ``["a.b.c", "b.c", "c"]``: the name and every dotted tail of it, longest first."""
+    parts = key.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))]
+
+
+def prefix_difference(missing: list[str], extra: list[str]) -> tuple[str, str, int] | None:
+    """The consistent prefix that tells a model's names from the base's, if there is one.
+
+    A base saved as ``BertModel`` (``embeddings.…``) and a fine-tune saved as
+    ``BertForSequenceClassification`` (``bert.embeddings.…``) differ by the prefix ``bert.``: each
+    extra name of the model is a missing name of the base behind another dotted prefix. The pair
+    (model's prefix, base's prefix) that explains the most names wins; it is reported when it
+    explains at least half of the missing ones.
+
+    Args:
+        missing: the base's names the model lacks.
+        extra: the model's names the base lacks.
+
+    Returns:
+        ``(model_prefix, base_prefix, count)`` or None.
+
+    Example:
+        >>> prefix_difference(["emb.w", "l0.w"], ["bert.emb.w", "bert.l0.w", "classifier.w"])
+        ('bert.', '', 2)
+    """
+    by_tail: dict[str, list[str]] = {}
+    for m in missing:
+        for t in _suffixes(m):
+            by_tail.setdefault(t, []).append(m)
+    counts: dict[tuple[str, str], int] = {}
+    for e in extra:
+        # the longest shared dotted tail with a missing name, if exactly one name has it
+        tail = next((t for t in _suffixes(e) if t in by_tail), None)
+        if tail is None or len(by_tail[tail]) != 1:
+            continue
+        pair = (e[: len(e) - len(tail)], by_tail[tail][0][: len(by_tail[tail][0]) - len(tail)])
+        counts[pair] = counts.get(pair, 0) + 1
+    if not counts:
+        return None
+    (mp, bp), n = max(counts.items(), key=lambda kv: kv[1])
+    return (mp, bp, n) if 2 * n >= len(missing) else None
+
+
+def _prefix_hint(missing: list[str], extra: list[str], keys: set[str]) -> str | None:
+    """The message for names that differ by a prefix: what it is, the mapping that fixes it, what is left."""
+    found = prefix_difference(missing, extra)
+    if found is None:
+        return None
+    mp, bp, n = found
+    mapped = {e: bp + e[len(mp) :] for e in extra if e.startswith(mp) and bp + e[len(mp) :] in keys}
+    left_extra = [e for e in extra if e not in mapped]
+    left_missing = [m for m in missing if m not in set(mapped.values())]
+    how = f"'{mp}' where the base has '{bp}'" if mp and bp else f"'{mp or bp}'"
+    e, m = next(iter(mapped.items()))
+    msg = (
+        f"its tensors differ from the base's by the prefix {how} ({n} tensors, e.g. its '{e}' is the base's "
+        f"'{m}'); map it with `prefix: {{'{mp}': '{bp}'}}` on this model's entry of the config"
+    )
+    if left_extra:
+        heads = sorted({e.split(".")[0] + "." for e in left_extra})
+        drop = ", ".join(f"'{h}': null" for h in heads[:3])
+        msg += (
+            f"; it also has {len(left_extra)} tensor(s) the base lacks, e.g. {left_extra[:3]}: a merge writes the "
+            f"base's tensors only, so drop them with `prefix: {{'{mp}': '{bp}', {drop}}}`, or merge onto a base "
+            "that has them (with `heads` patterns to keep each model's own)"
+        )
+    if left_missing:
+        msg += f"; it also lacks {len(left_missing)} tensor(s) of the base, e.g. {left_missing[:3]}"
+    return msg
+
+
 def check_compatible(
     base: TensorSource | Mapping[str, Tensor],
     other: TensorSource | Mapping[str, Tensor],
@@ -191,12 +263,22 @@ def check_compatible(
         missing = [k for k in missing if b.dtype(k).is_floating_point]
         extra = [k for k in extra if o.dtype(k).is_floating_point]
         keys = [k for k in keys if k in okeys]
+    if missing and extra:
+        hint = _prefix_hint(missing, extra, set(b.keys()))
+        if hint is not None:
+            raise DistacError(f"{what or o.label}: {hint}")
     if missing or extra:
         parts = []
         if missing:
             parts.append(f"missing {len(missing)} tensor(s) of the base, e.g. {missing[:3]}")
         if extra:
             parts.append(f"has {len(extra)} tensor(s) the base lacks, e.g. {extra[:3]}")
+            if not missing:  # a head the base has no place for: a merge writes the base's tensors only
+                drop = ", ".join(f"'{h}': null" for h in sorted({e.split(".")[0] + "." for e in extra})[:3])
+                parts.append(
+                    f"a merge writes the base's tensors only: leave them out with `prefix: {{{drop}}}` on this "
+                    "model's entry of the config, or merge onto a base that has them"
+                )
         raise DistacError(f"{what or o.label}: " + "; ".join(parts))
     for k in keys:
         where = what or str(o.file_of(k))

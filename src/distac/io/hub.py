@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import DistacError
 
-__all__ = ["is_repo_id", "resolve_model"]
+__all__ = ["is_repo_id", "repo_id_of", "resolve_model"]
 
 # org/name as the Hub allows them (letters, digits, - _ .), with an optional @revision
 _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96})(?:@(?P<rev>[\w./-]{1,128}))?$")
@@ -26,6 +26,34 @@ ALLOW = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.txt", "*.mode
 def is_repo_id(ref: str) -> bool:
     """Whether ``ref`` reads as a Hub repo id (``org/name`` or ``org/name@revision``) rather than a path."""
     return bool(_REPO_ID.match(ref)) and not ref.startswith((".", "/", "~"))
+
+
+def repo_id_of(path: str | Path) -> str | None:
+    """The Hub repo id of a path inside the Hugging Face cache, else None.
+
+    A repo id resolves to ``.../models--org--name/snapshots/<revision>/`` (the cache's layout, where
+    ``--`` separates the owner from the name: the Hub allows no ``--`` in either); a weight file
+    given directly may also resolve into the repository's ``blobs/``. A model card names its base
+    by this id, never by a local path.
+
+    Args:
+        path: a model folder or weight file (as resolved by the config).
+
+    Returns:
+        ``"org/name"`` (or ``"name"`` for a repo without an owner), or None outside the cache.
+
+    Example:
+        >>> repo_id_of("/cache/hub/models--sentence-transformers--all-MiniLM-L6-v2/snapshots/abc123")
+        'sentence-transformers/all-MiniLM-L6-v2'
+    """
+    p = Path(path)
+    for folder in (p, *p.parents)[:3]:
+        repo = folder.parent.parent
+        if folder.parent.name in ("snapshots", "blobs") and repo.name.startswith("models--"):
+            parts = repo.name.removeprefix("models--").split("--")
+            if 1 <= len(parts) <= 2 and all(parts):
+                return "/".join(parts)
+    return None
 
 
 def _offline() -> bool:

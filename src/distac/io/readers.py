@@ -29,13 +29,23 @@ import torch
 from torch import Tensor
 
 from ..errors import DistacError
-from .formats import read_layout
+from .formats import read_header, read_layout
 from .inputs import inside_model, open_regular, require_regular
 from .torchfile import TorchFile
 
-__all__ = ["Checkpoint", "SafetensorsFile", "TorchFile", "open_checkpoint", "resolve_weight_files"]
+__all__ = [
+    "STATS_FORMAT",
+    "Checkpoint",
+    "SafetensorsFile",
+    "TorchFile",
+    "is_stats_sidecar",
+    "open_checkpoint",
+    "resolve_weight_files",
+]
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+#: the ``format`` metadata that marks a distac statistics sidecar (``distac-stats/<version>``)
+STATS_FORMAT = "distac-stats/"
 _NOT_WEIGHTS = ("training_args", "optimizer", "scheduler", "rng_state", "scaler")
 
 
@@ -221,6 +231,11 @@ def _found_in(folder: Path, pattern: str) -> list[Path]:
     return [inside_model(folder, f.name, named_by=str(folder)) for f in found]
 
 
+def is_stats_sidecar(path: Path) -> bool:
+    """Whether a safetensors file is a distac statistics sidecar (its metadata ``format``), not weights."""
+    return path.suffix == ".safetensors" and read_header(path)[1].get("format", "").startswith(STATS_FORMAT)
+
+
 def resolve_weight_files(path: str | Path) -> list[Path]:
     """The weight files a checkpoint path stands for (see the module docstring for the forms).
 
@@ -229,12 +244,15 @@ def resolve_weight_files(path: str | Path) -> list[Path]:
 
     Returns:
         The weight files, each a regular file inside the model folder (see :mod:`distac.io.inputs`).
+        In a folder without a shard index, distac statistics sidecars (``distac stats`` output saved
+        next to the weights, see :data:`STATS_FORMAT`) are not weights and are left out.
 
     Example:
         >>> resolve_weight_files("org/model")  # doctest: +SKIP
         [PosixPath('org/model/model-00001-of-00002.safetensors'), ...]
     """
     p = Path(path)
+    sidecars: list[str] = []
     try:
         mode = os.stat(p).st_mode
     except FileNotFoundError:
@@ -255,13 +273,18 @@ def resolve_weight_files(path: str | Path) -> list[Path]:
     ):
         # Trainer output folders also hold pickles that are not weights (training_args.bin, optimizer.pt)
         found = _found_in(p, pattern)
+        if pattern == "*.safetensors":
+            # a Fisher or Gram saved next to the weights is not part of them (a shard index names its files)
+            sidecars = [f.name for f in found if is_stats_sidecar(f)]
+            found = [f for f in found if f.name not in sidecars]
         if found:
             if pattern.endswith(".index.json"):
                 if len(found) > 1:
                     raise DistacError(f"{p}: several shard indexes {[f.name for f in found]}; pass one of them")
                 return _files_from_index(found[0])
             return found
-    raise DistacError(f"{p}: no weights found (expected *.safetensors, a shard index, pytorch_model.bin or *.pt)")
+    only = f" (only distac statistics sidecars {sidecars}: pass a sidecar's file itself)" if sidecars else ""
+    raise DistacError(f"{p}: no weights found{only} (expected *.safetensors, a shard index, pytorch_model.bin or *.pt)")
 
 
 class Checkpoint:

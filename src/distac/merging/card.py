@@ -1,36 +1,96 @@
-"""The model card of a merged model: Hub front matter, method, paper, resolved parameters, the config."""
+"""The model card of a merged model: Hub front matter, method, paper, resolved parameters, the config.
+
+A card may be uploaded as is, so it names models only by what is public: a Hub repo id when the
+model came from the Hugging Face cache (:func:`distac.io.hub.repo_id_of`), else the model's name
+in the config. No absolute path appears in it: ``distac_config.yml`` next to it keeps the paths
+the merge read, so it re-runs on this machine.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..io.hub import repo_id_of
 from .config import MergeConfig, dump_yaml
+from .yaml_loader import read_yaml
 
-__all__ = ["model_card", "write_card"]
+__all__ = ["model_card", "task_card", "write_card", "write_task_card"]
+
+TAGS = ["merge", "distac"]
 
 
-def model_card(cfg: MergeConfig, params: Mapping[str, Any] | None, title: str, *, bundle: str = "") -> str:
+def _public_names(cfg: MergeConfig) -> dict[str, str]:
+    """``{path as the config holds it: repo id or model name}`` for the base and every model."""
+    return {str(s.path): repo_id_of(s.path) or s.name for s in (cfg.base, *cfg.models)}
+
+
+def _portable(value: Any, names: Mapping[str, str]) -> Any:
+    """``value`` with every model path replaced by its public name and any other absolute path by
+    its file name (a statistics sidecar), so the card's copy of the config leaks no local folder."""
+    if isinstance(value, Mapping):
+        return {k: _portable(v, names) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_portable(v, names) for v in value]
+    if isinstance(value, str | Path) and str(value) in names:
+        return names[str(value)]
+    if isinstance(value, str | Path) and os.path.isabs(str(value)):
+        return Path(value).name
+    return value
+
+
+def _front_matter(base_model: str | None, loadable: bool, extra_tags: Sequence[str] = ()) -> list[str]:
+    front = {
+        "library_name": "transformers" if loadable else None,
+        "tags": [*TAGS, *extra_tags],
+        "base_model": base_model,
+    }
+    return ["---", dump_yaml({k: v for k, v in front.items() if v is not None}).rstrip(), "---", ""]
+
+
+def _models_section(cfg: MergeConfig) -> list[str]:
+    def line(role: str, path: Path) -> str:
+        repo = repo_id_of(path)
+        return f"* {role}: `{repo}`" if repo else f"* {role} (a local model)"
+
+    return ["## Models", "", line("base", cfg.base.path), *(line(s.name, s.path) for s in cfg.models)]
+
+
+def model_card(
+    cfg: MergeConfig,
+    params: Mapping[str, Any] | None,
+    title: str,
+    *,
+    bundle: str = "",
+    buffers: Sequence[str] = (),
+) -> str:
     """The README.md of a merged model: front matter for the Hub, method, paper, parameters and config.
 
-    ``bundle`` (markdown) describes an output that is not one model (EMR's bundle): it replaces the
-    parameters section (``params`` is then None), and the front matter names no loading library.
+    Args:
+        cfg: the merge's config.
+        params: the method's resolved parameters (None for a bundle).
+        title: the card's heading (the output folder's name).
+        bundle: markdown describing an output that is not one model (EMR's bundle): it replaces
+            the parameters section, and the front matter names no loading library.
+        buffers: the non-float tensors copied unchanged from the base (``position_ids``, counters).
+
+    Returns:
+        The card's text: YAML front matter (``tags: [merge, distac, <method>]``, ``library_name:
+        transformers`` when the base has a ``config.json``, ``base_model`` when the base is a Hub
+        repo), then markdown without absolute paths.
+
+    Example:
+        >>> model_card(load_config("merge.yml"), {"scale": 0.4}, "merged")  # doctest: +SKIP
+        '---\\nlibrary_name: transformers\\ntags: [merge, distac, task_arithmetic]\\n---...'
     """
     from .. import __version__
 
     m = cfg.method
     loadable = not bundle and (cfg.base.path / "config.json").exists()
-    front = {
-        "library_name": "transformers" if loadable else None,
-        "tags": ["merge", "distac", m.name],
-        "base_model": str(cfg.base.path),
-    }
     lines = [
-        "---",
-        dump_yaml({k: v for k, v in front.items() if v is not None}).rstrip(),
-        "---",
-        "",
+        *_front_matter(repo_id_of(cfg.base.path), loadable, [m.name]),
         f"# {title}",
         "",
         f"Merged with distac {__version__} using **{m.name}**: {m.summary}",
@@ -40,14 +100,21 @@ def model_card(cfg: MergeConfig, params: Mapping[str, Any] | None, title: str, *
     ]
     if m.notes:
         lines += [f"Convention: {m.notes}", ""]
-    lines += ["## Models", "", f"* base: `{cfg.base.path}`"]
-    lines += [f"* {s.name}: `{s.path}`" for s in cfg.models]
+    lines += _models_section(cfg)
     if cfg.heads and not bundle:  # a bundle says where its heads are
         lines += [
             "",
             f"Task-specific heads ({', '.join(cfg.heads)}) are not merged: the weights hold the base's, and "
             "`heads/<name>.safetensors` each model's own.",
         ]
+    if buffers:
+        lines += [
+            "",
+            "Non-float tensors are copied from the base, not merged (whether or not the fine-tuned models "
+            f"hold them): {', '.join(f'`{b}`' for b in buffers)}.",
+        ]
+    for path, public in _public_names(cfg).items():  # the bundle's text names its base by path
+        bundle = bundle.replace(path, public)
     lines += ["", bundle.rstrip()] if bundle else []
     if params is not None:
         lines += ["", "## Parameters (resolved, with defaults)", "", "```yaml", dump_yaml(dict(params)).rstrip(), "```"]
@@ -62,8 +129,11 @@ def model_card(cfg: MergeConfig, params: Mapping[str, Any] | None, title: str, *
         "",
         "## Configuration",
         "",
+        "Models are named by Hub repo id or by their name in the config; `distac_config.yml` next to this card "
+        "holds the paths the merge read.",
+        "",
         "```yaml",
-        dump_yaml(cfg.raw).rstrip(),
+        dump_yaml(_portable(cfg.raw, _public_names(cfg))).rstrip(),
         "```",
         "",
         "Reproduce with `distac merge distac_config.yml --out DIR`.",
@@ -73,8 +143,63 @@ def model_card(cfg: MergeConfig, params: Mapping[str, Any] | None, title: str, *
 
 
 def write_card(
-    folder: Path, cfg: MergeConfig, params: Mapping[str, Any] | None, title: str, *, bundle: str = ""
+    folder: Path,
+    cfg: MergeConfig,
+    params: Mapping[str, Any] | None,
+    title: str,
+    *,
+    bundle: str = "",
+    buffers: Sequence[str] = (),
 ) -> None:
     """Write ``README.md`` (the model card) and ``distac_config.yml`` (the re-runnable config) into ``folder``."""
-    (folder / "README.md").write_text(model_card(cfg, params, title, bundle=bundle))
+    (folder / "README.md").write_text(model_card(cfg, params, title, bundle=bundle, buffers=buffers))
     (folder / "distac_config.yml").write_text(dump_yaml(cfg.raw))
+
+
+def _merged_config(merged: Path) -> tuple[str | None, str | None]:
+    """The base's Hub repo id and the method, from ``merged/distac_config.yml`` (None for what it lacks)."""
+    path = merged / "distac_config.yml"
+    raw = read_yaml(path) if path.is_file() else None
+    if not isinstance(raw, Mapping):
+        return None, None
+    base = raw.get("base_model")
+    base = base.get("model") if isinstance(base, Mapping) else base
+    method = raw.get("merge_method")
+    return (repo_id_of(base) if isinstance(base, str) else None), (method if isinstance(method, str) else None)
+
+
+def task_card(folder: Path, merged: Path, task: str, *, temperature: float | None = None) -> str:
+    """The README.md of one exported task model (``merged/tasks/<task>/``).
+
+    Its front matter names the merged model's base (its Hub repo id, from ``merged/distac_config.yml``,
+    when it has one) and method; ``library_name: transformers`` when the task folder has a ``config.json``.
+
+    Args:
+        folder: the task model's folder (its files already written).
+        merged: the merged model's folder.
+        task: the task's name.
+        temperature: the calibrated temperature divided into the head's logits, if any.
+
+    Returns:
+        The card's text.
+
+    Example:
+        >>> task_card(Path("merged/tasks/sst2"), Path("merged"), "sst2")  # doctest: +SKIP
+        '---\\nlibrary_name: transformers\\ntags: [merge, distac, ties]\\n---\\n\\n# merged: task sst2...'
+    """
+    base_model, method = _merged_config(merged)
+    lines = _front_matter(base_model, (folder / "config.json").is_file(), [method] if method else [])
+    lines += [
+        f"# {merged.name}: task {task}",
+        "",
+        f"One task model exported from the merge `{merged.name}` (its card: `../../README.md`): the merged "
+        f"weights with the task-specific parts of **{task}**.",
+    ]
+    if temperature is not None:
+        lines += ["", f"Calibrated: the head's logits are divided by the temperature T = {temperature:.6g}."]
+    return "\n".join([*lines, ""])
+
+
+def write_task_card(folder: Path, merged: Path, task: str, *, temperature: float | None = None) -> None:
+    """Write :func:`task_card` as ``folder/README.md``."""
+    (folder / "README.md").write_text(task_card(folder, merged, task, temperature=temperature))

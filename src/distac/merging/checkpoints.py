@@ -11,6 +11,7 @@ same card and config.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, closing
 from pathlib import Path
@@ -31,14 +32,12 @@ from ..io import (
     copy_model_files,
     open_checkpoint,
     parse_size,
-    read_header,
 )
-from ..io.readers import SafetensorsFile
 from ..nn.models import default_device
 from ..progress import Progress, track
 from ..taskvector import match_heads
-from ..tensors import TensorSource
-from .card import write_card
+from ..tensors import RenamedSource, TensorSource
+from .card import write_card, write_task_card
 from .config import STAT_KEYS, MergeConfig, ModelSpec, load_config
 from .emr import EMR, EMRBundle, bundle_card, emr_merge
 from .engine import DEFAULT_CHUNK_BYTES, check_finite_output, run_merge
@@ -55,38 +54,74 @@ def _input_paths(cfg: MergeConfig) -> list[Path]:
 
 
 def _open_sidecar(path: Path, key: str, what: str, model: Checkpoint) -> Checkpoint:
-    """Open a statistics file lazily, after checking it against the model it was computed on.
+    """Open a statistics file once, lazily, after checking it against the model it was computed on.
 
     A ``distac.stats`` sidecar must hold the right kind of statistic, on the sum scale for Fishers,
-    with the model's keys and shapes, and the model's fingerprint (:func:`distac.stats.verify_sidecar`
-    with ``check_values=False``: it reads headers and the ≤ 64 sampled rows per tensor of the
-    fingerprint, not the model; the methods check the values as they merge). A plain safetensors
-    file keyed like the model is taken as is."""
-    from ..stats.sidecar import ACCEPTED_KINDS, verify_sidecar
+    with the model's keys and shapes, and the model's fingerprint (:func:`distac.stats.open_sidecar`
+    with ``check_values=False``: it reads its header once, and the ≤ 64 sampled rows per tensor of
+    the fingerprint, not the model; the methods check the values as they merge). A plain
+    safetensors file keyed like the model is taken as is."""
+    from ..stats.sidecar import open_sidecar
 
-    src = open_checkpoint(path, label=f"{what} ({path})")
-    meta = read_header(src.files[0].path)[1] if isinstance(src.files[0], SafetensorsFile) else {}
-    if meta.get("format", "").startswith("distac-stats/"):
-        if meta.get("kind") not in ACCEPTED_KINDS[key]:
-            src.close()
-            raise DistacError(f"{path}: holds '{meta.get('kind')}' statistics, but the config uses it as '{key}'")
-        try:
-            verify_sidecar(path, model, scale="sum" if key == "fisher" else None, check_values=False)
-        except DistacError as e:
-            src.close()
-            raise DistacError(f"{e} (the {what}, checked against {model.label})") from None
-    return src
+    try:
+        sc = open_sidecar(
+            path,
+            use=key,
+            model=model,
+            scale="sum" if key == "fisher" else None,
+            label=f"{what} ({path})",
+            role="the config",
+        )
+    except DistacError as e:
+        raise DistacError(f"{e} (the {what}, checked against {model.label})") from None
+    return sc.source
+
+
+def _renamed(
+    src: TensorSource, prefix: Mapping[str, str | None], what: str, *, check_used: bool = True
+) -> TensorSource:
+    """``src`` under the base's names: a model entry's ``prefix`` mapping applied (nothing is copied).
+
+    Each name takes the longest prefix of the mapping it starts with: ``{"bert.": ""}`` strips
+    ``bert.``, ``{"": "bert."}`` adds it, ``{"classifier.": None}`` leaves those tensors out; names
+    that match no prefix keep theirs.
+    ``check_used`` refuses a prefix that matches none of the names (a model's mapping; a sidecar
+    may hold a subset of them).
+    """
+    if not prefix:
+        return src
+    names: dict[str, str] = {}
+    used = set()
+    for k in src.keys():
+        p = max((p for p in prefix if k.startswith(p)), key=len, default=None)
+        if p is not None:
+            used.add(p)
+        to = prefix[p] if p is not None else ""
+        if to is None:
+            continue
+        new = k if p is None else to + k[len(p) :]
+        if new in names:
+            raise DistacError(
+                f"{what}: 'prefix: {dict(prefix)}' gives two tensors the name '{new}' ('{names[new]}' and '{k}')"
+            )
+        names[new] = k
+    unused = [p for p in prefix if p not in used]
+    if check_used and unused:
+        raise DistacError(f"{what}: 'prefix' {unused[0]!r} matches none of its tensors (e.g. {src.keys()[:2]})")
+    return RenamedSource(src, names)
 
 
 def _open_stats(cfg: MergeConfig, base: Checkpoint, models: Sequence[Checkpoint], opened: ExitStack) -> dict[str, Any]:
     """Open statistics sidecars lazily as ``{"fisher": [..N], "base_fisher": src, "gram": [..N]}``.
 
     Each one is registered with ``opened`` as soon as it is open, so an error on a later one still
-    closes it."""
+    closes it. A sidecar is checked against its model as saved, then seen under the base's names
+    (the model entry's ``prefix``)."""
     stats: dict[str, Any] = {}
 
-    def open_(path: Path, key: str, what: str, model: Checkpoint) -> Checkpoint:
-        return opened.enter_context(closing(_open_sidecar(path, key, what, model)))
+    def open_(path: Path, key: str, what: str, model: Checkpoint, spec: ModelSpec | None = None) -> TensorSource:
+        src = opened.enter_context(closing(_open_sidecar(path, key, what, model)))
+        return _renamed(src, spec.prefix, what, check_used=False) if spec is not None else src
 
     for key in STAT_KEYS:
         have = [m for m in cfg.models if key in m.stats]
@@ -95,7 +130,8 @@ def _open_stats(cfg: MergeConfig, base: Checkpoint, models: Sequence[Checkpoint]
             raise DistacError(f"'{key}' statistics are given for some models but not for {missing}")
         if have:
             stats[key] = [
-                open_(m.stats[key], key, f"{key} of {m.name}", src) for m, src in zip(cfg.models, models, strict=True)
+                open_(m.stats[key], key, f"{key} of {m.name}", src, m)
+                for m, src in zip(cfg.models, models, strict=True)
             ]
     if "fisher" in cfg.base.stats:
         stats["base_fisher"] = open_(cfg.base.stats["fisher"], "fisher", "base fisher", base)
@@ -119,7 +155,7 @@ def _layout(base: Checkpoint, out_dtype: torch.dtype | None) -> list[tuple[str, 
 
 def _write_heads(
     folder: Path,
-    models: Sequence[Checkpoint],
+    models: Sequence[TensorSource],
     specs: Sequence[ModelSpec],
     heads: Sequence[str],
     out_dtype: torch.dtype | None,
@@ -198,8 +234,11 @@ def merge_checkpoints(
         raise DistacError("export_per_task needs 'heads' patterns in the config (which tensors are task-specific)")
     with ExitStack() as opened:  # every checkpoint's file descriptors are closed, whatever happens
         base = opened.enter_context(closing(open_checkpoint(cfg.base.path)))
-        models = [opened.enter_context(closing(open_checkpoint(m.path))) for m in cfg.models]
-        stats = _open_stats(cfg, base, models, opened)
+        saved = [opened.enter_context(closing(open_checkpoint(m.path))) for m in cfg.models]
+        stats = _open_stats(cfg, base, saved, opened)
+        models = [
+            _renamed(src, m.prefix, f"model {m.name} ({m.path})") for m, src in zip(cfg.models, saved, strict=True)
+        ]
         _merge_into(
             cfg,
             out,
@@ -216,6 +255,40 @@ def merge_checkpoints(
     return out
 
 
+def set_config_dtype(folder: Path, dtype: torch.dtype) -> bool:
+    """Make ``folder/config.json`` say the dtype its floating weights were written in.
+
+    Transformers loads a model in the dtype its config names (``dtype`` since transformers 5,
+    ``torch_dtype`` before), so a bf16 output whose copied config still says ``float32`` would be
+    upcast on load, twice the memory. Whichever of the two keys the config has is set; a config
+    with neither is left as it is (loaders then take the weights' dtype). The file is rewritten
+    only when a value changes.
+
+    Args:
+        folder: the output folder (its ``config.json`` a copy of the base's).
+        dtype: the dtype of the floating tensors written.
+
+    Returns:
+        Whether ``config.json`` was rewritten.
+
+    Example:
+        >>> set_config_dtype(Path("merged"), torch.bfloat16)  # doctest: +SKIP
+        True
+    """
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DistacError(f"{path}: the base's config.json is not valid JSON ({e}); fix it or remove it") from None
+    name = str(dtype).removeprefix("torch.")
+    keys = [k for k in ("torch_dtype", "dtype") if isinstance(config, dict) and k in config]
+    if not isinstance(config, dict) or all(config[k] == name for k in keys):
+        return False
+    config.update(dict.fromkeys(keys, name))
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    return True
+
+
 def _merge_emr(
     cfg: MergeConfig,
     out: Path,
@@ -230,28 +303,38 @@ def _merge_emr(
 
     def card(tmp: Path, bundle: EMRBundle) -> None:
         write_card(tmp, cfg, None, out.name, bundle=bundle_card(bundle))
+        for task in bundle.tasks if (tmp / "tasks").is_dir() else ():
+            write_task_card(tmp / "tasks" / task, tmp, task)
 
-    emr_merge(
-        cfg.base.path,
-        [m.path for m in cfg.models],
-        tasks=[m.name for m in cfg.models],
-        heads=cfg.heads or None,
-        out=out,
-        overwrite=overwrite,
-        export_per_task=export_per_task,
-        device=device,
-        chunk_bytes=chunk,
-        max_shard_bytes=shard,
-        quiet=quiet,
-        finish=card,
-    )
+    with ExitStack() as opened:
+        # a model with a 'prefix' mapping is handed over renamed; the others as paths (emr_merge opens them)
+        models: list[Path | TensorSource] = [
+            _renamed(opened.enter_context(closing(open_checkpoint(m.path))), m.prefix, f"model {m.name} ({m.path})")
+            if m.prefix
+            else m.path
+            for m in cfg.models
+        ]
+        emr_merge(
+            cfg.base.path,
+            models,
+            tasks=[m.name for m in cfg.models],
+            heads=cfg.heads or None,
+            out=out,
+            overwrite=overwrite,
+            export_per_task=export_per_task,
+            device=device,
+            chunk_bytes=chunk,
+            max_shard_bytes=shard,
+            quiet=quiet,
+            finish=card,
+        )
 
 
 def _merge_into(
     cfg: MergeConfig,
     out: Path,
     base: Checkpoint,
-    models: list[Checkpoint],
+    models: list[TensorSource],
     stats: dict[str, Any],
     *,
     overwrite: bool,
@@ -309,7 +392,9 @@ def _merge_into(
             _write_heads(tmp, models, cfg.models, heads, cfg.out_dtype, cfg.allow_nonfinite)
         if cfg.base.path.is_dir():
             copy_model_files(cfg.base.path, tmp)
-        write_card(tmp, cfg, plan.params, out.name)
+            if cfg.out_dtype is not None:
+                set_config_dtype(tmp, cfg.out_dtype)
+        write_card(tmp, cfg, plan.params, out.name, buffers=plan.copied)
         if export_per_task:
             export_task_models(tmp, tmp / "tasks", max_shard_bytes=shard, quiet=quiet)
 
@@ -364,6 +449,7 @@ def export_task_models(
                 writer.abort()
                 raise
             copy_model_files(merged, folder)
+            write_task_card(folder, merged, hf.stem, temperature=temperatures.get(hf.stem))
             result[hf.stem] = out / hf.stem
     return result
 

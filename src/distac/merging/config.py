@@ -56,7 +56,7 @@ from .yaml_loader import MAX_YAML_BYTES, MAX_YAML_DEPTH, dump_yaml, read_yaml
 __all__ = ["MAX_YAML_BYTES", "MAX_YAML_DEPTH", "MergeConfig", "ModelSpec", "dump_yaml", "load_config", "read_yaml"]
 
 TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "heads", "allow_nonfinite")
-MODEL_KEYS = ("model", "name", "parameters")
+MODEL_KEYS = ("model", "name", "parameters", "prefix")
 STAT_KEYS = ("fisher", "gram")
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -79,6 +79,8 @@ class ModelSpec:
     path: Path
     name: str
     stats: dict[str, Path] = field(default_factory=dict)
+    #: ``{prefix in this model's names: the base's prefix, or None to drop those tensors}``
+    prefix: dict[str, str | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -147,6 +149,22 @@ def _model_path(folder: Path, value: Any, where: str) -> tuple[Path, str | None]
     return _path(folder, value, where), None
 
 
+def _prefix_map(value: Any, where: str) -> dict[str, str | None]:
+    """A model's ``prefix`` mapping: ``{"bert.": ""}`` strips, ``{"": "bert."}`` adds, ``{"head.": null}`` drops."""
+    if value is None:
+        return {}
+    if (
+        not isinstance(value, Mapping)
+        or not value
+        or not all(isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in value.items())
+    ):
+        raise DistacError(
+            f"{where}: 'prefix' maps this model's name prefixes to the base's, e.g. {{'bert.': ''}} "
+            f"(null drops those tensors); got {value!r}"
+        )
+    return dict(value)
+
+
 def _model_entry(entry: Any, folder: Path, where: str) -> tuple[ModelSpec, dict[str, Any]]:
     """Parse ``{model, name, parameters}`` (or a bare path): the spec, and its non-statistics parameters."""
     if isinstance(entry, str | Path):
@@ -165,7 +183,7 @@ def _model_entry(entry: Any, folder: Path, where: str) -> tuple[ModelSpec, dict[
     name = entry["name"] if entry.get("name") is not None else repo_name or default_name(path)
     if UNSAFE_NAME_CHARS.search(name):
         raise DistacError(f"{where}: name {name!r} may only use letters, digits, '.', '_' and '-'")
-    return ModelSpec(path, name, stats), params
+    return ModelSpec(path, name, stats, _prefix_map(entry.get("prefix"), f"{where}: prefix")), params
 
 
 def _gather_params(
@@ -235,6 +253,8 @@ def _base_entry(raw: Mapping[str, Any], folder: Path, where: str) -> ModelSpec:
         raise DistacError(
             f"{where}: base_model: only statistics (fisher) may be set on the base, got {sorted(base_params)}"
         )
+    if base.prefix:
+        raise DistacError(f"{where}: base_model: 'prefix' maps a model's names to the base's; set it on the models")
     if "gram" in base.stats:
         raise DistacError(f"{where}: base_model: 'gram' statistics belong to the fine-tuned models")
     return base
@@ -263,6 +283,8 @@ def _model_entries(raw: Mapping[str, Any], base: ModelSpec, folder: Path, where:
         out.yaml_index.append(i)
         p = {**params, **{k: str(v) for k, v in spec.stats.items()}}
         out.entries.append({"model": str(spec.path), "name": spec.name, **({"parameters": p} if p else {})})
+        if spec.prefix:
+            out.entries[-1]["prefix"] = spec.prefix
     if not out.specs:
         raise DistacError(f"{where}: 'models' lists only the base model")
     names = [m.name for m in out.specs]

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ..errors import DistacError, closest
 from ..io import Checkpoint, atomic_file, open_checkpoint
+from ..io.readers import STATS_FORMAT
 from ..io.writer import write_safetensors
 
 __all__ = [
@@ -47,7 +48,7 @@ __all__ = [
     "verify_sidecar",
 ]
 
-FORMAT = "distac-stats/1"
+FORMAT = f"{STATS_FORMAT}1"
 KINDS = ("fisher", "adam", "gram")
 #: sidecar kinds accepted where a statistic is asked for: Adam second moments stand in for a Fisher
 ACCEPTED_KINDS = {"fisher": ("fisher", "adam"), "adam": ("adam",), "gram": ("gram",)}
@@ -287,12 +288,17 @@ class Sidecar:
         self.close()
 
 
-def _check_use(path: Path, meta: dict[str, Any], use: str | None, scale: str | None, role: str | None) -> None:
+def _check_kind(path: Path, kind: Any, use: str | None, role: str | None) -> None:
+    """The sidecar's kind fits its use (checked before the rest of the metadata: the use is the
+    caller's choice, and a wrong one is the first thing to tell)."""
     accepted = ACCEPTED_KINDS.get(use, (use,)) if use else KINDS
-    if meta["kind"] not in accepted:
+    if kind not in accepted:
         if role:
-            raise DistacError(f"{path}: holds '{meta['kind']}' statistics, but {role} uses it as '{use}'")
-        raise DistacError(f"{path}: holds '{meta['kind']}' statistics, expected {use}")
+            raise DistacError(f"{path}: holds '{kind}' statistics, but {role} uses it as '{use}'")
+        raise DistacError(f"{path}: holds '{kind}' statistics, expected {use}")
+
+
+def _check_scale(path: Path, meta: dict[str, Any], scale: str | None) -> None:
     if scale is not None and meta["scale"] != scale:
         raise DistacError(
             f"{path}: is on the {meta['scale']} scale but {scale} is needed; recompute it with "
@@ -341,12 +347,15 @@ def open_sidecar(
     src = open_checkpoint(p, label=label or str(p))
     try:
         raw = src.metadata()
-        if not str(raw.get("format", "")).startswith("distac-stats/"):
+        if not str(raw.get("format", "")).startswith(STATS_FORMAT):
             if not plain_ok:
                 raise DistacError(f"{p}: not a distac statistics sidecar (metadata format={raw.get('format')!r})")
             return Sidecar(p, src, None, None, dict(raw))
+        if use:
+            _check_kind(p, raw.get("kind"), use, role)
         meta = _decode(p, raw)
-        _check_use(p, meta, use, scale, role)
+        _check_kind(p, meta["kind"], use, role)
+        _check_scale(p, meta, scale)
         if model is not None:
             check_stats(
                 _SourceView(src),
