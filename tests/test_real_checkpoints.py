@@ -182,21 +182,26 @@ def test_card_names_a_cached_base_by_its_repo_id_and_every_task_folder_has_one(t
         assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
 
 
-def test_emr_task_folders_get_cards(tmp_path):
+def test_emr_task_folders_get_cards_and_a_prefixed_model_is_mapped(tmp_path):
     from conftest import finetuned, tiny_state, write_checkpoint
 
     base = tiny_state(0)
     root = tmp_path
     write_checkpoint(base, root / "base", form="hf")
-    for i in (1, 2):
-        write_checkpoint(finetuned(base, i), root / f"t{i}", form="hf")
+    fts = [finetuned(base, i) for i in (1, 2)]
+    write_checkpoint(fts[0], root / "t1", form="hf")
+    write_checkpoint({"model." + k: v for k, v in fts[1].items()}, root / "t2", form="hf")
     out = distac.merge_checkpoints(
-        {"merge_method": "emr", "base_model": str(root / "base"), "models": [str(root / "t1"), str(root / "t2")],
+        {"merge_method": "emr", "base_model": str(root / "base"),
+         "models": [str(root / "t1"), {"model": str(root / "t2"), "prefix": {"model.": ""}}],
          "heads": ["classifier.*"]},
         root / "bundle",
         export_per_task=True,
         quiet=True,
     )  # fmt: skip
+    want = distac.emr_merge(base, fts, tasks=["t1", "t2"], heads=["classifier.*"]).task("t2")
+    got = load_file(out / "tasks" / "t2" / "model.safetensors")
+    assert set(got) == set(base) and all(torch.equal(got[k], want[k]) for k in base)
     for t in ("t1", "t2"):
         data = _card_data(out / "tasks" / t)
         assert data == {"library_name": "transformers", "tags": ["merge", "distac", "emr"]}

@@ -276,8 +276,8 @@ def check_compatible(
             if not missing:  # a head the base has no place for: a merge writes the base's tensors only
                 drop = ", ".join(f"'{h}': null" for h in sorted({e.split(".")[0] + "." for e in extra})[:3])
                 parts.append(
-                    f"a merge writes the base's tensors only: leave them out with `prefix: {{{drop}}}` on this "
-                    "model's entry of the config, or merge onto a base that has them"
+                    f"a merge writes the base's tensors only: leave them out with {drop} in this model's `prefix` "
+                    "mapping of the config (e.g. `prefix: {" + drop + "}`), or merge onto a base that has them"
                 )
         raise DistacError(f"{what or o.label}: " + "; ".join(parts))
     for k in keys:
