@@ -356,3 +356,28 @@ def test_a_sentence_transformers_base_merges_into_a_working_sentence_transformer
     data = _card_data(out)
     assert data["tags"] == ["merge", "distac", "ties"] and "base_model" not in data
     _no_absolute_paths((out / "README.md").read_text(), tmp_path)
+
+
+def test_a_prefixed_models_sidecar_is_renamed_with_it(encoders):
+    from distac.stats import save_stats
+
+    root, base, fts = encoders
+    plain, prefixed = [], []
+    for i, f in enumerate(fts):
+        state = load_file(f / "model.safetensors")
+        g = torch.Generator().manual_seed(i)
+        fisher = {k: torch.rand(v.shape, generator=g) + 0.1 for k, v in state.items()}
+        save_stats(root / f"f{i}.safetensors", fisher, kind="fisher", model=state, n_examples=4, scale="sum",
+                   estimator="exact")  # fmt: skip
+        plain.append({"model": str(f), "parameters": {"fisher": str(root / f"f{i}.safetensors")}})
+        # the same model and statistic, saved under a "bert." prefix
+        bert = {"bert." + k: v for k, v in state.items()}
+        save_file(bert, str(root / f"bert{i}.safetensors"))
+        save_stats(root / f"bf{i}.safetensors", {"bert." + k: v for k, v in fisher.items()}, kind="fisher",
+                   model=bert, n_examples=4, scale="sum", estimator="exact")  # fmt: skip
+        prefixed.append({"model": str(root / f"bert{i}.safetensors"), "name": f"b{i}", "prefix": {"bert.": ""},
+                         "parameters": {"fisher": str(root / f"bf{i}.safetensors")}})  # fmt: skip
+    cfg = {"merge_method": "fisher", "base_model": str(base)}
+    a = distac.merge_checkpoints({**cfg, "models": plain}, root / "plain", quiet=True)
+    b = distac.merge_checkpoints({**cfg, "models": prefixed}, root / "prefixed", quiet=True)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()

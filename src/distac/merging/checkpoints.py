@@ -7,6 +7,12 @@ absolute paths, re-runnable as is). The output goes through :mod:`distac.io.atom
 folder next to ``out``, renamed when complete, never touching an input. ``merge_method: emr``
 writes an EMR-Merging bundle instead (:mod:`distac.merging.emr`: one model per task), with the
 same card and config.
+
+A model entry's ``prefix`` (``{"bert.": ""}``: its names to the base's; ``null`` leaves tensors
+out) is applied when the model is opened, as a :class:`~distac.tensors.RenamedSource`; its
+statistics sidecars, keyed like the model as saved, are checked against it as saved and renamed
+the same way. With ``out_dtype``, the copied ``config.json`` names the dtype written
+(:func:`set_config_dtype`).
 """
 
 from __future__ import annotations
