@@ -201,7 +201,19 @@ def mergekit_differences() -> dict[str, float]:
                 theirs = _mk(mk_method, tensors, mk_base, **mk_params)
             worst = max(worst, float((ours[k] - theirs).abs().max()))
         out[label] = worst
+    out["nuslerp rows, some collinear"] = _collinear_rows_difference()
     return out
+
+
+def _collinear_rows_difference() -> float:
+    """NuSLERP per row where some rows are parallel, antiparallel or zero (the linear branch)."""
+    g = torch.Generator().manual_seed(22)
+    a, b = torch.randn(2, 6, 5, generator=g)
+    b[0], b[1], b[2] = 2 * a[0], -3 * a[1], 0.0
+    zero = {"w": torch.zeros(6, 5)}
+    ours = distac.merge(zero, [{"w": a}, {"w": b}], "nuslerp", weights=[0.3, 0.7], nuslerp_flatten=False)["w"]
+    theirs = _mk("nuslerp", [a, b], None, weight=_per_model([0.3, 0.7]), nuslerp_flatten=False)
+    return float((ours - theirs).abs().max())
 
 
 #: where the two differ only by fp32 rounding, not by convention: the bound on |distac − mergekit|

@@ -114,10 +114,9 @@ def passthrough(
     mergekit takes exactly one input per tensor and returns it, multiplied by its optional
     ``scale`` (used in frankenmerges to damp a layer's output projection). ``scale`` multiplies
     the model's *weights*, not a task vector; 1.0 (the default) is mergekit's "no scale". Written
-    on task vectors like every method: the result is scale·(θ0 + τ_1) − θ0, so θ = θ_1 exactly
-    when the base is all zeros (a mergekit config without ``base_model``) and when ``scale`` is 1
-    and θ0 + (θ_1 − θ0) rounds back to θ_1 (always for fp32 subtraction without cancellation
-    error; otherwise within one fp32 rounding of θ_1).
+    on task vectors like every method, the result is scale·(θ0 + τ_1) − θ0 and the engine adds θ0
+    back: exactly θ_1 (times ``scale``) when the base is all zeros, as for a mergekit config
+    without ``base_model``; over a real base, θ_1 up to the fp32 rounding of θ0 + (θ_1 − θ0).
 
     Memory: row-chunked; the output (and a weighted copy when scale ≠ 1).
     """

@@ -9,7 +9,7 @@ the engine adds the base back.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any
 
 import torch
@@ -193,9 +193,16 @@ def _nuslerp_pair(t: float, v0: Tensor, v1: Tensor, *, row_wise: bool, flatten: 
     u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
     cos = (u0 * u1).sum(-1, keepdim=True).clamp(-1, 1)
     collinear = (1 - cos.square()) <= eps**2
-    theta = torch.acos(torch.where(collinear, 0, cos))
-    res = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
-    res = torch.where(collinear, (1 - t) * v0 + t * v1, res)
+    del u0, u1
+    # mergekit computes both branches and picks with where; computing only the branch every vector
+    # takes (always so for the flattened tensor) gives the same values with fewer copies
+    if bool(collinear.all()):
+        res = (1 - t) * v0 + t * v1
+    else:
+        theta = torch.acos(torch.where(collinear, 0, cos))
+        res = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+        if bool(collinear.any()):
+            res = torch.where(collinear, (1 - t) * v0 + t * v1, res)
     if row_wise and not flatten:
         res = res.transpose(0, -1)
     return res.reshape(shape)
@@ -254,7 +261,7 @@ def _normalized_weights_sum_nonzero(params: Mapping[str, Any], n: int) -> str | 
     checks=(_normalized_weights_sum_nonzero,),
     notes="Weights default 1 each, normalised (normalize_weights). " + _ON_DELTAS,
     memory="whole tensor: the engine's (N+1) x largest inputs, the output and about 2N + 3 fp32 copies "
-    "(unit vectors, tangents)",
+    "(the unit vectors, turned into tangents in place, and one N x largest temporary)",
 )
 def multislerp(
     base: Tensor,
@@ -275,7 +282,8 @@ def multislerp(
     sum. One model returns it unchanged; a weighted mean of unit vectors with norm < eps (antipodal
     inputs) falls back to the weighted sum for two models and is an error for more (mergekit's rule).
 
-    Memory: whole tensor; the unit vectors and their tangents (N x largest each) in fp32.
+    Memory: whole tensor; the unit vectors (turned into their tangents in place) and one
+    N x largest temporary in fp32.
     """
     n = deltas.shape[0]
     if n == 1:
@@ -296,39 +304,48 @@ def multislerp(
             "vectors whose weights cancel); give other weights"
         )
     mean = mean / mean_norm
-    tangents = units - (units * mean).sum(-1, keepdim=True) * mean
+    # the tangents overwrite the unit vectors (same bits as units − dots·mean), one N x largest copy fewer
+    tangents = units.sub_((units * mean).sum(-1, keepdim=True) * mean)
     g = (tangents * w.view(-1, 1)).sum(0)
     g_norm = torch.norm(g) + eps
     result = mean * torch.cos(g_norm) + g * (torch.sin(g_norm) / g_norm)
     return (result * (norms.squeeze(-1) * w).sum()).view(deltas.shape[1:])
 
 
-def karcher_mean(points: Tensor, *, max_iter: int = 10, tol: float = 1e-5) -> Tensor:
+def karcher_mean(points: Iterable[Tensor], *, max_iter: int = 10, tol: float = 1e-5) -> Tensor:
     """mergekit's ``karcher_merge_tensors`` with uniform weights: the Karcher mean direction times the mean norm.
 
-    ``points`` is (N, *S). The points are normalised (a zero one stays zero and those with a norm
-    ≤ ``tol`` are left out of the direction); the mean direction starts at the normalised weighted
-    Euclidean mean (or the first valid unit vector when that is ≤ ``tol``) and moves by the
-    Riemannian gradient Σ_t α_t·θ_t/sin θ_t·(u_t − cos θ_t·m) through the exponential map, at most
-    ``max_iter`` times, until the gradient's norm is below ``tol``. The result is the mean
+    ``points``: the N tensors (an (N, *S) tensor, or any iterable of them: a generator keeps only
+    their unit vectors alive). The points are normalised (a zero one stays zero and those with a
+    norm ≤ ``tol`` are left out of the direction); the mean direction starts at the normalised
+    weighted Euclidean mean (or the first valid unit vector when that is ≤ ``tol``) and moves by
+    the Riemannian gradient Σ_t α_t·θ_t/sin θ_t·(u_t − cos θ_t·m) through the exponential map, at
+    most ``max_iter`` times, until the gradient's norm is below ``tol``. The result is the mean
     direction times Σ_t α_t‖x_t‖ (α_t = 1/N, over all points).
 
     Example:
         >>> karcher_mean(torch.tensor([[3.0, 0.0], [0.0, 3.0]]))
         tensor([2.1213, 2.1213])
     """
-    n = points.shape[0]
+    first: Tensor | None = None
+    norms: list[Tensor] = []
+    units: list[Tensor] = []
+    for p in points:
+        first = p if first is None else first
+        norms.append(torch.linalg.vector_norm(p))
+        units.append(torch.zeros_like(p) if float(norms[-1]) == 0.0 else p / norms[-1])
+    n = len(units)
+    if first is None:
+        raise ValueError("karcher_mean needs at least one point")
     if n == 1:
-        return points[0].clone()
+        return first.clone()
     alphas = [1.0 / n] * n
-    norms = [torch.linalg.vector_norm(p) for p in points]
-    units = [torch.zeros_like(p) if float(nm) == 0.0 else p / nm for p, nm in zip(points, norms, strict=True)]
     valid = [i for i in range(n) if float(norms[i]) > tol]
     if not valid:
-        return torch.zeros_like(points[0])
+        return torch.zeros_like(first)
     total = sum(alphas[i] for i in valid)
     weighted = [(alphas[i] / total, units[i]) for i in valid]
-    mean = torch.zeros_like(points[0])
+    mean = torch.zeros_like(first)
     for a, u in weighted:
         mean += a * u
     mean_norm = torch.linalg.vector_norm(mean)
@@ -359,8 +376,8 @@ def karcher_mean(points: Tensor, *, max_iter: int = 10, tol: float = 1e-5) -> Te
     chunkable=False,
     notes="Uniform weights, max_iter 10, tol 1e-5, as mergekit. The base is ignored as in mergekit: the mean "
     "is of the weights θ_t, whether or not a base is given.",
-    memory="whole tensor: the engine's (N+1) x largest inputs, the output and 2N + 3 fp32 copies "
-    "(the weights, their unit vectors, mean, tangent)",
+    memory="whole tensor: the engine's (N+1) x largest inputs, the output and N + 4 fp32 copies "
+    "(the unit vectors, the first weights, mean, tangent)",
 )
 def karcher(
     base: Tensor,
@@ -380,8 +397,10 @@ def karcher(
     an all-zeros base (a mergekit config without ``base_model``) the weights are the task vectors.
     One model is returned unchanged.
 
-    Memory: whole tensor; the N weights θ_t, their N unit vectors, the mean and the tangent in fp32.
+    Memory: whole tensor; the N unit vectors (each θ_t is formed and normalised in turn), the mean
+    and the tangent in fp32.
     """
     if deltas.shape[0] == 1:
         return deltas[0].clone()
-    return karcher_mean(deltas + base, max_iter=max_iter, tol=tol).sub_(base)
+    # the weights θ_t one at a time: only their unit vectors stay alive
+    return karcher_mean((base + d for d in deltas), max_iter=max_iter, tol=tol).sub_(base)

@@ -385,8 +385,8 @@ def _dare_ties_prepass(params: Mapping[str, Any], n: int) -> Prepass | None:
 
 _FAMILY_NOTES = (
     "density = fraction kept (MergeLM weight_mask_rate = FusionBench sparsity_ratio = 1 - density); "
-    "weights multiply the sparsified task vectors before sign election; the disjoint mean divides by "
-    "the count of agreeing entries (official/peft), not by their summed weights (mergekit normalize)."
+    "weights multiply the sparsified task vectors before sign election; merge_fn='mean' divides by "
+    "the count of agreeing entries (official/peft), 'weighted_mean' by their summed weights (mergekit normalize)."
 )
 
 
@@ -422,7 +422,8 @@ def ties(
     Defaults are the official recipe without validation data: k = 20 (``density=0.2``), mass
     election, disjoint mean, λ = 1. FusionBench uses ``merge_fn="sum"`` with ``scale=0.3``;
     mergekit ``ties`` trims per tensor with density 1.0 (no trim) unless set, and divides by the
-    sum of the agreeing weights; the DisTaC repository keeps the top 10% (``density=0.1``).
+    sum of the agreeing weights (``merge_fn="weighted_mean"``); the DisTaC repository keeps the
+    top 10% (``density=0.1``).
 
     Memory: row-chunked (the engine's pieces; per-tensor thresholds come from its pre-pass), and
     the trim/elect/merge temporaries live in 4 MiB blocks of rows.
