@@ -36,9 +36,13 @@ PARAMS: dict[str, dict] = {
     "fisher": {},
     "regmean": {"reduce_nondiag": 0.5},
     "ties_tensor": {"density": 0.3, "scope": "tensor"},
+    "della": {"density": 0.5, "epsilon": 0.2, "weights": [1.0, 0.5, 2.0]},
+    "della_linear": {"density": 0.6, "epsilon": 0.1},
+    "nuslerp": {"weights": [0.3, 0.7]},
+    "multislerp": {"weights": [0.2, 0.3, 0.5]},
 }
 ALIASES = {"ties_tensor": "ties"}
-N_MODELS = {"slerp": 2}  # methods that take a fixed number of models
+N_MODELS = {"slerp": 2, "nuslerp": 2, "passthrough": 1}  # methods that take a fixed number of models
 
 
 def inputs(n: int = 3) -> tuple[dict, list[dict], list[dict], dict, list[dict]]:

@@ -18,7 +18,7 @@ from distac.merging.pieces import stream as _stream
 from distac.nn.models import default_device
 from distac.tensors import DictSource
 
-N_MODELS = 2  # every registered method accepts two models (SLERP needs exactly two)
+N_MODELS = 2  # every registered method accepts two models (SLERP needs exactly two), but passthrough (one)
 
 #: valid, non-default parameters per method, so that the comparison exercises them. A method not
 #: listed runs with its defaults (plus any statistics it needs); none is skipped.
@@ -86,7 +86,7 @@ def _read_out(folder) -> dict:
 def test_streamed_equals_in_memory_exactly(tmp_path, method, params):
     """Sharded inputs, a 256-byte chunk budget (row chunks of 1-2 rows), tiny shards, prefetch on."""
     base = tiny_state(0)
-    models = [finetuned(base, i) for i in range(N_MODELS)]
+    models = [finetuned(base, i) for i in range(min(N_MODELS, METHODS[method].max_models or N_MODELS))]
     stats = _stats_for(method, base, models)
     want = distac.merge(base, models, method, device="cpu", **stats, **params)
 

@@ -29,6 +29,8 @@ _RECORDS: tuple[Method, ...] = (
     sparse.ties,
     sparse.dare_linear,
     sparse.dare_ties,
+    sparse.della,
+    sparse.della_linear,
     masked.breadcrumbs,
     masked.breadcrumbs_ties,
     masked.consensus_ta,
@@ -37,11 +39,15 @@ _RECORDS: tuple[Method, ...] = (
     spectral.iso_c,
     spectral.iso_cts,
     interpolate.slerp,
+    interpolate.nuslerp,
+    interpolate.multislerp,
+    interpolate.karcher,
     interpolate.model_stock,
     curvature.gradient_matching,
     curvature.fisher,
     curvature.regmean,
     wudi.wudi,
+    basic.passthrough,
 )
 
 #: every merge method by name

@@ -90,3 +90,36 @@ def task_arithmetic(
     """
     w = model_weights(weights, deltas.shape[0], deltas)
     return scale * (w * deltas).sum(0)
+
+
+@merge_method(
+    "passthrough",
+    summary="The one given model's tensor, optionally scaled: θ = scale·θ_1 (mergekit passthrough).",
+    paper="mergekit passthrough (arcee-ai/mergekit, mergekit/merge_methods/passthrough.py)",
+    min_models=1,
+    max_models=1,
+    notes="Exactly one model, as mergekit; scale multiplies the weights θ_1 (mergekit's per-model scale), "
+    "not a task vector. Frankenmerges (slices of layers) are a config feature, not this method.",
+    memory=ROW_CHUNKED,
+)
+def passthrough(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    ctx: TensorContext,
+    scale: Annotated[float, Range()] = 1.0,
+) -> Tensor:
+    """Passthrough: the single model's tensor, θ = scale · θ_1 (mergekit ``passthrough``).
+
+    mergekit takes exactly one input per tensor and returns it, multiplied by its optional
+    ``scale`` (used in frankenmerges to damp a layer's output projection). ``scale`` multiplies
+    the model's *weights*, not a task vector; 1.0 (the default) is mergekit's "no scale". Written
+    on task vectors like every method, the result is scale·(θ0 + τ_1) − θ0 and the engine adds θ0
+    back: exactly θ_1 (times ``scale``) when the base is all zeros, as for a mergekit config
+    without ``base_model``; over a real base, θ_1 up to the fp32 rounding of θ0 + (θ_1 − θ0).
+
+    Memory: row-chunked; the output (and a weighted copy when scale ≠ 1).
+    """
+    if scale == 1:
+        return deltas[0].clone()
+    return (base + deltas[0]).mul_(scale).sub_(base)

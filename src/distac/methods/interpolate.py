@@ -1,6 +1,7 @@
-"""Interpolation in weight space: SLERP (two models) and Model Stock.
+"""Interpolation in weight space: SLERP (two models), Model Stock, and mergekit's NuSLERP,
+Multi-SLERP and Karcher mean.
 
-Both look at each tensor as a whole (a norm or an angle over all of its entries), so neither is
+All look at each tensor as a whole (a norm or an angle over all of its entries), so none is
 chunkable. They are written, like every method, as functions returning the merged *task vector*;
 the engine adds the base back.
 """
@@ -8,15 +9,17 @@ the engine adds the base back.
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
 from ..errors import DistacError
-from .base import Range, TensorContext, merge_method
+from .base import Count, Range, TensorContext, merge_method
+from .basic import Weights, model_weights, weights_sum_nonzero
 
-__all__ = ["model_stock", "model_stock_ratio", "slerp"]
+__all__ = ["karcher", "karcher_mean", "model_stock", "model_stock_ratio", "multislerp", "nuslerp", "slerp"]
 
 #: above this |cos| the two directions are treated as collinear and SLERP falls back to LERP
 #: (mergekit and FusionBench use the same constant); also avoids dividing by sin Ω ≈ 0.
@@ -158,3 +161,246 @@ def model_stock(
             "the task vectors point in opposite directions; merge these models with another method"
         )
     return t * deltas.mean(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# mergekit's spherical methods: NuSLERP, Multi-SLERP, Karcher mean
+# ----------------------------------------------------------------------------------------------
+#: the vectors these methods move on the sphere are the task vectors the engine hands them: θ_t − θ0
+#: with a base, the weights θ_t themselves when the base is all zeros (a mergekit config without
+#: ``base_model``), which is exactly mergekit's choice in each case.
+_ON_DELTAS = (
+    "On the task vectors with a base (mergekit with base_model), on the weights when the base is zeros "
+    "(mergekit without base_model)."
+)
+
+
+def _nuslerp_pair(t: float, v0: Tensor, v1: Tensor, *, row_wise: bool, flatten: bool) -> Tensor:
+    """mergekit's ``nuslerp`` on two tensors: SLERP along the last dim (dim 0 if ``row_wise``), or of the whole.
+
+    Unit vectors use norms clamped to ≥ 1e-7; pairs with 1 − cos² ≤ 1e-16 (parallel or
+    antiparallel, or a zero vector) are interpolated linearly.
+    """
+    eps = 1e-8
+    shape = v0.shape
+    flatten = flatten or v0.dim() == 0  # a scalar is its own flattened vector
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    # torch.norm, not linalg.vector_norm: mergekit's own calls, so the results are mergekit's bits
+    u0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (u0 * u1).sum(-1, keepdim=True).clamp(-1, 1)
+    collinear = (1 - cos.square()) <= eps**2
+    del u0, u1
+    # mergekit computes both branches and picks with where; computing only the branch every vector
+    # takes (always so for the flattened tensor) gives the same values with fewer copies
+    if bool(collinear.all()):
+        res = (1 - t) * v0 + t * v1
+    else:
+        theta = torch.acos(torch.where(collinear, 0, cos))
+        res = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+        if bool(collinear.any()):
+            res = torch.where(collinear, (1 - t) * v0 + t * v1, res)
+    if row_wise and not flatten:
+        res = res.transpose(0, -1)
+    return res.reshape(shape)
+
+
+@merge_method(
+    "nuslerp",
+    summary="SLERP of two task vectors (or weights without a base), whole tensor, per row or per column.",
+    paper="mergekit nuslerp (arcee-ai/mergekit, mergekit/merge_methods/nuslerp.py); Shoemake, SIGGRAPH 1985",
+    chunkable=False,
+    min_models=2,
+    max_models=2,
+    notes="t = w_2/(w_1+w_2) from the per-model weights, as mergekit (weights default 1, 1: t = 0.5); "
+    "exact collinearity test (1-cos² ≤ 1e-16), not slerp's 0.9995. " + _ON_DELTAS,
+    memory="whole tensor: the engine's (N+1) x largest inputs, the output and a few fp32 copies (unit vectors, terms)",
+)
+def nuslerp(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    ctx: TensorContext,
+    weights: Weights = None,
+    nuslerp_flatten: bool = True,
+    nuslerp_row_wise: bool = False,
+) -> Tensor:
+    """NuSLERP (mergekit ``nuslerp``): spherical interpolation of τ_1 → τ_2 with t = w_2 / (w_1 + w_2).
+
+    mergekit's source is the reference (no paper; SLERP is Shoemake 1985). With a base the two
+    *task vectors* are interpolated and θ0 added back (mergekit with ``base_model``); with an
+    all-zeros base (a mergekit config without one) the weights themselves. ``nuslerp_flatten``
+    (default True) interpolates the whole flattened tensor; False interpolates each row along the
+    last dim, or each column (vectors along dim 0) with ``nuslerp_row_wise``. Unlike ``slerp`` the
+    fallback to linear interpolation is only for exactly collinear pairs (1 − cos² ≤ 1e-16) or a
+    zero vector. ``weights`` default to (1, 1), i.e. t = 0.5, which is also mergekit's t when
+    |w_1 + w_2| < 1e-6.
+
+    Memory: whole tensor; unit-vector copies of both task vectors and the SLERP terms in fp32.
+    """
+    w = [1.0, 1.0] if weights is None else (weights if isinstance(weights, list) else [weights, weights])
+    total = w[0] + w[1]
+    t = 0.5 if abs(total) < 1e-6 else w[1] / total
+    return _nuslerp_pair(t, deltas[0], deltas[1], row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)
+
+
+def _normalized_weights_sum_nonzero(params: Mapping[str, Any], n: int) -> str | None:
+    """Multi-SLERP divides the weights by their sum only with ``normalize_weights``."""
+    return weights_sum_nonzero(params, n) if params["normalize_weights"] else None
+
+
+@merge_method(
+    "multislerp",
+    summary="Barycentric interpolation of N task vectors (or weights) on the hypersphere, whole tensor.",
+    paper="mergekit multislerp (arcee-ai/mergekit, mergekit/merge_methods/multislerp.py; "
+    "goddard.blog/posts/multislerp-wow-what-a-cool-idea)",
+    chunkable=False,
+    checks=(_normalized_weights_sum_nonzero,),
+    notes="Weights default 1 each, normalised (normalize_weights). " + _ON_DELTAS,
+    memory="whole tensor: the engine's (N+1) x largest inputs, the output and about 2N + 3 fp32 copies "
+    "(the unit vectors, turned into tangents in place, and one N x largest temporary)",
+)
+def multislerp(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    ctx: TensorContext,
+    weights: Weights = None,
+    normalize_weights: bool = True,
+    eps: Annotated[float, Range(0)] = 1e-8,
+) -> Tensor:
+    """Multi-SLERP (mergekit ``multislerp``): a weighted mean on the unit sphere, scaled to the mean norm.
+
+    mergekit's source and its author's note are the reference. Each flattened task vector
+    (weights, without a base) is divided by its norm + eps; the weighted mean m of the unit
+    vectors is normalised; the unit vectors are projected to the tangent space at m and averaged
+    with the weights (g); the result is exp_m(g) = m·cos‖g‖ + g·sin‖g‖/‖g‖ (‖g‖ + eps), times the
+    weighted mean of the norms. ``normalize_weights`` (default True) divides the weights by their
+    sum. One model returns it unchanged; a weighted mean of unit vectors with norm < eps (antipodal
+    inputs) falls back to the weighted sum for two models and is an error for more (mergekit's rule).
+
+    Memory: whole tensor; the unit vectors (turned into their tangents in place) and one
+    N x largest temporary in fp32.
+    """
+    n = deltas.shape[0]
+    if n == 1:
+        return deltas[0].clone()
+    flat = deltas.reshape(n, -1)
+    w = model_weights(weights, n, flat).reshape(n)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if n == 2:
+            return (deltas[0] * w[0] + deltas[1] * w[1]).view(deltas.shape[1:])
+        raise DistacError(
+            f"multislerp: tensor '{ctx.name}': the weighted mean of the unit task vectors is zero (antipodal "
+            "vectors whose weights cancel); give other weights"
+        )
+    mean = mean / mean_norm
+    # the tangents overwrite the unit vectors (same bits as units − dots·mean), one N x largest copy fewer
+    tangents = units.sub_((units * mean).sum(-1, keepdim=True) * mean)
+    g = (tangents * w.view(-1, 1)).sum(0)
+    g_norm = torch.norm(g) + eps
+    result = mean * torch.cos(g_norm) + g * (torch.sin(g_norm) / g_norm)
+    return (result * (norms.squeeze(-1) * w).sum()).view(deltas.shape[1:])
+
+
+def karcher_mean(points: Iterable[Tensor], *, max_iter: int = 10, tol: float = 1e-5) -> Tensor:
+    """mergekit's ``karcher_merge_tensors`` with uniform weights: the Karcher mean direction times the mean norm.
+
+    ``points``: the N tensors (an (N, *S) tensor, or any iterable of them: a generator keeps only
+    their unit vectors alive). The points are normalised (a zero one stays zero and those with a
+    norm ≤ ``tol`` are left out of the direction); the mean direction starts at the normalised
+    weighted Euclidean mean (or the first valid unit vector when that is ≤ ``tol``) and moves by
+    the Riemannian gradient Σ_t α_t·θ_t/sin θ_t·(u_t − cos θ_t·m) through the exponential map, at
+    most ``max_iter`` times, until the gradient's norm is below ``tol``. The result is the mean
+    direction times Σ_t α_t‖x_t‖ (α_t = 1/N, over all points).
+
+    Example:
+        >>> karcher_mean(torch.tensor([[3.0, 0.0], [0.0, 3.0]]))
+        tensor([2.1213, 2.1213])
+    """
+    first: Tensor | None = None
+    norms: list[Tensor] = []
+    units: list[Tensor] = []
+    for p in points:
+        first = p if first is None else first
+        norms.append(torch.linalg.vector_norm(p))
+        units.append(torch.zeros_like(p) if float(norms[-1]) == 0.0 else p / norms[-1])
+    n = len(units)
+    if first is None:
+        raise ValueError("karcher_mean needs at least one point")
+    if n == 1:
+        return first.clone()
+    alphas = [1.0 / n] * n
+    valid = [i for i in range(n) if float(norms[i]) > tol]
+    if not valid:
+        return torch.zeros_like(first)
+    total = sum(alphas[i] for i in valid)
+    weighted = [(alphas[i] / total, units[i]) for i in valid]
+    mean = torch.zeros_like(first)
+    for a, u in weighted:
+        mean += a * u
+    mean_norm = torch.linalg.vector_norm(mean)
+    mean = weighted[0][1].clone() if float(mean_norm) < tol else mean / mean_norm
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for a, u in weighted:
+            dot = torch.clamp(torch.dot(mean.reshape(-1), u.reshape(-1)), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if float(theta) < tol:
+                continue
+            tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent)
+        if float(tangent_norm) < tol:
+            break
+        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
+        unit_norm = torch.linalg.vector_norm(mean)
+        if float(unit_norm) > tol:
+            mean = mean / unit_norm
+    scale = sum(a * nm for a, nm in zip(alphas, norms, strict=True))
+    return scale * mean
+
+
+@merge_method(
+    "karcher",
+    summary="Karcher (Riemannian) mean of the N models' weights on the hypersphere, scaled to their mean norm.",
+    paper="Karcher, Riemannian center of mass and mollifier smoothing, CPAM 1977; mergekit karcher (arXiv 2603.04972)",
+    chunkable=False,
+    notes="Uniform weights, max_iter 10, tol 1e-5, as mergekit. The base is ignored as in mergekit: the mean "
+    "is of the weights θ_t, whether or not a base is given.",
+    memory="whole tensor: the engine's (N+1) x largest inputs, the output and N + 4 fp32 copies "
+    "(the unit vectors, the first weights, mean, tangent)",
+)
+def karcher(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    ctx: TensorContext,
+    max_iter: Annotated[int, Count(1)] = 10,
+    tol: Annotated[float, Range(0)] = 1e-5,
+) -> Tensor:
+    """Karcher mean (mergekit ``karcher``): the Riemannian centre of mass of the weights on the unit sphere.
+
+    Karcher (1977); mergekit's ``karcher_merge_tensors`` is the reference (see :func:`karcher_mean`):
+    each tensor θ_t is split into its norm and direction, the directions' Karcher mean is found by
+    at most ``max_iter`` (10) gradient steps until the step is below ``tol`` (1e-5), and the result
+    is that direction times the mean norm. mergekit's ``karcher`` ignores any base model, so this
+    averages the weights θ_t = θ0 + τ_t (re-formed in fp32) and returns the result minus θ0; with
+    an all-zeros base (a mergekit config without ``base_model``) the weights are the task vectors.
+    One model is returned unchanged.
+
+    Memory: whole tensor; the N unit vectors (each θ_t is formed and normalised in turn), the mean
+    and the tangent in fp32.
+    """
+    if deltas.shape[0] == 1:
+        return deltas[0].clone()
+    # the weights θ_t one at a time: only their unit vectors stay alive
+    return karcher_mean((base + d for d in deltas), max_iter=max_iter, tol=tol).sub_(base)

@@ -11,6 +11,8 @@ task_arithmetic    none                        none         sum          (``basi
 ties               magnitude (global|tensor)   mass         disjoint mean | sum
 dare_linear        DARE random drop            none         sum
 dare_ties          DARE, then magnitude        mass         disjoint mean | sum
+della              MAGPRUNE (rank-scaled DARE)  mass         disjoint weighted mean | sum
+della_linear       MAGPRUNE (rank-scaled DARE)  none         sum | weighted mean
 breadcrumbs        per-row middle band         none         sum
 breadcrumbs_ties   per-row middle band         mass         disjoint mean | sum
 consensus_ta       none; TALL consensus mask   none         sum, masked
@@ -20,9 +22,10 @@ consensus_ties     magnitude; TALL consensus   mass         disjoint sum, masked
 Conventions shared by the family (each function's docstring adds its own):
 
 * ``weights`` (per model, default all 1) multiply each *sparsified* task vector before the sign
-  election, so they act like mergekit's ``weight``. The disjoint mean divides by the *count* of
-  agreeing entries (official TIES / peft), not by the sum of their weights (mergekit
-  ``normalize: true``); the two agree for unit weights. A negative weight negates a task.
+  election, so they act like mergekit's ``weight``. ``merge_fn="mean"`` divides by the *count* of
+  agreeing entries (official TIES / peft); ``merge_fn="weighted_mean"`` by the sum of their
+  weights (mergekit ``normalize: true``, DELLA's default); the two agree for unit weights. A
+  negative weight negates a task.
 * ``density`` is always the fraction *kept* (mergekit/peft ``density``; MergeLM's
   ``weight_mask_rate`` and FusionBench's ``sparsity_ratio`` are ``1 - density``; TIES's "top-k%"
   is ``density = k/100``).
@@ -37,7 +40,10 @@ density         density              1 − sparsity_ratio (DARE);      k/100 (TI
                                      threshold/100 (TIES)            1 − weight_mask_rate (DARE)
 trim_density    (none: no trim)      threshold/100 (dare_ties)       1 − param_value_mask_rate
 scope           always "tensor"      always "global"                 "global" (TIES, TALL)
-merge_fn        normalize (mean)     merge_func                      "dis-mean" / "dis-sum"
+merge_fn        normalize            merge_func                      "dis-mean" / "dis-sum"
+                (weighted_mean)
+epsilon         epsilon              (no DELLA)                      ε (DELLA)
+rescale         rescale (L1)         rescale (1/density)             (DELLA: 1/p_i)
 scale           lambda               scaling_factor                  λ / α
 weights         weight               (none)                          (none)
 seed            global set_seed      (global RNG)                    seed (MergeLM)
@@ -58,14 +64,17 @@ from ..errors import DistacError
 from ..merging.kth import magnitude_threshold
 from .base import OneOf, PerModel, Prepass, Range, TensorContext, merge_method
 from .basic import ROW_CHUNKED, Weights, model_weights
-from .rng import keep_where, stream_key
+from .rng import keep_where, stream_key, uniform
 
 __all__ = [
     "dare",
     "dare_linear",
     "dare_ties",
+    "della",
+    "della_linear",
     "disjoint_merge",
     "elect_sign",
+    "magprune",
     "model_keys",
     "ties",
     "trim_magnitude",
@@ -73,7 +82,10 @@ __all__ = [
 
 Density = Annotated[float | list[float], Range(0, 1, lo_open=True), PerModel()]
 Scope = Annotated[str, OneOf(("global", "tensor"))]
-MergeFn = Annotated[str, OneOf(("mean", "sum"))]
+MergeFn = Annotated[str, OneOf(("mean", "sum", "weighted_mean"))]
+#: the merge of the methods without sign election: a plain sum, or divided by Σ_t w_t (mergekit normalize)
+LinearMergeFn = Annotated[str, OneOf(("sum", "weighted_mean"))]
+Epsilon = Annotated[float | list[float], Range(0, 1, hi_open=True), PerModel()]
 Scale = Annotated[float, Range()]
 Seed = Annotated[int | list[int], Range(0), PerModel()]
 
@@ -172,6 +184,75 @@ def dare(deltas: Tensor, *, density: float | list[float], seed: int | list[int],
     return out
 
 
+def magprune(
+    deltas: Tensor,
+    *,
+    density: float | list[float],
+    epsilon: float | list[float],
+    rescale: bool,
+    seed: int | list[int],
+    ctx: TensorContext,
+) -> Tensor:
+    """DELLA's MAGPRUNE: drop τ_t entries at random, the larger ones with the smaller probability.
+
+    Deep et al., "DELLA-Merging", 2024 (arXiv 2406.11617), as mergekit's ``della_magprune``
+    computes it. Along each line of dim 1 (each row of a matrix; a 0-d or 1-D tensor is one
+    line) the entries are ranked by |τ| ascending, r ∈ {1..L}; entry ``j`` of model ``t`` is kept
+    with probability p = (density − ε) + 2ε·(r − 1)/(L − 1), so the keep rate over a line is
+    ``density``. A line of one entry (L = 1: mergekit's division 0/0) is kept with p = density.
+    Kept entries keep their value; with ``rescale`` each model's pruned tensor is then multiplied
+    by ‖τ_t‖₁ / ‖pruned τ_t‖₁ (mergekit ``rescale: true``; none when either norm is below 1e-7),
+    without it they are not rescaled (mergekit ``rescale: false``). A model with density ≥ 1 is
+    returned unchanged. The DELLA paper rescales each kept entry by 1/p instead.
+
+    Randomness: the uniforms of :func:`distac.methods.dare` (same keys, same counters), and an
+    entry is kept when u < p. With ε = 0 (p = density everywhere) the kept entries are exactly
+    DARE's. Ties in |τ| are ranked by position (stable sort); mergekit's argsort breaks them
+    arbitrarily.
+    """
+    n = deltas.shape[0]
+    dens, eps, keys = _per_model(density, n), _per_model(epsilon, n), model_keys(seed, ctx.name, n)
+    out = torch.empty_like(deltas)
+    for i in range(n):
+        if dens[i] >= 1:
+            out[i] = deltas[i]
+            continue
+        _magprune_one(deltas[i], out[i], dens[i], eps[i], keys[i], ctx.offset)
+        if rescale:
+            before, after = deltas[i].abs().sum(), out[i].abs().sum()
+            if before >= 1e-7 and after >= 1e-7:
+                out[i].mul_(before / after)
+    return out
+
+
+def _magprune_one(d: Tensor, out: Tensor, density: float, epsilon: float, key: tuple[int, int], offset: int) -> None:
+    """One model's MAGPRUNE mask applied into ``out``, in blocks of whole lines (rows of dim 0)."""
+    lines = d.reshape(1, -1) if d.dim() < 2 else d
+    dst = out.view(lines.shape)
+    row = lines[:1].numel()
+    step = max(1, _BLOCK_ELEMS // max(1, row))
+    for r in range(0, lines.shape[0], step):
+        x = lines[r : r + step]
+        u = uniform(key, offset + r * row, x.numel(), device=x.device).view(x.shape)
+        # x·mask, as mergekit's ``tensor * mask``: a dropped entry becomes ±0 with the sign of x
+        torch.mul(x, u < _keep_probabilities(x, density, epsilon), out=dst[r : r + step])
+
+
+def _keep_probabilities(x: Tensor, density: float, epsilon: float) -> Tensor:
+    """p = (density − ε) + 2ε·(rank − min)/(max − min) along dim 1, in mergekit's fp32 operations."""
+    length = x.shape[1]
+    if length == 1:
+        return torch.full_like(x, density)
+    order = torch.sort(x.abs(), dim=1, stable=True).indices
+    shape = [1] * x.dim()
+    shape[1] = length
+    ranks = torch.empty_like(x)
+    ranks.scatter_(1, order, torch.arange(1, length + 1, dtype=x.dtype, device=x.device).view(shape).expand_as(x))
+    lo, hi = ranks.amin(dim=1, keepdim=True), ranks.amax(dim=1, keepdim=True)
+    rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
+    return (density - epsilon) + rank_norm * 2 * epsilon
+
+
 # ----------------------------------------------------------------------------------------------
 # elect and merge steps
 # ----------------------------------------------------------------------------------------------
@@ -190,12 +271,14 @@ def elect_sign(x: Tensor) -> Tensor:
     return (x.sum(0) >= 0).to(x.dtype).mul_(2).sub_(1)
 
 
-def disjoint_merge(x: Tensor, sign: Tensor, merge_fn: str) -> Tensor:
+def disjoint_merge(x: Tensor, sign: Tensor, merge_fn: str, weights: Tensor | None = None) -> Tensor:
     """TIES disjoint merge: combine only the entries whose sign agrees with the elected one.
 
     ``"mean"``: Σ_{t∈A} x_t / max(|A|, 1) (official TIES, MergeLM, peft); ``"sum"``: Σ_{t∈A} x_t
     (FusionBench ``merge_func: sum``, the TALL/Consensus multi-task vector, mergekit with
-    ``normalize: false``).
+    ``normalize: false``); ``"weighted_mean"``: Σ_{t∈A} x_t / Σ_{t∈A} w_t, a zero divisor read as 1
+    (mergekit ``normalize: true``), with ``weights`` the (N, 1, ..., 1) column of w_t (None: all 1,
+    which is ``"mean"``).
     """
     # Without torch.where (2.3 ns per entry on the CPU, unvectorised), same bits for finite x:
     # with s = +1 where sign > 0 and -1 elsewhere, x_t agrees iff y_t = s·x_t > 0 (s·x_t is exact);
@@ -207,6 +290,11 @@ def disjoint_merge(x: Tensor, sign: Tensor, merge_fn: str) -> Tensor:
     total = y.sum(0).mul_(s).add_(0.0)
     if merge_fn == "sum":
         return total
+    if merge_fn == "weighted_mean" and weights is not None:
+        # mergekit's divisor Σ_t w_t·[t ∈ A], where a zero divisor (no agreeing entry, or weights
+        # cancelling) becomes 1; with unit weights it is the count below, value for value
+        den = (weights * (y > 0)).sum(0)
+        return total / den.masked_fill_(den == 0, 1)
     # count in x.dtype: a bool sum accumulates in int64, 5x slower on CPU (exact for counts < 2^24)
     return total / (y > 0).sum(0, dtype=x.dtype).clamp(min=1)
 
@@ -242,9 +330,23 @@ def _combine(
 ) -> Tensor:
     """The last three columns of the table: weight, (elect + disjoint merge | sum), scale."""
     # unit weights and scale 1 are skipped: 1·x = x exactly, and each costs a pass and a copy
-    x = sparse if weights is None else model_weights(weights, sparse.shape[0], sparse) * sparse
-    merged = disjoint_merge(x, elect_sign(x), merge_fn) if elect else x.sum(0)
+    w = None if weights is None else model_weights(weights, sparse.shape[0], sparse)
+    x = sparse if w is None else w * sparse
+    if elect:
+        merged = disjoint_merge(x, elect_sign(x), merge_fn, w)
+    else:
+        merged = x.sum(0)
+        if merge_fn == "weighted_mean":
+            merged = merged / _weight_sum(w, x)
     return merged if scale == 1 else scale * merged
+
+
+def _weight_sum(w: Tensor | None, x: Tensor) -> Tensor:
+    """mergekit's ``normalize`` divisor without election: Σ_t w_t, read as 1 when |Σ_t w_t| < 1e-8."""
+    total = (
+        torch.full((1,) * (x.dim() - 1), float(x.shape[0]), dtype=x.dtype, device=x.device) if w is None else w.sum(0)
+    )
+    return total.masked_fill_(total.abs() < 1e-8, 1)
 
 
 def _trim_elect_merge(
@@ -283,8 +385,8 @@ def _dare_ties_prepass(params: Mapping[str, Any], n: int) -> Prepass | None:
 
 _FAMILY_NOTES = (
     "density = fraction kept (MergeLM weight_mask_rate = FusionBench sparsity_ratio = 1 - density); "
-    "weights multiply the sparsified task vectors before sign election; the disjoint mean divides by "
-    "the count of agreeing entries (official/peft), not by their summed weights (mergekit normalize)."
+    "weights multiply the sparsified task vectors before sign election; merge_fn='mean' divides by "
+    "the count of agreeing entries (official/peft), 'weighted_mean' by their summed weights (mergekit normalize)."
 )
 
 
@@ -320,7 +422,8 @@ def ties(
     Defaults are the official recipe without validation data: k = 20 (``density=0.2``), mass
     election, disjoint mean, λ = 1. FusionBench uses ``merge_fn="sum"`` with ``scale=0.3``;
     mergekit ``ties`` trims per tensor with density 1.0 (no trim) unless set, and divides by the
-    sum of the agreeing weights; the DisTaC repository keeps the top 10% (``density=0.1``).
+    sum of the agreeing weights (``merge_fn="weighted_mean"``); the DisTaC repository keeps the
+    top 10% (``density=0.1``).
 
     Memory: row-chunked (the engine's pieces; per-tensor thresholds come from its pre-pass), and
     the trim/elect/merge temporaries live in 4 MiB blocks of rows.
@@ -402,6 +505,112 @@ def dare_ties(
     dropped = dare(deltas, density=density, seed=seed, ctx=ctx)
     thr = magnitude_thresholds(dropped, density=trim_density, scope=scope, ctx=ctx)
     return _trim_elect_merge(dropped, thr, weights=weights, merge_fn=merge_fn, scale=scale)
+
+
+def _della_band(params: Mapping[str, Any], n: int) -> str | None:
+    """DELLA: the keep probabilities density ± epsilon must lie in (0, 1) for every model that prunes."""
+    for d, e in zip(_per_model(params["density"], n), _per_model(params["epsilon"], n), strict=True):
+        if d < 1 and not (d - e > 0 and d + e < 1):
+            return (
+                f"parameters 'density' ({d}) and 'epsilon' ({e}): the keep probabilities density ± epsilon must lie "
+                f"in (0, 1); use an epsilon below {min(d, 1 - d):g}"
+            )
+    return None
+
+
+#: DELLA ranks lines of dim 1 (whole rows) and rescales by a whole-tensor L1 norm, so it is not chunkable
+DELLA_MEMORY = (
+    "whole tensor: the engine's (N+1) x largest inputs, the pruned copy (N x largest) and the output; "
+    "ranks and draws in blocks of rows (a few x 4 MiB), except for a 1-D tensor (one row)"
+)
+_DELLA_NOTES = (
+    "mergekit della/della_linear: same MAGPRUNE probabilities, L1 rescale (rescale=True), weighted_mean = "
+    "normalize: true; counter-based draws (DARE's stream) instead of torch.bernoulli; a 1-entry row keeps "
+    "with p = density (mergekit: 0/0). The paper rescales by 1/p per entry. " + _FAMILY_NOTES
+)
+
+
+@merge_method(
+    "della",
+    summary="MAGPRUNE (random drop, smaller |τ| dropped more often), L1 rescale, TIES sign election, merge.",
+    paper="Deep et al., DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based "
+    "Sampling, 2024 (arXiv 2406.11617); mergekit della",
+    chunkable=False,
+    checks=(_della_band,),
+    notes="Defaults are mergekit's (density 1 = no pruning, epsilon 0.15, rescale, normalize). " + _DELLA_NOTES,
+    memory=DELLA_MEMORY,
+)
+def della(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    ctx: TensorContext,
+    density: Density = 1.0,
+    epsilon: Epsilon = 0.15,
+    rescale: bool = True,
+    merge_fn: MergeFn = "weighted_mean",
+    seed: Seed = 0,
+    scale: Scale = 1.0,
+    weights: Weights = None,
+) -> Tensor:
+    """DELLA: θ = θ0 + λ · disjoint_merge(elect(w ⊙ MAGPRUNE(τ))).
+
+    Deep et al., 2024 (arXiv 2406.11617), as mergekit's ``della`` computes it: MAGPRUNE
+    (:func:`magprune`: per row, keep probabilities from density − ε for the smallest |τ| to
+    density + ε for the largest, then the L1 rescale), weights, TIES election by mass (+1 where
+    the sum is 0), disjoint merge. Defaults are mergekit's: ``density`` 1.0 (no pruning unless
+    set), ``epsilon`` 0.15, ``rescale`` True, and ``merge_fn="weighted_mean"`` (mergekit
+    ``normalize: true``: divide by the summed weights of the agreeing models; ``"mean"`` divides
+    by their count, equal for unit weights; ``"sum"`` is ``normalize: false``). ``scale`` is
+    mergekit's ``lambda``. The draws are DARE's counter-based ones (:func:`dare`, ``seed``), so a
+    merge is reproducible; mergekit draws from torch's global RNG. Equal to mergekit's output
+    given the same Bernoulli draws (the tests replay them), except that a row of length 1 keeps
+    with probability ``density`` where mergekit fails.
+
+    Memory: whole tensor (rows are ranked whole and the rescale is a whole-tensor L1 norm); the
+    pruned copy of the N task vectors, and ranks and draws per 4 MiB block of rows.
+    """
+    pruned = magprune(deltas, density=density, epsilon=epsilon, rescale=rescale, seed=seed, ctx=ctx)
+    return _blockwise(pruned, lambda d: _combine(d, weights=weights, elect=True, merge_fn=merge_fn, scale=scale))
+
+
+@merge_method(
+    "della_linear",
+    summary="MAGPRUNE (random drop, smaller |τ| dropped more often), L1 rescale, then task arithmetic.",
+    paper="Deep et al., DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based "
+    "Sampling, 2024 (arXiv 2406.11617); mergekit della_linear",
+    chunkable=False,
+    checks=(_della_band,),
+    notes="Defaults are mergekit's (density 1 = no pruning, epsilon 0.15, rescale, no normalize). " + _DELLA_NOTES,
+    memory=DELLA_MEMORY,
+)
+def della_linear(
+    base: Tensor,
+    deltas: Tensor,
+    *,
+    ctx: TensorContext,
+    density: Density = 1.0,
+    epsilon: Epsilon = 0.15,
+    rescale: bool = True,
+    merge_fn: LinearMergeFn = "sum",
+    seed: Seed = 0,
+    scale: Scale = 1.0,
+    weights: Weights = None,
+) -> Tensor:
+    """Linear DELLA: θ = θ0 + λ Σ_t w_t · MAGPRUNE(τ_t) (divided by Σ_t w_t with ``weighted_mean``).
+
+    Deep et al., 2024 (arXiv 2406.11617), as mergekit's ``della_linear`` computes it: MAGPRUNE
+    (:func:`magprune`) without sign election. Defaults are mergekit's: ``density`` 1.0,
+    ``epsilon`` 0.15, ``rescale`` True, ``merge_fn="sum"`` (mergekit ``normalize: false``;
+    ``"weighted_mean"`` divides by Σ_t w_t, read as 1 when |Σ_t w_t| < 1e-8, like
+    ``normalize: true``). With ``epsilon=0`` and ``rescale=False`` the kept entries are exactly
+    :func:`dare_linear`'s with the same ``seed`` (DARE divides them by the density, this does not).
+
+    Memory: whole tensor (rows are ranked whole and the rescale is a whole-tensor L1 norm); the
+    pruned copy of the N task vectors, and ranks and draws per 4 MiB block of rows.
+    """
+    pruned = magprune(deltas, density=density, epsilon=epsilon, rescale=rescale, seed=seed, ctx=ctx)
+    return _blockwise(pruned, lambda d: _combine(d, weights=weights, elect=False, merge_fn=merge_fn, scale=scale))
 
 
 # ----------------------------------------------------------------------------------------------
