@@ -372,7 +372,10 @@ def karcher_mean(points: Iterable[Tensor], *, max_iter: int = 10, tol: float = 1
 @merge_method(
     "karcher",
     summary="Karcher (Riemannian) mean of the N models' weights on the hypersphere, scaled to their mean norm.",
-    paper="Karcher, Riemannian center of mass and mollifier smoothing, CPAM 1977; mergekit karcher (arXiv 2603.04972)",
+    paper=(
+        "Karcher, Riemannian center of mass and mollifier smoothing, CPAM 1977; mergekit karcher, after "
+        "'Functionality-Oriented LLM Merging on the Fisher-Rao Manifold' (arXiv 2603.04972, cited by mergekit's docs)"
+    ),
     chunkable=False,
     notes="Uniform weights, max_iter 10, tol 1e-5, as mergekit. The base is ignored as in mergekit: the mean "
     "is of the weights θ_t, whether or not a base is given.",
