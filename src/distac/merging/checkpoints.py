@@ -42,7 +42,9 @@ from .card import write_card
 from .config import STAT_KEYS, MergeConfig, ModelSpec, load_config
 from .emr import EMR, EMRBundle, bundle_card, emr_merge
 from .engine import DEFAULT_CHUNK_BYTES, check_finite_output, run_merge
+from .slices import is_slices_config, merge_slices, write_config_values
 from .temperatures import read_temperatures
+from .vocab import AlignedSource, Vocab, align_models, finish_tokenizer
 
 __all__ = ["export_task_models", "merge_checkpoints"]
 
@@ -109,7 +111,9 @@ def _open_stats(cfg: MergeConfig, base: Checkpoint, models: Sequence[Checkpoint]
     return stats
 
 
-def _layout(base: Checkpoint, out_dtype: torch.dtype | None) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+def _layout(
+    base: Checkpoint | AlignedSource, out_dtype: torch.dtype | None
+) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     def dt(k: str) -> torch.dtype:
         d = base.dtype(k)
         return out_dtype if out_dtype is not None and d.is_floating_point else d
@@ -119,7 +123,7 @@ def _layout(base: Checkpoint, out_dtype: torch.dtype | None) -> list[tuple[str, 
 
 def _write_heads(
     folder: Path,
-    models: Sequence[Checkpoint],
+    models: Sequence[Checkpoint | AlignedSource],
     specs: Sequence[ModelSpec],
     heads: Sequence[str],
     out_dtype: torch.dtype | None,
@@ -182,6 +186,19 @@ def merge_checkpoints(
         ...      "parameters": {"density": 0.2}}, "merged/")
         PosixPath('merged')
     """
+    if is_slices_config(config):  # a frankenmerge: its own planner, the same engine
+        if export_per_task:
+            raise DistacError("export_per_task is not available for 'slices:' configs (they have no heads)")
+        return merge_slices(
+            config,
+            out,
+            overwrite=overwrite,
+            device=device,
+            max_shard_bytes=max_shard_bytes,
+            chunk_bytes=chunk_bytes,
+            quiet=quiet,
+            allow_nonfinite=allow_nonfinite,
+        )
     cfg = load_config(config)
     cfg.allow_nonfinite = cfg.allow_nonfinite or allow_nonfinite
     out = Path(out)
@@ -200,12 +217,14 @@ def merge_checkpoints(
         base = opened.enter_context(closing(open_checkpoint(cfg.base.path)))
         models = [opened.enter_context(closing(open_checkpoint(m.path))) for m in cfg.models]
         stats = _open_stats(cfg, base, models, opened)
+        vocab, base_in, models_in = align_models(cfg.vocab, cfg.base.path, base, [m.path for m in cfg.models], models)
         _merge_into(
             cfg,
             out,
-            base,
-            models,
+            base_in,
+            models_in,
             stats,
+            vocab=vocab,
             overwrite=overwrite,
             device=dev,
             shard=shard,
@@ -250,10 +269,11 @@ def _merge_emr(
 def _merge_into(
     cfg: MergeConfig,
     out: Path,
-    base: Checkpoint,
-    models: list[Checkpoint],
+    base: Checkpoint | AlignedSource,
+    models: Sequence[Checkpoint | AlignedSource],
     stats: dict[str, Any],
     *,
+    vocab: Vocab | None = None,
     overwrite: bool,
     device: torch.device,
     shard: int,
@@ -309,6 +329,8 @@ def _merge_into(
             _write_heads(tmp, models, cfg.models, heads, cfg.out_dtype, cfg.allow_nonfinite)
         if cfg.base.path.is_dir():
             copy_model_files(cfg.base.path, tmp)
+        paths = [cfg.base.path, *(m.path for m in cfg.models)]
+        write_config_values(tmp, finish_tokenizer(cfg.vocab, vocab, tmp, donor=cfg.base.path, models=paths))
         write_card(tmp, cfg, plan.params, out.name)
         if export_per_task:
             export_task_models(tmp, tmp / "tasks", max_shard_bytes=shard, quiet=quiet)
