@@ -121,6 +121,18 @@ def test_one_models_vocabulary(lms: dict[str, Path], tmp_path: Path) -> None:
     assert AutoModelForCausalLM.from_pretrained(str(out)).config.vocab_size == 22
 
 
+def test_the_written_config_names_tokenizer_models_by_absolute_path(lms: dict[str, Path], tmp_path: Path) -> None:
+    rel = f"../{lms['chatml'].parent.name}/chatml"
+    cfg = _config(lms, tokenizer={"source": rel, "tokens": {"w1": {"source": rel, "force": True}}})
+    folder = lms["base"].parent.parent / "configs"
+    folder.mkdir(exist_ok=True)
+    out = merge_checkpoints(write_yaml(folder / "t.yml", cfg), tmp_path / "out", quiet=True)
+    written = (out / "distac_config.yml").read_text()
+    assert rel not in written and written.count(str(lms["chatml"].resolve())) >= 3
+    again = merge_checkpoints(out / "distac_config.yml", tmp_path / "again", quiet=True)
+    assert all(torch.equal(v, weights(again)[k]) for k, v in weights(out).items())
+
+
 def test_tokenizer_tokens_force_zero_model_token_and_padding(lms: dict[str, Path], tmp_path: Path) -> None:
     tokens = {
         "w4": {"source": str(lms["other"]), "force": True},
@@ -162,8 +174,12 @@ def test_aligned_rows_average_when_the_base_lacks_a_shared_token() -> None:
 
 
 def test_chat_templates(lms: dict[str, Path], tmp_path: Path) -> None:
-    out = merge_checkpoints(_config(lms, tokenizer_source="base", chat_template="chatml"), tmp_path / "a", quiet=True)
+    cfg = write_yaml(tmp_path / "chat.yml", _config(lms, tokenizer_source="base", chat_template="chatml"))
+    out = merge_checkpoints(cfg, tmp_path / "a", quiet=True)
     assert AutoTokenizer.from_pretrained(str(out)).chat_template == CHAT_TEMPLATES["chatml"]
+    mk = run_mergekit(cfg, tmp_path / "mergekit")
+    if mk is not None:
+        assert AutoTokenizer.from_pretrained(str(mk)).chat_template == CHAT_TEMPLATES["chatml"]
     literal = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     out = merge_checkpoints(_config(lms, tokenizer_source="union", chat_template=literal), tmp_path / "b", quiet=True)
     assert AutoTokenizer.from_pretrained(str(out)).chat_template == literal

@@ -51,7 +51,7 @@ from ..errors import DistacError, closest
 from ..io.hub import is_repo_id, resolve_model
 from ..methods import Method, get_method
 from ..taskvector import compile_head_pattern
-from .vocab import VocabSpec, parse_vocab
+from .vocab import VocabSpec, absolute_settings, parse_vocab
 from .yaml_loader import MAX_YAML_BYTES, MAX_YAML_DEPTH, dump_yaml, read_yaml
 
 __all__ = ["MAX_YAML_BYTES", "MAX_YAML_DEPTH", "MergeConfig", "ModelSpec", "dump_yaml", "load_config", "read_yaml"]
@@ -436,4 +436,5 @@ def load_config(config: Mapping[str, Any] | str | Path) -> MergeConfig:
     norm["models"] = models.entries
     source = None if isinstance(config, Mapping) else Path(config).resolve()
     vocab = parse_vocab(raw, lambda v, what: _model_path(folder, v, f"{where}: {what}")[0], where)
+    norm |= absolute_settings(raw, vocab)
     return MergeConfig(method, base, models.specs, params, out_dtype, heads, norm, allow_nonfinite, source, vocab)

@@ -65,7 +65,7 @@ from ..progress import track
 from ..tensors import RenamedSource, TensorSource
 from .config import DTYPES, _dtypes, _model_path, _read, dump_yaml, load_config
 from .engine import DEFAULT_CHUNK_BYTES, check_finite_output, run_merge
-from .vocab import Vocab, VocabSpec, align_sources, build_vocab, finish_tokenizer, parse_vocab
+from .vocab import Vocab, VocabSpec, absolute_settings, align_sources, build_vocab, finish_tokenizer, parse_vocab
 
 __all__ = ["SlicesConfig", "is_slices_config", "load_slices", "merge_slices", "setting_at", "write_config_values"]
 
@@ -238,14 +238,15 @@ def load_slices(config: Mapping[str, Any] | str | Path) -> SlicesConfig:
     def resolve(value: Any, what: str) -> Path:
         return _model_path(folder, value, f"{where}: {what}")[0]
 
+    vocab = parse_vocab(raw, resolve, where)
     return SlicesConfig(
         method=raw["merge_method"],
         slices=slices,
         base=base,
         params=_mapping(raw.get("parameters"), f"{where}: parameters"),
-        raw=_normalized(raw, slices, base),
+        raw=_normalized(raw, slices, base) | absolute_settings(raw, vocab),
         out_dtype=_dtypes(raw, where),
-        vocab=parse_vocab(raw, resolve, where),
+        vocab=vocab,
         allow_nonfinite=allow,
         source=None if isinstance(config, Mapping) else Path(config).resolve(),
     )

@@ -54,6 +54,7 @@ __all__ = [
     "TokenSource",
     "Vocab",
     "VocabSpec",
+    "absolute_settings",
     "align_models",
     "align_sources",
     "build_vocab",
@@ -80,7 +81,8 @@ TOKENIZER_FILES = (
 CHAT_TEMPLATES = {
     "chatml": (
         "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-        "'<|im_end|>' + '\\n'}}{% endfor %}\n{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+        "'<|im_end|>' + '\\n'}}{% endfor %}\n"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}\n"
     ),
 }
 
@@ -171,6 +173,39 @@ def parse_vocab(raw: Mapping[str, Any], resolve: Resolve, where: str) -> VocabSp
     spec_tokens = {str(k): _token_source(str(k), v, resolve, f"{where}: tokenizer") for k, v in tokens.items()}
     source = _source(tok.get("source", "union"), resolve, "tokenizer: source")
     return VocabSpec(source, spec_tokens, pad, template)
+
+
+def _token_entry(ts: TokenSource) -> dict[str, Any]:
+    source: Any
+    if ts.kind == "zero":
+        source = {"kind": "zero"}
+    elif ts.kind == "model":
+        source = str(ts.model)
+    else:
+        which = {"token": ts.token} if ts.token is not None else {"token_id": ts.token_id}
+        source = {"kind": "model_token", "model": str(ts.model), **which}
+    return {"source": source, **({"force": True} if ts.force else {})}
+
+
+def absolute_settings(raw: Mapping[str, Any], spec: VocabSpec | None) -> dict[str, Any]:
+    """The config's tokenizer keys with every model as an absolute path (for the re-runnable copy).
+
+    Example:
+        >>> absolute_settings({"tokenizer_source": "./a"}, VocabSpec(Path("/m/a")))
+        {'tokenizer_source': '/m/a'}
+    """
+    out: dict[str, Any] = {}
+    if spec is None:
+        return out
+    if raw.get("tokenizer_source") is not None:
+        out["tokenizer_source"] = str(spec.source)
+    if isinstance(raw.get("tokenizer"), Mapping):
+        tok = dict(raw["tokenizer"])
+        tok["source"] = str(spec.source)
+        if spec.tokens:
+            tok["tokens"] = {t: _token_entry(ts) for t, ts in spec.tokens.items()}
+        out["tokenizer"] = tok
+    return out
 
 
 # --------------------------------------------------------------------------- tokenizers
