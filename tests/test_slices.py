@@ -66,7 +66,7 @@ def test_orcamini_style_passthrough_frankenmerge(lms: dict[str, Path], tmp_path:
         assert got[k].dtype == torch.float16
         assert torch.equal(got[k], v.to(torch.float16)), k
     config = json.loads((out / "config.json").read_text())
-    assert config["num_hidden_layers"] == 6
+    assert config["num_hidden_layers"] == 6 and config["dtype"] == "float16"
     assert (out / "tokenizer.json").is_file() and (out / "distac_config.yml").is_file()
     _check_loads(out, 6)
     again = merge_checkpoints(out / "distac_config.yml", tmp_path / "again", quiet=True)  # re-runnable as written
@@ -88,6 +88,25 @@ def test_self_stack_doubles_the_layers(lms: dict[str, Path], tmp_path: Path) -> 
     assert all(torch.equal(got[q.format(j)], src[q.format(j % 6)]) for j in range(12))
     assert json.loads((out / "config.json").read_text())["model_type"] == "mistral"
     _check_loads(out, 12)
+
+
+def test_cli_and_passthrough_scale_with_a_filter(lms: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """`distac merge CFG --out OUT` on a slices config; mergekit passthrough's `scale` (with a filter list)."""
+    from conftest import run_cli
+
+    scale = [{"filter": "o_proj", "value": 0.0}, {"value": 1.0}]
+    source = {"model": str(lms["a"]), "layer_range": [1, 3], "parameters": {"scale": scale}}
+    cfg = write_yaml(tmp_path / "s.yml", {"merge_method": "passthrough", "slices": [{"sources": [source]}]})
+    code, stdout, err = run_cli(["merge", str(cfg), "--out", str(tmp_path / "out"), "-q"], capsys)
+    assert code == 0, err
+    got, a = weights(tmp_path / "out"), weights(lms["a"])
+    assert not got["model.layers.0.self_attn.o_proj.weight"].any()
+    assert torch.equal(got["model.layers.1.self_attn.q_proj.weight"], a["model.layers.2.self_attn.q_proj.weight"])
+    assert torch.equal(got["lm_head.weight"], a["lm_head.weight"])
+    mk = run_mergekit(cfg, tmp_path / "mergekit")
+    if mk is not None:
+        theirs = weights(mk)
+        assert sorted(theirs) == sorted(got) and all(torch.equal(theirs[k], got[k]) for k in got)
 
 
 def test_full_range_slices_merge_like_a_models_config(lms: dict[str, Path], tmp_path: Path) -> None:

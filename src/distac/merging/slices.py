@@ -439,8 +439,15 @@ def layer_config_values(cfg: SlicesConfig, n_donor_layers: int) -> dict[str, Any
     sources = layer_sources(cfg)
     values: dict[str, Any] = {k: len(sources) for k in LAYER_COUNT_KEYS if k in donor}
     for key in per_layer:
-        values[key] = [configs[p].get(key, donor[key])[i] for p, i in sources]
+        values[key] = [_entry(configs[p].get(key), donor[key], i) for p, i in sources]
+    if cfg.out_dtype is not None:  # mergekit writes the output dtype into the config
+        values |= {k: str(cfg.out_dtype).removeprefix("torch.") for k in ("dtype", "torch_dtype") if k in donor}
     return values
+
+
+def _entry(own: Any, donor: list[Any], i: int) -> Any:
+    """Layer ``i``'s entry of a per-layer list: its own model's, else the donor's (clamped to its length)."""
+    return own[i] if isinstance(own, list) and i < len(own) else donor[min(i, len(donor) - 1)]
 
 
 # --------------------------------------------------------------------------- running
