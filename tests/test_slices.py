@@ -99,6 +99,7 @@ def test_cli_and_passthrough_scale_with_a_filter(lms: dict[str, Path], tmp_path:
     cfg = write_yaml(tmp_path / "s.yml", {"merge_method": "passthrough", "slices": [{"sources": [source]}]})
     code, stdout, err = run_cli(["merge", str(cfg), "--out", str(tmp_path / "out"), "-q"], capsys)
     assert code == 0, err
+    assert stdout.strip() == str(tmp_path / "out")
     got, a = weights(tmp_path / "out"), weights(lms["a"])
     assert not got["model.layers.0.self_attn.o_proj.weight"].any()
     assert torch.equal(got["model.layers.1.self_attn.q_proj.weight"], a["model.layers.2.self_attn.q_proj.weight"])
