@@ -216,6 +216,13 @@ def test_bad_slices_are_one_line_errors(lms: dict[str, Path], tmp_path: Path, sl
     assert not (tmp_path / "out").exists()
 
 
+def test_models_and_slices_together_are_refused(lms: dict[str, Path], tmp_path: Path) -> None:
+    slices = [{"sources": [{"model": str(lms["a"]), "layer_range": [0, 1]}]}]
+    cfg = {"merge_method": "passthrough", "slices": slices, "models": [str(lms["a"])]}
+    with pytest.raises(DistacError, match="not both"):
+        merge_checkpoints(cfg, tmp_path / "out", quiet=True)
+
+
 def test_a_merged_slice_needs_its_base_among_the_sources(lms: dict[str, Path], tmp_path: Path) -> None:
     sources = [{"model": str(lms[n]), "layer_range": [0, 4]} for n in ("a", "b")]
     cfg = {"merge_method": "task_arithmetic", "base_model": str(lms["base"]), "slices": [{"sources": sources}]}

@@ -141,7 +141,7 @@ def test_tokenizer_tokens_force_zero_model_token_and_padding(lms: dict[str, Path
         "<new2>": {"source": {"kind": "model_token", "model": str(lms["base"]), "token_id": 3}},
     }
     cfg = _config(lms, tokenizer={"source": "union", "tokens": tokens, "pad_to_multiple_of": 8})
-    out = merge_checkpoints(cfg, tmp_path / "out", quiet=True)
+    out = merge_checkpoints(write_yaml(tmp_path / "t.yml", cfg), tmp_path / "out", quiet=True)
     vocab, got = _rows(out)
     assert len(vocab) == 27 and got[EMBEDS[0]].shape == (32, 16)
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 32
@@ -154,6 +154,10 @@ def test_tokenizer_tokens_force_zero_model_token_and_padding(lms: dict[str, Path
     torch.testing.assert_close(e[vocab["<new>"]], cw[EMBEDS[0]][cv["w9"]], rtol=0, atol=1e-6)
     torch.testing.assert_close(e[vocab["<new2>"]], bw[EMBEDS[0]][3], rtol=0, atol=1e-6)
     torch.testing.assert_close(e[27:], e[:27].mean(0).expand(5, 16), rtol=0, atol=1e-5)  # padding: mean row
+    mk = run_mergekit(tmp_path / "t.yml", tmp_path / "mergekit")
+    if mk is not None:
+        _same_rows_by_token(out, mk)
+        torch.testing.assert_close(weights(mk)[EMBEDS[0]][27:], e[27:], rtol=0, atol=1e-5)
 
 
 def test_aligned_rows_average_when_the_base_lacks_a_shared_token() -> None:
@@ -245,3 +249,26 @@ def test_build_vocab_strips_tokens_past_vocab_size(tmp_path: Path) -> None:
     (folder / "config.json").write_text(json.dumps({**cfg, "vocab_size": 20}))
     v = build_vocab(VocabSpec("base"), folder, [base])
     assert len(v.tokenizer.get_vocab()) == 20 and "<UNUSED_0>" not in v.tokenizer.get_vocab()
+
+
+def test_tokens_past_a_models_vocab_size_are_left_out(lms: dict[str, Path], tmp_path: Path) -> None:
+    """mergekit's test_source_union: a model whose tokenizer lists unused tokens past its vocab_size
+    (padding entries) contributes none of them to the union."""
+    from safetensors.torch import load_file, save_file
+
+    padded = make_lm(tmp_path / "padded", seed=4, added=[f"<UNUSED_{i}>" for i in range(4)], from_model=lms["base"])
+    state = {
+        k: v[:20].contiguous() if k in EMBEDS else v for k, v in load_file(str(padded / "model.safetensors")).items()
+    }
+    save_file(state, str(padded / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((padded / "config.json").read_text())
+    (padded / "config.json").write_text(json.dumps({**config, "vocab_size": 20}))
+    models = [{"model": str(p), "parameters": {"weight": 1.0}} for p in (lms["chatml"], padded)]
+    cfg = write_yaml(tmp_path / "u.yml", {**_config(lms, tokenizer_source="union"), "models": models})
+    out = merge_checkpoints(cfg, tmp_path / "out", quiet=True)
+    vocab, got = _rows(out)
+    assert len(vocab) == 22 and set(CHAT) <= set(vocab) and not any("UNUSED" in t for t in vocab)
+    assert got[EMBEDS[0]].shape == (22, 16)
+    mk = run_mergekit(cfg, tmp_path / "mergekit")
+    if mk is not None:
+        _same_rows_by_token(out, mk)

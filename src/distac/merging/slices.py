@@ -224,6 +224,8 @@ def load_slices(config: Mapping[str, Any] | str | Path) -> SlicesConfig:
         [24, 20]
     """
     raw, folder, where = _read(config)
+    if "models" in raw:
+        raise DistacError(f"{where}: give 'models' or 'slices', not both (as in mergekit)")
     _check_keys(raw, TOP_KEYS, where)
     if not isinstance(raw.get("merge_method"), str):
         raise DistacError(f"{where}: 'merge_method' must be a method name, got {raw.get('merge_method')!r}")
