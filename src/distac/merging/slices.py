@@ -63,7 +63,9 @@ from ..io import (
 from ..nn.models import default_device
 from ..progress import track
 from ..tensors import RenamedSource, TensorSource
-from .config import DTYPES, _dtypes, _model_path, _read, dump_yaml, load_config
+
+# config's own readers: one message for unknown keys, one path/Hub-id resolver, one dtype rule
+from .config import DTYPES, _check_keys, _dtypes, _model_path, _read, dump_yaml, load_config
 from .engine import DEFAULT_CHUNK_BYTES, check_finite_output, run_merge
 from .vocab import Vocab, VocabSpec, absolute_settings, align_sources, build_vocab, finish_tokenizer, parse_vocab
 
@@ -156,12 +158,6 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise DistacError(f"{where}: expected a mapping, got {value!r}")
     return dict(value)
-
-
-def _check_keys(d: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
-    from .config import _check_keys as check  # the one message for unknown keys
-
-    check(d, allowed, where)
 
 
 def _layer_range(value: Any, where: str) -> tuple[int, int]:
