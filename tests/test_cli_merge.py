@@ -213,7 +213,7 @@ def _unknown_model_param(root, cfg):
 
 
 def _unknown_key(root, cfg):
-    return {**cfg, "tokenizer_source": "base"}, "unknown key 'tokenizer_source'"
+    return {**cfg, "tokenizer_src": "base"}, "unknown key 'tokenizer_src'"
 
 
 def _out_of_range(root, cfg):

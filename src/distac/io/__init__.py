@@ -19,6 +19,7 @@ from .writer import BackgroundWriter as BackgroundWriter
 from .writer import ShardWriter as ShardWriter
 from .writer import copy_model_files as copy_model_files
 from .writer import parse_size as parse_size
+from .writer import update_model_config as update_model_config
 from .writer import write_safetensors as write_safetensors
 
 __all__ = [
@@ -38,5 +39,6 @@ __all__ = [
     "read_header",
     "require_regular",
     "resolve_weight_files",
+    "update_model_config",
     "write_safetensors",
 ]

@@ -29,7 +29,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO, Self
+from typing import Any, BinaryIO, Self
 
 import torch
 from torch import Tensor
@@ -46,6 +46,7 @@ __all__ = [
     "copy_model_files",
     "parse_size",
     "plan_shards",
+    "update_model_config",
     "write_safetensors",
 ]
 
@@ -392,3 +393,43 @@ def _copy_tree(root: Path, folder: Path, dst: Path, skip: set[str]) -> list[str]
         shutil.copy2(os.path.realpath(f), dst / f.name)
         copied.append(rel)
     return copied
+
+
+def update_model_config(folder: Path, values: Mapping[str, Any], *, dtype: torch.dtype | None = None) -> bool:
+    """Set top-level ``values`` in ``folder/config.json`` (the output's copy of the base's); the one editor of it.
+
+    Transformers loads a model in the dtype its config names (``dtype`` since transformers 5,
+    ``torch_dtype`` before), so a bf16 output whose copied config still says ``float32`` would be
+    upcast on load, twice the memory: with ``dtype``, whichever of the two keys the config has is
+    set too (a config with neither is left so; loaders then take the weights' dtype). Key order is
+    kept, and the file is rewritten only when a value changes; no config.json, nothing to do.
+
+    Args:
+        folder: the output folder being written.
+        values: top-level keys to set (a frankenmerge's ``num_hidden_layers``, a vocabulary's ``vocab_size``).
+        dtype: the dtype the floating weights were written in, when the merge chose it.
+
+    Returns:
+        Whether ``config.json`` was rewritten.
+
+    Example:
+        >>> update_model_config(Path("merged"), {"num_hidden_layers": 44}, dtype=torch.bfloat16)  # doctest: +SKIP
+        True
+    """
+    path = folder / "config.json"
+    if not path.is_file():
+        return False
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DistacError(f"{path}: the base's config.json is not valid JSON ({e}); fix it or remove it") from None
+    if not isinstance(config, dict):
+        return False
+    new = dict(values)
+    if dtype is not None:
+        new |= dict.fromkeys((k for k in ("torch_dtype", "dtype") if k in config), str(dtype).removeprefix("torch."))
+    if all(k in config and config[k] == v for k, v in new.items()):
+        return False
+    config.update(new)
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return True

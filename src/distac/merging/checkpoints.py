@@ -12,12 +12,11 @@ A model entry's ``prefix`` (``{"bert.": ""}``: its names to the base's; ``null``
 out) is applied when the model is opened, as a :class:`~distac.tensors.RenamedSource`; its
 statistics sidecars, keyed like the model as saved, are checked against it as saved and renamed
 the same way. With ``out_dtype``, the copied ``config.json`` names the dtype written
-(:func:`set_config_dtype`).
+(:func:`distac.io.writer.update_model_config`).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, closing
 from pathlib import Path
@@ -38,6 +37,7 @@ from ..io import (
     copy_model_files,
     open_checkpoint,
     parse_size,
+    update_model_config,
 )
 from ..nn.models import default_device
 from ..progress import Progress, track
@@ -47,7 +47,9 @@ from .card import write_card, write_task_card
 from .config import STAT_KEYS, MergeConfig, ModelSpec, load_config
 from .emr import EMR, EMRBundle, bundle_card, emr_merge
 from .engine import DEFAULT_CHUNK_BYTES, check_finite_output, run_merge
+from .slices import is_slices_config, merge_slices
 from .temperatures import read_temperatures
+from .vocab import Vocab, align_models, finish_tokenizer
 
 __all__ = ["export_task_models", "merge_checkpoints"]
 
@@ -151,7 +153,7 @@ def _open_stats(cfg: MergeConfig, base: Checkpoint, models: Sequence[Checkpoint]
     return stats
 
 
-def _layout(base: Checkpoint, out_dtype: torch.dtype | None) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+def _layout(base: TensorSource, out_dtype: torch.dtype | None) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     def dt(k: str) -> torch.dtype:
         d = base.dtype(k)
         return out_dtype if out_dtype is not None and d.is_floating_point else d
@@ -224,6 +226,19 @@ def merge_checkpoints(
         ...      "parameters": {"density": 0.2}}, "merged/")
         PosixPath('merged')
     """
+    if is_slices_config(config):  # a frankenmerge: its own planner, the same engine
+        if export_per_task:
+            raise DistacError("export_per_task is not available for 'slices:' configs (they have no heads)")
+        return merge_slices(
+            config,
+            out,
+            overwrite=overwrite,
+            device=device,
+            max_shard_bytes=max_shard_bytes,
+            chunk_bytes=chunk_bytes,
+            quiet=quiet,
+            allow_nonfinite=allow_nonfinite,
+        )
     cfg = load_config(config)
     cfg.allow_nonfinite = cfg.allow_nonfinite or allow_nonfinite
     out = Path(out)
@@ -245,12 +260,14 @@ def merge_checkpoints(
         models = [
             _renamed(src, m.prefix, f"model {m.name} ({m.path})") for m, src in zip(cfg.models, saved, strict=True)
         ]
+        vocab, base_in, models_in = align_models(cfg.vocab, cfg.base.path, base, [m.path for m in cfg.models], models)
         _merge_into(
             cfg,
             out,
-            base,
-            models,
+            base_in,
+            models_in,
             stats,
+            vocab=vocab,
             overwrite=overwrite,
             device=dev,
             shard=shard,
@@ -259,40 +276,6 @@ def merge_checkpoints(
             quiet=quiet,
         )
     return out
-
-
-def set_config_dtype(folder: Path, dtype: torch.dtype) -> bool:
-    """Make ``folder/config.json`` say the dtype its floating weights were written in.
-
-    Transformers loads a model in the dtype its config names (``dtype`` since transformers 5,
-    ``torch_dtype`` before), so a bf16 output whose copied config still says ``float32`` would be
-    upcast on load, twice the memory. Whichever of the two keys the config has is set; a config
-    with neither is left as it is (loaders then take the weights' dtype). The file is rewritten
-    only when a value changes.
-
-    Args:
-        folder: the output folder (its ``config.json`` a copy of the base's).
-        dtype: the dtype of the floating tensors written.
-
-    Returns:
-        Whether ``config.json`` was rewritten.
-
-    Example:
-        >>> set_config_dtype(Path("merged"), torch.bfloat16)  # doctest: +SKIP
-        True
-    """
-    path = folder / "config.json"
-    try:
-        config = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise DistacError(f"{path}: the base's config.json is not valid JSON ({e}); fix it or remove it") from None
-    name = str(dtype).removeprefix("torch.")
-    keys = [k for k in ("torch_dtype", "dtype") if isinstance(config, dict) and k in config]
-    if not isinstance(config, dict) or all(config[k] == name for k in keys):
-        return False
-    config.update(dict.fromkeys(keys, name))
-    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    return True
 
 
 def _merge_emr(
@@ -339,10 +322,11 @@ def _merge_emr(
 def _merge_into(
     cfg: MergeConfig,
     out: Path,
-    base: Checkpoint,
-    models: list[TensorSource],
+    base: TensorSource,
+    models: Sequence[TensorSource],
     stats: dict[str, Any],
     *,
+    vocab: Vocab | None = None,
     overwrite: bool,
     device: torch.device,
     shard: int,
@@ -398,8 +382,9 @@ def _merge_into(
             _write_heads(tmp, models, cfg.models, heads, cfg.out_dtype, cfg.allow_nonfinite)
         if cfg.base.path.is_dir():
             copy_model_files(cfg.base.path, tmp)
-            if cfg.out_dtype is not None:
-                set_config_dtype(tmp, cfg.out_dtype)
+        paths = [cfg.base.path, *(m.path for m in cfg.models)]
+        values = finish_tokenizer(cfg.vocab, vocab, tmp, donor=cfg.base.path, models=paths)
+        update_model_config(tmp, values, dtype=cfg.out_dtype)
         write_card(tmp, cfg, plan.params, out.name, buffers=plan.copied)
         if export_per_task:
             export_task_models(tmp, tmp / "tasks", max_shard_bytes=shard, quiet=quiet)

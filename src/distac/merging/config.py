@@ -51,11 +51,24 @@ from ..errors import DistacError, closest
 from ..io.hub import is_repo_id, resolve_model
 from ..methods import Method, get_method
 from ..taskvector import compile_head_pattern
+from .vocab import VocabSpec, absolute_settings, parse_vocab
 from .yaml_loader import MAX_YAML_BYTES, MAX_YAML_DEPTH, dump_yaml, read_yaml
 
 __all__ = ["MAX_YAML_BYTES", "MAX_YAML_DEPTH", "MergeConfig", "ModelSpec", "dump_yaml", "load_config", "read_yaml"]
 
-TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "heads", "allow_nonfinite")
+TOP_KEYS = (
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "heads",
+    "allow_nonfinite",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+)
 MODEL_KEYS = ("model", "name", "parameters", "prefix")
 STAT_KEYS = ("fisher", "gram")
 DTYPES: dict[str, torch.dtype] = {
@@ -98,6 +111,8 @@ class MergeConfig:
     allow_nonfinite: bool = False
     #: the YAML file the config was read from (None for a dict); the output may not touch it
     source: Path | None = None
+    #: tokenizer_source / tokenizer / chat_template (:mod:`distac.merging.vocab`); None when absent
+    vocab: VocabSpec | None = None
 
 
 def _check_keys(d: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
@@ -442,4 +457,6 @@ def load_config(config: Mapping[str, Any] | str | Path) -> MergeConfig:
         norm["base_model"]["parameters"] = {k: str(v) for k, v in base.stats.items()}
     norm["models"] = models.entries
     source = None if isinstance(config, Mapping) else Path(config).resolve()
-    return MergeConfig(method, base, models.specs, params, out_dtype, heads, norm, allow_nonfinite, source)
+    vocab = parse_vocab(raw, lambda v, what: _model_path(folder, v, f"{where}: {what}")[0], where)
+    norm |= absolute_settings(raw, vocab)
+    return MergeConfig(method, base, models.specs, params, out_dtype, heads, norm, allow_nonfinite, source, vocab)
