@@ -17,6 +17,7 @@ the same way. With ``out_dtype``, the copied ``config.json`` names the dtype wri
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, closing
 from pathlib import Path
@@ -343,7 +344,9 @@ def _merge_into(
     # what the engine will read: N+1 copies of each merged tensor, one (the base's) of the rest
     head_set = set(heads)
     in_bytes = sum(
-        base.nbytes(k) * (len(models) + 1 if base.dtype(k).is_floating_point and k not in head_set else 1)
+        math.prod(base.shape(k))
+        * base.dtype(k).itemsize
+        * (len(models) + 1 if base.dtype(k).is_floating_point and k not in head_set else 1)
         for k in base.keys()
     )
 
