@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, closing
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import save_file
@@ -41,7 +41,7 @@ from ..tensors import TensorSource
 from .card import write_card
 from .config import STAT_KEYS, MergeConfig, ModelSpec, load_config
 from .emr import EMR, EMRBundle, bundle_card, emr_merge
-from .engine import DEFAULT_CHUNK_BYTES, check_finite_output, run_merge
+from .engine import DEFAULT_CHUNK_BYTES, ZeroReference, check_finite_output, run_merge
 from .temperatures import read_temperatures
 
 __all__ = ["export_task_models", "merge_checkpoints"]
@@ -198,6 +198,8 @@ def merge_checkpoints(
         raise DistacError("export_per_task needs 'heads' patterns in the config (which tensors are task-specific)")
     with ExitStack() as opened:  # every checkpoint's file descriptors are closed, whatever happens
         base = opened.enter_context(closing(open_checkpoint(cfg.base.path)))
+        if cfg.base.zero:  # no base_model: the reference is zero, task vectors are the full weights
+            base = cast(Checkpoint, ZeroReference(base))
         models = [opened.enter_context(closing(open_checkpoint(m.path))) for m in cfg.models]
         stats = _open_stats(cfg, base, models, opened)
         _merge_into(
