@@ -408,6 +408,11 @@ def _gta_params(
     out["density"] = density if len(set(density)) > 1 or n == 1 else density[0]
     if method == "task_arithmetic":
         del out["density"]
+    # options a method of the family does not take (e.g. a DELLA without scope) are its fixed behaviour
+    spec = get_method(method).params
+    for k in ("scope", "merge_fn", "trim_density", "gamma", "epsilon"):
+        if k in out and k not in spec:
+            del out[k]
     return out
 
 
@@ -435,7 +440,9 @@ def translate(reading: Reading, scalars: Mapping[str, Any], per_model: Sequence[
         return out
     for key in sorted({k for p in per_model for k in p}):
         name = "weights" if key == "weight" and "weights" in spec else key
-        out[name] = [p.get(key, spec[name].default if name in spec else None) for p in per_model]
+        values = [p.get(key, spec[name].default if name in spec else None) for p in per_model]
+        shared = name in spec and not spec[name].per_model and len(set(map(repr, values))) == 1
+        out[name] = values[0] if shared else values  # one value for all models: the method's scalar
     return out
 
 
