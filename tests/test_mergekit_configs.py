@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import run_cli
 from safetensors.torch import load_file
 
@@ -797,3 +798,47 @@ def test_distac_spelling_in_a_mergekit_config_names_mergekits(zoo, tmp_path, cap
     text = two_model_config("llama_a", "llama_b", "ties", "llama_c", "  normalize: true\n  scale: 0.5\n")
     code, _, err = run_cli(["merge", str(_llama_cfg(zoo, tmp_path, text)), str(tmp_path / "o")], capsys)
     assert code == 2 and "'scale' is distac's spelling" in err and "'lambda'" in err
+
+
+BAD_VALUES = [
+    ({"weight": "abc"}, "parameter 'weight' must be a number, got 'abc'"),
+    (
+        {"weight": [{"filter": "attn", "value": "x"}]},
+        "for tensors matching 'attn' at layer position 0: parameter 'weight'",
+    ),
+    ({"density": [0, 1]}, "at layer position 0: parameter 'density' = 0.0 is out of range"),
+    ({"density": [{"filter": "attn", "value": 2}]}, "matching 'attn' at layer position 0: parameter 'density' = 2.0"),
+    ({"density": [{"filtr": "attn", "value": 2}]}, "unknown key(s) ['filtr']; a filter entry has 'filter' and 'value'"),
+    ({"density": [[0.1]]}, "expected a number, a gradient [v0, v1, ...] or a list of {filter: NAME, value: V}"),
+    ({"densty": 0.5}, "has no per-model parameter 'densty' (did you mean: density"),
+]
+
+
+@pytest.mark.parametrize(("params", "message"), BAD_VALUES, ids=[m[:30] for _, m in BAD_VALUES])
+def test_bad_mergekit_values_are_one_line(tmp_path, capsys, params, message):
+    from conftest import finetuned, tiny_state, write_checkpoint
+
+    base = tiny_state(0)
+    paths = [write_checkpoint(s, tmp_path / f"{n}.safetensors") for n, s in (("base", base), ("a", finetuned(base, 1)))]
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(paths[0]),
+        "models": [{"model": str(paths[1]), "parameters": {"weight": 1, **params}}],
+    }
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    code, _, err = run_cli(["merge", str(tmp_path / "c.yml"), str(tmp_path / "o")], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_linear_example_converted_to_average_with_a_base_still_averages_three(zoo, tmp_path, capsys):
+    """The issue's conversion: merge_method average, base_model = the first model, listed too."""
+    text = EXAMPLES["examples/linear.yml"].replace("merge_method: linear", "merge_method: average")
+    text += "base_model: psmathur/orca_mini_v3_13b\n"
+    cfg = load_config(_llama_cfg(zoo, tmp_path, text))
+    assert cfg.method.name == "average" and [m.path.name for m in cfg.models] == ["llama_a", "llama_c", "llama_b"]
+    code, _, err = run_cli(["merge", str(tmp_path / "c.yml"), str(tmp_path / "o"), "-q"], capsys)
+    assert code == 0, err
+    m = {n: _tensors(zoo / n) for n in ("llama_a", "llama_b", "llama_c")}
+    for k, v in _tensors(tmp_path / "o").items():
+        want = _expect_linear(m, ["llama_a", "llama_c", "llama_b"], [1.0, 0.3, 0.5], k)
+        torch.testing.assert_close(v.float(), want.half().float(), atol=2e-3, rtol=1e-2)

@@ -519,7 +519,7 @@ def _mk_reading(mk: str, gparams: Mapping[str, Any], models: _MkModels, notes: l
     return Reading(mk, method, flags, notes)
 
 
-def _validate_settings(method: Method, params: MergekitParams, n: int, where: str) -> None:
+def _validate_settings(method: Method, params: MergekitParams, n: int) -> None:
     """Check the values every tensor can get: each filter's, at every gradient knot."""
     names = {""} | {
         c["filter"]
@@ -536,9 +536,13 @@ def _validate_settings(method: Method, params: MergekitParams, n: int, where: st
     }
     for name in sorted(names):
         for t in sorted(knots):
-            values = params.evaluate(name, t)
-            _check_param_types(method, values, where)
-            method.resolve(values, n)
+            at = f"for tensors matching {name!r} at layer position {t:g}" if name else f"at layer position {t:g}"
+            try:
+                values = params.evaluate(name, t)
+                _check_param_types(method, values, at)
+                method.resolve(values, n)
+            except DistacError as e:
+                raise DistacError(str(e) if str(e).startswith(at) else f"{at}: {e}") from None
 
 
 def _load_mergekit(raw: dict[str, Any], folder: Path, where: str, reason: str, source: Path | None) -> MergeConfig:
@@ -562,8 +566,11 @@ def _load_mergekit(raw: dict[str, Any], folder: Path, where: str, reason: str, s
     if mk in ("ties", "dare_ties") and reading.options["normalize"]:
         method = weight_normalized(method) or method
     settings = {k: v for k, v in gparams.items() if k not in MERGEKIT_ONLY or k == "lambda"}
-    params = MergekitParams(reading, settings, [dict(p) for p in models.settings])
-    _validate_settings(method, params, len(models.specs), where)
+    try:
+        params = MergekitParams(reading, settings, [dict(p) for p in models.settings])
+        _validate_settings(method, params, len(models.specs))
+    except DistacError as e:
+        raise DistacError(f"{where}: {e}") from None
     names = [m.name for m in models.specs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

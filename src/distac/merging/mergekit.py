@@ -345,6 +345,13 @@ def check_no_mix(raw: Mapping[str, Any], where: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # mergekit's parameters -> distac's, for one tensor
 # ----------------------------------------------------------------------------------------------
+def _num(value: Any, name: str) -> float:
+    """A number a parameter must be (one line otherwise: the engine or the loader adds where)."""
+    if not _is_number(value):
+        raise DistacError(f"parameter '{name}' must be a number, got {value!r}")
+    return float(value)
+
+
 def _flag(value: Any, name: str, where: str) -> bool:
     if not isinstance(value, bool):
         raise DistacError(f"{where}: parameter '{name}' must be true or false, got {value!r}")
@@ -380,9 +387,9 @@ def _gta_params(
 ) -> dict[str, Any]:
     """One tensor's distac parameters for mergekit's task-vector family."""
     n = len(per_model)
-    weights = [float(p.get("weight", 1.0)) for p in per_model]
-    density = [float(p.get("density", 1.0)) for p in per_model]
-    out: dict[str, Any] = {"scale": float(scalars.get("lambda", 1.0))}
+    weights = [_num(p.get("weight", 1.0), "weight") for p in per_model]
+    density = [_num(p.get("density", 1.0), "density") for p in per_model]
+    out: dict[str, Any] = {"scale": _num(scalars.get("lambda", 1.0), "lambda")}
     if method in ("dare_ties", "dare_linear") and not flags["rescale"]:
         # no rescale: m ⊙ τ = density · (m ⊙ τ / density); the weight takes the density
         weights = [w * d for w, d in zip(weights, density, strict=True)]
@@ -397,7 +404,7 @@ def _gta_params(
     if method == "dare_ties":
         out["trim_density"] = 1.0
     if method.startswith("breadcrumbs"):
-        gammas = {float(p.get("gamma", 0.01)) for p in per_model}
+        gammas = {_num(p.get("gamma", 0.01), "gamma") for p in per_model}
         if len(gammas) > 1:
             raise DistacError(f"method '{method}': distac's 'gamma' is one value for all models, got {sorted(gammas)}")
         out["gamma"] = gammas.pop() if all(d < 1 for d in density) else 0.0
@@ -429,7 +436,7 @@ def translate(reading: Reading, scalars: Mapping[str, Any], per_model: Sequence[
     """
     method, flags = reading.method, reading.options
     if reading.source == "linear":
-        return {"weights": [float(p.get("weight", 1.0)) for p in per_model]}
+        return {"weights": [_num(p.get("weight", 1.0), "weight") for p in per_model]}
     if reading.source in GTA_DEFAULTS:
         return _gta_params(reading.source, scalars, per_model, flags)
     out: dict[str, Any] = {k: v for k, v in scalars.items() if k not in (*MERGEKIT_ONLY, "weight")}
