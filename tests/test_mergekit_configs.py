@@ -657,6 +657,7 @@ def test_weight_on_slerp_is_ignored_with_a_warning(zoo, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="distac.merging"):
         load_config(_llama_cfg(zoo, tmp_path, BASIC["test_slerp_merge"]))
     assert "the per-model 'weight' is ignored, as mergekit ignores it" in caplog.text
+    assert "read with mergekit's meaning (per-model 'weight' with 'slerp'" in caplog.text
 
 
 def test_base_dropped_from_ties_is_said(zoo, tmp_path, caplog):

@@ -556,7 +556,7 @@ def _load_mergekit(raw: dict[str, Any], folder: Path, where: str, reason: str, s
         raise DistacError(f"{where}: 'parameters' must be a mapping")
     for k, v in gparams.items():
         check_setting(v, f"{where}: parameter '{k}'")
-    notes: list[str] = []
+    notes = [f"read with mergekit's meaning ({reason}); see 'Coming from mergekit' in distac's README"]
     base = _base_entry(raw, folder, where) if raw.get("base_model") is not None else None
     models = _mk_models(raw, base, folder, where)
     check_keys(mk, gparams, models.settings, where)
