@@ -17,6 +17,8 @@ SETTINGS = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture], database=None
 )
 PARAMS = ["scale", "density", "weights", "weight", "k", "t", "merge_fn", "seed", "scope", "fisher"]
+#: mergekit's spellings, which switch a config to mergekit's reading (and its filter lists)
+PARAMS += ["lambda", "normalize", "rescale", "int8_mask", "filter", "value", "gamma"]
 _counter = itertools.count()
 
 
@@ -64,8 +66,11 @@ def _configs(paths: list[str]) -> st.SearchStrategy:
     )
     return st.fixed_dictionaries(
         {
-            "merge_method": st.sampled_from(["task_arithmetic", "ties", "average", "slerp", "fisher"]) | values,
-            "base_model": st.just(base) | values,
+            "merge_method": st.sampled_from(
+                ["task_arithmetic", "ties", "average", "slerp", "fisher", "linear", "dare_ties", "model_stock"]
+            )
+            | values,
+            "base_model": st.just(base) | values | st.none(),
             "models": st.lists(model, max_size=3) | values,
         },
         optional={
@@ -125,5 +130,47 @@ def test_fuzzed_yaml_bytes_never_give_a_traceback(checkpoints, capsys):
     )
     def check(text: bytes) -> None:
         _run(root, text, capsys)
+
+    check()
+
+
+def _mergekit_settings(paths: list[str]) -> st.SearchStrategy:
+    """mergekit's parameter values: scalars, layer gradients, filter lists (and near misses of each)."""
+    num = st.floats(-0.5, 1.5, allow_nan=False) | st.integers(-1, 2)
+    gradient = st.lists(num, min_size=0, max_size=4)
+    cond = st.fixed_dictionaries(
+        {"value": num | gradient | _scalars(paths)},
+        optional={"filter": st.sampled_from(["mlp", "attn", "*", "embed", "layers.0"]) | _scalars(paths)},
+    )
+    return num | st.booleans() | gradient | st.lists(cond, max_size=3) | _scalars(paths)
+
+
+def _mergekit_configs(paths: list[str]) -> st.SearchStrategy:
+    base, models = paths[0], paths[1:]
+    keys = st.sampled_from(["weight", "density", "t", "lambda", "normalize", "rescale", "int8_mask", "gamma"])
+    settings = st.dictionaries(keys, _mergekit_settings(paths), max_size=3)
+    model = st.fixed_dictionaries({"model": st.sampled_from(paths)}, optional={"parameters": settings})
+    return st.fixed_dictionaries(
+        {
+            "merge_method": st.sampled_from(
+                ["linear", "ties", "dare_ties", "dare_linear", "task_arithmetic", "breadcrumbs", "slerp", "model_stock"]
+            ),
+            "models": st.lists(model, min_size=1, max_size=3),
+        },
+        optional={
+            "base_model": st.sampled_from([base, *models]),
+            "parameters": settings,
+            "dtype": st.sampled_from(["float16", "bfloat16", "float32"]),
+        },
+    )
+
+
+def test_fuzzed_mergekit_configs_never_give_a_traceback(checkpoints, capsys):
+    root, paths = checkpoints
+
+    @SETTINGS
+    @given(_mergekit_configs(paths))
+    def check(cfg: dict) -> None:
+        _run(root, yaml.safe_dump(cfg, sort_keys=False).encode(), capsys)
 
     check()

@@ -21,7 +21,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, closing
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import save_file
@@ -47,7 +47,7 @@ from ..tensors import RenamedSource, TensorSource
 from .card import write_card, write_task_card
 from .config import STAT_KEYS, MergeConfig, ModelSpec, load_config
 from .emr import EMR, EMRBundle, bundle_card, emr_merge
-from .engine import DEFAULT_CHUNK_BYTES, check_finite_output, run_merge
+from .engine import DEFAULT_CHUNK_BYTES, ZeroReference, check_finite_output, run_merge
 from .slices import is_slices_config, merge_slices
 from .temperatures import read_temperatures
 from .vocab import Vocab, align_models, finish_tokenizer
@@ -256,6 +256,8 @@ def merge_checkpoints(
         raise DistacError("export_per_task needs 'heads' patterns in the config (which tensors are task-specific)")
     with ExitStack() as opened:  # every checkpoint's file descriptors are closed, whatever happens
         base = opened.enter_context(closing(open_checkpoint(cfg.base.path)))
+        if cfg.base.zero:  # no base_model: the reference is zero, task vectors are the full weights
+            base = cast(Checkpoint, ZeroReference(base))
         saved = [opened.enter_context(closing(open_checkpoint(m.path))) for m in cfg.models]
         stats = _open_stats(cfg, base, saved, opened)
         models = [

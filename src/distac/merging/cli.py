@@ -16,10 +16,13 @@ from .emr import EMR, MANIFEST, describe_emr, export_per_task, load_emr_bundle
 __all__ = ["describe_method", "export_tasks_command", "merge_command", "methods_command"]
 
 
-def _writes_checkpoints(out_help: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+def _writes_checkpoints(
+    out_help: str, *, out_required: bool = True
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """The options every command that writes checkpoints shares: --out, --overwrite, --shard-size, --quiet."""
+    path = click.Path(file_okay=False, path_type=Path)
     options = [
-        click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help=out_help),
+        click.option("--out", "-o", required=out_required, type=path, help=out_help),
         click.option("--overwrite", is_flag=True, help="Replace an existing output folder that distac wrote."),
         click.option("--shard-size", default="1GB", show_default=True, help="Largest output shard, e.g. 500MB, 2GiB."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
@@ -33,9 +36,21 @@ def _writes_checkpoints(out_help: str) -> Callable[[Callable[..., None]], Callab
     return apply
 
 
+def _out_folder(positional: Path | None, option: Path | None) -> Path:
+    """OUT given as mergekit's positional argument or as --out (both: they must agree)."""
+    if positional is None and option is None:
+        raise click.UsageError("give the output folder: distac merge CONFIG OUT (or --out OUT)")
+    if positional is not None and option is not None and positional != option:
+        raise click.UsageError(f"two output folders: OUT {positional} and --out {option}; give one")
+    out = positional if positional is not None else option
+    assert out is not None
+    return out
+
+
 @click.command("merge")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
-@_writes_checkpoints("Output folder (written to a temporary folder, renamed when complete).")
+@click.argument("out_dir", metavar="[OUT]", required=False, type=click.Path(file_okay=False, path_type=Path))
+@_writes_checkpoints("Output folder (written to a temporary folder, renamed when complete).", out_required=False)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available).")
 @click.option(
     "--chunk-size",
@@ -51,7 +66,8 @@ def _writes_checkpoints(out_help: str) -> Callable[[Callable[..., None]], Callab
 )
 def merge_command(
     config: Path,
-    out: Path,
+    out_dir: Path | None,
+    out: Path | None,
     overwrite: bool,
     device: str | None,
     shard_size: str,
@@ -60,10 +76,10 @@ def merge_command(
     quiet: bool,
     allow_nonfinite: bool,
 ) -> None:
-    """Merge the checkpoints named in CONFIG (mergekit-style YAML) into OUT."""
+    """Merge the checkpoints named in CONFIG (a distac or mergekit YAML) into OUT (or --out OUT)."""
     path = merge_checkpoints(
         config,
-        out,
+        _out_folder(out_dir, out),
         overwrite=overwrite,
         device=device,
         max_shard_bytes=shard_size,

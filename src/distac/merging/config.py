@@ -51,6 +51,23 @@ from ..errors import DistacError, closest
 from ..io.hub import is_repo_id, resolve_model
 from ..methods import Method, get_method
 from ..taskvector import compile_head_pattern
+from .mergekit import (
+    GTA_DEFAULTS,
+    MERGEKIT_ONLY,
+    NO_BASE,
+    NO_WEIGHT,
+    MergekitParams,
+    Reading,
+    check_keys,
+    check_no_mix,
+    check_setting,
+    count_mean_note,
+    global_flags,
+    mergekit_reason,
+    varies,
+    warn,
+    weight_normalized,
+)
 from .vocab import VocabSpec, absolute_settings, parse_vocab
 from .yaml_loader import MAX_YAML_BYTES, MAX_YAML_DEPTH, dump_yaml, read_yaml
 
@@ -94,6 +111,9 @@ class ModelSpec:
     stats: dict[str, Path] = field(default_factory=dict)
     #: ``{prefix in this model's names: the base's prefix, or None to drop those tensors}``
     prefix: dict[str, str | None] = field(default_factory=dict)
+    #: the base of a merge without ``base_model``: zero weights laid out like the model at ``path``
+    #: (:class:`distac.merging.engine.ZeroReference`), so task vectors are the full weights
+    zero: bool = False
 
 
 @dataclass
@@ -103,7 +123,9 @@ class MergeConfig:
     method: Method
     base: ModelSpec
     models: list[ModelSpec]
-    params: dict[str, Any]  # as the user gave them, per-model values gathered into lists
+    #: as the user gave them, per-model values gathered into lists; for a mergekit config, a
+    #: :class:`~distac.merging.mergekit.MergekitParams` (the engine asks it for per-tensor values)
+    params: Mapping[str, Any]
     out_dtype: torch.dtype | None
     heads: list[str]
     raw: dict[str, Any]  # the config with absolute paths (written to distac_config.yml)
@@ -113,6 +135,9 @@ class MergeConfig:
     source: Path | None = None
     #: tokenizer_source / tokenizer / chat_template (:mod:`distac.merging.vocab`); None when absent
     vocab: VocabSpec | None = None
+    #: why the config is read with mergekit's meaning (None: distac's), and the differences noted
+    mergekit: str | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def _check_keys(d: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
@@ -289,10 +314,12 @@ def _model_entries(raw: Mapping[str, Any], base: ModelSpec, folder: Path, where:
     if not isinstance(raw["models"], list) or not raw["models"]:
         raise DistacError(f"{where}: 'models' must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
     out = _Models()
+    dropped = []
     for i, entry in enumerate(raw["models"]):
         spec, params = _model_entry(entry, folder, f"{where}: models[{i}]")
         if spec.path == base.path:
-            continue  # mergekit lists the base among the models; it has no task vector
+            dropped.append(i)  # mergekit lists the base among the models; it has no task vector
+            continue
         out.specs.append(spec)
         out.params.append(params)
         out.yaml_index.append(i)
@@ -302,6 +329,8 @@ def _model_entries(raw: Mapping[str, Any], base: ModelSpec, folder: Path, where:
             out.entries[-1]["prefix"] = spec.prefix
     if not out.specs:
         raise DistacError(f"{where}: 'models' lists only the base model")
+    if dropped:
+        warn(f"models{dropped} is the base_model: it has no task vector and is left out, as in mergekit")
     names = [m.name for m in out.specs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -367,14 +396,16 @@ def _heads(raw: Mapping[str, Any], where: str) -> list[str]:
 
 
 def _dtypes(raw: Mapping[str, Any], where: str) -> torch.dtype | None:
-    """The output dtype from ``dtype``/``out_dtype`` (None: each tensor's dtype in the base)."""
-    dtype = _dtype(raw["dtype"], "dtype", where) if raw.get("dtype") is not None else torch.float32
+    """The output dtype from ``dtype``/``out_dtype`` (None: each tensor's dtype in the base).
+
+    As in mergekit, ``out_dtype`` defaults to ``dtype`` (``dtype: float32`` on bf16 models writes
+    float32); distac's arithmetic is fp32 whatever ``dtype`` says (mergekit computes in ``dtype``).
+    """
+    dtype = _dtype(raw["dtype"], "dtype", where) if raw.get("dtype") is not None else None
     out_dtype = _dtype(raw["out_dtype"], "out_dtype", where) if raw.get("out_dtype") is not None else None
     if dtype == torch.float64:
         raise DistacError(f"{where}: 'dtype: float64' is not supported; distac computes in float32")
-    if out_dtype is None and dtype in (torch.float16, torch.bfloat16):
-        out_dtype = dtype  # mergekit: out_dtype defaults to dtype. The arithmetic stays fp32.
-    return out_dtype
+    return dtype if out_dtype is None else out_dtype
 
 
 def _method(name: str) -> Method:
@@ -409,6 +440,207 @@ def _check_emr(
         raise DistacError(f"{where}: 'allow_nonfinite' is not accepted with method 'emr': it always stops at NaN/Inf")
 
 
+# ----------------------------------------------------------------------------------------------
+# a mergekit config (see distac.merging.mergekit for the rule that recognises one)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class _MkModels:
+    """The models of a mergekit config after the base is placed: specs, settings, YAML positions."""
+
+    specs: list[ModelSpec] = field(default_factory=list)
+    settings: list[dict[str, Any]] = field(default_factory=list)
+    yaml_index: list[int] = field(default_factory=list)
+    base_at: list[int] = field(default_factory=list)  # YAML positions of entries that are the base
+
+
+def _mk_models(raw: Mapping[str, Any], base: ModelSpec | None, folder: Path, where: str) -> _MkModels:
+    if not isinstance(raw["models"], list) or not raw["models"]:
+        raise DistacError(f"{where}: 'models' must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
+    out = _MkModels()
+    for i, entry in enumerate(raw["models"]):
+        spec, params = _model_entry(entry, folder, f"{where}: models[{i}]")
+        for k, v in params.items():
+            check_setting(v, f"{where}: models[{i}]: parameter '{k}'")
+        if base is not None and spec.path == base.path:
+            out.base_at.append(i)
+        out.specs.append(spec)
+        out.settings.append(params)
+        out.yaml_index.append(i)
+    return out
+
+
+def _keep(models: _MkModels, keep: list[int]) -> None:
+    """Keep the models at list positions ``keep``, in that order."""
+    models.specs = [models.specs[j] for j in keep]
+    models.settings = [models.settings[j] for j in keep]
+    models.yaml_index = [models.yaml_index[j] for j in keep]
+
+
+def _place_base(
+    mk: str, base: ModelSpec | None, models: _MkModels, gparams: Mapping[str, Any], notes: list[str], where: str
+) -> ModelSpec:
+    """The engine's reference, and the base among the models where mergekit merges it as one.
+
+    ``linear``/``average``: the base is one of the averaged models (listed or, with a top-level
+    weight, added) and the reference is zero. ``slerp``: the base is the start point θ_1. Every
+    other method: the base is the reference and an entry listing it has no task vector.
+    """
+    listed = [models.yaml_index.index(i) for i in models.base_at]
+    if base is None:
+        if mk not in NO_BASE:
+            raise DistacError(f"{where}: method '{mk}' needs a base_model (its task vectors are taken against it)")
+        return ModelSpec(models.specs[0].path, models.specs[0].name, zero=True)
+    if mk in ("linear", "average"):
+        if not listed:
+            if "weight" not in gparams:
+                raise DistacError(
+                    f"{where}: base_model is not among the models of '{mk}'; mergekit averages it in with the "
+                    "top-level weight: list it under models with a weight, or remove base_model"
+                )
+            models.specs.append(base)
+            models.settings.append({})
+            models.yaml_index.append(len(models.yaml_index))
+            notes.append(f"base_model {base.name} is averaged in with the top-level weight, as in mergekit")
+        return ModelSpec(models.specs[0].path, models.specs[0].name, zero=True)
+    if mk == "slerp":
+        others = [j for j in range(len(models.specs)) if j not in listed]
+        if listed:
+            _keep(models, [listed[0], *others])  # mergekit interpolates from the base to the other model
+        elif len(models.specs) == 1:
+            models.specs.insert(0, base)
+            models.settings.insert(0, {})
+            models.yaml_index.insert(0, -1)
+        else:
+            notes.append(
+                "slerp: the base_model is not among the models; distac interpolates between the two models "
+                "(mergekit refuses three models)"
+            )
+        return base
+    if listed:
+        _keep(models, [j for j in range(len(models.specs)) if j not in listed])
+        notes.append(
+            f"models{sorted(models.base_at)} is the base_model: it has no task vector and is left out of '{mk}', "
+            "as in mergekit"
+        )
+    if not models.specs:
+        raise DistacError(f"{where}: 'models' lists only the base model")
+    return base
+
+
+def _mk_reading(mk: str, gparams: Mapping[str, Any], models: _MkModels, notes: list[str], where: str) -> Reading:
+    """mergekit's method and config-wide options in distac terms, with the notes they call for."""
+    flags = global_flags(mk, gparams, where)
+    method = ("average" if flags["normalize"] else "task_arithmetic") if mk == "linear" else mk
+    if flags["rescale"] and mk in GTA_DEFAULTS and not mk.startswith(("dare", "della")):
+        raise DistacError(
+            f"{where}: 'rescale: true' with '{mk}' (mergekit rescales the trimmed task vectors to their L1 norm) "
+            "is not offered by distac; remove it"
+        )
+    if gparams.get("filter_wise") not in (None, False):
+        raise DistacError(f"{where}: 'filter_wise: true' (per-row Model Stock) is not offered by distac; remove it")
+    dens = [v for p in models.settings for k, v in p.items() if k == "density"] + [gparams.get("density", 1.0)]
+    if mk.startswith("dare") and flags["rescale"] and any(varies(d) or d < 1 for d in dens):
+        notes.append(
+            f"{mk}: distac rescales the kept entries by exactly 1/density (DARE paper) where mergekit matches their "
+            "L1 norm, and draws its own random mask: results differ from mergekit's by design"
+        )
+    if mk.startswith("breadcrumbs") and any(varies(d) or d < 1 for d in dens):
+        notes.append(f"{mk}: distac masks each row (official Breadcrumbs) where mergekit masks the whole tensor")
+    if mk in NO_WEIGHT and any("weight" in p for p in models.settings):
+        notes.append(f"{mk}: the per-model 'weight' is ignored, as mergekit ignores it")
+        for p in models.settings:
+            p.pop("weight", None)
+    ignored = sorted(k for k in MERGEKIT_ONLY if k in gparams and mk not in GTA_DEFAULTS and mk != "linear")
+    if ignored:
+        notes.append(f"{mk}: {ignored} ignored, as mergekit ignores them for this method")
+    return Reading(mk, method, flags, notes)
+
+
+def _validate_settings(method: Method, params: MergekitParams, n: int) -> None:
+    """Check the values every tensor can get: each filter's, at every gradient knot."""
+    names = {""} | {
+        c["filter"]
+        for s in [*params.settings.values(), *(v for p in params.model_settings for v in p.values())]
+        if isinstance(s, list)
+        for c in s
+        if isinstance(c, Mapping) and isinstance(c.get("filter"), str)
+    }
+    knots = {0.0, 1.0} | {
+        i / (len(s) - 1)
+        for s in [*params.settings.values(), *(v for p in params.model_settings for v in p.values())]
+        if isinstance(s, list) and len(s) > 1 and not isinstance(s[0], Mapping)
+        for i in range(len(s))
+    }
+    for name in sorted(names):
+        for t in sorted(knots):
+            at = f"for tensors matching {name!r} at layer position {t:g}" if name else f"at layer position {t:g}"
+            try:
+                values = params.evaluate(name, t)
+                _check_param_types(method, values, at)
+                method.resolve(values, n)
+            except DistacError as e:
+                raise DistacError(str(e) if str(e).startswith(at) else f"{at}: {e}") from None
+
+
+def _load_mergekit(raw: dict[str, Any], folder: Path, where: str, reason: str, source: Path | None) -> MergeConfig:
+    """A config read with mergekit's meaning (see :mod:`distac.merging.mergekit`)."""
+    check_no_mix(raw, where)
+    if "models" not in raw:
+        raise DistacError(f"{where}: missing required key 'models'")
+    mk = raw["merge_method"]
+    gparams = raw.get("parameters") or {}
+    if not isinstance(gparams, Mapping):
+        raise DistacError(f"{where}: 'parameters' must be a mapping")
+    for k, v in gparams.items():
+        check_setting(v, f"{where}: parameter '{k}'")
+    notes = [f"read with mergekit's meaning ({reason}); see 'Coming from mergekit' in distac's README"]
+    base = _base_entry(raw, folder, where) if raw.get("base_model") is not None else None
+    models = _mk_models(raw, base, folder, where)
+    check_keys(mk, gparams, models.settings, where)
+    ref = _place_base(mk, base, models, gparams, notes, where)
+    reading = _mk_reading(mk, gparams, models, notes, where)
+    method = _method(reading.method)
+    if mk in ("ties", "dare_ties") and reading.options["normalize"]:
+        method = weight_normalized(method) or method
+    settings = {k: v for k, v in gparams.items() if k not in MERGEKIT_ONLY or k == "lambda"}
+    try:
+        params = MergekitParams(reading, settings, [dict(p) for p in models.settings])
+        _validate_settings(method, params, len(models.specs))
+    except DistacError as e:
+        raise DistacError(f"{where}: {e}") from None
+    names = [m.name for m in models.specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise DistacError(f"{where}: several models are named {dup}; give each a distinct 'name'")
+    norm = copy.deepcopy(dict(raw))
+    if base is not None:
+        norm["base_model"] = {"model": str(base.path)}
+    norm["models"] = [
+        {"model": str(m.path), "name": m.name, **({"parameters": raw_params} if raw_params else {})}
+        for m, raw_params in zip(models.specs, models.settings, strict=True)
+    ]
+    if reading.method == "slerp" and models.yaml_index and models.yaml_index[0] == -1:
+        norm["models"] = norm["models"][1:]
+    vocab = parse_vocab(raw, lambda v, what: _model_path(folder, v, f"{where}: {what}")[0], where)
+    norm |= absolute_settings(raw, vocab)
+    for note in notes:
+        warn(note)
+    cfg = MergeConfig(
+        method,
+        ref,
+        models.specs,
+        params,
+        _dtypes(raw, where),
+        _heads(raw, where),
+        norm,
+        bool(raw.get("allow_nonfinite", False)),
+        source,
+        vocab,
+    )
+    cfg.mergekit, cfg.notes = reason, notes
+    return cfg
+
+
 def load_config(config: Mapping[str, Any] | str | Path) -> MergeConfig:
     """Read and validate a merge config (see the module docstring for the YAML).
 
@@ -429,6 +661,14 @@ def load_config(config: Mapping[str, Any] | str | Path) -> MergeConfig:
     """
     raw, folder, where = _read(config)
     _check_keys(raw, TOP_KEYS, where)
+    if "merge_method" in raw and not isinstance(raw["merge_method"], str):
+        raise DistacError(f"{where}: 'merge_method' must be a method name, got {raw['merge_method']!r}")
+    reason = mergekit_reason(raw) if "merge_method" in raw else None
+    if reason is not None:
+        if not isinstance(raw.get("allow_nonfinite", False), bool):
+            raise DistacError(f"{where}: 'allow_nonfinite' must be true or false, got {raw['allow_nonfinite']!r}")
+        source = None if isinstance(config, Mapping) else Path(config).resolve()
+        return _load_mergekit(raw, folder, where, reason, source)
     for k in ("merge_method", "base_model", "models"):
         if k not in raw:
             raise DistacError(f"{where}: missing required key '{k}'")
@@ -448,6 +688,9 @@ def load_config(config: Mapping[str, Any] | str | Path) -> MergeConfig:
     params = _gather_params(method, gparams, [dict(p) for p in models.params], where, models.yaml_index)
     _check_param_types(method, params, where)
     method.resolve(params, len(models.specs))  # validate now: ranges, unknown names, model counts
+    note = count_mean_note(method.name, params)
+    if note:
+        warn(note)
     out_dtype = _dtypes(raw, where)
     heads = _heads(raw, where)
     # the config with absolute paths and explicit names, so the output's copy re-runs from anywhere

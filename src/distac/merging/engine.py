@@ -24,6 +24,16 @@ Memory and speed:
   result as ``ctx.thresholds``. A tensor that fits one piece is merged whole and the method ranks
   it itself (``kthvalue``); both give the same bits, so memory stays at a few pieces whatever the
   largest tensor.
+
+Parameters that vary by tensor (mergekit's layer gradients and ``filter`` lists) come as a
+``params`` mapping with a ``for_tensors(names)`` method (:class:`distac.merging.mergekit.MergekitParams`):
+the engine resolves and checks every tensor's values before the first is merged, and passes each
+tensor its own. Plain parameters (the common case) take no per-tensor step at all. With varying
+parameters a per-tensor pre-pass (``scope="tensor"``) is left to the method on whole tensors, and a
+global one must have one density for the whole model.
+
+Without a base model (mergekit's ``linear``), the reference is :class:`ZeroReference`: zero
+weights, so the task vectors are the full weights and ``base + merged`` is the merged weights.
 """
 
 from __future__ import annotations
@@ -45,7 +55,15 @@ from ..tensors import DictSource, TensorSource, check_compatible
 from .pieces import BufferPool, Loaded, Work, load_piece, offset_of, split_rows, stream
 from .prepass import TensorKth, global_kth_magnitudes, statistic_norms
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "MergePlan", "check_finite_output", "merge", "plan_merge", "run_merge"]
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "MergePlan",
+    "ZeroReference",
+    "check_finite_output",
+    "merge",
+    "plan_merge",
+    "run_merge",
+]
 
 StateDict = dict[str, Tensor]
 Progress = Callable[[Iterator[str], str], Iterator[str]]
@@ -74,6 +92,48 @@ class MergePlan:
     chunkable: bool = False
     #: the method's pre-pass when its scope is "tensor": run during the merge, per split tensor
     tensor_prepass: Prepass | None = None
+    #: each tensor's resolved parameters when they vary by tensor (mergekit gradients and filters);
+    #: None in the common case, where ``params`` serves every tensor
+    per_tensor: dict[str, dict[str, Any]] | None = None
+
+
+class ZeroReference:
+    """Zero weights laid out like ``source``: the reference of a merge without a base model.
+
+    mergekit's ``linear`` (and other base-free methods) combine the models' full weights; with
+    this reference the engine's task vectors *are* the full weights and the result is the merged
+    weights, exactly. Non-float tensors (buffers) are ``source``'s own; everything else a source
+    has (keys, shapes, dtypes, sizes, files) is ``source``'s.
+
+    Example:
+        >>> ref = ZeroReference(DictSource({"w": torch.ones(2)}, "a"))
+        >>> ref.get("w").tolist(), ref.keys()
+        ([0.0, 0.0], ['w'])
+    """
+
+    def __init__(self, source: TensorSource):
+        self.source = source
+        self.label = f"zero weights shaped like {source.label}"
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.source, name)
+
+    def get(self, name: str) -> Tensor:
+        if not self.source.dtype(name).is_floating_point:
+            return self.source.get(name)
+        return torch.zeros(self.source.shape(name), dtype=self.source.dtype(name))
+
+    def get_rows(self, name: str, start: int, stop: int) -> Tensor:
+        if not self.source.dtype(name).is_floating_point:
+            return self.source.get_rows(name, start, stop)
+        shape = self.source.shape(name)
+        return torch.zeros((max(0, min(stop, shape[0]) - start), *shape[1:]), dtype=self.source.dtype(name))
+
+    def read_into(self, name: str, rows: tuple[int, int] | None, out: Tensor) -> int:
+        if not self.source.dtype(name).is_floating_point:
+            return self.source.read_into(name, rows, out)
+        out.zero_()
+        return 0
 
 
 def _pieces(plan: MergePlan, base: TensorSource, n_inputs: int, chunk_bytes: int | None) -> list[Work]:
@@ -109,8 +169,50 @@ def _resolve(
             continue
         (names if base.dtype(k).is_floating_point else copied).append(k)
     plan = MergePlan(m, resolved, names, copied, sorted(heads, key=base.keys().index))
-    plan.chunkable = m.is_chunkable(resolved)
+    plan.per_tensor = _per_tensor(m, params, names, len(models))
+    plan.chunkable = all(m.is_chunkable(p) for p in (plan.per_tensor or {"": resolved}).values())
     return plan
+
+
+def _per_tensor(m: Method, params: Mapping[str, Any], names: list[str], n: int) -> dict[str, dict[str, Any]] | None:
+    """Each tensor's resolved parameters, when ``params`` varies by tensor (it has ``for_tensors``).
+
+    Every tensor's values are checked here, before anything is written. Plain parameters (the
+    common case) return None and cost nothing per tensor.
+    """
+    for_tensors = getattr(params, "for_tensors", None)
+    if for_tensors is None:
+        return None
+    raw = for_tensors(names)
+    if raw is None:
+        return None
+    out = {}
+    for k in names:
+        try:
+            out[k] = m.resolve(raw[k], n)
+        except DistacError as e:
+            raise DistacError(f"tensor '{k}': {e}") from None
+    return out
+
+
+def _varying_prepass(plan: MergePlan, pre: Prepass, n: int) -> Prepass | None:
+    """The pre-pass of a merge whose parameters vary by tensor.
+
+    Per-tensor thresholds (``scope="tensor"``) are ranked by the method on whole tensors (the
+    engine does not split them); global thresholds need one density for the whole model.
+    """
+    assert plan.per_tensor is not None
+    if pre.scope == "tensor":
+        plan.chunkable = False
+        return None
+    plans = (plan.method.plan_prepass(q, n) for q in plan.per_tensor.values())
+    densities = {tuple(p.density or ()) for p in plans if p is not None}
+    if len(densities) > 1:
+        raise DistacError(
+            f"method '{plan.method.name}': the density varies by tensor, but scope 'global' ranks the whole model "
+            "with one density; set scope: tensor (as mergekit does) or give one density"
+        )
+    return pre
 
 
 def plan_merge(
@@ -144,6 +246,8 @@ def plan_merge(
     device = torch.device(device)
     plan = _resolve(base, models, method, params, stats, head_patterns)
     pre = plan.method.plan_prepass(plan.params, len(models))
+    if pre is not None and plan.per_tensor is not None:
+        pre = _varying_prepass(plan, pre, len(models))
     if pre is None:
         return plan
     if pre.scope == "tensor":  # each split tensor's k-th magnitudes, computed during the merge
@@ -164,7 +268,8 @@ def _merge_piece(plan: MergePlan, base: TensorSource, item: Loaded, kth: Tensor 
     w = item.work
     ctx = TensorContext(w.name, tuple(base.shape(w.name)), offset_of(base, w), kth, item.stats, plan.norms)
     assert item.deltas is not None
-    return item.base + plan.method(item.base, item.deltas, ctx=ctx, **plan.params)
+    params = plan.params if plan.per_tensor is None else plan.per_tensor[w.name]
+    return item.base + plan.method(item.base, item.deltas, ctx=ctx, **params)
 
 
 def check_finite_output(name: str, t: Tensor, dtype: torch.dtype, where: str = "") -> None:
