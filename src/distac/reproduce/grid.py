@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ from torch import Tensor
 import distac
 from distac.errors import DistacError
 from distac.nn.evaluate import ece
+from distac.nn.models import default_device
 
 from .profile import Profile
 from .tasks import TaskData
@@ -40,6 +41,7 @@ __all__ = [
     "SourceSet",
     "alpha_sweep",
     "available_specs",
+    "profile_specs",
     "run_cell",
     "score_cell",
     "select_alpha",
@@ -111,12 +113,26 @@ def available_specs(names: Iterable[str] | None = None) -> list[MethodSpec]:
     ]
 
 
-class Evaluator:
-    """Evaluates a merged body on every task with that task's own head."""
+def profile_specs(profile: Profile) -> list[MethodSpec]:
+    """The grid's specs for a profile: its ``methods`` (:func:`available_specs`) with its ``method_params``."""
+    overrides = {m: dict(kv) for m, kv in profile.method_params}
+    unknown = sorted(set(overrides) - {s.method for s in METHOD_SPECS})
+    if unknown:
+        raise DistacError(f"profile '{profile.name}': method_params names unknown methods {unknown}")
+    return [replace(s, params={**s.params, **overrides.get(s.method, {})}) for s in available_specs(profile.methods)]
 
-    def __init__(self, zoo: Zoo) -> None:
+
+class Evaluator:
+    """Evaluates a merged body on every task with that task's own head.
+
+    ``device`` (default: CUDA when available) is where the evaluation model lives and where the grid
+    merges, calibrates, conditions and takes Fishers; logits come back on the CPU.
+    """
+
+    def __init__(self, zoo: Zoo, device: torch.device | str | None = None) -> None:
         self.zoo = zoo
-        self.model = zoo.model()
+        self.device = default_device(device)
+        self.model = zoo.model().to(self.device)
         self.tasks = zoo.tasks
         self.ideal_val = [self.own(sd, i, "val") for i, sd in enumerate(zoo.setting("ideal"))]
         self.ideal_test = [zoo.own_acc[f"{td.spec.name}__ideal"] for td in self.tasks]
@@ -211,10 +227,14 @@ def grid_for(spec: MethodSpec, profile: Profile) -> tuple[float, ...]:
 
 
 def merge_fn(
-    spec: MethodSpec, base: StateDict, sources: SourceSet, base_fisher: StateDict | None
+    spec: MethodSpec,
+    base: StateDict,
+    sources: SourceSet,
+    base_fisher: StateDict | None,
+    device: torch.device | str | None = None,
 ) -> Callable[[float], StateDict]:
-    """α -> merged state dict. Linear methods merge once at α = 1 and interpolate θ_0 + α·Δ."""
-    kwargs: dict[str, Any] = dict(spec.params)
+    """α -> merged state dict (computed on ``device``). Linear methods merge once at α = 1 and interpolate θ_0 + α·Δ."""
+    kwargs: dict[str, Any] = dict(spec.params, device=device)
     if spec.fisher:
         kwargs["fishers"] = sources.fishers
     if spec.base_fisher and base_fisher is not None:
@@ -272,7 +292,7 @@ def run_cell(
         from .per_task import per_task_cell  # it builds on this module's evaluator and scoring
 
         return per_task_cell(evaluator, spec, sources, base=base)
-    merged_at = merge_fn(spec, base, sources, base_fisher)
+    merged_at = merge_fn(spec, base, sources, base_fisher, evaluator.device)
     alpha, curve = select_alpha(evaluator, merged_at, sources.models, grid_for(spec, profile))
     state = merged_at(alpha)
     test_logits = evaluator.logits(state, sources.models, "test")
@@ -304,7 +324,8 @@ def score_cell(
     for td, z, task_state in zip(tasks, test_logits, task_states, strict=True):
         name = td.spec.name
         try:
-            t = distac.calibrate(evaluator.task_model(task_state, name), task_state, td.val.x, td.val.y).temperature
+            model = evaluator.task_model(task_state, name)
+            t = distac.calibrate(model, task_state, td.val.x, td.val.y, device=evaluator.device).temperature
         except RuntimeError as e:
             # a failed calibration (e.g. an empty or degenerate validation split) is recorded as NaN,
             # visible in the tables, rather than aborting the whole grid.
@@ -342,7 +363,7 @@ def alpha_sweep(
     base_fisher: StateDict | None,
 ) -> list[tuple[float, float, float]]:
     """(α, mean test accuracy, mean test normalised accuracy) for every α: the sensitivity curve."""
-    merged_at = merge_fn(spec, base, sources, base_fisher)
+    merged_at = merge_fn(spec, base, sources, base_fisher, evaluator.device)
     out = []
     for a in alphas:
         acc = evaluator.accuracy(merged_at(a), sources.models, "test")

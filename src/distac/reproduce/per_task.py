@@ -25,7 +25,9 @@ def per_task_states(evaluator: Evaluator, sources: SourceSet, *, base: StateDict
         >>> evaluator.own(states[0], 0, "test")                           # doctest: +SKIP
     """
     names = [td.spec.name for td in evaluator.tasks]
-    bundle = distac.emr_merge(base, sources.models, tasks=names, heads=[HEAD_PATTERN], device="cpu", quiet=True)
+    bundle = distac.emr_merge(
+        base, sources.models, tasks=names, heads=[HEAD_PATTERN], device=evaluator.device, quiet=True
+    )
     return [bundle.task(n) for n in names]
 
 

@@ -69,6 +69,9 @@ class Profile:
     alpha_sweep: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.5)
     # merge methods of the grid (None: every method of grid.METHOD_SPECS registered in distac.METHODS)
     methods: tuple[str, ...] | None = None
+    # (method, ((parameter, value), ...)) replacing grid.METHOD_SPECS' parameters: a CI miniature's
+    # cheaper settings (e.g. fewer WUDI steps), never the documented runs'
+    method_params: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
     def manifest(self) -> dict[str, Any]:
         """The parts that determine the zoo's weights (for the cache manifest)."""

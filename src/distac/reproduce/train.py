@@ -1,8 +1,10 @@
 """Training loops of the suites: pre-training, task heads, fine-tuning, evaluation.
 
-All loops are deterministic given their seed (a private ``torch.Generator``) and train on CPU in
-fp32. Heads are frozen during fine-tuning, as the CLIP zero-shot heads are in the DisTaC and
-task-vector papers, so every task vector lives in the shared body.
+All loops are deterministic given their seed (a private ``torch.Generator`` on the CPU, which draws
+every batch index and augmentation) and train in fp32 on the device the model is on: the CPU by
+default (bit-reproducible), or CUDA (``distac reproduce --device``; same seeds, not the CPU's bits).
+Heads are frozen during fine-tuning, as the CLIP zero-shot heads are in the DisTaC and task-vector
+papers, so every task vector lives in the shared body.
 """
 
 from __future__ import annotations
@@ -102,15 +104,19 @@ def pretrain(
     seed: int = 0,
     augment: Augment | None = None,
     progress: Progress = _no_progress,
+    device: torch.device | str = "cpu",
 ) -> StateDict:
     """Pre-train the body on digits (CE, shifts, optional random affine maps); returns the body and digit head.
+
+    The model is initialised on the CPU (the same weights for every device) and trained on ``device``;
+    the returned tensors stay there.
 
     The digit head is returned as ``heads.pretrain_digit.*``: it is the semantic space the task heads
     are built from (:func:`zero_shot_heads`) and the head gradient matching needs for H_0.
     """
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = TinyViT(cfg, {"digit": 10})
+    model = TinyViT(cfg, {"digit": 10}).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     n = len(data.x)
     model.train()
@@ -121,7 +127,7 @@ def pretrain(
         x = _shift(data.x[i], g)
         if augment is not None:
             x = _random_affine(x, g, augment)
-        loss = F.cross_entropy(model(x), data.y[i])
+        loss = F.cross_entropy(model(x.to(device)), data.y[i].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -158,7 +164,7 @@ def zero_shot_heads(model: TinyViT, tasks: list[TaskData], digit_head: Tensor) -
         digit_head = F.normalize(digit_head, dim=-1)
     for td in tasks:
         cls = td.spec.label(digits)
-        rows = torch.stack([digit_head[cls == c].mean(0) for c in range(td.spec.classes)])
+        rows = torch.stack([digit_head[(cls == c).to(digit_head.device)].mean(0) for c in range(td.spec.classes)])
         if cosine:
             rows = F.normalize(rows, dim=-1)
         cast(nn.Linear, model.heads[td.spec.name]).weight.copy_(rows)
@@ -172,7 +178,8 @@ def body_state(model: TinyViT) -> StateDict:
 @torch.no_grad()
 def _features(model: TinyViT, x: Tensor, chunk: int = 1024) -> Tensor:
     model.eval()
-    return torch.cat([model.features(x[i : i + chunk]) for i in range(0, len(x), chunk)])
+    dev = next(model.parameters()).device
+    return torch.cat([model.features(x[i : i + chunk].to(dev)) for i in range(0, len(x), chunk)])
 
 
 def probe_heads(model: TinyViT, tasks: list[TaskData], *, steps: int = 300, lr: float = 0.05, seed: int = 0) -> None:
@@ -186,6 +193,7 @@ def probe_heads(model: TinyViT, tasks: list[TaskData], *, steps: int = 300, lr: 
     for td in tasks:
         x, y = td.train.x, td.train.y
         feats = _features(model, x)
+        y = y.to(feats.device)
         head = model.heads[td.spec.name]
         with torch.enable_grad():
             opt = torch.optim.Adam(head.parameters(), lr=lr)
@@ -204,7 +212,7 @@ def finetune(
     seed: int,
     progress: Progress = _no_progress,
 ) -> StateDict:
-    """Fine-tune the body on one task with its frozen head; returns the full state dict θ_t."""
+    """Fine-tune the body on one task with its frozen head; returns the full state dict θ_t (on the model's device)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     set_head(model, td.spec.name)
@@ -213,12 +221,14 @@ def finetune(
         p.requires_grad_(not k.startswith("heads."))
     opt = torch.optim.AdamW(body, lr=recipe.lr, weight_decay=recipe.weight_decay)
     n = len(td.train.x)
+    dev = next(model.parameters()).device
     model.train()
     for step in progress(range(recipe.steps), f"fine-tune {td.spec.name}"):
         for group in opt.param_groups:
             group["lr"] = recipe.lr * lr_factor(step, steps=recipe.steps, warmup=recipe.warmup)
         i = torch.randint(0, n, (recipe.batch,), generator=g)
-        loss = F.cross_entropy(model(td.train.x[i]), td.train.y[i], label_smoothing=recipe.label_smoothing)
+        x, y = td.train.x[i].to(dev), td.train.y[i].to(dev)
+        loss = F.cross_entropy(model(x), y, label_smoothing=recipe.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(body, 1.0)
@@ -230,9 +240,12 @@ def finetune(
 
 @torch.no_grad()
 def predict_logits(model: TinyViT, task: str, x: Tensor, *, chunk: int = 1024) -> Tensor:
-    """Logits of ``task``'s head on images ``x`` (eval mode, chunked)."""
+    """Logits of ``task``'s head on inputs ``x`` (eval mode, chunked on the model's device), on the CPU."""
     model.eval()
-    return torch.cat([model.logits(model.features(x[i : i + chunk]), task) for i in range(0, len(x), chunk)])
+    dev = next(model.parameters()).device
+    return torch.cat(
+        [model.logits(model.features(x[i : i + chunk].to(dev)), task) for i in range(0, len(x), chunk)]
+    ).cpu()
 
 
 def evaluate(model: TinyViT, task: str, split: Split) -> float:

@@ -8,20 +8,22 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..nn.models import default_device
 from ..progress import track
 from .grid import (
     CellResult,
     Evaluator,
     SourceSet,
     alpha_sweep,
-    available_specs,
     own_accuracy,
+    profile_specs,
     run_cell,
     task_names,
 )
@@ -55,9 +57,10 @@ def _bar(enabled: bool) -> Callable[[Iterable[Any], str], Iterable[Any]]:
     return wrap
 
 
-def _machine() -> dict[str, Any]:
+def _machine(device: torch.device) -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
@@ -99,12 +102,17 @@ def run_vision(
     progress: bool = True,
     log: Callable[[str], None] = print,
     command: str = "distac reproduce",
+    device: torch.device | str | None = None,
 ) -> dict[str, Any]:
-    """Run the whole vision suite and write ``out/`` (results.md, CSVs, PNGs, run.json)."""
+    """Run the whole vision suite and write ``out/`` (results.md, CSVs, PNGs, run.json).
+
+    ``device`` (default: CUDA when available) runs every training, merge and evaluation.
+    """
     bar = _bar(progress)
+    dev = default_device(device)
 
     def zoo_for(seed: int) -> Zoo:
-        return build_or_load_zoo(profile, cache=cache, seed=seed, progress=bar, log=log)
+        return build_or_load_zoo(profile, cache=cache, seed=seed, progress=bar, log=log, device=dev)
 
     def prior_data(zoo: Zoo) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = load_digits_5000()
@@ -123,6 +131,7 @@ def run_vision(
         log=log,
         command=command,
         prior_data=prior_data,
+        device=dev,
     )
 
 
@@ -137,93 +146,134 @@ def run_suite(
     log: Callable[[str], None],
     command: str,
     prior_data: Callable[[Zoo], tuple[torch.Tensor, torch.Tensor]] | None,
+    device: torch.device | str | None = None,
 ) -> dict[str, Any]:
     """Zoo per seed -> source sets -> grid -> α sweep -> ``out/`` (shared by the vision and text suites).
 
     ``prior_data(zoo)`` gives the pre-training inputs and labels for gradient matching's H_0 (the
     base's Fisher with its pre-training head); without it H_0 is the method's δ_0 prior only.
+    ``out/`` is rewritten after every seed (its tables then hold the seeds done so far), so a run
+    stopped part-way leaves the results of its finished seeds. ``device``: where the grid runs
+    (default: CUDA when available); ``zoo_for`` places each zoo itself.
     """
     t_start = time.perf_counter()
-    machine = _machine()
+    dev = default_device(device)
+    machine = _machine(dev)
     out.mkdir(parents=True, exist_ok=True)
-    specs = available_specs(profile.methods)
+    specs = profile_specs(profile)
     if not specs:
         raise RuntimeError("no merge method of the grid is registered in distac.METHODS")
-    cells: list[CellResult] = []
-    cell_seeds: list[int] = []
-    sweeps: dict[str, list[list[tuple[float, float, float]]]] = {}
-    seed0_sources: list[tuple[SourceSet, list[float]]] = []
-    timings: dict[str, float] = {}
-    names: list[str] = []
-    labels_y: dict[str, torch.Tensor] = {}
-    base_rows: list[tuple[float, float]] = []
+    acc = _Accumulated()
+    result: dict[str, Any] = {}
     for seed in range(seeds):
         t0 = time.perf_counter()
         zoo = zoo_for(seed)
-        timings[f"seed{seed}_zoo_s"] = round(time.perf_counter() - t0, 1)
-        names = task_names(zoo.tasks)
-        labels_y = {td.spec.name: td.test.y for td in zoo.tasks}
-        evaluator = Evaluator(zoo)
-        # the reference point α = 0: the pre-trained body with the probed (zero-shot-like) heads
-        zero = evaluator.accuracy(zoo.base, zoo.setting("ideal"), "test")
-        base_rows.append((100 * sum(zero) / len(zero), 100 * sum(evaluator.normalised(zero, "test")) / len(zero)))
-        t0 = time.perf_counter()
-        sets = _source_sets(zoo, evaluator, progress=progress, log=log)
-        timings[f"seed{seed}_distac_s"] = round(time.perf_counter() - t0, 1)
-        t0 = time.perf_counter()
-        bf = None
-        if any(s.fisher for s in specs):
-            fcache: dict[int, dict[str, torch.Tensor]] = {}
-            for s in track(sets, desc="fishers", quiet=not progress):
-                add_fishers(s, zoo, evaluator, cache=fcache, progress=False)
-            if prior_data is not None and any(s.base_fisher for s in specs):
-                px, py = prior_data(zoo)
-                bf = base_fisher(zoo, evaluator, px, py, progress=False)
-        timings[f"seed{seed}_fisher_s"] = round(time.perf_counter() - t0, 1)
-        if seed == 0:
-            seed0_sources = [(s, own_accuracy(evaluator, s)) for s in sets]
-        t0 = time.perf_counter()
-        jobs = [(spec, s) for s in sets for spec in specs]
-        for spec, s in track(jobs, desc=f"grid (seed {seed})", quiet=not progress):
-            cells.append(run_cell(evaluator, spec, s, profile=profile, base=zoo.base, base_fisher=bf))
-            cell_seeds.append(seed)
-        timings[f"seed{seed}_grid_s"] = round(time.perf_counter() - t0, 1)
-        t0 = time.perf_counter()
-        ideal = sets[0]
-        for spec in track([s for s in specs if s.method in SWEEP_METHODS], desc="α sweep", quiet=not progress):
-            sweeps.setdefault(spec.label, []).append(
-                alpha_sweep(evaluator, spec, ideal, profile.alpha_sweep, base=zoo.base, base_fisher=bf)
-            )
-        timings[f"seed{seed}_sweep_s"] = round(time.perf_counter() - t0, 1)
-        log(f"{suite}: seed {seed} done, timings {timings}")
-    wall = time.perf_counter() - t_start
+        acc.timings[f"seed{seed}_zoo_s"] = round(time.perf_counter() - t0, 1)
+        _run_seed(acc, zoo, seed, specs, prior_data=prior_data, device=dev, progress=progress, log=log)
+        log(f"{suite}: seed {seed} done, timings {acc.timings}")
+        meta = {
+            "suite": suite,
+            "profile": profile.name,
+            "command": command,
+            "seeds": seed + 1,
+            "machine": machine,
+            "methods": [s.method for s in specs],
+            "profile_manifest": json.loads(json.dumps(profile.manifest())),
+        }
+        result = _write_outputs(acc, meta, out, time.perf_counter() - t_start, log)
+    return result
+
+
+@dataclass
+class _Accumulated:
+    """What the seeds of a run have produced so far (the report is written from it after every seed)."""
+
+    cells: list[CellResult] = field(default_factory=list)
+    cell_seeds: list[int] = field(default_factory=list)
+    sweeps: dict[str, list[list[tuple[float, float, float]]]] = field(default_factory=dict)
+    seed0_sources: list[tuple[SourceSet, list[float]]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)
+    labels_y: dict[str, torch.Tensor] = field(default_factory=dict)
+    base_rows: list[tuple[float, float]] = field(default_factory=list)
+
+
+def _run_seed(
+    acc: _Accumulated,
+    zoo: Zoo,
+    seed: int,
+    specs: list[Any],
+    *,
+    prior_data: Callable[[Zoo], tuple[torch.Tensor, torch.Tensor]] | None,
+    device: torch.device,
+    progress: bool,
+    log: Callable[[str], None],
+) -> None:
+    """One zoo through source sets, Fishers, grid and α sweep; its cells and timings go into ``acc``."""
+    profile, timings = zoo.profile, acc.timings
+    acc.names = task_names(zoo.tasks)
+    acc.labels_y = {td.spec.name: td.test.y for td in zoo.tasks}
+    evaluator = Evaluator(zoo, device)
+    # the reference point α = 0: the pre-trained body with the frozen zero-shot heads
+    zero = evaluator.accuracy(zoo.base, zoo.setting("ideal"), "test")
+    acc.base_rows.append((100 * sum(zero) / len(zero), 100 * sum(evaluator.normalised(zero, "test")) / len(zero)))
+    t0 = time.perf_counter()
+    sets = _source_sets(zoo, evaluator, progress=progress, log=log)
+    timings[f"seed{seed}_distac_s"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    bf = None
+    if any(s.fisher for s in specs):
+        fcache: dict[int, dict[str, torch.Tensor]] = {}
+        for s in track(sets, desc="fishers", quiet=not progress):
+            add_fishers(s, zoo, evaluator, cache=fcache, progress=False)
+        if prior_data is not None and any(s.base_fisher for s in specs):
+            px, py = prior_data(zoo)
+            bf = base_fisher(zoo, evaluator, px, py, progress=False)
+    timings[f"seed{seed}_fisher_s"] = round(time.perf_counter() - t0, 1)
+    if seed == 0:
+        acc.seed0_sources = [(s, own_accuracy(evaluator, s)) for s in sets]
+    t0 = time.perf_counter()
+    jobs = [(spec, s) for s in sets for spec in specs]
+    for spec, s in track(jobs, desc=f"grid (seed {seed})", quiet=not progress):
+        acc.cells.append(run_cell(evaluator, spec, s, profile=profile, base=zoo.base, base_fisher=bf))
+        acc.cell_seeds.append(seed)
+    timings[f"seed{seed}_grid_s"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    ideal = sets[0]
+    for spec in track([s for s in specs if s.method in SWEEP_METHODS], desc="α sweep", quiet=not progress):
+        acc.sweeps.setdefault(spec.label, []).append(
+            alpha_sweep(evaluator, spec, ideal, profile.alpha_sweep, base=zoo.base, base_fisher=bf)
+        )
+    timings[f"seed{seed}_sweep_s"] = round(time.perf_counter() - t0, 1)
+
+
+def _write_outputs(
+    acc: _Accumulated, meta: dict[str, Any], out: Path, wall: float, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """results.md, cells.csv, the plots and run.json of the seeds in ``acc`` (rewritten after each seed)."""
+    machine = meta["machine"]
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     machine["loadavg_1m_at_end"] = round(load[0], 2)
     machine["loadavg_15m_at_end"] = round(load[2], 2)
+    cells = acc.cells
     labels = list(dict.fromkeys(c.label for c in cells))
-    base_norm = statistics.fmean(n for _, n in base_rows) if base_rows else None
-    tgt = targets(cells, sweeps, base_norm)
+    base_norm = statistics.fmean(n for _, n in acc.base_rows) if acc.base_rows else None
+    tgt = targets(cells, acc.sweeps, base_norm)
     meta = {
-        "suite": suite,
-        "profile": profile.name,
-        "command": command,
+        **meta,
         "date_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "wall_time_s": round(wall, 1),
-        "seeds": seeds,
-        "machine": machine,
-        "timings": timings,
-        "methods": [s.method for s in specs],
-        "profile_manifest": json.loads(json.dumps(profile.manifest())),
-        "base_test_acc": [round(a, 2) for a, _ in base_rows],
-        "base_test_norm_acc": [round(n, 2) for _, n in base_rows],
+        "timings": dict(acc.timings),
+        "base_test_acc": [round(a, 2) for a, _ in acc.base_rows],
+        "base_test_norm_acc": [round(n, 2) for _, n in acc.base_rows],
     }
-    write_csv(out / "cells.csv", cells, names, cell_seeds)
-    plots = write_plots(out, cells, seed0_sources, sweeps, names, labels_y, base_norm=base_norm)
-    md = _markdown(meta, cells, labels, seed0_sources, names, sweeps, tgt, plots)
+    write_csv(out / "cells.csv", cells, acc.names, acc.cell_seeds)
+    plots = write_plots(out, cells, acc.seed0_sources, acc.sweeps, acc.names, acc.labels_y, base_norm=base_norm)
+    md = _markdown(meta, cells, labels, acc.seed0_sources, acc.names, acc.sweeps, tgt, plots)
     write_text(out / "results.md", md)
     write_text(out / "run.json", json.dumps(dict(meta, targets=tgt), indent=2, default=str))
     log(f"reproduce: wrote {out}/results.md ({wall:.0f}s)")
-    return dict(meta, targets=tgt, cells=cells, sweeps=sweeps)
+    return dict(meta, targets=tgt, cells=cells, sweeps=acc.sweeps)
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -249,7 +299,8 @@ def _markdown(
         "",
         f"* command: `{meta['command']}`",
         f"* date: {meta['date_utc']}; wall time: {meta['wall_time_s']:.0f} s; seeds: {meta['seeds']}",
-        f"* machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} threads); "
+        f"* machine: {m['platform']}, {m['cpus']} CPUs, device {m['device']}, "
+        f"torch {m['torch']} ({m['torch_threads']} threads); "
         f"load average {m['loadavg_1m_at_start']} at start, {m['loadavg_1m_at_end']} at end "
         f"(15 min: {m['loadavg_15m_at_end']})",
         f"* stage timings (s): {meta['timings']}",

