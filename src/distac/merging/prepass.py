@@ -133,10 +133,12 @@ def statistic_norms(
     if not srcs:
         raise DistacError(f"method '{method}' needs '{stat}' statistics for every model")
     sq = torch.zeros(len(srcs), dtype=torch.float64)
+    keys = [set(s.keys()) for s in srcs]  # keys() is a list: a membership test per name would be O(n²)
     for k in names:
         for i, s in enumerate(srcs):
-            if k in s.keys():
-                sq[i] += s.get(k).double().pow(2).sum()
+            if k in keys[i]:
+                # as a Python float: the statistics may live on another device than this CPU accumulator
+                sq[i] += s.get(k).double().pow(2).sum().item()
     return sq.sqrt().float().to(device)
 
 
