@@ -156,8 +156,9 @@ class EMRBundle:
                 f"{where}: tensor '{name}' differs from the base this EMR bundle was built from; "
                 "pass the original base (load_emr_bundle(path, base=...))"
             )
-        mask = unpack_bits(self.masks.get(name)[t], b32.numel()).view(b32.shape)
-        uni = self.unified.get(name).to(torch.float32)
+        # θ̂_t lives where the base does, whichever device the merge kept its masks and τ_uni on
+        mask = unpack_bits(self.masks.get(name)[t].to(b32.device), b32.numel()).view(b32.shape)
+        uni = self.unified.get(name).to(b32.device, torch.float32)
         lam = float(self.rescalers[t])
         return (b32 + (uni * mask) * lam).to(theta0.dtype)
 
