@@ -427,3 +427,11 @@ def test_cli_merge_lora_rank_and_max_error(llama, tmp_path, capsys):
     args = ["merge", str(cfg), "--out", str(tmp_path / "o2"), "--lora-rank", "1", "--max-error", "0.01", "-q"]
     code, _, err = run_cli(args, capsys)
     assert code != 0 and "has relative error" in err and len(err.strip().splitlines()) == 1
+
+
+def test_stats_protects_both_sides_of_base_plus_adapter(llama):
+    from distac.stats.cli import _inputs
+
+    root, adapters, _ = llama
+    got = _inputs(f"{root / 'base'}+{adapters[0]}")
+    assert adapters[0] / "adapter_model.safetensors" in got and root / "base" / "model.safetensors" in got
