@@ -397,8 +397,8 @@ class AdapterSource:
 
     Names, shapes and dtypes are the base's. A tensor the adapter changes is computed when read, as
     peft's ``merge_and_unload`` computes it (the base weight, in its dtype, plus ΔW in place); its
-    rows come from the whole tensor, kept until another tensor is read (row-chunked reads of one
-    tensor compute ΔW once). Every other tensor is read from the base.
+    rows come from the whole tensor, kept in one reusable buffer until another tensor is read
+    (row-chunked reads of one tensor compute ΔW once). Every other tensor is read from the base.
 
     Example:
         >>> src = AdapterSource(open_checkpoint("base/"), read_adapter("my-lora"))  # doctest: +SKIP
@@ -425,6 +425,7 @@ class AdapterSource:
         self._check_shapes()
         self._lock = threading.Lock()
         self._cached: tuple[str, Tensor] | None = None
+        self._buf = torch.empty(0, dtype=torch.uint8)
 
     def _check_shapes(self) -> None:
         for name, key in self.replaced.items():
@@ -457,13 +458,24 @@ class AdapterSource:
         """Whether the adapter changes tensor ``name`` (else it reads as the base's)."""
         return name in self.modules or name in self.replaced or name in self.lora_biases
 
+    def _view(self, name: str) -> Tensor:
+        """A tensor of ``name``'s shape and dtype in this source's reusable buffer (no allocation per tensor:
+        fresh multi-MB buffers are fresh pages the kernel zero-fills, see ``io.readers._Staging``)."""
+        shape, dtype = self.base.shape(name), self.base.dtype(name)
+        nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
+        if self._buf.numel() < nbytes:
+            self._buf = torch.empty(0, dtype=torch.uint8)  # free the smaller one first
+            self._buf = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buf[:nbytes].view(dtype).view(shape)
+
     def _compute(self, name: str) -> Tensor:
+        w = self._view(name)
         # a whole tensor in the adapter replaces the base's; a saved ``base_layer`` weight (peft
         # saves resized embeddings) is the one ΔW is added to
         if name in self.replaced:
-            w = self.adapter.tensors.get(self.replaced[name]).to(self.base.dtype(name), copy=True)
+            w.copy_(self.adapter.tensors.get(self.replaced[name]))
         else:
-            w = self.base.get(name).clone()
+            self.base.read_into(name, None, w)
         if name in self.modules:
             # in place, as peft's merge does: the sum is rounded once, to the base weight's dtype
             w += delta(self.adapter, self.modules[name].name, weight_shape=w.shape)
@@ -472,19 +484,24 @@ class AdapterSource:
             w += _compute_dtype(self.adapter.tensors.get(m.bias or "")) * m.scaling
         return w
 
+    def _tensor(self, name: str) -> Tensor:
+        """θ0 + ΔW of a touched tensor (a view of the buffer: valid until the next tensor; hold the lock)."""
+        if self._cached is None or self._cached[0] != name:
+            self._cached = None
+            self._cached = (name, self._compute(name))
+        return self._cached[1]
+
     def get(self, name: str) -> Tensor:
         if not self.touched(name):
             return self.base.get(name)
         with self._lock:
-            if self._cached is None or self._cached[0] != name:
-                self._cached = None  # free the previous tensor before computing the next
-                self._cached = (name, self._compute(name))
-            return self._cached[1]
+            return self._tensor(name).clone()
 
     def get_rows(self, name: str, start: int, stop: int) -> Tensor:
         if not self.touched(name):
             return self.base.get_rows(name, start, stop)
-        return self.get(name)[start:stop]
+        with self._lock:
+            return self._tensor(name)[start:stop].clone()
 
     def file_of(self, name: str) -> str | Path:
         if name in self.replaced:
@@ -496,14 +513,17 @@ class AdapterSource:
     def read_into(self, name: str, rows: tuple[int, int] | None, out: Tensor) -> int:
         if not self.touched(name):
             return self.base.read_into(name, rows, out)
-        raw = self.get(name) if rows is None else self.get_rows(name, *rows)
-        out.copy_(raw)
-        return raw.numel() * raw.element_size()
+        with self._lock:  # straight from the buffer into the caller's
+            raw = self._tensor(name)
+            raw = raw if rows is None else raw[rows[0] : rows[1]]
+            out.copy_(raw)
+            return raw.numel() * raw.element_size()
 
     def close(self) -> None:
         """Release the adapter file (and the base, when this source opened it); later reads reopen."""
         with self._lock:
             self._cached = None
+            self._buf = torch.empty(0, dtype=torch.uint8)
         self.adapter.close()
         if self._owns_base:
             close = getattr(self.base, "close", None)

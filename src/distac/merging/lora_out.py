@@ -32,8 +32,8 @@ from ..tensors import TensorSource
 
 __all__ = ["LoraWriter", "low_rank", "relative_error"]
 
-#: full SVD up to this many rows/columns; above it, randomized SVD (torch.svd_lowrank)
-FULL_SVD_MAX = 2048
+#: full SVD up to this many rows/columns; above it (and for a rank under a quarter of it), randomized SVD
+FULL_SVD_MAX = 512
 _PREFIX = "base_model.model."
 
 
