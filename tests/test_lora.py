@@ -435,3 +435,31 @@ def test_stats_protects_both_sides_of_base_plus_adapter(llama):
     root, adapters, _ = llama
     got = _inputs(f"{root / 'base'}+{adapters[0]}")
     assert adapters[0] / "adapter_model.safetensors" in got and root / "base" / "model.safetensors" in got
+
+
+def test_stats_fisher_on_base_plus_adapter_equals_the_materialised_model(tmp_path, monkeypatch, capsys):
+    """``distac stats fisher BASE+ADAPTER`` computes on θ0 + ΔW, as on peft's merge_and_unload model."""
+    import numpy as np
+    from conftest import run_cli
+    from torch import nn
+
+    (tmp_path / "lora_mlp.py").write_text(
+        "from torch import nn\ndef mlp():\n    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    _save_state(model.state_dict(), tmp_path / "m.safetensors")
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=2, target_modules=["0"], init_lora_weights=False))
+    pm.save_pretrained(str(tmp_path / "ad"))
+    _save_state(pm.merge_and_unload().state_dict(), tmp_path / "ft.safetensors")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32))
+    common = [str(tmp_path / "x.npy"), "--arch", "lora_mlp:mlp"]
+    for name, spec in (
+        ("a", f"{tmp_path / 'm.safetensors'}+{tmp_path / 'ad'}"),
+        ("d", str(tmp_path / "ft.safetensors")),
+    ):
+        code, _, err = run_cli(["stats", "fisher", spec, *common, "--out", str(tmp_path / f"{name}.fisher")], capsys)
+        assert code == 0, err
+    got, want = load_file(tmp_path / "a.fisher"), load_file(tmp_path / "d.fisher")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
