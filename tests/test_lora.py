@@ -423,7 +423,8 @@ def test_cli_merge_lora_rank_and_max_error(llama, tmp_path, capsys):
         yaml.safe_dump({"merge_method": "ties", "base_model": str(root / "base"), "models": [str(a) for a in adapters]})
     )
     code, out, _ = run_cli(["merge", str(cfg), "--out", str(tmp_path / "o"), "--lora-rank", "2", "-q"], capsys)
-    assert code == 0 and is_adapter(out.strip()) and "## LoRA output" in (tmp_path / "o" / "README.md").read_text()
+    card = (tmp_path / "o" / "README.md").read_text()
+    assert code == 0 and is_adapter(out.strip()) and "## LoRA output" in card and "library_name: peft" in card
     args = ["merge", str(cfg), "--out", str(tmp_path / "o2"), "--lora-rank", "1", "--max-error", "0.01", "-q"]
     code, _, err = run_cli(args, capsys)
     assert code != 0 and "has relative error" in err and len(err.strip().splitlines()) == 1
@@ -463,3 +464,14 @@ def test_stats_fisher_on_base_plus_adapter_equals_the_materialised_model(tmp_pat
         assert code == 0, err
     got, want = load_file(tmp_path / "a.fisher"), load_file(tmp_path / "d.fisher")
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_adapter_saved_as_bin_reads_the_same(llama, tmp_path):
+    root, adapters, dense = llama
+    folder = tmp_path / "bin-adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_bytes((adapters[1] / "adapter_config.json").read_bytes())
+    torch.save(load_file(adapters[1] / "adapter_model.safetensors"), folder / "adapter_model.bin")
+    want = load_file(dense[1])
+    with open_model(folder, base=open_checkpoint(root / "base")) as src:
+        assert len(src.modules) == 6 and all(torch.equal(src.get(k), want[k]) for k in src.keys())

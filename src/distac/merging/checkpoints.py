@@ -379,9 +379,9 @@ def _merge_into(
         if cfg.base.path.is_dir() and lora is None:
             copy_model_files(cfg.base.path, tmp)
         write_card(tmp, cfg, plan.params, out.name)
-        if isinstance(writer, LoraWriter):
-            with open(tmp / "README.md", "a") as card:
-                card.write("\n" + writer.card())
+        if isinstance(writer, LoraWriter):  # the card describes an adapter: peft loads it
+            card = (tmp / "README.md").read_text().replace("library_name: transformers", "library_name: peft", 1)
+            (tmp / "README.md").write_text(card + "\n" + writer.card())
         if export_per_task:
             export_task_models(tmp, tmp / "tasks", max_shard_bytes=shard, quiet=quiet)
 
