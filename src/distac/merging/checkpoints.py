@@ -21,7 +21,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, closing
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -40,6 +40,7 @@ from ..io import (
     parse_size,
     update_model_config,
 )
+from ..io.lora import AdapterSource, is_adapter, open_model
 from ..nn.models import default_device
 from ..progress import Progress, track
 from ..taskvector import match_heads
@@ -48,6 +49,7 @@ from .card import write_card, write_task_card
 from .config import STAT_KEYS, MergeConfig, ModelSpec, load_config
 from .emr import EMR, EMRBundle, bundle_card, emr_merge
 from .engine import DEFAULT_CHUNK_BYTES, ZeroReference, check_finite_output, run_merge
+from .lora_out import LoraWriter
 from .slices import is_slices_config, merge_slices
 from .temperatures import read_temperatures
 from .vocab import Vocab, align_models, finish_tokenizer
@@ -59,10 +61,11 @@ def _input_paths(cfg: MergeConfig) -> list[Path]:
     """Every file the merge reads: the YAML config, models and statistics sidecars (the output may not touch them)."""
     specs = [cfg.base, *cfg.models]
     config = [cfg.source] if cfg.source is not None else []
-    return config + [p for s in specs for p in (s.path, *s.stats.values())]
+    adapters = [s.adapter for s in specs if s.adapter is not None]
+    return config + adapters + [p for s in specs for p in (s.path, *s.stats.values())]
 
 
-def _open_sidecar(path: Path, key: str, what: str, model: Checkpoint) -> Checkpoint:
+def _open_sidecar(path: Path, key: str, what: str, model: TensorSource) -> Checkpoint:
     """Open a statistics file once, lazily, after checking it against the model it was computed on.
 
     A ``distac.stats`` sidecar must hold the right kind of statistic, on the sum scale for Fishers,
@@ -120,7 +123,9 @@ def _renamed(
     return RenamedSource(src, names)
 
 
-def _open_stats(cfg: MergeConfig, base: Checkpoint, models: Sequence[Checkpoint], opened: ExitStack) -> dict[str, Any]:
+def _open_stats(
+    cfg: MergeConfig, base: TensorSource, models: Sequence[TensorSource], opened: ExitStack
+) -> dict[str, Any]:
     """Open statistics sidecars lazily as ``{"fisher": [..N], "base_fisher": src, "gram": [..N]}``.
 
     Each one is registered with ``opened`` as soon as it is open, so an error on a later one still
@@ -128,7 +133,7 @@ def _open_stats(cfg: MergeConfig, base: Checkpoint, models: Sequence[Checkpoint]
     (the model entry's ``prefix``)."""
     stats: dict[str, Any] = {}
 
-    def open_(path: Path, key: str, what: str, model: Checkpoint, spec: ModelSpec | None = None) -> TensorSource:
+    def open_(path: Path, key: str, what: str, model: TensorSource, spec: ModelSpec | None = None) -> TensorSource:
         src = opened.enter_context(closing(_open_sidecar(path, key, what, model)))
         return _renamed(src, spec.prefix, what, check_used=False) if spec is not None else src
 
@@ -198,6 +203,8 @@ def merge_checkpoints(
     export_per_task: bool = False,
     quiet: bool = False,
     allow_nonfinite: bool = False,
+    lora_rank: int | None = None,
+    max_error: float | None = None,
 ) -> Path:
     """Merge the checkpoints a config names, streaming tensor by tensor, into ``out``; return ``out``.
 
@@ -215,6 +222,10 @@ def merge_checkpoints(
         quiet: no progress bar (it is also hidden when stderr is not a terminal).
         allow_nonfinite: write merged tensors and heads that hold NaN/Inf or overflow the output
             dtype (also the config's ``allow_nonfinite: true``); by default they stop the merge.
+        lora_rank: write a PEFT LoRA adapter of this rank instead of the full model (the models
+            must include LoRA adapters): each target module's merged ΔW by truncated SVD, the
+            relative Frobenius error per module in the card (:mod:`distac.merging.lora_out`).
+        max_error: with ``lora_rank``, stop (writing nothing) when a module's relative error exceeds it.
 
     Returns:
         ``out``, holding the merged weights (HF shard names), the base's ``config.json``/tokenizer
@@ -250,15 +261,18 @@ def merge_checkpoints(
     if cfg.method is EMR:
         if allow_nonfinite:
             raise DistacError("allow_nonfinite is not accepted with method 'emr': it always stops at NaN/Inf")
+        if lora_rank is not None:
+            raise DistacError("lora_rank is not accepted with method 'emr': its bundle is one model per task")
         _merge_emr(cfg, out, overwrite, dev, shard, chunk, export_per_task, quiet)
         return out
     if export_per_task and not cfg.heads:
         raise DistacError("export_per_task needs 'heads' patterns in the config (which tensors are task-specific)")
+    _check_lora_output(lora_rank, max_error, export_per_task)
     with ExitStack() as opened:  # every checkpoint's file descriptors are closed, whatever happens
-        base = opened.enter_context(closing(open_checkpoint(cfg.base.path)))
-        if cfg.base.zero:  # no base_model: the reference is zero, task vectors are the full weights
-            base = cast(Checkpoint, ZeroReference(base))
-        saved = [opened.enter_context(closing(open_checkpoint(m.path))) for m in cfg.models]
+        real = opened.enter_context(closing(_open_base(cfg.base)))
+        # a LoRA fine-tune is θ0 + ΔW on the real base, even when the merge's reference is zero
+        saved = [opened.enter_context(closing(open_model(m.path, adapter=m.adapter, base=real))) for m in cfg.models]
+        base: TensorSource = ZeroReference(real) if cfg.base.zero else real  # no base_model: τ = the full weights
         stats = _open_stats(cfg, base, saved, opened)
         models = [
             _renamed(src, m.prefix, f"model {m.name} ({m.path})") for m, src in zip(cfg.models, saved, strict=True)
@@ -277,8 +291,34 @@ def merge_checkpoints(
             chunk=chunk,
             export_per_task=export_per_task,
             quiet=quiet,
+            lora=None if lora_rank is None else (lora_rank, max_error),
         )
     return out
+
+
+def _check_lora_output(lora_rank: int | None, max_error: float | None, export_per_task: bool) -> None:
+    if lora_rank is None:
+        if max_error is not None:
+            raise DistacError(
+                "max_error (--max-error) bounds the LoRA output's error; give lora_rank (--lora-rank) too"
+            )
+        return
+    if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
+        raise DistacError(f"lora_rank (--lora-rank) must be a positive integer, got {lora_rank!r}")
+    if max_error is not None and not 0 <= max_error:
+        raise DistacError(f"max_error (--max-error) must be >= 0, got {max_error!r}")
+    if export_per_task:
+        raise DistacError("export_per_task writes full models; it cannot go with a LoRA output (lora_rank)")
+
+
+def _open_base(spec: ModelSpec) -> Checkpoint:
+    """The base model: a checkpoint (an adapter is a fine-tune of it, never the base itself)."""
+    if spec.adapter is not None or is_adapter(spec.path):
+        raise DistacError(
+            f"base_model '{spec.ref}': the base must be a full checkpoint; a LoRA adapter belongs under 'models' "
+            "(as ADAPTER or BASE+ADAPTER), or merge it into its base first"
+        )
+    return open_checkpoint(spec.path)
 
 
 def _merge_emr(
@@ -292,34 +332,51 @@ def _merge_emr(
     quiet: bool,
 ) -> None:
     """EMR-Merging's bundle (task names = model names), with the model card and the re-runnable config."""
+    with ExitStack() as opened:
+        # LoRA fine-tunes are θ0 + ΔW on the base; a 'prefix' mapping hands a model over renamed; the rest
+        # go as paths (emr_merge opens them)
+        lora = any(m.adapter is not None or is_adapter(m.path) for m in cfg.models)
+        base = opened.enter_context(closing(_open_base(cfg.base))) if lora else None
+        models: list[Path | TensorSource] = []
+        for m in cfg.models:
+            if not lora and not m.prefix:
+                models.append(m.path)
+                continue
+            src = open_model(m.path, adapter=m.adapter, base=base) if lora else open_checkpoint(m.path)
+            models.append(_renamed(opened.enter_context(closing(src)), m.prefix, f"model {m.name} ({m.path})"))
+        _emr(cfg, models, out, overwrite, device, shard, chunk, export_per_task, quiet)
 
+
+def _emr(
+    cfg: MergeConfig,
+    models: Sequence[Path | TensorSource],
+    out: Path,
+    overwrite: bool,
+    device: torch.device,
+    shard: int,
+    chunk: int,
+    export_per_task: bool,
+    quiet: bool,
+) -> None:
     def card(tmp: Path, bundle: EMRBundle) -> None:
         write_card(tmp, cfg, None, out.name, bundle=bundle_card(bundle))
         for task in bundle.tasks if (tmp / "tasks").is_dir() else ():
             write_task_card(tmp / "tasks" / task, tmp, task)
 
-    with ExitStack() as opened:
-        # a model with a 'prefix' mapping is handed over renamed; the others as paths (emr_merge opens them)
-        models: list[Path | TensorSource] = [
-            _renamed(opened.enter_context(closing(open_checkpoint(m.path))), m.prefix, f"model {m.name} ({m.path})")
-            if m.prefix
-            else m.path
-            for m in cfg.models
-        ]
-        emr_merge(
-            cfg.base.path,
-            models,
-            tasks=[m.name for m in cfg.models],
-            heads=cfg.heads or None,
-            out=out,
-            overwrite=overwrite,
-            export_per_task=export_per_task,
-            device=device,
-            chunk_bytes=chunk,
-            max_shard_bytes=shard,
-            quiet=quiet,
-            finish=card,
-        )
+    emr_merge(
+        cfg.base.path,
+        list(models),
+        tasks=[m.name for m in cfg.models],
+        heads=cfg.heads or None,
+        out=out,
+        overwrite=overwrite,
+        export_per_task=export_per_task,
+        device=device,
+        chunk_bytes=chunk,
+        max_shard_bytes=shard,
+        quiet=quiet,
+        finish=card,
+    )
 
 
 def _merge_into(
@@ -336,8 +393,11 @@ def _merge_into(
     chunk: int,
     export_per_task: bool,
     quiet: bool,
+    lora: tuple[int, float | None] | None = None,
 ) -> None:
-    """The merge proper: stream into a temporary folder, add heads, config files and card, rename."""
+    """The merge proper: stream into a temporary folder, add heads, config files and card, rename.
+
+    With ``lora`` = (rank, max_error) the merged model is written as a LoRA adapter (:class:`LoraWriter`)."""
     heads = sorted(match_heads(base.keys(), cfg.heads), key=base.keys().index)
     if cfg.heads and not heads:
         raise DistacError(f"heads patterns {cfg.heads} match no tensor of {base.label}")
@@ -356,8 +416,14 @@ def _merge_into(
         return track(names, desc=desc, unit="piece", quiet=quiet)
 
     with atomic_dir(out, overwrite=overwrite, inputs=_input_paths(cfg)) as tmp:
-        writer = BackgroundWriter(
-            ShardWriter(tmp, layout, max_shard_bytes=shard, metadata={"distac_method": cfg.method.name})
+        writer: BackgroundWriter | LoraWriter = (
+            BackgroundWriter(
+                ShardWriter(tmp, layout, max_shard_bytes=shard, metadata={"distac_method": cfg.method.name})
+            )
+            if lora is None
+            else LoraWriter(
+                tmp, base, [m for m in models if isinstance(m, AdapterSource)], lora[0], cfg.out_dtype, lora[1]
+            )
         )
         with Progress(
             total_bytes=in_bytes, total_items=len(layout), desc=f"merge ({cfg.method.name})", quiet=quiet
@@ -385,12 +451,15 @@ def _merge_into(
                 raise
         if heads:
             _write_heads(tmp, models, cfg.models, heads, cfg.out_dtype, cfg.allow_nonfinite)
-        if cfg.base.path.is_dir():
+        if cfg.base.path.is_dir() and lora is None:
             copy_model_files(cfg.base.path, tmp)
         paths = [cfg.base.path, *(m.path for m in cfg.models)]
         values = finish_tokenizer(cfg.vocab, vocab, tmp, donor=cfg.base.path, models=paths)
         update_model_config(tmp, values, dtype=cfg.out_dtype)
         write_card(tmp, cfg, plan.params, out.name, buffers=plan.copied)
+        if isinstance(writer, LoraWriter):  # the card describes an adapter: peft loads it
+            card = (tmp / "README.md").read_text().replace("library_name: transformers", "library_name: peft", 1)
+            (tmp / "README.md").write_text(card + "\n" + writer.card())
         if export_per_task:
             export_task_models(tmp, tmp / "tasks", max_shard_bytes=shard, quiet=quiet)
 

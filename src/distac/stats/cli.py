@@ -55,12 +55,15 @@ def _inputs(*paths: str | None) -> list[Path]:
     A model folder contributes its files rather than itself, so a sidecar may be written next to
     the weights (``model/fisher.safetensors``) but never over one of them.
     """
+    from ..io.lora import split_adapter_ref
+
     out: list[Path] = []
     for p in paths:
         if p is None:
             continue
-        path = Path(p)
-        out.extend(sorted(path.iterdir()) if path.is_dir() else [path])
+        model, adapter = split_adapter_ref(str(p))  # BASE+ADAPTER reads both
+        for path in (Path(model), *([Path(adapter)] if adapter else [])):
+            out.extend(sorted(path.iterdir()) if path.is_dir() else [path])
     return out
 
 
