@@ -116,10 +116,10 @@ def is_adapter(path: str | Path) -> bool:
     return p.is_dir() and (p / ADAPTER_CONFIG).is_file() and adapter_weights(p) is not None
 
 
-def split_adapter_ref(ref: str) -> tuple[str, str | None]:
+def split_adapter_ref(ref: str, folder: str | Path = ".") -> tuple[str, str | None]:
     """mergekit's ``model+adapter`` syntax: ``("model", "adapter")``; a plain reference gives ``(ref, None)``.
 
-    The split is at the last ``+`` (paths rarely hold one; a path that exists as written is never split).
+    The split is at the last ``+``; a path that exists as written (relative to ``folder``) is never split.
 
     Example:
         >>> split_adapter_ref("org/base+./my-lora")
@@ -127,7 +127,7 @@ def split_adapter_ref(ref: str) -> tuple[str, str | None]:
         >>> split_adapter_ref("./ft")
         ('./ft', None)
     """
-    if "+" not in ref or Path(ref).exists():
+    if "+" not in ref or (Path(folder) / ref).exists():
         return ref, None
     model, adapter = ref.rsplit("+", 1)
     if not model or not adapter:
@@ -237,8 +237,13 @@ def _classify(keys: Sequence[str], path: Path) -> tuple[dict[str, dict[str, str]
         else:
             if ".lora_" in name:
                 raise DistacError(f"{path}: tensor '{key}' is a LoRA part distac does not know (not lora_A/lora_B)")
-            # a trained bias (``bias: lora_only/all``) of a wrapped layer is saved under ``base_layer``
-            replaced[name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")] = key
+            if ".original_module." in name:
+                continue  # ``bias: all`` also saves the frozen original of a modules_to_save module
+            # a trained bias (``bias: lora_only/all``) of a wrapped layer is saved under ``base_layer``;
+            # ``bias: all`` saves a modules_to_save bias twice (plain, and under modules_to_save)
+            target = re.sub(r"\.(base_layer|modules_to_save(\.default)?)\.", ".", name)
+            if target not in replaced or target == name:
+                replaced[target] = key
     return factors, replaced
 
 
@@ -262,6 +267,8 @@ def read_adapter(path: str | Path) -> Adapter:
     """
     p = Path(path)
     cfg_path = p / ADAPTER_CONFIG
+    if not p.exists():
+        raise DistacError(f"{p}: no such LoRA adapter folder")
     if not cfg_path.is_file():
         raise DistacError(f"{p}: not a LoRA adapter folder (no {ADAPTER_CONFIG})")
     weights = adapter_weights(p)
@@ -449,14 +456,16 @@ class AdapterSource:
         return name in self.modules or name in self.replaced or name in self.lora_biases
 
     def _compute(self, name: str) -> Tensor:
+        # a whole tensor in the adapter replaces the base's; a saved ``base_layer`` weight (peft
+        # saves resized embeddings) is the one ΔW is added to
         if name in self.replaced:
-            return self.adapter.tensors.get(self.replaced[name]).to(self.base.dtype(name))
-        w = self.base.get(name).clone()
-        if name in self.modules:
-            m = self.modules[name]
-            # in place, as peft's merge does: the sum is rounded once, to the base weight's dtype
-            w += delta(self.adapter, m.name, weight_shape=w.shape)
+            w = self.adapter.tensors.get(self.replaced[name]).to(self.base.dtype(name), copy=True)
         else:
+            w = self.base.get(name).clone()
+        if name in self.modules:
+            # in place, as peft's merge does: the sum is rounded once, to the base weight's dtype
+            w += delta(self.adapter, self.modules[name].name, weight_shape=w.shape)
+        if name in self.lora_biases:
             m = self.lora_biases[name]
             w += _compute_dtype(self.adapter.tensors.get(m.bias or "")) * m.scaling
         return w
@@ -515,7 +524,7 @@ def open_model(
     adapter: str | Path | None = None,
     base: TensorSource | None = None,
     label: str | None = None,
-) -> TensorSource:
+) -> Checkpoint | AdapterSource:
     """Open a model reference as a ``TensorSource``: a checkpoint, an adapter on a base, or both.
 
     * ``path`` a checkpoint and no ``adapter``: :func:`~distac.io.open_checkpoint`;

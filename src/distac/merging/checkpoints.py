@@ -33,6 +33,7 @@ from ..io import (
     parse_size,
     read_header,
 )
+from ..io.lora import is_adapter, open_model
 from ..io.readers import SafetensorsFile
 from ..nn.models import default_device
 from ..progress import Progress, track
@@ -51,10 +52,11 @@ def _input_paths(cfg: MergeConfig) -> list[Path]:
     """Every file the merge reads: the YAML config, models and statistics sidecars (the output may not touch them)."""
     specs = [cfg.base, *cfg.models]
     config = [cfg.source] if cfg.source is not None else []
-    return config + [p for s in specs for p in (s.path, *s.stats.values())]
+    adapters = [s.adapter for s in specs if s.adapter is not None]
+    return config + adapters + [p for s in specs for p in (s.path, *s.stats.values())]
 
 
-def _open_sidecar(path: Path, key: str, what: str, model: Checkpoint) -> Checkpoint:
+def _open_sidecar(path: Path, key: str, what: str, model: TensorSource) -> Checkpoint:
     """Open a statistics file lazily, after checking it against the model it was computed on.
 
     A ``distac.stats`` sidecar must hold the right kind of statistic, on the sum scale for Fishers,
@@ -78,14 +80,16 @@ def _open_sidecar(path: Path, key: str, what: str, model: Checkpoint) -> Checkpo
     return src
 
 
-def _open_stats(cfg: MergeConfig, base: Checkpoint, models: Sequence[Checkpoint], opened: ExitStack) -> dict[str, Any]:
+def _open_stats(
+    cfg: MergeConfig, base: Checkpoint, models: Sequence[TensorSource], opened: ExitStack
+) -> dict[str, Any]:
     """Open statistics sidecars lazily as ``{"fisher": [..N], "base_fisher": src, "gram": [..N]}``.
 
     Each one is registered with ``opened`` as soon as it is open, so an error on a later one still
     closes it."""
     stats: dict[str, Any] = {}
 
-    def open_(path: Path, key: str, what: str, model: Checkpoint) -> Checkpoint:
+    def open_(path: Path, key: str, what: str, model: TensorSource) -> Checkpoint:
         return opened.enter_context(closing(_open_sidecar(path, key, what, model)))
 
     for key in STAT_KEYS:
@@ -119,7 +123,7 @@ def _layout(base: Checkpoint, out_dtype: torch.dtype | None) -> list[tuple[str, 
 
 def _write_heads(
     folder: Path,
-    models: Sequence[Checkpoint],
+    models: Sequence[TensorSource],
     specs: Sequence[ModelSpec],
     heads: Sequence[str],
     out_dtype: torch.dtype | None,
@@ -197,8 +201,8 @@ def merge_checkpoints(
     if export_per_task and not cfg.heads:
         raise DistacError("export_per_task needs 'heads' patterns in the config (which tensors are task-specific)")
     with ExitStack() as opened:  # every checkpoint's file descriptors are closed, whatever happens
-        base = opened.enter_context(closing(open_checkpoint(cfg.base.path)))
-        models = [opened.enter_context(closing(open_checkpoint(m.path))) for m in cfg.models]
+        base = opened.enter_context(closing(_open_base(cfg.base)))
+        models = [opened.enter_context(closing(open_model(m.path, adapter=m.adapter, base=base))) for m in cfg.models]
         stats = _open_stats(cfg, base, models, opened)
         _merge_into(
             cfg,
@@ -216,6 +220,16 @@ def merge_checkpoints(
     return out
 
 
+def _open_base(spec: ModelSpec) -> Checkpoint:
+    """The base model: a checkpoint (an adapter is a fine-tune of it, never the base itself)."""
+    if spec.adapter is not None or is_adapter(spec.path):
+        raise DistacError(
+            f"base_model '{spec.ref}': the base must be a full checkpoint; a LoRA adapter belongs under 'models' "
+            "(as ADAPTER or BASE+ADAPTER), or merge it into its base first"
+        )
+    return open_checkpoint(spec.path)
+
+
 def _merge_emr(
     cfg: MergeConfig,
     out: Path,
@@ -227,13 +241,33 @@ def _merge_emr(
     quiet: bool,
 ) -> None:
     """EMR-Merging's bundle (task names = model names), with the model card and the re-runnable config."""
+    with ExitStack() as opened:
+        models: list[Path | TensorSource] = [m.path for m in cfg.models]
+        if any(m.adapter is not None or is_adapter(m.path) for m in cfg.models):  # LoRA fine-tunes: θ0 + ΔW
+            base = opened.enter_context(closing(_open_base(cfg.base)))
+            models = [
+                opened.enter_context(closing(open_model(m.path, adapter=m.adapter, base=base))) for m in cfg.models
+            ]
+        _emr(cfg, models, out, overwrite, device, shard, chunk, export_per_task, quiet)
 
+
+def _emr(
+    cfg: MergeConfig,
+    models: Sequence[Path | TensorSource],
+    out: Path,
+    overwrite: bool,
+    device: torch.device,
+    shard: int,
+    chunk: int,
+    export_per_task: bool,
+    quiet: bool,
+) -> None:
     def card(tmp: Path, bundle: EMRBundle) -> None:
         write_card(tmp, cfg, None, out.name, bundle=bundle_card(bundle))
 
     emr_merge(
         cfg.base.path,
-        [m.path for m in cfg.models],
+        models,
         tasks=[m.name for m in cfg.models],
         heads=cfg.heads or None,
         out=out,
@@ -251,7 +285,7 @@ def _merge_into(
     cfg: MergeConfig,
     out: Path,
     base: Checkpoint,
-    models: list[Checkpoint],
+    models: Sequence[TensorSource],
     stats: dict[str, Any],
     *,
     overwrite: bool,

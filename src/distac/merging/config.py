@@ -49,6 +49,7 @@ import torch
 
 from ..errors import DistacError, closest
 from ..io.hub import is_repo_id, resolve_model
+from ..io.lora import split_adapter_ref
 from ..methods import Method, get_method
 from ..taskvector import compile_head_pattern
 from .yaml_loader import MAX_YAML_BYTES, MAX_YAML_DEPTH, dump_yaml, read_yaml
@@ -79,6 +80,13 @@ class ModelSpec:
     path: Path
     name: str
     stats: dict[str, Path] = field(default_factory=dict)
+    #: a LoRA adapter applied to ``path`` (mergekit's ``model+adapter``), or None
+    adapter: Path | None = None
+
+    @property
+    def ref(self) -> str:
+        """The model as the config names it: the path, or ``path+adapter``."""
+        return str(self.path) + (f"+{self.adapter}" if self.adapter is not None else "")
 
 
 @dataclass
@@ -154,7 +162,11 @@ def _model_entry(entry: Any, folder: Path, where: str) -> tuple[ModelSpec, dict[
     if not isinstance(entry, Mapping) or "model" not in entry:
         raise DistacError(f"{where}: expected a path or a mapping with a 'model' key, got {entry!r}")
     _check_keys(entry, MODEL_KEYS, where)
-    path, repo_name = _model_path(folder, entry["model"], f"{where}: model")
+    ref, adapter_ref = (
+        (entry["model"], None) if not isinstance(entry["model"], str) else split_adapter_ref(entry["model"], folder)
+    )
+    path, repo_name = _model_path(folder, ref, f"{where}: model")
+    adapter, adapter_repo = _model_path(folder, adapter_ref, f"{where}: adapter") if adapter_ref else (None, None)
     params = entry.get("parameters") or {}
     if not isinstance(params, Mapping):
         raise DistacError(f"{where}: 'parameters' must be a mapping, got {params!r}")
@@ -162,10 +174,11 @@ def _model_entry(entry: Any, folder: Path, where: str) -> tuple[ModelSpec, dict[
     stats = {k: _path(folder, params.pop(k), f"{where}: {k}") for k in STAT_KEYS if k in params}
     if entry.get("name") is not None and not isinstance(entry["name"], str):
         raise DistacError(f"{where}: 'name' must be a string, got {entry['name']!r}")
-    name = entry["name"] if entry.get("name") is not None else repo_name or default_name(path)
+    auto = adapter_repo or default_name(adapter) if adapter is not None else repo_name or default_name(path)
+    name = entry["name"] if entry.get("name") is not None else auto
     if UNSAFE_NAME_CHARS.search(name):
         raise DistacError(f"{where}: name {name!r} may only use letters, digits, '.', '_' and '-'")
-    return ModelSpec(path, name, stats), params
+    return ModelSpec(path, name, stats, adapter), params
 
 
 def _gather_params(
@@ -256,13 +269,13 @@ def _model_entries(raw: Mapping[str, Any], base: ModelSpec, folder: Path, where:
     out = _Models()
     for i, entry in enumerate(raw["models"]):
         spec, params = _model_entry(entry, folder, f"{where}: models[{i}]")
-        if spec.path == base.path:
+        if spec.path == base.path and spec.adapter is None:
             continue  # mergekit lists the base among the models; it has no task vector
         out.specs.append(spec)
         out.params.append(params)
         out.yaml_index.append(i)
         p = {**params, **{k: str(v) for k, v in spec.stats.items()}}
-        out.entries.append({"model": str(spec.path), "name": spec.name, **({"parameters": p} if p else {})})
+        out.entries.append({"model": spec.ref, "name": spec.name, **({"parameters": p} if p else {})})
     if not out.specs:
         raise DistacError(f"{where}: 'models' lists only the base model")
     names = [m.name for m in out.specs]
@@ -415,7 +428,7 @@ def load_config(config: Mapping[str, Any] | str | Path) -> MergeConfig:
     heads = _heads(raw, where)
     # the config with absolute paths and explicit names, so the output's copy re-runs from anywhere
     norm = copy.deepcopy(dict(raw))
-    norm["base_model"] = {"model": str(base.path)}
+    norm["base_model"] = {"model": base.ref}
     if base.stats:
         norm["base_model"]["parameters"] = {k: str(v) for k, v in base.stats.items()}
     norm["models"] = models.entries

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DistacError, closest
+from ..io.lora import AdapterSource, is_adapter, read_adapter, split_adapter_ref
 from ..taskvector import match_heads
-from ..tensors import check_compatible
+from ..tensors import DictSource, check_compatible
 
 __all__ = [
     "Batch",
@@ -256,6 +257,20 @@ def load_model(
     ``heads`` overrides the default head patterns (:func:`default_head_patterns`).
     """
     spec = str(spec)
+    model_ref, adapter = split_adapter_ref(spec)
+    if adapter is not None or is_adapter(spec):
+        # BASE+ADAPTER: the base's module, holding θ0 + ΔW (an adapter alone has no base to apply to)
+        loaded = load_model(
+            model_ref if adapter is not None else _need_base(spec),
+            factory=factory,
+            factory_kwargs=factory_kwargs,
+            num_labels=num_labels,
+            heads=heads,
+        )
+        state = load_state_like(spec, loaded)
+        loaded.module.load_state_dict(state, strict=True)
+        loaded.state, loaded.source = state, spec
+        return loaded
     if is_hf_dir(spec):
         module, kind, tok, proc = _load_hf(spec, num_labels=num_labels)
         state = {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -320,9 +335,25 @@ def read_state(path: str | Path) -> dict[str, Tensor]:
         ckpt.close()
 
 
+def _need_base(adapter: str) -> str:
+    raise DistacError(f"'{adapter}' is a LoRA adapter; name the model it applies to as BASE+{adapter}")
+
+
 def load_state_like(spec: str | Path, like: LoadedModel) -> dict[str, Tensor]:
-    """The weights of another checkpoint of ``like``'s architecture (an HF directory or a weights file)."""
+    """The weights of another checkpoint of ``like``'s architecture (an HF directory or a weights file).
+
+    A LoRA adapter folder gives ``like``'s weights plus its ΔW (exactly as peft's ``merge_and_unload``);
+    ``MODEL+ADAPTER`` gives MODEL's weights plus the adapter's.
+    """
     spec = str(spec)
+    model_ref, adapter = split_adapter_ref(spec)
+    if adapter is not None or is_adapter(spec):
+        base = DictSource(like.state, like.source) if adapter is None else DictSource(load_state_like(model_ref, like))
+        src = AdapterSource(base, read_adapter(adapter or spec), label=spec)
+        try:
+            return {k: src.get(k).clone() for k in src.keys()}
+        finally:
+            src.close()
     if is_hf_dir(spec):
         if like.kind == "torch":
             raise DistacError(f"'{spec}' is a Hugging Face directory but the base is a plain torch model")

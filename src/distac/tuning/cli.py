@@ -198,7 +198,7 @@ def _load(raw: Mapping[str, Any], cfg: Any, data_paths: dict[str, str], label_pa
     if not isinstance(kwargs, Mapping):
         raise DistacError("tune config 'arch_kwargs' must be a mapping")
     loaded = load_model(cfg.base.path, factory=raw.get("arch"), factory_kwargs=kwargs, heads=cfg.heads or None)
-    models = {m.name: load_state_like(m.path, loaded) for m in cfg.models}
+    models = {m.name: load_state_like(m.ref, loaded) for m in cfg.models}
     data = load_task_data(
         loaded,
         data_paths,

@@ -1,0 +1,310 @@
+"""LoRA adapters as merge inputs: exact θ0 + ΔW, every method equal to merging peft's merge_and_unload models.
+
+Tiny transformers models and peft adapters are built in the test (random, non-zero factors:
+``init_lora_weights=False``); the reference is always peft itself (``merge_and_unload``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_engine import PARAMS, _stats_for
+
+import distac
+from distac import METHODS, DistacError, merge_checkpoints, open_checkpoint
+from distac.io.lora import AdapterSource, delta, is_adapter, open_model, read_adapter, split_adapter_ref
+
+tf = pytest.importorskip("transformers", reason="LoRA tests build transformers models")
+peft = pytest.importorskip("peft", reason="LoRA tests build adapters with peft (pip install 'distac[lora]')")
+
+
+def _llama_config():
+    return tf.LlamaConfig(
+        vocab_size=48,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+
+
+def _save_state(state: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(path))
+    return path
+
+
+def _make_adapter(loader, base_dir: Path, out: Path, seed: int, **lora) -> Path:
+    """A peft adapter with random (non-zero) factors on a fresh copy of the base, saved to ``out``."""
+    torch.manual_seed(seed)
+    model = loader(base_dir)
+    pm = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **lora))
+    pm.save_pretrained(str(out))
+    return out
+
+
+def _materialise(loader, base_dir: Path, adapter: Path) -> dict:
+    """peft's own merge: the fine-tuned model the adapter stands for."""
+    pm = peft.PeftModel.from_pretrained(loader(base_dir), str(adapter))
+    return {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
+
+
+def _llama(path: Path):
+    return tf.LlamaForCausalLM.from_pretrained(str(path))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A tiny Llama base, three adapters (plain, rsLoRA + patterns, embedding), their materialised models."""
+    root = tmp_path_factory.mktemp("lora")
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(_llama_config()).save_pretrained(str(root / "base"))
+    adapters = [
+        _make_adapter(_llama, root / "base", root / "a", 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        _make_adapter(
+            _llama,
+            root / "base",
+            root / "b",
+            2,
+            r=4,
+            lora_alpha=6,
+            use_rslora=True,
+            target_modules=["q_proj", "k_proj", "down_proj"],
+            rank_pattern={"layers.1.self_attn.k_proj": 2},
+            alpha_pattern={"down_proj": 3},
+        ),
+        _make_adapter(
+            _llama, root / "base", root / "c", 3, r=2, lora_alpha=2, target_modules=["embed_tokens", "up_proj"]
+        ),
+    ]
+    dense = []
+    for i, ad in enumerate(adapters):
+        dense.append(_save_state(_materialise(_llama, root / "base", ad), root / f"dense{i}" / "model.safetensors"))
+    return root, adapters, dense
+
+
+def _read_out(folder: Path) -> dict:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_adapter_source_is_bit_identical_to_merge_and_unload(llama):
+    root, adapters, dense = llama
+    base = open_checkpoint(root / "base")
+    for ad, d in zip(adapters, dense, strict=True):
+        want = load_file(d)
+        with AdapterSource(base, read_adapter(ad)) as src:
+            assert src.keys() == base.keys() and src.modules
+            for k in base.keys():
+                assert torch.equal(src.get(k), want[k]), f"{ad.name}: {k}"
+            # a row range is the same rows of the whole tensor (the engine's row chunks)
+            k = next(iter(src.modules))
+            assert torch.equal(src.get_rows(k, 1, 3), want[k][1:3])
+
+
+def test_adapter_config_is_read_with_patterns_and_rslora(llama):
+    _, adapters, _ = llama
+    ad = read_adapter(adapters[1])
+    try:
+        k1 = ad.modules["model.layers.1.self_attn.k_proj"]
+        assert (k1.rank, k1.alpha, k1.scaling) == (2, 6, 6 / 2**0.5)  # rank_pattern; rsLoRA: α/√r
+        down = ad.modules["model.layers.0.mlp.down_proj"]
+        assert (down.rank, down.alpha, down.scaling) == (4, 3, 3 / 2.0)  # alpha_pattern
+        a, b = ad.factors("model.layers.0.mlp.down_proj")
+        assert torch.equal(delta(ad, "model.layers.0.mlp.down_proj"), (b @ a) * (3 / 2.0))
+        assert ad.use_rslora and not ad.fan_in_fan_out and ad.bias == "none"
+    finally:
+        ad.close()
+    assert is_adapter(adapters[0]) and not is_adapter(adapters[0] / "adapter_config.json")
+
+
+def _config(method: str, base: Path, models: list, params: dict, stats: dict, tmp: Path) -> dict:
+    entries = []
+    for i, m in enumerate(models):
+        entry: dict = {"model": str(m), "name": f"m{i}"}
+        for key, sub in (("fisher", "fishers"), ("gram", "grams")):
+            if sub in stats:
+                path = tmp / f"{key}{i}.safetensors"
+                if not path.exists():
+                    _save_state(stats[sub][i], path)
+                entry.setdefault("parameters", {})[key] = str(path)
+        entries.append(entry)
+    base_entry: dict = {"model": str(base)}
+    if "base_fisher" in stats:
+        path = tmp / "bf.safetensors"
+        if not path.exists():
+            _save_state(stats["base_fisher"], path)
+        base_entry["parameters"] = {"fisher": str(path)}
+    return {"merge_method": method, "base_model": base_entry, "models": entries, "parameters": params}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_on_adapters_equals_the_merge_of_materialised_models(llama, tmp_path, method):
+    """Adapters (one as a folder, one as mergekit's BASE+ADAPTER) against peft's merge_and_unload models."""
+    root, adapters, dense = llama
+    base_sd = load_file(root / "base" / "model.safetensors")
+    stats = _stats_for(method, base_sd, [base_sd, base_sd])
+    params = PARAMS.get(method, {})
+    ad_models = [adapters[0], f"{root / 'base'}+{adapters[1]}"]
+    got_dir = merge_checkpoints(
+        _config(method, root / "base", ad_models, params, stats, tmp_path), tmp_path / "ad", chunk_bytes=512, quiet=True
+    )
+    want_dir = merge_checkpoints(
+        _config(method, root / "base", dense[:2], params, stats, tmp_path), tmp_path / "dn", chunk_bytes=512, quiet=True
+    )
+    got, want = _read_out(got_dir), _read_out(want_dir)
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), f"{method}: {k}"
+
+
+def test_identity_negation_and_linearity_are_exact_to_fp32_rounding(llama, tmp_path):
+    root, adapters, dense = llama
+    base = load_file(root / "base" / "model.safetensors")
+    one = merge_checkpoints(
+        {"merge_method": "task_arithmetic", "base_model": str(root / "base"), "models": [str(adapters[0])]},
+        tmp_path / "one",
+        quiet=True,
+    )
+    for k, v in load_file(dense[0]).items():  # one adapter at weight 1 gives that adapter's model back
+        torch.testing.assert_close(_read_out(one)[k], v, rtol=0, atol=1e-6)
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(root / "base"),
+        "models": [
+            {"model": str(a), "name": a.name, "parameters": {"weight": w}}
+            for a, w in zip(adapters, [1, -1, 1], strict=True)
+        ],
+    }
+    got = _read_out(merge_checkpoints(cfg, tmp_path / "sum", quiet=True))
+    want = {k: v.clone() for k, v in base.items()}
+    for a, w in zip(adapters, [1.0, -1.0, 1.0], strict=True):
+        ad = read_adapter(a)
+        src = AdapterSource(open_checkpoint(root / "base"), ad)
+        for name, m in src.modules.items():  # θ0 + ΔW_a - ΔW_b + ΔW_c: negation and linearity
+            want[name] = want[name] + w * delta(ad, m.name)
+        src.close()
+    changed = 0
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=1e-5)
+        changed += not torch.equal(v, base[k])
+    assert changed >= 8
+
+
+def _bert(path: Path):
+    return tf.BertForSequenceClassification.from_pretrained(str(path))
+
+
+def _gpt2(path: Path):
+    return tf.GPT2LMHeadModel.from_pretrained(str(path))
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_modules_to_save_and_trained_biases(tmp_path, bias):
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24, num_labels=3
+    )
+    tf.BertForSequenceClassification(cfg).save_pretrained(str(tmp_path / "base"))
+    ad = _make_adapter(
+        _bert,
+        tmp_path / "base",
+        tmp_path / "ad",
+        4,
+        r=2,
+        lora_alpha=4,
+        target_modules=["query", "value", "word_embeddings"],
+        modules_to_save=["classifier"],
+        bias=bias,
+        task_type="SEQ_CLS",
+    )
+    # a trained bias: peft's init leaves biases at the base's values, so change them in the file
+    sd = load_file(ad / "adapter_model.safetensors")
+    for k in sd:
+        if k.endswith("bias"):
+            sd[k] = sd[k] + 0.25
+    save_file(sd, str(ad / "adapter_model.safetensors"))
+    want = _materialise(_bert, tmp_path / "base", ad)
+    base = open_checkpoint(tmp_path / "base")
+    with open_model(ad, base=base) as src:
+        assert "classifier.weight" in src.replaced and "bert.encoder.layer.0.attention.self.query.bias" in src.replaced
+        assert ("bert.encoder.layer.0.output.dense.bias" in src.replaced) == (bias == "all")
+        for k in base.keys():
+            assert torch.equal(src.get(k), want[k]), k
+    # distac's own model loading (stats, condition, tune) gives the same weights
+    loaded = distac.nn.models.load_model(f"{tmp_path / 'base'}+{ad}")
+    assert all(torch.equal(loaded.state[k], want[k]) for k in want)
+
+
+def test_fan_in_fan_out_conv1d_gpt2(tmp_path):
+    torch.manual_seed(0)
+    tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=16)).save_pretrained(
+        str(tmp_path / "base")
+    )
+    ad = _make_adapter(
+        _gpt2,
+        tmp_path / "base",
+        tmp_path / "ad",
+        5,
+        r=3,
+        lora_alpha=5,
+        target_modules=["c_attn", "c_fc"],
+        fan_in_fan_out=True,
+    )
+    want = _materialise(_gpt2, tmp_path / "base", ad)
+    base = open_checkpoint(tmp_path / "base")
+    with open_model(ad, base=base) as src:
+        assert all(m.fan_in_fan_out for m in src.modules.values()) and len(src.modules) == 2
+        for k in base.keys():
+            assert torch.equal(src.get(k), want[k]), k
+
+
+def test_base_saved_without_the_task_prefix(llama, tmp_path):
+    """An adapter of LlamaForCausalLM (``model.layers...``) on a base saved as LlamaModel (``layers...``)."""
+    root, adapters, dense = llama
+    bare = {k.removeprefix("model."): v for k, v in load_file(root / "base" / "model.safetensors").items()}
+    bare.pop("lm_head.weight")
+    base = open_checkpoint(_save_state(bare, tmp_path / "bare.safetensors"))
+    want = load_file(dense[0])
+    with open_model(adapters[0], base=base) as src:
+        assert "layers.0.self_attn.q_proj.weight" in src.modules
+        for k in src.keys():
+            assert torch.equal(src.get(k), want["model." + k]), k
+
+
+def test_dora_and_unknown_peft_types_are_refused_with_one_line(llama, tmp_path):
+    root, _, _ = llama
+    ad = _make_adapter(_llama, root / "base", tmp_path / "dora", 6, r=2, target_modules=["q_proj"], use_dora=True)
+    with pytest.raises(DistacError, match=r"adapter_config.json: 'use_dora' is set: DoRA"):
+        read_adapter(ad)
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg.update(use_dora=False, peft_type="IA3")
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DistacError, match="peft_type 'IA3' is not LoRA"):
+        read_adapter(ad)
+
+
+def test_adapter_references_fail_with_the_right_diagnosis(llama, tmp_path):
+    root, adapters, _ = llama
+    assert split_adapter_ref("org/base+./lora") == ("org/base", "./lora")
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(root / "base")}
+    with pytest.raises(DistacError, match=r"no-such-lora: no such LoRA adapter folder"):
+        merge_checkpoints({**cfg, "models": [f"{root / 'base'}+{tmp_path / 'no-such-lora'}"]}, tmp_path / "o1")
+    with pytest.raises(DistacError, match="the base must be a full checkpoint"):
+        merge_checkpoints({**cfg, "base_model": str(adapters[0]), "models": [str(adapters[1])]}, tmp_path / "o2")
+    with pytest.raises(DistacError, match="not a LoRA adapter folder"):
+        merge_checkpoints({**cfg, "models": [f"{root / 'base'}+{root / 'base'}"]}, tmp_path / "o3")
+    with pytest.raises(DistacError, match="BASE\\+"):
+        distac.nn.models.load_model(str(adapters[0]))
+    other = tmp_path / "other.safetensors"
+    _save_state({"w": torch.zeros(2, 2)}, other)
+    with pytest.raises(DistacError, match=r"the adapter changes .* tensor\(s\) the base model lacks"):
+        open_model(adapters[0], base=open_checkpoint(other))
