@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -324,24 +325,41 @@ def _tiny_bert():
 
 
 def test_bert_lora_student_output_loads_with_peft(tmp_path):
+    """Embeddings, rank and alpha patterns, trained biases and a saved head: factor norms equal peft's merged
+    model's, and the LoRA student's adapter loads with peft and merges to the student distac reports.
+    """
     import copy
 
     model = _tiny_bert()
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    pc = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS")
+    pc = peft.LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["query", "value", "word_embeddings", "intermediate.dense"],
+        rank_pattern={"value": 3},
+        alpha_pattern={"query": 8},
+        bias="lora_only",
+        task_type="SEQ_CLS",
+    )
     pm = peft.get_peft_model(copy.deepcopy(model), pc)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n or "modules_to_save" in n:
+        for p in pm.parameters():
+            if p.requires_grad:
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
     pm.save_pretrained(str(tmp_path / "ad"))
+    src = _source(tmp_path / "ad", base)
+    fv = as_factored(src)
+    assert any(lr.transposed for lr in fv.low_rank.values())  # the embedding's ΔW = (BA)ᵀ
+    tau = TaskVector.from_models(base, copy.deepcopy(pm).merge_and_unload().state_dict())
+    assert tau.without(fv.keys()).norm() == 0
+    for k, n in fv.norms().items():
+        assert n == pytest.approx(tau.norms()[k], rel=1e-5, abs=1e-7), k
+
     ids = torch.randint(0, 40, (64, 6), generator=g)
     data = Inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    src = _source(tmp_path / "ad", base)
-    res = distac.condition(
-        model, base, src, data, mode="norm", kappa=0.5, steps=10, batch_size=32, device="cpu", progress=False
-    )
+    kw = dict(mode="norm", kappa=0.5, steps=10, batch_size=32, device="cpu", progress=False)
+    res = distac.condition(model, base, src, data, **kw)
     assert res.report.config.student == "lora"
     assert res.report.norm_init == pytest.approx(0.5 * res.report.norm_before, rel=1e-5)
     write_adapter(res.adapter, base, tmp_path / "out")
@@ -349,6 +367,8 @@ def test_bert_lora_student_output_loads_with_peft(tmp_path):
     merged = loaded.merge_and_unload().state_dict()
     for k, v in res.state.items():
         torch.testing.assert_close(merged[k], v, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(res.state["classifier.weight"], base["classifier.weight"])  # the adapter's head, kept
+    torch.testing.assert_close(res.state["classifier.weight"], src.get("classifier.weight"), atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -412,3 +432,28 @@ def test_cli_condition_and_diagnose_an_adapter(tmp_path, monkeypatch):
     assert (tmp_path / "full" / "t.safetensors").is_file()
     assert json.loads((tmp_path / "full" / "t.report.json").read_text())["student"] == "full"
     assert math.isfinite(report["norm_after"])
+
+
+def test_two_processes_train_the_lora_student_like_one(tmp_path):
+    """torchrun + DDP (gloo): the factors are the DDP module's parameters; two ranks match one process."""
+    from test_multiprocess import TOLERANCE, _run
+
+    z = zoo()
+    save_file(z["base"], str(tmp_path / "base.safetensors"))
+    np.save(tmp_path / "x.npy", digits()[0].numpy())
+    _save(_mlp_adapter(), tmp_path / "lora")
+    args = ["condition", "--base", "base.safetensors", "--arch", "distac_tiny:make_mlp", "--model", "t=lora"]
+    args += ["--data", "t=x.npy", "--mode", "norm", "--kappa", "0.5", "--steps", "20", "--batch-size", "64"]
+    args += ["--device", "cpu", "-q"]
+    _run([sys.executable, "-m", "distac", *args, "--out", "one"], tmp_path)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    _run([*torchrun, "-m", "distac", *args, "--out", "two"], tmp_path)
+    one = load_file(str(tmp_path / "one" / "t" / "adapter_model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "t" / "adapter_model.safetensors"))
+    assert set(one) == set(two)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=TOLERANCE, rtol=0)
+    r1 = json.loads((tmp_path / "one" / "t.report.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "t.report.json").read_text())
+    assert (r1["world_size"], r2["world_size"], r2["student"]) == (1, 2, "lora")
+    assert r1["norm_after"] != pytest.approx(r1["norm_init"], rel=1e-3)

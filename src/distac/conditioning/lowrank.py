@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DistacError
-from ..io.lora import ADAPTER_CONFIG, AdapterSource, delta
+from ..io.lora import ADAPTER_CONFIG, AdapterSource
 from ..taskvector import TaskVector, match_heads
 
 __all__ = ["FactoredVector", "LoraStudent", "LowRank", "as_factored", "vector_cosine", "write_adapter"]
@@ -152,17 +152,16 @@ class FactoredVector:
         dense: dict[str, Tensor] = {}
         for name, m in src.modules.items():
             a, b = src.adapter.factors(m.name)
-            shape = tuple(src.shape(name))
-            if a.ndim == 4 and tuple(b.shape[2:]) != (1, 1):
-                # a convolution whose B is not 1×1 has no B A form: keep its exact ΔW whole
-                dense[name] = delta(src.adapter, m.name, weight_shape=shape).float()
+            if name in src.replaced or (a.ndim == 4 and tuple(b.shape[2:]) != (1, 1)):
+                # a saved whole weight plus ΔW (peft saves resized embeddings so), or a convolution whose
+                # B is not 1×1: no pure B A form, so the exact Δ is kept whole
+                dense[name] = _exact_delta(src, name)
                 continue
             transposed = m.kind == "embedding" or m.fan_in_fan_out
-            low[name] = LowRank(a.float(), b.float(), float(m.scaling), shape, transposed)
-        for name, m in src.lora_biases.items():
-            dense[name] = src.adapter.tensors.get(m.bias or "").float() * m.scaling
-        for name, key in src.replaced.items():
-            dense[name] = src.adapter.tensors.get(key).float() - src.base.get(name).float()
+            low[name] = LowRank(a.float(), b.float(), float(m.scaling), tuple(src.shape(name)), transposed)
+        for name in [*src.lora_biases, *src.replaced]:
+            if name not in low and name not in dense:  # modules_to_save, trained biases, lora_B.bias terms
+                dense[name] = _exact_delta(src, name)
         return cls(low, dense, source=src)
 
     def keys(self) -> list[str]:
@@ -253,6 +252,11 @@ class FactoredVector:
         return {k: (base[k].float() + self.delta(k)).to(base[k].dtype) for k in self.keys()}
 
 
+def _exact_delta(src: AdapterSource, name: str) -> Tensor:
+    """θ_ft − θ_0 of one tensor, as the adapter source materialises it (peft's bits)."""
+    return src.get(name).float() - src.base.get(name).float()
+
+
 _FROM_SOURCE: weakref.WeakKeyDictionary[AdapterSource, FactoredVector] = weakref.WeakKeyDictionary()
 
 
@@ -336,8 +340,8 @@ class LoraStudent(nn.Module):
             whole = [k for k in shared.dense if k in shared.origin.modules]
             if whole:
                 raise DistacError(
-                    f"the adapter's module '{whole[0]}' has no B A form (a convolution with a non-1×1 B); "
-                    "condition it with student 'full'"
+                    f"the adapter's tensor '{whole[0]}' has no pure B A form (a saved whole weight plus LoRA, or a "
+                    "convolution with a non-1×1 B), so its factors cannot be trained alone; use student 'full'"
                 )
         factors = list(shared.low_rank.values())
         self.lora_A = nn.ParameterList([nn.Parameter(f.a.detach().float().clone()) for f in factors])
@@ -439,12 +443,16 @@ def write_adapter(
         if name in vector.low_rank:
             put(m.a, vector.low_rank[name].a)
             put(m.b, vector.low_rank[name].b)
-    for name, m in src.lora_biases.items():
-        if name in vector.dense and m.bias is not None:
-            put(m.bias, vector.dense[name] / m.scaling)
     for name, key in src.replaced.items():
         if name in vector.dense:
-            put(key, base[name].float() + vector.dense[name])
+            value = base[name].float() + vector.dense[name]
+            bias = src.lora_biases.get(name)
+            if bias is not None and bias.bias is not None:  # the lora_B.bias term stays as stored
+                value = value - stored.get(bias.bias).float() * bias.scaling
+            put(key, value)
+    for name, m in src.lora_biases.items():
+        if name in vector.dense and name not in src.replaced and m.bias is not None:
+            put(m.bias, vector.dense[name] / m.scaling)
     config = json.dumps(src.adapter.config, indent=2, sort_keys=True)
     with atomic_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         (tmp / ADAPTER_CONFIG).write_text(config + "\n", encoding="utf-8")
