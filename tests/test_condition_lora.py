@@ -245,6 +245,23 @@ def test_full_student_from_an_adapter_starts_at_base_plus_kappa_delta(tmp_path):
     torch.testing.assert_close(still.state["0.weight"], expected, atol=1e-6, rtol=1e-6)
 
 
+def test_target_norm_mixes_adapters_and_checkpoints(tmp_path):
+    z = zoo()
+    base, xtr = z["base"], digits()[0]
+    src = _source(_save(_mlp_adapter(), tmp_path / "ad"), base)
+    dense_norm = TaskVector.from_models(base, z["short_a"]).without(["2.weight", "2.bias"]).norm()
+    factor_norm = as_factored(src).without_heads(["2.*"]).norm()
+    tasks = {"t": src, "a": z["short_a"]}
+    kw = dict(mode="norm", steps=1, device="cpu", progress=False)
+    on_adapter = distac.condition(make_mlp(), base, tasks, Inputs(xtr), task="t", **kw).report
+    assert on_adapter.config.target_norm == pytest.approx(dense_norm, rel=1e-6)
+    assert on_adapter.config.kappa == pytest.approx(dense_norm / on_adapter.norm_before, rel=1e-6)
+    with pytest.warns(UserWarning, match="would stretch it"):  # the adapter is the longer vector here
+        on_checkpoint = distac.condition(make_mlp(), base, tasks, Inputs(xtr), task="a", **kw).report
+    assert on_checkpoint.config.target_norm == pytest.approx(factor_norm, rel=1e-6)
+    assert on_checkpoint.config.student == "full"
+
+
 def test_a_lora_student_needs_an_adapter_and_the_choice_is_fingerprinted(tmp_path):
     z = zoo()
     xtr = digits()[0]
