@@ -331,6 +331,22 @@ def test_adapter_of_another_base_is_one_error(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
+def test_an_adapter_on_another_model_is_refused_not_misread(tmp_path):
+    z = zoo()
+    folder = _save(_mlp_adapter(), tmp_path / "ad")
+    save_file(z["short_a"], str(tmp_path / "a.safetensors"))
+    save_file(z["base"], str(tmp_path / "base.safetensors"))
+    on_other = open_model(tmp_path / "a.safetensors", adapter=folder)
+    with pytest.raises(DistacError, match="adapter on another model than the base"):
+        distac.diagnose(make_mlp(), z["base"], {"a": on_other})
+    with pytest.raises(DistacError, match=r"fine-tuned model 't' .* on another model"):
+        distac.condition(make_mlp(), z["base"], {"t": on_other}, Inputs(digits()[0]), task="t", mode="norm", kappa=0.5)
+    # the base read from its own file is the same base: accepted, and measured from the factors
+    on_base = open_model(tmp_path / "base.safetensors", adapter=folder)
+    rep = distac.diagnose(make_mlp(), z["base"], {"a": on_base})
+    assert rep["a"].norm == pytest.approx(as_factored(on_base).without_heads(["2.*"]).norm(), rel=1e-9)
+
+
 def _tiny_bert():
     import transformers as tf
 

@@ -56,7 +56,7 @@ def prepare(
     check_model_state(model, base)
     patterns = resolve_heads(model, base, heads)
     check_data_fits(model, task_data, f"data of task '{name}'")
-    adapter = as_factored(given)
+    adapter = as_factored(given, base, f"fine-tuned model '{name}'")
     # the teacher runs whole, so an adapter is materialised once here (θ_0 + ΔW)
     ft = adapter.apply_to(base) if adapter is not None else given
     tau = shared_vector(base, ft, patterns, f"fine-tuned model '{name}'")
@@ -70,7 +70,7 @@ def prepare(
 
 def shared_norm(base: Mapping[str, Tensor], finetuned: Any, patterns: Sequence[str], what: str) -> float:
     """‖τ‖ over the shared entries of a state dict, or of an adapter from its factors (never materialised)."""
-    adapter = as_factored(finetuned)
+    adapter = as_factored(finetuned, base, what)
     if adapter is not None:
         return adapter.without_heads(patterns).norm()
     return shared_vector(base, finetuned, patterns, what).norm()

@@ -304,7 +304,7 @@ def diagnose(
 
 def _shared(base: Mapping[str, Tensor], ft: Any, patterns: Sequence[str], what: str) -> TaskVector | FactoredVector:
     """τ over the shared entries: dense for a state dict, in LoRA form for an adapter (never materialised)."""
-    adapter = as_factored(ft)
+    adapter = as_factored(ft, base, what)
     if adapter is None:
         return shared_vector(base, ft, patterns, what)
     adapter.check_against(base, what)

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from ..errors import DistacError
 from ..io.lora import ADAPTER_CONFIG, AdapterSource
 from ..taskvector import TaskVector, match_heads
+from ..tensors import DictSource
 
 __all__ = ["FactoredVector", "LoraStudent", "LowRank", "as_factored", "vector_cosine", "write_adapter"]
 
@@ -260,17 +261,40 @@ def _exact_delta(src: AdapterSource, name: str) -> Tensor:
 _FROM_SOURCE: weakref.WeakKeyDictionary[AdapterSource, FactoredVector] = weakref.WeakKeyDictionary()
 
 
-def as_factored(x: Any) -> FactoredVector | None:
+def as_factored(x: Any, base: Mapping[str, Tensor] | None = None, what: str = "the adapter") -> FactoredVector | None:
     """``x`` as a factored task vector when it is a LoRA adapter (a :class:`FactoredVector`, or an
     :class:`~distac.io.lora.AdapterSource` read once), else None (a state dict, say).
+
+    With ``base``, an adapter source must apply to that base: one on another model (a fine-tune plus an
+    adapter) has a task vector that is not its B A alone, so it is refused (naming ``what``).
     """
     if isinstance(x, FactoredVector):
         return x
-    if isinstance(x, AdapterSource):
-        if x not in _FROM_SOURCE:
-            _FROM_SOURCE[x] = FactoredVector.from_adapter(x)
-        return _FROM_SOURCE[x]
-    return None
+    if not isinstance(x, AdapterSource):
+        return None
+    if x not in _FROM_SOURCE:
+        _FROM_SOURCE[x] = FactoredVector.from_adapter(x)
+    if base is not None and not _on_base(x, base):
+        raise DistacError(
+            f"{what} ({x.label}) is an adapter on another model than the base: its task vector is not the adapter's "
+            "alone. Apply it to the base itself, or pass the merged model as a state dict"
+        )
+    return _FROM_SOURCE[x]
+
+
+#: source -> the base it was found equal to (held, so that an identity test later is sound)
+_CHECKED: weakref.WeakKeyDictionary[AdapterSource, Mapping[str, Tensor]] = weakref.WeakKeyDictionary()
+
+
+def _on_base(src: AdapterSource, base: Mapping[str, Tensor]) -> bool:
+    """Whether ``src`` applies to ``base``: the very same dict, or equal tensors under every name."""
+    if (isinstance(src.base, DictSource) and src.base.state is base) or _CHECKED.get(src) is base:
+        return True
+    keys = src.base.keys()
+    same = set(keys) == set(base) and all(torch.equal(src.base.get(k), base[k]) for k in keys)
+    if same:
+        _CHECKED[src] = base
+    return same
 
 
 def vector_cosine(u: FactoredVector | TaskVector, v: FactoredVector | TaskVector) -> float:
