@@ -308,3 +308,122 @@ def test_adapter_references_fail_with_the_right_diagnosis(llama, tmp_path):
     _save_state({"w": torch.zeros(2, 2)}, other)
     with pytest.raises(DistacError, match=r"the adapter changes .* tensor\(s\) the base model lacks"):
         open_model(adapters[0], base=open_checkpoint(other))
+
+
+def _card_errors(folder: Path) -> dict[str, float]:
+    rows = [ln.split("|") for ln in (folder / "README.md").read_text().splitlines() if ln.startswith("| model.")]
+    return {r[1].strip(): float(r[3]) for r in rows}
+
+
+def _lora_merge(root: Path, adapters: list, out: Path, **kw) -> Path:
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(root / "base"),
+        "models": [str(a) for a in adapters],
+        "parameters": {"scale": 0.7},
+    }
+    return merge_checkpoints(cfg, out, quiet=True, chunk_bytes=512, **kw)
+
+
+def test_lora_output_reports_the_exact_error_and_loads_in_peft(llama, tmp_path):
+    root, adapters, _ = llama
+    dense = _read_out(_lora_merge(root, adapters[:2], tmp_path / "dense"))
+    out = _lora_merge(root, adapters[:2], tmp_path / "lora", lora_rank=3)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "distac_config.yml",
+    ]
+    base = load_file(root / "base" / "model.safetensors")
+    reported = _card_errors(out)
+    ad = read_adapter(out)
+    assert ad.r == 3 and set(reported) == set(ad.modules) and len(reported) == 8
+    # the loaded adapter is base + B A; its error against the dense merge is the one reported
+    pm = peft.PeftModel.from_pretrained(_llama(root / "base"), str(out))
+    got = pm.merge_and_unload().state_dict()
+    for name in ad.modules:
+        k = name + ".weight"
+        dw = dense[k] - base[k]
+        a, b = ad.factors(name)
+        direct = float(torch.linalg.vector_norm(dw - b @ a) / torch.linalg.vector_norm(dw))
+        assert direct == pytest.approx(reported[name], rel=1e-3, abs=1e-6)
+        assert direct < 1
+        assert float(torch.linalg.vector_norm(got[k] - dense[k]) / torch.linalg.vector_norm(dw)) == pytest.approx(
+            direct, rel=1e-3, abs=1e-6
+        )
+    assert all(torch.equal(got[k], base[k]) for k in base if k.removesuffix(".weight") not in ad.modules)
+    # rank 3 is lossy for the rank-4 and rank-8 updates, exact for the rank-2 one (rank_pattern)
+    assert reported["model.layers.1.self_attn.k_proj"] < 1e-5 and sum(e > 0.01 for e in reported.values()) >= 6
+    ad.close()
+
+
+def test_lora_output_at_full_rank_gives_the_dense_model_outputs(llama, tmp_path):
+    root, adapters, _ = llama
+    dense_dir = _lora_merge(root, adapters[:2], tmp_path / "dense")
+    out = _lora_merge(root, adapters[:2], tmp_path / "lora", lora_rank=8, max_error=1e-5)
+    assert max(_card_errors(out).values()) < 1e-5
+    model = _llama(root / "base")
+    model.load_state_dict(_read_out(dense_dir), strict=False)
+    x = torch.randint(0, 48, (2, 5))
+    want = model(x).logits
+    got = peft.PeftModel.from_pretrained(_llama(root / "base"), str(out))(x).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_output_carries_embeddings_heads_and_biases(tmp_path):
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24, num_labels=3
+    )
+    tf.BertForSequenceClassification(cfg).save_pretrained(str(tmp_path / "base"))
+    ads = [
+        _make_adapter(
+            _bert,
+            tmp_path / "base",
+            tmp_path / f"ad{i}",
+            7 + i,
+            r=2,
+            lora_alpha=4,
+            bias="lora_only",
+            target_modules=["query", "value", "word_embeddings"],
+            modules_to_save=["classifier"],
+            task_type="SEQ_CLS",
+        )
+        for i in range(2)
+    ]
+    merge = {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"), "models": [str(a) for a in ads]}
+    dense = _read_out(merge_checkpoints(merge, tmp_path / "dense", quiet=True))
+    out = merge_checkpoints(merge, tmp_path / "lora", quiet=True, lora_rank=4, max_error=1e-5)
+    got = peft.PeftModel.from_pretrained(_bert(tmp_path / "base"), str(out)).merge_and_unload().state_dict()
+    for k, v in dense.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=1e-5, msg=k)
+
+
+def test_lora_output_refusals(llama, tmp_path):
+    root, adapters, dense = llama
+    with pytest.raises(DistacError, match=r"module 'model\.layers\.\d\.\S+' has relative error .* > max_error 1e-06"):
+        _lora_merge(root, adapters[:2], tmp_path / "o1", lora_rank=1, max_error=1e-6)
+    assert not (tmp_path / "o1").exists()  # nothing written
+    with pytest.raises(DistacError, match="needs LoRA adapters among the models"):
+        _lora_merge(root, dense[:2], tmp_path / "o2", lora_rank=2)
+    with pytest.raises(DistacError, match="give lora_rank"):
+        _lora_merge(root, adapters[:2], tmp_path / "o3", max_error=0.1)
+    with pytest.raises(DistacError, match="which no adapter trains"):  # a full fine-tune moves every tensor
+        _lora_merge(root, [adapters[0], dense[1]], tmp_path / "o4", lora_rank=2)
+
+
+def test_cli_merge_lora_rank_and_max_error(llama, tmp_path, capsys):
+    import yaml
+    from conftest import run_cli
+
+    root, adapters, _ = llama
+    cfg = tmp_path / "merge.yml"
+    cfg.write_text(
+        yaml.safe_dump({"merge_method": "ties", "base_model": str(root / "base"), "models": [str(a) for a in adapters]})
+    )
+    code, out, _ = run_cli(["merge", str(cfg), "--out", str(tmp_path / "o"), "--lora-rank", "2", "-q"], capsys)
+    assert code == 0 and is_adapter(out.strip()) and "## LoRA output" in (tmp_path / "o" / "README.md").read_text()
+    args = ["merge", str(cfg), "--out", str(tmp_path / "o2"), "--lora-rank", "1", "--max-error", "0.01", "-q"]
+    code, _, err = run_cli(args, capsys)
+    assert code != 0 and "has relative error" in err and len(err.strip().splitlines()) == 1

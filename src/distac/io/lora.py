@@ -414,6 +414,8 @@ class AdapterSource:
         names += [f"{m.name}.bias" for m in adapter.modules.values() if m.bias is not None]
         names += list(adapter.replaced)
         base_name = _base_names(names, base.keys(), str(adapter.path))
+        #: base tensor name -> its name in the adapter's naming (an adapter written back uses it)
+        self.adapter_names = {v: k for k, v in base_name.items()}
         #: base tensor name -> the module whose ΔW it receives
         self.modules = {base_name[m.weight]: m for m in adapter.modules.values()}
         #: base bias name -> module whose lora_B.bias (times scaling) it receives

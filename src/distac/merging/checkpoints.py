@@ -33,7 +33,7 @@ from ..io import (
     parse_size,
     read_header,
 )
-from ..io.lora import is_adapter, open_model
+from ..io.lora import AdapterSource, is_adapter, open_model
 from ..io.readers import SafetensorsFile
 from ..nn.models import default_device
 from ..progress import Progress, track
@@ -43,6 +43,7 @@ from .card import write_card
 from .config import STAT_KEYS, MergeConfig, ModelSpec, load_config
 from .emr import EMR, EMRBundle, bundle_card, emr_merge
 from .engine import DEFAULT_CHUNK_BYTES, check_finite_output, run_merge
+from .lora_out import LoraWriter
 from .temperatures import read_temperatures
 
 __all__ = ["export_task_models", "merge_checkpoints"]
@@ -157,6 +158,8 @@ def merge_checkpoints(
     export_per_task: bool = False,
     quiet: bool = False,
     allow_nonfinite: bool = False,
+    lora_rank: int | None = None,
+    max_error: float | None = None,
 ) -> Path:
     """Merge the checkpoints a config names, streaming tensor by tensor, into ``out``; return ``out``.
 
@@ -174,6 +177,10 @@ def merge_checkpoints(
         quiet: no progress bar (it is also hidden when stderr is not a terminal).
         allow_nonfinite: write merged tensors and heads that hold NaN/Inf or overflow the output
             dtype (also the config's ``allow_nonfinite: true``); by default they stop the merge.
+        lora_rank: write a PEFT LoRA adapter of this rank instead of the full model (the models
+            must include LoRA adapters): each target module's merged ΔW by truncated SVD, the
+            relative Frobenius error per module in the card (:mod:`distac.merging.lora_out`).
+        max_error: with ``lora_rank``, stop (writing nothing) when a module's relative error exceeds it.
 
     Returns:
         ``out``, holding the merged weights (HF shard names), the base's ``config.json``/tokenizer
@@ -196,10 +203,13 @@ def merge_checkpoints(
     if cfg.method is EMR:
         if allow_nonfinite:
             raise DistacError("allow_nonfinite is not accepted with method 'emr': it always stops at NaN/Inf")
+        if lora_rank is not None:
+            raise DistacError("lora_rank is not accepted with method 'emr': its bundle is one model per task")
         _merge_emr(cfg, out, overwrite, dev, shard, chunk, export_per_task, quiet)
         return out
     if export_per_task and not cfg.heads:
         raise DistacError("export_per_task needs 'heads' patterns in the config (which tensors are task-specific)")
+    _check_lora_output(lora_rank, max_error, export_per_task)
     with ExitStack() as opened:  # every checkpoint's file descriptors are closed, whatever happens
         base = opened.enter_context(closing(_open_base(cfg.base)))
         models = [opened.enter_context(closing(open_model(m.path, adapter=m.adapter, base=base))) for m in cfg.models]
@@ -216,8 +226,24 @@ def merge_checkpoints(
             chunk=chunk,
             export_per_task=export_per_task,
             quiet=quiet,
+            lora=None if lora_rank is None else (lora_rank, max_error),
         )
     return out
+
+
+def _check_lora_output(lora_rank: int | None, max_error: float | None, export_per_task: bool) -> None:
+    if lora_rank is None:
+        if max_error is not None:
+            raise DistacError(
+                "max_error (--max-error) bounds the LoRA output's error; give lora_rank (--lora-rank) too"
+            )
+        return
+    if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
+        raise DistacError(f"lora_rank (--lora-rank) must be a positive integer, got {lora_rank!r}")
+    if max_error is not None and not 0 <= max_error:
+        raise DistacError(f"max_error (--max-error) must be >= 0, got {max_error!r}")
+    if export_per_task:
+        raise DistacError("export_per_task writes full models; it cannot go with a LoRA output (lora_rank)")
 
 
 def _open_base(spec: ModelSpec) -> Checkpoint:
@@ -294,8 +320,11 @@ def _merge_into(
     chunk: int,
     export_per_task: bool,
     quiet: bool,
+    lora: tuple[int, float | None] | None = None,
 ) -> None:
-    """The merge proper: stream into a temporary folder, add heads, config files and card, rename."""
+    """The merge proper: stream into a temporary folder, add heads, config files and card, rename.
+
+    With ``lora`` = (rank, max_error) the merged model is written as a LoRA adapter (:class:`LoraWriter`)."""
     heads = sorted(match_heads(base.keys(), cfg.heads), key=base.keys().index)
     if cfg.heads and not heads:
         raise DistacError(f"heads patterns {cfg.heads} match no tensor of {base.label}")
@@ -312,8 +341,14 @@ def _merge_into(
         return track(names, desc=desc, unit="piece", quiet=quiet)
 
     with atomic_dir(out, overwrite=overwrite, inputs=_input_paths(cfg)) as tmp:
-        writer = BackgroundWriter(
-            ShardWriter(tmp, layout, max_shard_bytes=shard, metadata={"distac_method": cfg.method.name})
+        writer: BackgroundWriter | LoraWriter = (
+            BackgroundWriter(
+                ShardWriter(tmp, layout, max_shard_bytes=shard, metadata={"distac_method": cfg.method.name})
+            )
+            if lora is None
+            else LoraWriter(
+                tmp, base, [m for m in models if isinstance(m, AdapterSource)], lora[0], cfg.out_dtype, lora[1]
+            )
         )
         with Progress(
             total_bytes=in_bytes, total_items=len(layout), desc=f"merge ({cfg.method.name})", quiet=quiet
@@ -341,9 +376,12 @@ def _merge_into(
                 raise
         if heads:
             _write_heads(tmp, models, cfg.models, heads, cfg.out_dtype, cfg.allow_nonfinite)
-        if cfg.base.path.is_dir():
+        if cfg.base.path.is_dir() and lora is None:
             copy_model_files(cfg.base.path, tmp)
         write_card(tmp, cfg, plan.params, out.name)
+        if isinstance(writer, LoraWriter):
+            with open(tmp / "README.md", "a") as card:
+                card.write("\n" + writer.card())
         if export_per_task:
             export_task_models(tmp, tmp / "tasks", max_shard_bytes=shard, quiet=quiet)
 

@@ -49,6 +49,19 @@ def _writes_checkpoints(out_help: str) -> Callable[[Callable[..., None]], Callab
     is_flag=True,
     help="Write merged tensors holding NaN/Inf or overflowing the output dtype (default: stop naming the tensor).",
 )
+@click.option(
+    "--lora-rank",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Write a PEFT LoRA adapter of this rank (truncated SVD of each merged ΔW) instead of the full model; "
+    "the models must include LoRA adapters.",
+)
+@click.option(
+    "--max-error",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="With --lora-rank: fail, naming the module, when a module's relative Frobenius error exceeds this.",
+)
 def merge_command(
     config: Path,
     out: Path,
@@ -59,6 +72,8 @@ def merge_command(
     export_per_task: bool,
     quiet: bool,
     allow_nonfinite: bool,
+    lora_rank: int | None,
+    max_error: float | None,
 ) -> None:
     """Merge the checkpoints named in CONFIG (mergekit-style YAML) into OUT."""
     path = merge_checkpoints(
@@ -71,6 +86,8 @@ def merge_command(
         export_per_task=export_per_task,
         quiet=quiet,
         allow_nonfinite=allow_nonfinite,
+        lora_rank=lora_rank,
+        max_error=max_error,
     )
     click.echo(str(path))
 
