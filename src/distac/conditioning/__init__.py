@@ -19,6 +19,8 @@ from .distill import ConditioningDiverged as ConditioningDiverged
 from .distill import ConditionReport as ConditionReport
 from .distill import ConditionResult as ConditionResult
 from .distill import condition as condition
+from .lowrank import FactoredVector as FactoredVector
+from .lowrank import write_adapter as write_adapter
 
 __all__ = [
     "CalibrationResult",
@@ -27,6 +29,7 @@ __all__ = [
     "ConditionResult",
     "ConditioningDiverged",
     "DiagnoseReport",
+    "FactoredVector",
     "FlagRules",
     "TaskDiagnosis",
     "calibrate",
@@ -34,5 +37,6 @@ __all__ = [
     "diagnose",
     "fit_temperature",
     "read_temperatures",
+    "write_adapter",
     "write_temperatures",
 ]

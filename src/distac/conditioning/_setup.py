@@ -20,6 +20,7 @@ from ..taskvector import TaskVector
 from ._common import check_data_fits, check_model_state, resolve_heads, shared_vector
 from .config import ConditionConfig
 from .diagnose import CONFIDENCE_TEMPS, NORM_TEMPS, FlagRules, diagnose, recommend
+from .lowrank import FactoredVector, as_factored
 
 
 def default_lr(n_params: int) -> float:
@@ -39,6 +40,7 @@ class Task:
     tau: TaskVector
     norm: float
     others_mean: float | None
+    adapter: FactoredVector | None = None  # the fine-tune as a LoRA adapter's task vector (heads included)
 
 
 def prepare(
@@ -49,20 +51,29 @@ def prepare(
     task: str | None,
     heads: Sequence[str] | None,
 ) -> Task:
-    name, ft, ft_map = select_task(finetuned, task)
+    name, given, ft_map = select_task(finetuned, task)
     task_data = select_data(data, name, ft_map)
     check_model_state(model, base)
     patterns = resolve_heads(model, base, heads)
     check_data_fits(model, task_data, f"data of task '{name}'")
+    adapter = as_factored(given, base, f"fine-tuned model '{name}'")
+    # the teacher runs whole, so an adapter is materialised once here (θ_0 + ΔW)
+    ft = adapter.apply_to(base) if adapter is not None else given
     tau = shared_vector(base, ft, patterns, f"fine-tuned model '{name}'")
     norm = tau.norm()
     if norm == 0:
         raise DistacError(f"fine-tuned model '{name}' equals the base on every shared tensor: nothing to condition")
-    others = [
-        shared_vector(base, s, patterns, f"fine-tuned model '{n}'").norm() for n, s in ft_map.items() if n != name
-    ]
+    others = [shared_norm(base, s, patterns, f"fine-tuned model '{n}'") for n, s in ft_map.items() if n != name]
     others_mean = sum(others) / len(others) if others else None
-    return Task(name, ft, ft_map, task_data, patterns, tau, norm, others_mean)
+    return Task(name, ft, ft_map, task_data, patterns, tau, norm, others_mean, adapter)
+
+
+def shared_norm(base: Mapping[str, Tensor], finetuned: Any, patterns: Sequence[str], what: str) -> float:
+    """‖τ‖ over the shared entries of a state dict, or of an adapter from its factors (never materialised)."""
+    adapter = as_factored(finetuned, base, what)
+    if adapter is not None:
+        return adapter.without_heads(patterns).norm()
+    return shared_vector(base, finetuned, patterns, what).norm()
 
 
 def resolve(
@@ -80,11 +91,12 @@ def resolve(
         mode = _auto_mode(model, base, job, auto_data(data, job.name, job.data, job.ft_map), cfg, rules, device)
     target = cfg.target_norm if cfg.target_norm is not None else job.others_mean
     kappa, temps = _kappa_and_temps(mode, cfg.kappa, target, job)
-    trainable = [n for n, _ in model.named_parameters() if n in job.tau]
-    lr = cfg.lr if cfg.lr is not None else default_lr(sum(base[n].numel() for n in trainable))
+    student = _student_kind(cfg.student, job)
+    lr = cfg.lr if cfg.lr is not None else default_lr(_trainable_count(student, job, model, base))
     return replace(
         cfg,
         mode=mode,
+        student=student,
         kappa=float(kappa),
         target_norm=target,
         t_teacher=float(cfg.t_teacher if cfg.t_teacher is not None else temps[0]),
@@ -93,6 +105,28 @@ def resolve(
         lr=float(lr),
         warmup=cfg.steps // 10 if cfg.warmup is None else cfg.warmup,
     )
+
+
+def _student_kind(asked: str, job: Task) -> str:
+    """``auto``: a LoRA student for an adapter input (the output stays an adapter), else the full model."""
+    if asked == "auto":
+        return "lora" if job.adapter is not None else "full"
+    if asked == "lora" and job.adapter is None:
+        raise DistacError(
+            f"student 'lora' needs a LoRA adapter as the fine-tune of task '{job.name}' (it trains the adapter's "
+            "factors); this one is a full checkpoint: use student 'full' or 'auto'"
+        )
+    return asked
+
+
+def _trainable_count(student: str, job: Task, model: nn.Module, base: Mapping[str, Tensor]) -> int:
+    """How many numbers train: the adapter's shared factors and whole tensors, or the shared parameters."""
+    if student == "lora" and job.adapter is not None:
+        shared = job.adapter.without_heads(job.patterns)
+        return sum(f.a.numel() + f.b.numel() for f in shared.low_rank.values()) + sum(
+            v.numel() for v in shared.dense.values()
+        )
+    return sum(base[n].numel() for n, _ in model.named_parameters() if n in job.tau)
 
 
 def _kappa_and_temps(
@@ -149,9 +183,14 @@ def _is_state_dict(x: Any) -> bool:
     return isinstance(x, Mapping) and bool(x) and all(isinstance(v, Tensor) for v in x.values())
 
 
-def select_task(finetuned: Mapping[str, Any], task: str | None) -> tuple[str, Mapping[str, Tensor], dict]:
-    """``(name, state dict, {task: state dict} or {})`` of the task to condition."""
-    if _is_state_dict(finetuned):
+def _is_finetune(x: Any) -> bool:
+    """A fine-tune: a state dict, or a LoRA adapter (its factored task vector)."""
+    return _is_state_dict(x) or as_factored(x) is not None
+
+
+def select_task(finetuned: Any, task: str | None) -> tuple[str, Any, dict]:
+    """``(name, fine-tune, {task: fine-tune} or {})`` of the task to condition (a state dict or an adapter)."""
+    if _is_finetune(finetuned):
         return task or "task", finetuned, {}
     if not isinstance(finetuned, Mapping) or not finetuned:
         raise DistacError("finetuned must be a state dict or a non-empty {task: state dict} mapping")
@@ -162,8 +201,8 @@ def select_task(finetuned: Mapping[str, Any], task: str | None) -> tuple[str, Ma
         task = next(iter(ft_map))
     if task not in ft_map:
         raise DistacError(f"no fine-tuned model named '{task}'{closest(task, ft_map)}; the tasks are {list(ft_map)}")
-    if not _is_state_dict(ft_map[task]):
-        raise DistacError(f"fine-tuned model '{task}' is not a state dict (name -> tensor)")
+    if not _is_finetune(ft_map[task]):
+        raise DistacError(f"fine-tuned model '{task}' is not a state dict (name -> tensor) nor a LoRA adapter")
     return task, ft_map[task], ft_map
 
 

@@ -92,7 +92,7 @@ def _setup(
 ) -> tuple[LoadedModel, dict[str, Any], dict[str, str], dict[str, Inputs]]:
     loaded = _load_base(base, arch, arch_kwargs, heads)
     paths = _pairs(models, "--model")
-    finetuned = {n: load_state_like(p, loaded) for n, p in paths.items()}
+    finetuned = {n: _load_finetune(p, loaded) for n, p in paths.items()}
     data_paths = _pairs(data, "--data")
     if need_data and not data_paths:
         raise DistacError("--data NAME=PATH is required")
@@ -107,6 +107,21 @@ def _setup(
         max_length=max_length,
     )
     return loaded, finetuned, paths, inputs
+
+
+def _load_finetune(path: str, loaded: LoadedModel) -> Any:
+    """A ``--model`` path: a LoRA adapter folder, or BASE+ADAPTER with the ``--base`` itself, stays an adapter on
+    the base (measured from its factors, conditioned as a LoRA by default); anything else is read as a checkpoint.
+    """
+    from ..io.lora import AdapterSource, is_adapter, read_adapter, split_adapter_ref
+    from ..tensors import DictSource
+
+    model, adapter = split_adapter_ref(path)
+    if adapter is None and is_adapter(path):
+        adapter = path
+    elif adapter is None or Path(model).resolve() != Path(loaded.source).resolve():
+        return load_state_like(path, loaded)
+    return AdapterSource(DictSource(loaded.state, loaded.source), read_adapter(adapter), label=path)
 
 
 @click.command("diagnose")
@@ -208,8 +223,10 @@ def condition_command(
 ) -> None:
     """Condition fine-tuned models with DisTaC (distillation into θ_0 + κτ).
 
-    Writes OUT/<task>.safetensors (or OUT/<task>/ when the fine-tune is an HF directory) and
-    OUT/<task>.report.json for each conditioned task. Run under torchrun / accelerate launch for many processes.
+    Writes OUT/<task>.safetensors (or OUT/<task>/ when the fine-tune is an HF directory, or a LoRA
+    adapter folder OUT/<task>/ for a LoRA student) and OUT/<task>.report.json for each conditioned task.
+    A --model may be a LoRA adapter folder (or BASE+ADAPTER): --student says what trains. Run under
+    torchrun / accelerate launch for many processes.
     """
     from ..io import check_output
     from ._setup import make_accelerator
@@ -245,7 +262,7 @@ def condition_command(
     for t, res in results.items():
         r, c = res.report, res.report.config
         click.echo(
-            f"{t}: mode={c.mode} kappa={c.kappa:.4g} T=({c.t_teacher:g},{c.t_student:g}) "
+            f"{t}: mode={c.mode} student={c.student} kappa={c.kappa:.4g} T=({c.t_teacher:g},{c.t_student:g}) "
             f"norm {r.norm_before:.4g} -> {r.norm_after:.4g}, agreement {_pct(r.agreement)}, "
             f"max-prob {_mp(r.confidence_before)} -> {_mp(r.confidence_after)}"
         )
@@ -299,9 +316,14 @@ def _write_conditioned(
     """OUT/<task>.safetensors (or an HF folder) and OUT/<task>.report.json for each result, all or nothing."""
     from ..io import atomic_dir
     from ..nn.models import save_state_like
+    from .lowrank import write_adapter
 
     with atomic_dir(out, overwrite=overwrite, inputs=read) as tmp:
         for t, res in results.items():
+            res.report.to_json(tmp / f"{t}.report.json")
+            if res.adapter is not None:  # a LoRA student: an adapter folder of the input's rank
+                write_adapter(res.adapter, loaded.state, tmp / t, metadata=_card(res.report))
+                continue
             as_dir = is_hf_dir(paths[t]) and loaded.kind == "hf"
             save_state_like(
                 res.state,
@@ -310,14 +332,16 @@ def _write_conditioned(
                 fmt="hf" if as_dir else "safetensors",
                 metadata=_card(res.report),
             )
-            res.report.to_json(tmp / f"{t}.report.json")
 
 
 def _read_paths(base: str, *options: Sequence[str], state_dir: Path | None = None) -> list[str]:
     """Every path a command reads: the base, each NAME=PATH of ``options``, the state folder. An output
     may not equal, contain or lie inside any of them (:func:`distac.io.check_output`).
     """
-    paths = [base] + [v.partition("=")[2] for values in options for v in values if "=" in v]
+    from ..io.lora import split_adapter_ref
+
+    given = [base] + [v.partition("=")[2] for values in options for v in values if "=" in v]
+    paths = [p for g in given for p in split_adapter_ref(g) if p is not None]  # BASE+ADAPTER reads both
     return paths + ([str(state_dir)] if state_dir is not None else [])
 
 

@@ -23,10 +23,12 @@ from typing import Any
 
 from ..errors import DistacError, closest
 
-__all__ = ["MODES", "ConditionConfig", "click_options"]
+__all__ = ["MODES", "STUDENTS", "ConditionConfig", "click_options"]
 
 #: what the user may ask for; ``none`` is what ``auto`` resolves to when nothing is flagged
 MODES = ("auto", "norm", "confidence", "both")
+#: what trains: the whole shared model, or the factors of a LoRA adapter (``auto``: lora for adapter inputs)
+STUDENTS = ("auto", "full", "lora")
 
 
 def _setting(
@@ -38,10 +40,12 @@ def _setting(
     choices: tuple[str, ...] = (),
     resolved_choices: tuple[str, ...] = (),
     fingerprint: bool = False,
+    before: Any = dataclasses.MISSING,
 ) -> Any:
     """A config field with its CLI help, its range (``>= low``, or ``> low`` when ``low_open``), and
     whether it belongs to the fingerprint of a resumable state (it changes the conditioned weights).
-    ``resolved_choices`` are values the run itself may set (never offered as a flag).
+    ``resolved_choices`` are values the run itself may set (never offered as a flag). ``before``: the value
+    a resumable state saved before the field existed was made with, when that is not the default.
     """
     meta = {
         "help": help,
@@ -50,6 +54,7 @@ def _setting(
         "choices": choices,
         "resolved_choices": resolved_choices,
         "fingerprint": fingerprint,
+        "before": default if before is dataclasses.MISSING else before,
     }
     return field(default=default, metadata=meta)
 
@@ -72,6 +77,15 @@ class ConditionConfig:
         "What to fix: norm (shrink κ, T=(10,10)), confidence (κ=1, T=(1,10)), both, or auto (what diagnose flags).",
         choices=MODES,
         resolved_choices=("none",),
+    )
+    # auto: an adapter stays an adapter (its factors train, the output loads with peft); a full fine-tune
+    # trains whole. States saved before this setting existed trained the full model.
+    student: str = _setting(
+        "auto",
+        "What trains: lora (the adapter's factors, same rank; writes an adapter), full, or auto (lora for adapters).",
+        choices=STUDENTS,
+        fingerprint=True,
+        before="full",
     )
     # None: target_norm / ‖τ‖ in the norm modes, 1 for confidence (the paper's recipe)
     kappa: float | None = _setting(None, "Norm scale κ (overrides the mode's).", low=0, low_open=True, fingerprint=True)
@@ -133,8 +147,10 @@ class ConditionConfig:
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        """``{name: default}`` of every field (a state saved before a field existed had its default)."""
-        return {f.name: f.default for f in dataclasses.fields(cls)}
+        """``{name: value}`` a state saved before a field existed was made with: its default, or the
+        field's ``before`` value where the run then did something else (``student``: full).
+        """
+        return {f.name: f.metadata["before"] for f in dataclasses.fields(cls)}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

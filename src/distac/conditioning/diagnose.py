@@ -36,6 +36,7 @@ from ..io.atomic import atomic_file, write_text
 from ..nn.data import Inputs
 from ..nn.evaluate import accuracy, collect_logits, confidence_stats, ece
 from ..nn.models import default_device
+from ..taskvector import TaskVector
 from ._common import (
     check_data_fits,
     check_model_state,
@@ -44,6 +45,7 @@ from ._common import (
     resolve_heads,
     shared_vector,
 )
+from .lowrank import FactoredVector, as_factored, vector_cosine
 
 __all__ = ["DiagnoseReport", "FlagRules", "TaskDiagnosis", "diagnose", "recommend"]
 
@@ -203,7 +205,7 @@ def recommend(
 def diagnose(
     model: nn.Module,
     base: Mapping[str, Tensor],
-    finetuned: Mapping[str, Mapping[str, Tensor]],
+    finetuned: Mapping[str, Any],
     data: Mapping[str, Any] | None = None,
     labels: Mapping[str, Any] | None = None,
     *,
@@ -219,7 +221,8 @@ def diagnose(
         model: a module of the common architecture; its forward returns logits. It is not modified
             (fine-tuned weights are applied with ``torch.func.functional_call``).
         base: the pre-trained state dict θ_0.
-        finetuned: task name -> fine-tuned state dict.
+        finetuned: task name -> fine-tuned state dict, or a LoRA adapter
+            (:class:`~distac.conditioning.lowrank.FactoredVector`): its norms and cosines come from the factors.
         data: task name -> that task's unlabeled inputs (an :class:`~distac.nn.data.Inputs`, a tensor, or an
             iterable of batches). Tasks without data get no confidence numbers and no confidence flag.
         labels: task name -> labels in the same order as the data (tensor, per-batch tensors, or the
@@ -246,10 +249,10 @@ def diagnose(
     check_model_state(model, base)
     patterns = resolve_heads(model, base, heads)
     dev = default_device(device)
-    vectors = {n: shared_vector(base, ft, patterns, f"fine-tuned model '{n}'") for n, ft in finetuned.items()}
+    vectors = {n: _shared(base, ft, patterns, f"fine-tuned model '{n}'") for n, ft in finetuned.items()}
     norms = {n: v.norm() for n, v in vectors.items()}
     names = list(vectors)
-    cosine = {a: {b: (1.0 if a == b else vectors[a].cosine(vectors[b])) for b in names} for a in names}
+    cosine = {a: {b: (1.0 if a == b else vector_cosine(vectors[a], vectors[b])) for b in names} for a in names}
     unknown = sorted(set(data or {}) - set(names)) + sorted(set(labels or {}) - set(names))
     if unknown:
         raise DistacError(f"data/labels given for unknown task(s) {unknown}; the tasks are {names}")
@@ -263,7 +266,7 @@ def diagnose(
         t = TaskDiagnosis(n, norms[n], ratio, vectors[n].norms())
         if data is not None and n in data:
             check_data_fits(model, data[n], f"data of task '{n}'")
-            state = {k: v.to(dev) for k, v in finetuned[n].items()}
+            state = {k: v.to(dev) for k, v in _weights(base, finetuned[n]).items()}
             source = data[n].source if isinstance(data[n], Inputs) else f"data of task '{n}'"
             logits = collect_logits(
                 model,
@@ -297,6 +300,21 @@ def diagnose(
             low_confidence="low_confidence" in t.flags,
         )
     return DiagnoseReport(tasks, cosine, th, patterns)
+
+
+def _shared(base: Mapping[str, Tensor], ft: Any, patterns: Sequence[str], what: str) -> TaskVector | FactoredVector:
+    """τ over the shared entries: dense for a state dict, in LoRA form for an adapter (never materialised)."""
+    adapter = as_factored(ft, base, what)
+    if adapter is None:
+        return shared_vector(base, ft, patterns, what)
+    adapter.check_against(base, what)
+    return adapter.without_heads(patterns)
+
+
+def _weights(base: Mapping[str, Tensor], ft: Any) -> Mapping[str, Tensor]:
+    """The weights to run: a state dict as given; for an adapter, the base plus only the tensors it changes."""
+    adapter = as_factored(ft)
+    return ft if adapter is None else {**base, **adapter.changed(base)}
 
 
 def _low_confidence(name: str, entropies: Mapping[str, float], th: FlagRules) -> bool:

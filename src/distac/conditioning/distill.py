@@ -16,6 +16,10 @@ Floating-point buffers (BatchNorm statistics) are scaled by κ with the paramete
 then stay fixed: the student runs in eval mode unless ``train_mode=True`` (dropout on; BatchNorm would
 then update its statistics, which DDP broadcasts from rank 0).
 
+A LoRA adapter as the fine-tune: the teacher is θ_0 + ΔW; the student is either the full model at
+θ_0 + κΔW (``student="full"``) or, by default, a LoRA of the adapter's rank whose factors train
+(``student="lora"``; θ above is then (A, B), see :mod:`distac.conditioning.lowrank`).
+
 Differences from the official code, on purpose:
 
 * Warm-up: linear for ``warmup`` steps (default K/10), then cosine decay to 0 at K. The official
@@ -56,6 +60,7 @@ from ._setup import Task, default_lr, make_accelerator, prepare, resolve
 from ._state import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import MODES, ConditionConfig
 from .diagnose import FlagRules
+from .lowrank import FactoredVector, LoraStudent
 
 __all__ = [
     "MODES",
@@ -115,10 +120,15 @@ class ConditionReport:
 
 @dataclass
 class ConditionResult:
-    """The conditioned state dict (τ' = ``state`` − base) and the :class:`ConditionReport` of its making."""
+    """The conditioned state dict (τ' = ``state`` − base) and the :class:`ConditionReport` of its making.
+
+    ``adapter``: with a LoRA student, τ' in LoRA form (the trained factors; the head is the input adapter's),
+    written as an adapter folder by :func:`~distac.conditioning.lowrank.write_adapter`.
+    """
 
     state: StateDict
     report: ConditionReport
+    adapter: FactoredVector | None = None
 
 
 class ConditioningDiverged(DistacError):
@@ -142,7 +152,7 @@ def distill_loss(student_logits: Tensor, teacher_logits: Tensor, *, t_teacher: f
 def condition(
     model: nn.Module,
     base: Mapping[str, Tensor],
-    finetuned: Mapping[str, Any],
+    finetuned: Any,
     data: Any,
     config: ConditionConfig | None = None,
     *,
@@ -162,6 +172,9 @@ def condition(
         base: θ_0.
         finetuned: either one fine-tuned state dict, or ``{task: state dict}`` for all tasks with ``task``
             naming the one to condition (the others only supply the default target norm and ``auto``'s diagnosis).
+            A LoRA adapter (an :class:`~distac.io.lora.AdapterSource` on ``base``, or a
+            :class:`~distac.conditioning.lowrank.FactoredVector`) may stand for any state dict;
+            ``student`` then says whether its factors (``lora``, the default) or the full model train.
         data: the task's unlabeled inputs: an :class:`~distac.nn.data.Inputs` or a tensor (re-batched to
             ``batch_size``, shuffled with ``seed``), or a sequence of ready batches (cycled as given;
             ``batch_size`` is then their size). With ``{task: ...}`` finetuned, may also be ``{task: inputs}``.
@@ -182,7 +195,8 @@ def condition(
         **settings: any :class:`ConditionConfig` field, replacing the value in ``config``.
 
     Returns:
-        A :class:`ConditionResult`: ``.state`` (the conditioned state dict) and ``.report``.
+        A :class:`ConditionResult`: ``.state`` (the conditioned state dict), ``.report``, and with a LoRA
+        student ``.adapter`` (τ' as factors of the input's rank).
 
     Raises:
         ConditioningDiverged: the loss or gradient became NaN/Inf (``.result`` holds the last good state).
@@ -209,8 +223,9 @@ def condition(
     )
     if resolved.mode == "none":
         report.norm_after, report.agreement, report.note = job.norm, 1.0, "auto: no flag raised, fine-tune unchanged"
-        return ConditionResult({k: v.clone() for k, v in job.ft.items()}, report)
-    run = _Run(model, base, job, report, acc)
+        unchanged = job.adapter if resolved.student == "lora" else None
+        return ConditionResult({k: v.clone() for k, v in job.ft.items()}, report, unchanged)
+    run = (_LoraRun if resolved.student == "lora" else _Run)(model, base, job, report, acc)
     ckpt = Path(state_dir) / CHECKPOINT if state_dir is not None else None
     start = 0
     if ckpt is not None and resolved.resume and ckpt.is_file():
@@ -245,11 +260,9 @@ class _Run:
         self.teacher = copy.deepcopy(model).to(self.dev)
         self.teacher.load_state_dict(dict(job.ft), strict=True)
         self.teacher.eval().requires_grad_(False)
-        self.student, self.names, self.params, fixed = _init_student(model, base, job, _value(cfg.kappa))
+        self._make_student(model, base, job, _value(cfg.kappa))
         self.student.to(self.dev).train(cfg.train_mode)
         self.anchors = [p.detach().clone() for p in self.params]
-        self.base_p = [base[n].to(self.dev, p.dtype) for n, p in zip(self.names, self.params, strict=True)]
-        self.fixed_sq = fixed
         self.batches = _BatchStream(job.data, cfg.batch_size, cfg.seed, acc.num_processes, acc.process_index)
         self.eval_set = self.batches.eval_batches(cfg.eval_examples)
         source = f"task '{job.name}', teacher on its data"
@@ -264,6 +277,11 @@ class _Run:
             self.optimizer, lambda k: lr_factor(k, warmup=warmup, steps=steps)
         )
         self.fingerprint = {"task": job.name, **cfg.fingerprint()}
+
+    def _make_student(self, model: nn.Module, base: Mapping[str, Tensor], job: Task, kappa: float) -> None:
+        """The student at θ_0 + κτ, its trainable names and parameters, and what :meth:`norm` compares them with."""
+        self.student, self.names, self.params, self.fixed_sq = _init_student(model, base, job, kappa)
+        self.base_p = [base[n].to(self.dev, p.dtype) for n, p in zip(self.names, self.params, strict=True)]
 
     def _agreement(self, logits: Tensor) -> float:
         return float((logits.argmax(-1) == self.teacher_logits.argmax(-1)).float().mean())
@@ -353,7 +371,7 @@ class _Run:
             f"conditioning task '{self.job.name}' stopped at step {step + 1}: {what}. The last good state (after "
             f"step {step}) is {kept}. Lower --lr (now {self.cfg.lr:g}), raise --beta or check the temperatures, "
             "then resume.",
-            ConditionResult(self.state(), report),
+            self.result(),
         )
 
     def finish(self, t0: float) -> ConditionResult:
@@ -365,7 +383,34 @@ class _Run:
         report.agreement = self._agreement(logits)
         report.confidence_after = confidence_stats(logits).to_dict()
         report.seconds = time.perf_counter() - t0
-        return ConditionResult(self.state(), report)
+        return self.result()
+
+    def result(self) -> ConditionResult:
+        return ConditionResult(self.state(), self.report)
+
+
+class _LoraRun(_Run):
+    """The run with a student in LoRA form (:class:`~distac.conditioning.lowrank.LoraStudent`): the trainable
+    parameters are the adapter's factors, so the anchor acts on them, and ‖τ'‖ is measured from them.
+    """
+
+    def _make_student(self, model: nn.Module, base: Mapping[str, Tensor], job: Task, kappa: float) -> None:
+        if job.adapter is None:
+            raise AssertionError("a LoRA student reached a run without an adapter")
+        self.base = base
+        self.student = LoraStudent(model, base, job.ft, job.adapter.without_heads(job.patterns), kappa)
+        self.names, self.params = self.student.trainable()
+        self.fixed_sq, self.base_p = 0.0, []
+
+    def norm(self) -> float:
+        """‖τ'‖ from the factors (and the adapter's whole tensors), never a dense ΔW."""
+        return cast(LoraStudent, self.student).vector(self.base).norm()
+
+    def state(self) -> StateDict:
+        return cast(LoraStudent, self.student).state(self.job.ft)
+
+    def result(self) -> ConditionResult:
+        return ConditionResult(self.state(), self.report, cast(LoraStudent, self.student).vector(self.base))
 
 
 def _init_student(
