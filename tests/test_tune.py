@@ -251,14 +251,14 @@ def test_tune_keeps_mergekits_weighted_ties_and_writes_scale_as_lambda(tmp_path,
     [
         ({"parameters": {"lambda": [0.5, 1.0]}}, "parameters vary per tensor (mergekit gradients or filter lists)"),
         ({"grid": {"merge_fn": ["sum"]}}, "['merge_fn'] cannot be tuned on a config read with mergekit's meaning"),
+        ({"method": "dare_linear", "parameters": {"rescale": False}}, "'density' cannot be tuned with mergekit's"),
     ],
 )
 def test_tune_refuses_what_a_mergekit_config_cannot_keep(tmp_path, monkeypatch, capsys, change, message):
     models = [{"model": f"{t}.safetensors", "name": t, "parameters": {"weight": 1}} for t in TASKS[:2]]
-    cfg = {"merge_method": "ties", "base_model": "base.safetensors", "models": models, **change.get("parameters", {})}
+    cfg = {"merge_method": change.get("method", "ties"), "base_model": "base.safetensors", "models": models}
     if "parameters" in change:
-        cfg = {**cfg, "parameters": change["parameters"]}
-        cfg.pop("lambda", None)
+        cfg["parameters"] = change["parameters"]
     with pytest.raises(SystemExit) as e:
         _mergekit_tune(tmp_path, monkeypatch, cfg, change.get("grid", {"density": [0.5]}))
     err = capsys.readouterr().err

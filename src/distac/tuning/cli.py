@@ -129,6 +129,17 @@ def _check_mergekit_reading(cfg: Any, merge_cfg: Mapping[str, Any], grid: Mappin
             f"tune: {fixed} cannot be tuned on a config read with mergekit's meaning (it sets them from "
             "'normalize' and each model's 'weight'); write the merge config in distac's terms to tune them"
         )
+    reading = getattr(cfg.params, "reading", None)
+    if (
+        "density" in grid
+        and reading is not None
+        and reading.source.startswith("dare")
+        and not reading.options["rescale"]
+    ):
+        raise DistacError(
+            "tune: 'density' cannot be tuned with mergekit's 'rescale: false' (the density is folded into each "
+            "model's weight when the config is read); remove 'rescale: false' or tune another parameter"
+        )
     first = _mergekit_spelling({k: v[0] for k, v in grid.items() if isinstance(v, list) and v})
     load_config({**merge_cfg, "parameters": {**(merge_cfg.get("parameters") or {}), **first}})
 
