@@ -2,15 +2,16 @@
 
 The YAML texts below are mergekit 0.1.5's ``examples/*.yml`` verbatim and the configs of its
 ``tests/test_basic_merges.py`` (``two_model_config`` and friends) written out as YAML; only the Hub
-repo ids are replaced by tiny local Llama / Mistral / BERT checkpoints built here. Each one runs
+repo ids are replaced by tiny local Llama / Mistral / BERT checkpoints built here (and the examples'
+``layer_range`` of 40-layer models by ranges of their 3 layers). Each one runs
 through ``distac merge CONFIG OUT`` and its result is checked against what mergekit's semantics
-give. Configs that use a feature distac does not have yet are marked with the feature they wait for.
+give. Configs of methods distac does not have are skipped, naming the method.
 
 With ``DISTAC_MERGEKIT=/path/to/mergekit-yaml`` set, mergekit runs the same config and every
 tensor is compared (:func:`_compare`): equal within the rounding of the config's ``dtype``
 (mergekit computes in it, distac in fp32), or different by a documented convention that is
 asserted as such (TIES keeps ``int(n·d)+1`` entries per tensor where mergekit keeps ``int(n·d)``;
-DARE's random masks and rescale; Breadcrumbs per row).
+DARE's and DELLA's random masks, DARE's rescale; Breadcrumbs per row).
 """
 
 from __future__ import annotations
@@ -247,28 +248,13 @@ dtype: bfloat16
 }
 
 
-def _pending(feature: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(reason=f"pending: {feature}", strict=False)
-
-
 def _absent(what: str) -> pytest.MarkDecorator:
     return pytest.mark.skip(reason=f"not in distac: {what}")
 
 
-#: configs waiting for a feature another branch adds (the lead enables them after merging)
+#: mergekit methods distac does not have
 MARKS = {
-    "examples/gradient-slerp.yml": _pending("slices/sources/layer_range"),
-    "examples/orcamini-platy-44layer.yml": _pending("slices/sources/layer_range with passthrough"),
     "examples/arcee_fusion.yml": _absent("arcee_fusion merge method"),
-    "test_gpt2_stack": _pending("slices/sources/layer_range with passthrough"),
-    "test_nuslerp_merges (base_model None)": _pending("nuslerp method"),
-    "test_nuslerp_merges (base_model c)": _pending("nuslerp method"),
-    "test_multislerp_merge": _pending("multislerp method"),
-    "test_della_merge": _pending("della method"),
-    "test_della_invalid_epsilon": _pending("della method (mergekit raises ValueError: epsilon out of range)"),
-    "test_karcher_merge": _pending("karcher method"),
-    "test_passthrough_scale": _pending("passthrough method"),
-    "test_gpt2_copy / test_granite_copy": _pending("passthrough method"),
     "test_sce_merge": _absent("sce merge method"),
     "test_ram_merge": _absent("ram merge method"),
     "test_arcee_fusion_merge": _absent("arcee_fusion merge method"),
@@ -313,7 +299,13 @@ def zoo(tmp_path_factory) -> Path:
     return root
 
 
+#: the examples' layer ranges of 13B models (40 layers) scaled to the tiny models' 3 layers
+LAYER_RANGES = {"[0, 40]": "[0, 3]", "[0, 24]": "[0, 2]", "[20, 40]": "[1, 3]"}
+
+
 def _localise(text: str, root: Path) -> str:
+    for big, tiny in LAYER_RANGES.items():
+        text = text.replace(f"layer_range: {big}", f"layer_range: {tiny}")
     for repo, local in sorted(REPOS.items(), key=lambda kv: -len(kv[0])):
         text = text.replace(f"model: {repo}\n", f"model: {root / local}\n")
         text = text.replace(f"base_model: {repo}\n", f"base_model: {root / local}\n")
@@ -381,7 +373,7 @@ def _check_semantics(case: str, out: dict[str, torch.Tensor], root: Path) -> Non
             torch.testing.assert_close(
                 out[k].float(), _slerp(t, m[f"{fam}_a"][k].float(), m[f"{fam}_b"][k].float()), **tol
             )
-    elif case == "examples/gradient-slerp.yml (models: syntax)":
+    elif case in ("examples/gradient-slerp.yml", "examples/gradient-slerp.yml (models: syntax)"):
         pos = layer_positions(list(out))
         assert _gradient_t("model.layers.0.self_attn.q_proj.weight", pos) == 0
         assert _gradient_t("model.layers.1.self_attn.q_proj.weight", pos) == 0.3
@@ -411,10 +403,12 @@ CONVENTIONS = {
     "examples/ties.yml": "ties",
     "examples/bio-merge.yml": "ties",
     "test_dare_ties_merge": "dare",
+    "test_della_merge": "della",
 }
 WHY = {
     "ties": "TIES keeps every entry tied with the int(n·d)-th magnitude (at least int(n·d)+1), mergekit int(n·d)",
     "dare": "DARE: distac's own counter-based masks and exact 1/density rescale (mergekit: torch RNG, L1 matching)",
+    "della": "DELLA: distac's counter-based draws (mergekit: torch.bernoulli; equal given the same draws)",
 }
 
 
@@ -537,7 +531,7 @@ def test_mergekit_config_runs_unchanged(case, zoo, tmp_path, capsys):
         assert r.differing == 0, (case, r)
     elif kind == "ties":  # every difference is at a tied threshold magnitude
         assert r.outside_ties == 0, (case, r)
-    else:  # DARE: different random masks, the same expected task vector: its norm agrees
+    else:  # DARE, DELLA: different random masks, the same expected task vector: its norm agrees
         base = _tensors(zoo / "llama_c")
         ratio = _delta_norm(out, base) / _delta_norm(theirs, base)
         print(f"CROSSCHECK | {case} | merged task vector norm, distac / mergekit = {ratio:.3f}")
@@ -843,3 +837,48 @@ def test_linear_example_converted_to_average_with_a_base_still_averages_three(zo
     for k, v in _tensors(tmp_path / "o").items():
         want = _expect_linear(m, ["llama_a", "llama_c", "llama_b"], [1.0, 0.3, 0.5], k)
         torch.testing.assert_close(v.float(), want.half().float(), atol=2e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("method", "normalize", "merge_fn"),
+    [
+        ("ties", None, "weighted_mean"),  # mergekit's default normalize: true
+        ("ties", False, "sum"),
+        ("dare_ties", True, "weighted_mean"),
+        ("dare_ties", None, "sum"),
+        ("breadcrumbs_ties", True, "weighted_mean"),
+        ("breadcrumbs_ties", None, "sum"),
+        ("della", None, "weighted_mean"),  # DELLA's normalize divides by the agreeing weights, not their count
+        ("della", False, "sum"),
+    ],
+)
+def test_normalize_is_the_methods_weighted_mean(zoo, tmp_path, method, normalize, merge_fn):
+    """One place for mergekit's TIES normalisation: the method's own merge_fn, on the method's own record."""
+    from distac.methods import get_method
+
+    params = "  density: 0.5\n" + (f"  normalize: {str(normalize).lower()}\n" if normalize is not None else "")
+    cfg = load_config(_llama_cfg(zoo, tmp_path, two_model_config("llama_a", "llama_b", method, "llama_c", params)))
+    assert cfg.mergekit is not None and cfg.method is get_method(method)
+    assert cfg.params["merge_fn"] == merge_fn
+
+
+def test_karcher_with_a_base_averages_it_in_as_mergekit(zoo, tmp_path):
+    cfg = load_config(_llama_cfg(zoo, tmp_path, BASIC["test_karcher_merge"]))
+    assert [m.path.name for m in cfg.models] == ["llama_a", "llama_b", "llama_c"] and cfg.base.zero
+    assert "weights" not in cfg.params and cfg.params["max_iter"] == 5
+
+
+def test_card_of_a_merge_without_base_names_no_base_model(zoo, tmp_path, capsys):
+    cfg = _llama_cfg(zoo, tmp_path, BASIC["test_linear_merge"])
+    assert run_cli(["merge", str(cfg), str(tmp_path / "o"), "-q"], capsys)[0] == 0
+    card = (tmp_path / "o" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert "base_model" not in front and "* base" not in card and str(zoo) not in card
+
+
+def test_an_exponent_without_a_dot_is_a_number_as_in_mergekit(tmp_path):
+    """mergekit's ``tol: 1e-5`` (YAML 1.1 would read a string; mergekit's config converts it)."""
+    from distac.merging.yaml_loader import read_yaml
+
+    (tmp_path / "c.yml").write_text("a: 1e-5\nb: 1.5E3\nc: '1e-5'\nd: x1e5\n")
+    assert read_yaml(tmp_path / "c.yml") == {"a": 1e-5, "b": 1500.0, "c": "1e-5", "d": "x1e5"}

@@ -11,8 +11,8 @@ from tiny_lm import make_lm, run_mergekit, weights, write_yaml
 
 from distac.errors import DistacError
 from distac.merging.checkpoints import merge_checkpoints
-from distac.merging.config import load_config
-from distac.merging.slices import load_slices, setting_at, split_layers
+from distac.merging.mergekit import evaluate_setting
+from distac.merging.slices import load_slices, split_layers
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,10 @@ def test_orcamini_style_passthrough_frankenmerge(lms: dict[str, Path], tmp_path:
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 6 and config["dtype"] == "float16"
     assert (out / "tokenizer.json").is_file() and (out / "distac_config.yml").is_file()
+    card = (out / "README.md").read_text()  # merging/card.py's card: Hub front matter, no local paths
+    assert card.startswith("---\nlibrary_name: transformers\ntags:") and "frankenmerge" in card
+    assert "base_model" not in card.split("---")[1] and str(lms["a"].parent) not in card
+    assert f"* layers 1..3 of `{lms['b'].name}`" in card
     _check_loads(out, 6)
     again = merge_checkpoints(out / "distac_config.yml", tmp_path / "again", quiet=True)  # re-runnable as written
     assert all(torch.equal(v, weights(again)[k]) for k, v in got.items())
@@ -160,13 +164,13 @@ def test_gradient_and_filter_parameters_follow_the_slice(lms: dict[str, Path], t
             torch.testing.assert_close(got[k], theirs[k], rtol=0, atol=1e-6)
 
 
-def test_setting_at_is_mergekits_evaluate_setting() -> None:
-    assert setting_at(0.3, "x", 0.9) == 0.3
-    assert setting_at([0, 0.5, 0.3, 0.7, 1], "x", 0.5) == 0.3
-    assert setting_at([0, 1, 0], "x", 0.25) == pytest.approx(0.5)
-    assert setting_at([0, 1], "x", 1.0) == 1.0
-    assert setting_at([{"filter": "self_attn", "value": [0, 1]}, {"value": 0.5}], "a.self_attn.q", 1.0) == 1.0
-    assert setting_at([{"filter": "mlp", "value": 1}], "a.self_attn.q", 0.0) is None
+def test_slices_evaluate_settings_as_mergekit() -> None:
+    assert evaluate_setting("x", 0.3, 0.9) == 0.3
+    assert evaluate_setting("x", [0, 0.5, 0.3, 0.7, 1], 0.5) == 0.3
+    assert evaluate_setting("x", [0, 1, 0], 0.25) == pytest.approx(0.5)
+    assert evaluate_setting("x", [0, 1], 1.0) == 1.0
+    assert evaluate_setting("a.self_attn.q", [{"filter": "self_attn", "value": [0, 1]}, {"value": 0.5}], 1.0) == 1.0
+    assert evaluate_setting("a.self_attn.q", [{"filter": "mlp", "value": 1}], 0.0) is None
 
 
 def test_split_layers_sorts_embeddings_before_and_norms_after() -> None:
@@ -243,26 +247,8 @@ def test_the_config_keeps_absolute_paths(lms: dict[str, Path], tmp_path: Path) -
     assert cfg.raw["slices"][0]["sources"][0]["model"] == str(lms["a"].resolve())
 
 
-def _base_counts_for_slerp(lms: dict[str, Path]) -> bool:
-    """Whether a ``models:`` SLERP that lists its base among the models keeps it (mergekit's meaning)."""
-    try:
-        load_config(
-            {
-                "merge_method": "slerp",
-                "base_model": str(lms["a"]),
-                "models": [str(lms["a"]), str(lms["b"])],
-                "parameters": {"t": 0.5},
-            }
-        )
-    except DistacError:
-        return False
-    return True
-
-
 def test_slices_with_gradient_slerp(lms: dict[str, Path], tmp_path: Path) -> None:
     """examples/gradient-slerp.yml shape: two sources per slice, base among them, t gradients with filters."""
-    if not _base_counts_for_slerp(lms):
-        pytest.skip("needs SLERP with the base among the models (the mergekit config rules of merging/config.py)")
     a, b = str(lms["a"]), str(lms["b"])
     cfg = write_yaml(
         tmp_path / "slerp.yml",

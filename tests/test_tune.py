@@ -201,3 +201,66 @@ def test_consensus_tall_lambda_is_chosen_per_task_by_the_task_own_tall_model():
             state.update({k: models[t][k] for k in ("2.weight", "2.bias")})
             scores.append(_acc(model, state, data[t]))
         assert lam_t == lambdas[scores.index(max(scores))]
+
+
+def _mergekit_tune(tmp_path, monkeypatch, merge_cfg, grid):
+    """Write the tiny zoo, a merge config read with mergekit's meaning and a tune config; run ``distac tune``."""
+    monkeypatch.chdir(tmp_path)
+    z = zoo()
+    for name in ("base", *TASKS):
+        save_file(z[name], str(tmp_path / f"{name}.safetensors"))
+    _, _, x, y = digits()
+    np.savez(tmp_path / "val.npz", x=x[:100].numpy(), y=y[:100].numpy())
+    (tmp_path / "merge.yml").write_text(yaml.safe_dump(merge_cfg))
+    tune_cfg = {"merge": "merge.yml", "grid": grid, "data": dict.fromkeys(TASKS[:2], "val.npz")}
+    (tmp_path / "tune.yml").write_text(yaml.safe_dump({**tune_cfg, "arch": "distac_tiny:make_mlp"}))
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    main(["tune", "tune.yml", "--out", "tuned", "-q"])
+    return z, json.loads((tmp_path / "tuned" / "tune.json").read_text())["best"]["params"]
+
+
+def test_tune_keeps_a_mergekit_configs_zero_reference(tmp_path, monkeypatch):
+    """karcher without base_model: the merge, in the search and in the written model, is of the weights."""
+    models = [{"model": f"{t}.safetensors", "name": t} for t in TASKS[:2]]
+    z, best = _mergekit_tune(tmp_path, monkeypatch, {"merge_method": "karcher", "models": models}, {"max_iter": [1, 3]})
+    zero = {k: torch.zeros_like(v) for k, v in z["short_a"].items()}
+    want = distac.merge(zero, [z[t] for t in TASKS[:2]], "karcher", **best)
+    got = load_file(str(tmp_path / "tuned" / "model" / "model.safetensors"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_tune_keeps_mergekits_weighted_ties_and_writes_scale_as_lambda(tmp_path, monkeypatch):
+    models = [
+        {"model": f"{t}.safetensors", "name": t, "parameters": {"weight": w}}
+        for t, w in zip(TASKS[:2], (1, 3), strict=True)
+    ]
+    cfg = {"merge_method": "ties", "base_model": "base.safetensors", "models": models}
+    z, best = _mergekit_tune(tmp_path, monkeypatch, cfg, {"scale": [0.5, 1.0]})
+    written = yaml.safe_load((tmp_path / "tuned" / "model" / "distac_config.yml").read_text())
+    assert written["parameters"]["lambda"] == best["scale"] and "scale" not in written["parameters"]
+    want = distac.merge(
+        z["base"], [z[t] for t in TASKS[:2]], "ties", scope="tensor", density=1.0, weights=[1.0, 3.0],
+        merge_fn="weighted_mean", scale=best["scale"],
+    )  # fmt: skip
+    got = load_file(str(tmp_path / "tuned" / "model" / "model.safetensors"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"parameters": {"lambda": [0.5, 1.0]}}, "parameters vary per tensor (mergekit gradients or filter lists)"),
+        ({"grid": {"merge_fn": ["sum"]}}, "['merge_fn'] cannot be tuned on a config read with mergekit's meaning"),
+        ({"method": "dare_linear", "parameters": {"rescale": False}}, "'density' cannot be tuned with mergekit's"),
+    ],
+)
+def test_tune_refuses_what_a_mergekit_config_cannot_keep(tmp_path, monkeypatch, capsys, change, message):
+    models = [{"model": f"{t}.safetensors", "name": t, "parameters": {"weight": 1}} for t in TASKS[:2]]
+    cfg = {"merge_method": change.get("method", "ties"), "base_model": "base.safetensors", "models": models}
+    if "parameters" in change:
+        cfg["parameters"] = change["parameters"]
+    with pytest.raises(SystemExit) as e:
+        _mergekit_tune(tmp_path, monkeypatch, cfg, change.get("grid", {"density": [0.5]}))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "tuned").exists()

@@ -11,13 +11,16 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..io.hub import repo_id_of
 from .config import MergeConfig, dump_yaml
 from .yaml_loader import read_yaml
 
-__all__ = ["model_card", "task_card", "write_card", "write_task_card"]
+if TYPE_CHECKING:  # slices.py writes its card here; a runtime import would be circular
+    from .slices import SlicesConfig
+
+__all__ = ["model_card", "slices_card", "task_card", "write_card", "write_task_card"]
 
 TAGS = ["merge", "distac"]
 
@@ -25,6 +28,12 @@ TAGS = ["merge", "distac"]
 def _public_names(cfg: MergeConfig) -> dict[str, str]:
     """``{path as the config holds it: repo id or model name}`` for the base and every model."""
     return {str(s.path): repo_id_of(s.path) or s.name for s in (cfg.base, *cfg.models)}
+
+
+def _base_model(cfg: MergeConfig) -> str | None:
+    """The front matter's ``base_model``: the base's repo id; none for a merge without a base (the
+    reference is zeros, and the model standing in for it is just one of the merged models)."""
+    return None if cfg.base.zero else repo_id_of(cfg.base.path)
 
 
 def _portable(value: Any, names: Mapping[str, str]) -> Any:
@@ -55,7 +64,25 @@ def _models_section(cfg: MergeConfig) -> list[str]:
         repo = repo_id_of(path)
         return f"* {role}: `{repo}`" if repo else f"* {role} (a local model)"
 
-    return ["## Models", "", line("base", cfg.base.path), *(line(s.name, s.path) for s in cfg.models)]
+    base = [] if cfg.base.zero else [line("base", cfg.base.path)]
+    return ["## Models", "", *base, *(line(s.name, s.path) for s in cfg.models)]
+
+
+def _config_section(raw: Mapping[str, Any], names: Mapping[str, str]) -> list[str]:
+    """The config with public model names, and how to re-run it."""
+    return [
+        "## Configuration",
+        "",
+        "Models are named by Hub repo id or by their name in the config; `distac_config.yml` next to this card "
+        "holds the paths the merge read.",
+        "",
+        "```yaml",
+        dump_yaml(_portable(raw, names)).rstrip(),
+        "```",
+        "",
+        "Reproduce with `distac merge distac_config.yml --out DIR`.",
+        "",
+    ]
 
 
 def model_card(
@@ -90,7 +117,7 @@ def model_card(
     m = cfg.method
     loadable = not bundle and (cfg.base.path / "config.json").exists()
     lines = [
-        *_front_matter(repo_id_of(cfg.base.path), loadable, [m.name]),
+        *_front_matter(_base_model(cfg), loadable, [m.name]),
         f"# {title}",
         "",
         f"Merged with distac {__version__} using **{m.name}**: {m.summary}",
@@ -127,19 +154,47 @@ def model_card(
             else "; tensors were written in the base's dtypes."
         ),
         "",
-        "## Configuration",
-        "",
-        "Models are named by Hub repo id or by their name in the config; `distac_config.yml` next to this card "
-        "holds the paths the merge read.",
-        "",
-        "```yaml",
-        dump_yaml(_portable(cfg.raw, _public_names(cfg))).rstrip(),
-        "```",
-        "",
-        "Reproduce with `distac merge distac_config.yml --out DIR`.",
-        "",
+        *_config_section(cfg.raw, _public_names(cfg)),
     ]
     return "\n".join(lines)
+
+
+def slices_card(cfg: SlicesConfig, title: str) -> str:
+    """The README.md of a frankenmerge (a ``slices:`` config): front matter, the layers in order, the config.
+
+    Args:
+        cfg: the slices config.
+        title: the card's heading (the output folder's name).
+
+    Returns:
+        The card's text: front matter as :func:`model_card`'s (``tags: [merge, distac, frankenmerge,
+        <method>]``, ``base_model`` only when the config's base is a Hub repo), then each slice's
+        layers and the config, without absolute paths.
+
+    Example:
+        >>> slices_card(load_slices("franken.yml"), "franken")  # doctest: +SKIP
+        '---\\nlibrary_name: transformers\\ntags: [merge, distac, frankenmerge, passthrough]\\n---...'
+    """
+    from .. import __version__
+
+    names = {str(p): repo_id_of(p) or p.name for p in cfg.models()}
+    layers = [
+        f"* layers {src.start}..{src.stop - 1} of `{names[str(src.path)]}`" for s in cfg.slices for src in s.sources[:1]
+    ]
+    base = repo_id_of(cfg.base) if cfg.base is not None else None
+    return "\n".join(
+        [
+            *_front_matter(base, (cfg.donor / "config.json").is_file(), ["frankenmerge", cfg.method]),
+            f"# {title}",
+            "",
+            f"A frankenmerge made with distac {__version__} ({cfg.method}): {sum(s.n_layers for s in cfg.slices)} "
+            "layers taken, in order, from:",
+            "",
+            *layers,
+            "",
+            *_config_section(cfg.raw, names),
+        ]
+    )
 
 
 def write_card(

@@ -67,7 +67,6 @@ from .mergekit import (
     mergekit_reason,
     varies,
     warn,
-    weight_normalized,
 )
 from .vocab import VocabSpec, absolute_settings, parse_vocab
 from .yaml_loader import MAX_YAML_BYTES, MAX_YAML_DEPTH, dump_yaml, read_yaml
@@ -495,8 +494,9 @@ def _place_base(
     """The engine's reference, and the base among the models where mergekit merges it as one.
 
     ``linear``/``average``: the base is one of the averaged models (listed or, with a top-level
-    weight, added) and the reference is zero. ``slerp``: the base is the start point θ_1. Every
-    other method: the base is the reference and an entry listing it has no task vector.
+    weight, added) and the reference is zero. ``karcher``: the base is one more averaged point
+    (reference zero). ``slerp``: the base is the start point θ_1. Every other method: the base is
+    the reference and an entry listing it has no task vector.
     """
     listed = [models.yaml_index.index(i) for i in models.base_at]
     if base is None:
@@ -514,6 +514,14 @@ def _place_base(
             models.settings.append({})
             models.yaml_index.append(len(models.yaml_index))
             notes.append(f"base_model {base.name} is averaged in with the top-level weight, as in mergekit")
+        return ModelSpec(models.specs[0].path, models.specs[0].name, zero=True)
+    if mk == "karcher":
+        # mergekit gathers the base_model with the models and takes the Karcher mean of them all
+        if not listed:
+            models.specs.append(base)
+            models.settings.append({})
+            models.yaml_index.append(len(models.yaml_index))
+            notes.append(f"karcher: base_model {base.name} is one of the averaged points, as in mergekit")
         return ModelSpec(models.specs[0].path, models.specs[0].name, zero=True)
     if mk == "slerp":
         others = [j for j in range(len(models.specs)) if j not in listed]
@@ -613,8 +621,6 @@ def _load_mergekit(raw: dict[str, Any], folder: Path, where: str, reason: str, s
     ref = _place_base(mk, base, models, gparams, notes, where)
     reading = _mk_reading(mk, gparams, models, notes, where)
     method = _method(reading.method)
-    if mk in ("ties", "dare_ties") and reading.options["normalize"]:
-        method = weight_normalized(method) or method
     settings = {k: v for k, v in gparams.items() if k not in MERGEKIT_ONLY or k == "lambda"}
     try:
         params = MergekitParams(reading, settings, [dict(p) for p in models.settings])

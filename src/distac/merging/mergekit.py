@@ -24,8 +24,9 @@ Otherwise the config is distac's (its documented defaults). Mixing ``normalize``
 What a mergekit reading changes, in distac terms (each difference that remains is one stderr line):
 
 * ``lambda`` -> ``scale``; ``weight`` -> ``weights``; ``density`` defaults to 1.0 (no sparsification);
-* TIES-like methods trim per tensor (``scope: tensor``); ``normalize: true`` divides by the sum of the
-  agreeing *weights* (mergekit), ``false`` sums (``merge_fn: sum``); ``dare_ties`` has no magnitude trim;
+* TIES-like methods (``ties``, ``dare_ties``, ``breadcrumbs_ties``, ``della``) trim per tensor
+  (``scope: tensor``); ``normalize: true`` divides by the sum of the agreeing *weights*
+  (``merge_fn: weighted_mean``), ``false`` sums (``merge_fn: sum``); ``dare_ties`` has no magnitude trim;
 * task arithmetic / DARE linear with ``normalize: true`` divide the weights by their sum;
 * DARE ``rescale: false`` keeps the dropped-out entries unscaled (density folded into the weight);
   ``rescale: true`` is distac's exact 1/density (mergekit matches L1 norms: a warning when density < 1);
@@ -44,25 +45,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import Tensor
-
 from ..errors import DistacError
-from ..methods import Method, get_method
-from ..methods.base import TensorContext
-from ..methods.basic import Weights, model_weights
-from ..methods.sparse import (
-    Density,
-    MergeFn,
-    Scale,
-    Scope,
-    Seed,
-    dare,
-    dare_ties,
-    elect_sign,
-    magnitude_thresholds,
-    ties,
-    trim_magnitude,
-)
+from ..methods import get_method
 
 __all__ = [
     "MergekitParams",
@@ -77,7 +61,6 @@ __all__ = [
     "mergekit_reason",
     "translate",
     "varies",
-    "weight_normalized",
 ]
 
 #: parameters only mergekit has (global GTA options, Model Stock's filter_wise)
@@ -102,7 +85,7 @@ CONSENSUS = ("ties", "dare_ties", "breadcrumbs_ties", "della")
 #: methods that need no base model in mergekit; without one distac's reference is zero weights
 NO_BASE = ("linear", "average", "nuslerp", "multislerp", "karcher", "passthrough")
 #: mergekit methods that read no per-model weight (mergekit silently ignores one)
-NO_WEIGHT = ("slerp", "model_stock")
+NO_WEIGHT = ("slerp", "model_stock", "karcher")
 
 #: the layer index in a tensor name: ``model.layers.3.``, ``encoder.layer.3.``, ``h.3.``, ``blocks.3.``
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
@@ -159,9 +142,11 @@ def check_setting(v: Any, where: str) -> None:
 def evaluate_setting(name: str, setting: Any, t: float) -> Any:
     """mergekit's ``evaluate_setting``: a setting's value for tensor ``name`` at layer position ``t``.
 
-    A gradient ``[v_0 .. v_{n-1}]`` is interpolated linearly at ``t·(n-1)``; a filter list returns
-    the first entry whose ``filter`` is absent, ``*`` or a substring of ``name`` (None when none
-    matches: the next level's value applies).
+    A gradient ``[v_0 .. v_{n-1}]`` is interpolated linearly at ``t·(n-1)``; a list of other
+    scalars (true/false, names) takes entry ``int(t·(n-1))``; a filter list returns the first entry
+    whose ``filter`` is absent, ``*`` or a substring of ``name`` (None when none matches: the next
+    level's value applies). The one evaluation of both ``models:`` configs (t from
+    :func:`layer_positions`) and ``slices:`` configs (t over the slice's own layers).
 
     Example:
         >>> evaluate_setting("model.layers.1.mlp.up_proj.weight", [0, 0.5, 1], 0.25)
@@ -177,10 +162,12 @@ def evaluate_setting(name: str, setting: Any, t: float) -> Any:
         i1 = min(len(setting) - 1, i0 + 1)
         frac = scaled - i0
         return (1 - frac) * setting[i0] + frac * setting[i1]
+    if setting and all(isinstance(x, bool | int | float | str) for x in setting):
+        return setting[int(t * (len(setting) - 1))]
     for cond in setting:
         f = cond.get("filter")
-        if f is None or f == "*" or (name and f in name):
-            return evaluate_setting(name, cond["value"], t)
+        if f is None or f == "*" or (name and str(f) in name):
+            return evaluate_setting(name, cond.get("value"), t)
     return None
 
 
@@ -321,13 +308,15 @@ def count_mean_note(method: str, params: Mapping[str, Any]) -> str | None:
     their *weights*; the two differ as soon as the weights are not all 1.
     """
     w = params.get("weights")
-    if method not in CONSENSUS or params.get("merge_fn", "mean") != "mean" or w is None:
+    spec = get_method(method).params if method in CONSENSUS else {}
+    default = spec["merge_fn"].default if "merge_fn" in spec else None
+    if default is None or params.get("merge_fn", default) != "mean" or w is None:
         return None
     if all(x == 1 for x in (w if isinstance(w, list) else [w])):
         return None
     return (
         f"{method}: the disjoint mean divides by the count of agreeing entries (official TIES); mergekit's "
-        "normalize divides by the sum of their weights; add 'normalize: true' (and lambda for scale) to get mergekit's"
+        "normalize divides by the sum of their weights; set 'merge_fn: weighted_mean' to get mergekit's"
     )
 
 
@@ -396,7 +385,8 @@ def _gta_params(
     if method in CONSENSUS:
         if "scope" in get_method(method).params:
             out["scope"] = "tensor"
-        out["merge_fn"] = "mean" if flags["normalize"] else "sum"
+        # mergekit's normalize divides the agreeing sum by the agreeing models' summed weights
+        out["merge_fn"] = "weighted_mean" if flags["normalize"] else "sum"
     elif flags["normalize"]:
         total = sum(weights)
         if abs(total) >= 1e-8:  # mergekit's guard: a zero sum is not divided by
@@ -505,79 +495,3 @@ class MergekitParams(Mapping[str, Any]):
             return None
         pos = layer_positions(names)
         return {n: self.evaluate(n, pos[n]) for n in names}
-
-
-# ----------------------------------------------------------------------------------------------
-# mergekit's TIES normalisation: divide by the sum of the agreeing weights
-# ----------------------------------------------------------------------------------------------
-def _agreeing_weighted_mean(x: Tensor, w: Tensor, merge_fn: str, scale: float) -> Tensor:
-    """Σ_{t∈A} x_t / Σ_{t∈A} w_t (mergekit ``normalize: true``), A = the entries agreeing with the elected sign."""
-    sign = elect_sign(x)
-    agree = (x * sign) > 0
-    total = (x * agree).sum(0)
-    if merge_fn == "mean":
-        divisor = (w * agree).sum(0)
-        divisor[divisor == 0] = 1
-        total = total / divisor
-    return total if scale == 1 else total * scale
-
-
-def ties_weight_normalized(
-    base: Tensor,
-    deltas: Tensor,
-    *,
-    ctx: TensorContext,
-    density: Density = 0.2,
-    scope: Scope = "global",
-    merge_fn: MergeFn = "mean",
-    scale: Scale = 1.0,
-    weights: Weights = None,
-) -> Tensor:
-    """TIES with mergekit's ``normalize: true``: the disjoint mean divides by the agreeing *weights*.
-
-    Same trim and election as :func:`distac.methods.sparse.ties`; only the divisor differs
-    (Σ_{t∈A} w_t instead of |A|; the two agree for unit weights).
-    """
-    thr = magnitude_thresholds(deltas, density=density, scope=scope, ctx=ctx)
-    w = model_weights(weights, deltas.shape[0], deltas)
-    return _agreeing_weighted_mean(w * trim_magnitude(deltas, thr), w, merge_fn, scale)
-
-
-def dare_ties_weight_normalized(
-    base: Tensor,
-    deltas: Tensor,
-    *,
-    ctx: TensorContext,
-    density: Density = 0.9,
-    trim_density: Density = 0.2,
-    scope: Scope = "global",
-    merge_fn: MergeFn = "mean",
-    seed: Seed = 0,
-    scale: Scale = 1.0,
-    weights: Weights = None,
-) -> Tensor:
-    """DARE-TIES with mergekit's ``normalize: true`` (see :func:`ties_weight_normalized`)."""
-    dropped = dare(deltas, density=density, seed=seed, ctx=ctx)
-    thr = magnitude_thresholds(dropped, density=trim_density, scope=scope, ctx=ctx)
-    w = model_weights(weights, deltas.shape[0], deltas)
-    return _agreeing_weighted_mean(w * trim_magnitude(dropped, thr), w, merge_fn, scale)
-
-
-_WEIGHT_NORMALIZED: dict[str, tuple[Method, Any]] = {
-    "ties": (ties, ties_weight_normalized),
-    "dare_ties": (dare_ties, dare_ties_weight_normalized),
-}
-
-
-def weight_normalized(method: Method) -> Method | None:
-    """The record of ``method`` dividing by the agreeing weights (mergekit), or None if it has none."""
-    from dataclasses import replace
-
-    pair = _WEIGHT_NORMALIZED.get(method.name)
-    if pair is None:
-        return None
-    return replace(
-        pair[0],
-        fn=pair[1],
-        notes=pair[0].notes + " Read from a mergekit config: divides by the sum of the agreeing weights.",
-    )

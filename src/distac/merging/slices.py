@@ -64,13 +64,15 @@ from ..io import (
 from ..nn.models import default_device
 from ..progress import track
 from ..tensors import RenamedSource, TensorSource
+from .card import slices_card
 
 # config's own readers: one message for unknown keys, one path/Hub-id resolver, one dtype rule
 from .config import DTYPES, _check_keys, _dtypes, _model_path, _read, dump_yaml, load_config
 from .engine import DEFAULT_CHUNK_BYTES, check_finite_output, run_merge
+from .mergekit import evaluate_setting
 from .vocab import Vocab, VocabSpec, absolute_settings, align_sources, build_vocab, finish_tokenizer, parse_vocab
 
-__all__ = ["SlicesConfig", "is_slices_config", "load_slices", "merge_slices", "setting_at"]
+__all__ = ["SlicesConfig", "is_slices_config", "load_slices", "merge_slices"]
 
 TOP_KEYS = (
     "merge_method",
@@ -251,41 +253,11 @@ def load_slices(config: Mapping[str, Any] | str | Path) -> SlicesConfig:
     )
 
 
-def setting_at(setting: Any, tensor: str, t: float) -> Any:
-    """A mergekit parameter value for one tensor at relative depth ``t`` (0 first layer, 1 last).
-
-    A scalar is itself; a list of numbers is a gradient, interpolated linearly over its evenly spaced
-    points; a list of ``{filter, value}`` entries takes the first whose ``filter`` is a substring of
-    ``tensor`` (no filter, or ``*``, matches all), None when none matches.
-
-    Example:
-        >>> setting_at([0, 1], "model.layers.0.mlp.up_proj.weight", 0.25)
-        0.25
-        >>> setting_at([{"filter": "mlp", "value": 0.3}, {"value": 0.5}], "model.norm.weight", 0.0)
-        0.5
-    """
-    if isinstance(setting, list) and setting and all(isinstance(x, Mapping) for x in setting):
-        for cond in setting:
-            f = cond.get("filter")
-            if f is None or f == "*" or str(f) in tensor:
-                return setting_at(cond.get("value"), tensor, t)
-        return None
-    if isinstance(setting, list) and setting and all(type(x) in (int, float) for x in setting):
-        scaled = t * (len(setting) - 1)
-        i0 = int(scaled)
-        i1 = min(len(setting) - 1, i0 + 1)
-        frac = scaled - i0
-        return (1 - frac) * setting[i0] + frac * setting[i1]
-    if isinstance(setting, list) and setting:
-        return setting[int(t * (len(setting) - 1))]
-    return setting
-
-
 def _first_set(levels: Sequence[Mapping[str, Any]], name: str, tensor: str, t: float) -> Any:
     """The first level whose ``name`` evaluates to a value (mergekit's precedence), else None."""
     for level in levels:
         if name in level:
-            value = setting_at(level[name], tensor, t)
+            value = evaluate_setting(tensor, level[name], t)
             if value is not None:
                 return value
     return None
@@ -298,7 +270,7 @@ def _params_at(
     shared_names = list(dict.fromkeys([*out_slice.params, *top]))
     shared = {n: v for n in shared_names if (v := _first_set([out_slice.params, top], n, tensor, t)) is not None}
     own = [
-        {n: v for n in src.params if (v := setting_at(src.params[n], tensor, t)) is not None}
+        {n: v for n in src.params if (v := evaluate_setting(tensor, src.params[n], t)) is not None}
         for src in out_slice.sources
     ]
     return shared, own
@@ -544,36 +516,6 @@ def _layout(groups: Sequence[Group], inputs: _Inputs, out_dtype: torch.dtype | N
     return layout
 
 
-def _card(cfg: SlicesConfig, title: str) -> str:
-    from .. import __version__
-
-    front = {"library_name": "transformers", "tags": ["merge", "distac", "frankenmerge", cfg.method]}
-    layers = [f"* layers {src.start}..{src.stop - 1} of `{src.path.name}`" for s in cfg.slices for src in s.sources[:1]]
-    return "\n".join(
-        [
-            "---",
-            dump_yaml(front).rstrip(),
-            "---",
-            "",
-            f"# {title}",
-            "",
-            f"A frankenmerge made with distac {__version__} ({cfg.method}): {sum(s.n_layers for s in cfg.slices)} "
-            "layers taken, in order, from:",
-            "",
-            *layers,
-            "",
-            "## Configuration",
-            "",
-            "```yaml",
-            dump_yaml(cfg.raw).rstrip(),
-            "```",
-            "",
-            "Reproduce with `distac merge distac_config.yml --out DIR`.",
-            "",
-        ]
-    )
-
-
 def _progress(groups: Sequence[Group], quiet: bool) -> Iterator[tuple[int, Group]]:
     return track(enumerate(groups), desc="frankenmerge", total=len(groups), unit="group", quiet=quiet)
 
@@ -640,5 +582,5 @@ def _finish(cfg: SlicesConfig, tmp: Path, n_donor_layers: int, title: str, vocab
     values = layer_config_values(cfg, n_donor_layers)
     values |= finish_tokenizer(cfg.vocab, vocab, tmp, donor=cfg.donor, models=cfg.models())
     update_model_config(tmp, values, dtype=cfg.out_dtype)  # mergekit writes the output dtype into the config
-    (tmp / "README.md").write_text(_card(cfg, title))
+    (tmp / "README.md").write_text(slices_card(cfg, title))
     (tmp / "distac_config.yml").write_text(dump_yaml(cfg.raw))

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 import stat
 import typing
 from pathlib import Path
@@ -65,6 +66,15 @@ class _SafeLoader(yaml.SafeLoader):
                 raise self._fail(key_node.start_mark, f"duplicate key '{key}' (first at line {seen[key]}); keep one")
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
+
+
+# PyYAML follows YAML 1.1, where an exponent needs a dot and a sign: ``tol: 1e-5`` would be the string. YAML
+# 1.2 reads it as a number, and so does mergekit (its pydantic config converts it): so does distac.
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
 
 
 def read_yaml(path: str | Path) -> Any:

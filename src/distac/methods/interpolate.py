@@ -377,8 +377,8 @@ def karcher_mean(points: Iterable[Tensor], *, max_iter: int = 10, tol: float = 1
         "'Functionality-Oriented LLM Merging on the Fisher-Rao Manifold' (arXiv 2603.04972, cited by mergekit's docs)"
     ),
     chunkable=False,
-    notes="Uniform weights, max_iter 10, tol 1e-5, as mergekit. The base is ignored as in mergekit: the mean "
-    "is of the weights θ_t, whether or not a base is given.",
+    notes="Uniform weights, max_iter 10, tol 1e-5, as mergekit. The mean is of the weights θ_t: the base is only "
+    "the reference (a mergekit config's base_model is averaged in as one more point, as mergekit gathers it).",
     memory="whole tensor: the engine's (N+1) x largest inputs, the output and N + 4 fp32 copies "
     "(the unit vectors, the first weights, mean, tangent)",
 )
@@ -395,9 +395,10 @@ def karcher(
     Karcher (1977); mergekit's ``karcher_merge_tensors`` is the reference (see :func:`karcher_mean`):
     each tensor θ_t is split into its norm and direction, the directions' Karcher mean is found by
     at most ``max_iter`` (10) gradient steps until the step is below ``tol`` (1e-5), and the result
-    is that direction times the mean norm. mergekit's ``karcher`` ignores any base model, so this
+    is that direction times the mean norm. mergekit's ``karcher`` takes no base model, so this
     averages the weights θ_t = θ0 + τ_t (re-formed in fp32) and returns the result minus θ0; with
-    an all-zeros base (a mergekit config without ``base_model``) the weights are the task vectors.
+    an all-zeros base (a mergekit config) the weights are the task vectors. mergekit gathers a
+    config's ``base_model`` with the models, so a mergekit config reading adds it as a point.
     One model is returned unchanged.
 
     Memory: whole tensor; the N unit vectors (each θ_t is formed and normalised in turn), the mean

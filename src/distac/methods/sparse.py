@@ -265,7 +265,8 @@ def elect_sign(x: Tensor) -> Tensor:
     result depend on chunking (bf16 inputs cancel exactly often enough to show it), so distac uses
     +1, as the DisTaC repository's fallback (sgn Σ|·|) effectively does. This differs from the
     official code only where nonzero entries cancel exactly *and* the model's majority sign is
-    negative. mergekit and peft leave the sign 0, which drops the coordinate.
+    negative. mergekit (0.1.5, ``get_mask``: ``sum >= 0``) and peft (``calculate_majority_sign_mask``:
+    ``where(sum >= 0, 1, -1)``) elect +1 there too, so the positive entries are merged.
     """
     # = where(sign(s) == 0, 1, sign(s)) for every non-NaN s (s = -0.0 included), without a where
     return (x.sum(0) >= 0).to(x.dtype).mul_(2).sub_(1)

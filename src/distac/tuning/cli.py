@@ -106,6 +106,48 @@ def _check_tunable(cfg: Mapping[str, Any], grid: Mapping[str, Any]) -> None:
             raise DistacError(f"tune: {both} set per model in the merge config; remove it there to tune it")
 
 
+def _check_mergekit_reading(cfg: Any, merge_cfg: Mapping[str, Any], grid: Mapping[str, Any]) -> None:
+    """A merge config read with mergekit's meaning: what tune honours, or one line naming what it cannot.
+
+    The search runs on the config's distac parameters (so ``normalize``'s ``merge_fn: weighted_mean``
+    and a zero reference are kept); the best point is written back in mergekit's spelling
+    (``scale`` as ``lambda``), checked here before the search so a refusal costs nothing.
+
+    Returns:
+        The grid's first point as the best config's ``parameters`` will hold it.
+    """
+    from ..merging.config import load_config
+
+    if getattr(cfg.params, "varying", False):
+        raise DistacError(
+            "tune: the merge config's parameters vary per tensor (mergekit gradients or filter lists), but tune "
+            "searches one value per parameter; give them as single numbers"
+        )
+    fixed = sorted(set(grid) & {"merge_fn", "weights"})
+    if fixed:
+        raise DistacError(
+            f"tune: {fixed} cannot be tuned on a config read with mergekit's meaning (it sets them from "
+            "'normalize' and each model's 'weight'); write the merge config in distac's terms to tune them"
+        )
+    reading = getattr(cfg.params, "reading", None)
+    if (
+        "density" in grid
+        and reading is not None
+        and reading.source.startswith("dare")
+        and not reading.options["rescale"]
+    ):
+        raise DistacError(
+            "tune: 'density' cannot be tuned with mergekit's 'rescale: false' (the density is folded into each "
+            "model's weight when the config is read); remove 'rescale: false' or tune another parameter"
+        )
+    first = _mergekit_spelling({k: v[0] for k, v in grid.items() if isinstance(v, list) and v})
+    load_config({**merge_cfg, "parameters": {**(merge_cfg.get("parameters") or {}), **first}})
+
+
+def _mergekit_spelling(point: Mapping[str, Any]) -> dict[str, Any]:
+    return {("lambda" if k == "scale" else k): v for k, v in point.items()}
+
+
 def _plot(result: Any, path: Path) -> bool:
     try:
         import matplotlib
@@ -158,6 +200,8 @@ def tune_command(config: Path, out: Path, overwrite: bool, device: str | None, q
     data_paths = _paths(raw["data"], "data", folder)
     label_paths = _paths(raw.get("labels"), "labels", folder)
     cfg = load_config(merge_cfg)
+    if cfg.mergekit is not None:
+        _check_mergekit_reading(cfg, merge_cfg, grid)
     inputs: list[str | Path] = [config, cfg.base.path, *(m.path for m in cfg.models)]
     inputs += [*data_paths.values(), *label_paths.values()]
     check_output(out, overwrite=overwrite, inputs=inputs)
@@ -169,7 +213,8 @@ def tune_command(config: Path, out: Path, overwrite: bool, device: str | None, q
         data,
         method=cfg.method.name,
         grid=grid,
-        params=cfg.params,
+        # a mergekit reading fills in every parameter (its defaults): the grid's take their place
+        params=cfg.params if cfg.mergekit is None else {k: v for k, v in cfg.params.items() if k not in grid},
         criterion=str(raw.get("criterion", "auto")),
         heads=cfg.heads,
         batch_size=int(raw.get("batch_size", 256)),
@@ -178,7 +223,8 @@ def tune_command(config: Path, out: Path, overwrite: bool, device: str | None, q
         **stats,
     )
     best_cfg = copy.deepcopy(merge_cfg)
-    best_cfg["parameters"] = {**(best_cfg.get("parameters") or {}), **result.best.params}
+    best = result.best.params if cfg.mergekit is None else _mergekit_spelling(result.best.params)
+    best_cfg["parameters"] = {**(best_cfg.get("parameters") or {}), **best}
     with atomic_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         merge_checkpoints(best_cfg, tmp / "model", device=device, quiet=True)
         if raw.get("calibrate"):
@@ -191,6 +237,8 @@ def tune_command(config: Path, out: Path, overwrite: bool, device: str | None, q
 
 
 def _load(raw: Mapping[str, Any], cfg: Any, data_paths: dict[str, str], label_paths: dict[str, str]) -> tuple:
+    import torch
+
     from ..nn.data import load_task_data
     from ..nn.models import load_model, load_state_like, read_state
 
@@ -199,6 +247,9 @@ def _load(raw: Mapping[str, Any], cfg: Any, data_paths: dict[str, str], label_pa
         raise DistacError("tune config 'arch_kwargs' must be a mapping")
     loaded = load_model(cfg.base.path, factory=raw.get("arch"), factory_kwargs=kwargs, heads=cfg.heads or None)
     models = {m.name: load_state_like(m.ref, loaded) for m in cfg.models}
+    base = loaded.state
+    if cfg.base.zero:  # a mergekit config without base_model: the reference is zero weights, as the merge's
+        base = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in base.items()}
     data = load_task_data(
         loaded,
         data_paths,
@@ -216,7 +267,7 @@ def _load(raw: Mapping[str, Any], cfg: Any, data_paths: dict[str, str], label_pa
         stats["base_fisher"] = read_state(cfg.base.stats["fisher"])
     if any("gram" in m.stats for m in cfg.models):
         stats["grams"] = [read_state(m.stats["gram"]) for m in cfg.models]
-    return loaded.module, loaded.state, models, data, stats
+    return loaded.module, base, models, data, stats
 
 
 def _calibrate(model: Any, folder: Path, models: Mapping, data: Mapping, heads: list[str], device: str | None) -> None:
