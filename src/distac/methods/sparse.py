@@ -179,8 +179,10 @@ def dare(deltas: Tensor, *, density: float | list[float], seed: int | list[int],
         # = torch.where(uniform(...) < d, δ, 0) bit for bit, without materialising the uniforms
         keep_where(keys[i], ctx.offset, d, deltas[i], out=out[i])
         if d != 1:
-            # where(keep, δ, 0) / d = where(keep, δ/d, 0) exactly: δ/d, not δ·(1/d), as the reference
-            out[i].div_(d)
+            # where(keep, δ, 0) / d = where(keep, δ/d, 0) exactly: δ/d, not δ·(1/d), as the reference.
+            # d as a 0-dim tensor on out's device: PyTorch's CUDA kernel turns division by a Python
+            # scalar into multiplication by its reciprocal, which rounds differently from the CPU's δ/d
+            out[i].div_(torch.tensor(d, dtype=out.dtype, device=out.device))
     return out
 
 
