@@ -17,13 +17,15 @@ Checkpoints come from strangers, so a model folder is not trusted to point anywh
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from ..errors import DistacError
 
-__all__ = ["inside_model", "model_roots", "open_regular", "require_regular"]
+__all__ = ["inside_model", "model_roots", "open_regular", "read_json_object", "require_regular"]
 
 _KINDS = {
     stat.S_IFIFO: "a FIFO (named pipe)",
@@ -117,3 +119,27 @@ def inside_model(folder: Path, name: str | Path, *, named_by: str) -> Path:
             "refused (a checkpoint may only name files inside its own folder)"
         )
     return path
+
+
+def read_json_object(path: Path, what: str, max_bytes: int) -> dict[str, Any]:
+    """A small JSON object a model folder names (a shard index, an adapter config), read under the input policy.
+
+    The file must be regular (:func:`open_regular`), at most ``max_bytes`` long, UTF-8 and hold a
+    JSON object; anything else is one line naming the file and ``what`` it should have been.
+
+    Example:
+        >>> read_json_object(Path("adapter/adapter_config.json"), "adapter config", 1 << 20)  # doctest: +SKIP
+        {'peft_type': 'LORA', 'r': 8, ...}
+    """
+    fd = open_regular(path)
+    try:
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(max_bytes + 1)
+        if len(raw) > max_bytes:
+            raise DistacError(f"{path}: not a valid {what} (larger than {max_bytes} bytes)")
+        data = json.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise DistacError(f"{path}: not a valid {what} ({e})") from None
+    if not isinstance(data, dict):
+        raise DistacError(f"{path}: not a valid {what} (expected a JSON object)")
+    return data

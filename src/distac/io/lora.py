@@ -24,9 +24,7 @@ indices, parametrised expert weights, activated LoRA) are refused with one line 
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -40,7 +38,7 @@ from torch import Tensor
 
 from ..errors import DistacError
 from ..tensors import TensorSource
-from .inputs import open_regular
+from .inputs import read_json_object
 from .readers import Checkpoint, open_checkpoint
 
 __all__ = [
@@ -80,21 +78,6 @@ _REFUSED = {
     "use_qalora": "QALoRA's factors act on pooled inputs, so its ΔW is not B A",
     "use_bdlora": "BD-LoRA's block-diagonal factors are not supported",
 }
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    fd = open_regular(path)
-    try:
-        with os.fdopen(fd, "rb") as f:
-            raw = f.read(_MAX_CONFIG + 1)
-        if len(raw) > _MAX_CONFIG:
-            raise DistacError(f"{path}: not an adapter config (larger than {_MAX_CONFIG} bytes)")
-        data = json.loads(raw.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise DistacError(f"{path}: not a valid adapter config ({e})") from None
-    if not isinstance(data, dict):
-        raise DistacError(f"{path}: not a valid adapter config (expected a JSON object)")
-    return data
 
 
 def adapter_weights(folder: str | Path) -> Path | None:
@@ -274,7 +257,7 @@ def read_adapter(path: str | Path) -> Adapter:
     weights = adapter_weights(p)
     if weights is None:
         raise DistacError(f"{p}: LoRA adapter without weights (expected {' or '.join(_WEIGHT_FILES)})")
-    cfg = _read_json(cfg_path)
+    cfg = read_json_object(cfg_path, "adapter config", _MAX_CONFIG)
     _check_config(cfg, cfg_path)
     tensors = open_checkpoint(weights)
     try:

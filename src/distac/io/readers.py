@@ -20,7 +20,6 @@ for why not a memory map); torch files are memory-mapped by ``torch.load(mmap=Tr
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import Tensor
 
 from ..errors import DistacError
 from .formats import read_header, read_layout
-from .inputs import inside_model, open_regular, require_regular
+from .inputs import inside_model, open_regular, read_json_object, require_regular
 from .torchfile import TorchFile
 
 __all__ = [
@@ -194,16 +193,8 @@ _MAX_INDEX = 100_000_000  # a shard index is a name -> file map; anything larger
 
 def _weight_map(index: Path) -> dict[str, str]:
     """The index's ``weight_map`` (tensor name -> file name), checked to be one."""
-    fd = open_regular(index)
-    try:
-        with os.fdopen(fd, "rb") as f:
-            raw = f.read(_MAX_INDEX + 1)
-        if len(raw) > _MAX_INDEX:
-            raise DistacError(f"{index}: not a valid shard index (larger than {_MAX_INDEX} bytes)")
-        data = json.loads(raw.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise DistacError(f"{index}: not a valid shard index ({e})") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    data = read_json_object(index, "shard index", _MAX_INDEX)
+    weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise DistacError(f"{index}: not a valid shard index (needs a 'weight_map' object of tensor name -> file)")
     bad = [v for v in weight_map.values() if not isinstance(v, str) or not v]
