@@ -301,12 +301,14 @@ def run_text(
     command: str,
     cache: Path | None = None,
     device: torch.device | str | None = None,
+    profile: Profile | None = None,
 ) -> dict[str, Any]:
     """The text suite end to end; the zoo is cached under ``cache`` when given (90 MB per model).
 
     Args:
         out: the report directory.
         quick: the CI profile (:data:`TEXT_QUICK`) instead of :data:`TEXT_PROFILE`.
+        profile: any other profile of the text tasks (overrides ``quick``; e.g. a GPU smoke test's).
         seeds: zoos (mean ± sd over seeds).
         progress: show progress bars.
         log: one-line messages.
@@ -317,7 +319,8 @@ def run_text(
     Returns:
         The run record that ``run.json`` holds.
     """
-    profile = TEXT_QUICK if quick else TEXT_PROFILE
+    if profile is None:
+        profile = TEXT_QUICK if quick else TEXT_PROFILE
     names = [t.name for t in TEXT_TASKS]
     for t in (*profile.norm_tasks, *profile.conf_tasks):
         if t not in names:
