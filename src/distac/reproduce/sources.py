@@ -16,7 +16,7 @@ import distac
 from .grid import Evaluator, SourceSet, StateDict
 from .profile import Profile
 from .vit import HEAD_PATTERN
-from .zoo import PRETRAIN_HEAD, Zoo, body_norms
+from .zoo import PRETRAIN_HEAD, Zoo, zoo_norms
 
 __all__ = [
     "DISTAC_MODE",
@@ -61,7 +61,7 @@ def rescaled_sources(zoo: Zoo, setting: str) -> SourceSet:
     raw = zoo.setting(setting)
     names = [td.spec.name for td in zoo.tasks]
     flagged = flagged_tasks(zoo.profile, setting)
-    k = kappas(body_norms(zoo.base, raw), names, flagged, setting)
+    k = kappas(zoo_norms(zoo, raw), names, flagged, setting)
     models = []
     for n, sd in zip(names, raw, strict=True):
         if n not in k:
@@ -73,7 +73,7 @@ def rescaled_sources(zoo: Zoo, setting: str) -> SourceSet:
                 for key, v in sd.items()
             }
         )
-    return SourceSet(setting, "rescaled", models, flagged, body_norms(zoo.base, models))
+    return SourceSet(setting, "rescaled", models, flagged, zoo_norms(zoo, models))
 
 
 def distac_sources(zoo: Zoo, setting: str, *, evaluator: Evaluator, progress: bool) -> SourceSet:
@@ -90,10 +90,12 @@ def distac_sources(zoo: Zoo, setting: str, *, evaluator: Evaluator, progress: bo
             continue
         temps = rec.norm_temperatures if mode == "norm" else rec.conf_temperatures
         model = evaluator.task_model(zoo.base, n)
+        # the other fine-tunes only give norm mode its target (their mean norm); confidence mode (κ = 1)
+        # gets the task's own model, which spares condition() a norm of every other model (same result)
         models[i] = distac.condition(
             model,
             zoo.base,
-            ft_map,
+            ft_map if mode == "norm" else {n: ft_map[n]},
             zoo.tasks[i].train.x,
             task=n,
             mode=mode,
@@ -110,7 +112,7 @@ def distac_sources(zoo: Zoo, setting: str, *, evaluator: Evaluator, progress: bo
         ).state
         # condition hands its result back on the CPU; the grid keeps every state on the evaluator's device
         models[i] = {k: v.to(evaluator.device) for k, v in models[i].items()}
-    return SourceSet(setting, "distac", models, flagged, body_norms(zoo.base, models))
+    return SourceSet(setting, "distac", models, flagged, zoo_norms(zoo, models))
 
 
 def add_fishers(

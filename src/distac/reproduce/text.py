@@ -155,8 +155,9 @@ TEXT_PROFILE = replace(
 # method per code path of the grid (linear α, global pre-pass, Fisher, non-linear α, one-point
 # grid, one model per task); TSV-M is left to the full profile and the vision miniature (on MiniLM it
 # factorises the 30522 × 384 word embeddings of every model: 40 % of this profile's time), WUDI
-# takes 5 Adam steps instead of 300 (its own code path, a fraction of the cost), and DisTaC skips
-# the ideal-zoo control (8 of its 18 runs, each mostly set-up at 2 steps).
+# takes 5 Adam steps instead of 300 (its own code path, a fraction of the cost); 2 of the 8 tasks
+# are smoothed and DisTaC skips the ideal-zoo control (12 fine-tunes and 4 DisTaC runs instead of
+# 18 and 18: each costs seconds of set-up and optimiser state over 22.7M parameters on the CPU).
 TEXT_QUICK = replace(
     TEXT_PROFILE,
     name="text-quick",
@@ -166,6 +167,7 @@ TEXT_QUICK = replace(
     ideal=Recipe(lr=1e-4, steps=2, batch=8, warmup=1),
     long=Recipe(lr=1e-3, steps=3, batch=8, warmup=1),
     smooth=Recipe(lr=1e-4, steps=2, batch=8, warmup=1, label_smoothing=0.6),
+    conf_tasks=("ng_sci", "election_author"),
     distac=DistacRecipe(steps=2, lr=5e-5, batch=8),
     fisher_examples=4,
     grid_linear=(0.5,),
@@ -299,12 +301,14 @@ def run_text(
     command: str,
     cache: Path | None = None,
     device: torch.device | str | None = None,
+    profile: Profile | None = None,
 ) -> dict[str, Any]:
     """The text suite end to end; the zoo is cached under ``cache`` when given (90 MB per model).
 
     Args:
         out: the report directory.
         quick: the CI profile (:data:`TEXT_QUICK`) instead of :data:`TEXT_PROFILE`.
+        profile: any other profile of the text tasks (overrides ``quick``; e.g. a GPU smoke test's).
         seeds: zoos (mean ± sd over seeds).
         progress: show progress bars.
         log: one-line messages.
@@ -315,7 +319,8 @@ def run_text(
     Returns:
         The run record that ``run.json`` holds.
     """
-    profile = TEXT_QUICK if quick else TEXT_PROFILE
+    if profile is None:
+        profile = TEXT_QUICK if quick else TEXT_PROFILE
     names = [t.name for t in TEXT_TASKS]
     for t in (*profile.norm_tasks, *profile.conf_tasks):
         if t not in names:

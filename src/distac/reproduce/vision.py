@@ -42,7 +42,7 @@ from .report import (
 )
 from .sources import add_fishers, base_fisher, conditioned_tasks, distac_sources, flagged_tasks, rescaled_sources
 from .tasks import load_digits_5000, make_tasks
-from .zoo import SETTINGS, Zoo, body_norms, build_or_load_zoo
+from .zoo import SETTINGS, Zoo, build_or_load_zoo, zoo_norms
 
 __all__ = ["SWEEP_METHODS", "run_suite", "run_vision"]
 
@@ -79,7 +79,7 @@ def _source_sets(zoo: Any, evaluator: Evaluator, *, progress: bool, log: Callabl
     sets = []
     for setting in SETTINGS:
         raw = zoo.setting(setting)
-        sets.append(SourceSet(setting, "raw", raw, flagged_tasks(zoo.profile, setting), body_norms(zoo.base, raw)))
+        sets.append(SourceSet(setting, "raw", raw, flagged_tasks(zoo.profile, setting), zoo_norms(zoo, raw)))
     sets.append(rescaled_sources(zoo, "norm"))
     for setting in ("norm", "conf", "ideal"):
         if setting == "ideal" and not zoo.profile.distac_on_ideal:

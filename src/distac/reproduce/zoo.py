@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -72,6 +72,8 @@ class Zoo:
     path: Path
     # builds an empty model of the zoo's architecture (default: the profile's TinyViT)
     factory: Callable[[], nn.Module] | None = None
+    # id(state dict) -> (that state dict, ‖θ_t − θ_0‖ over the body): see zoo_norms
+    norm_cache: dict[int, tuple[StateDict, float]] = field(default_factory=dict, repr=False)
 
     def setting(self, setting: str) -> list[StateDict]:
         """The 8 fine-tuned state dicts of one setting, in task order."""
@@ -287,4 +289,21 @@ def body_norms(base: StateDict, models: Iterable[StateDict]) -> list[float]:
     for sd in models:
         sq = sum(float((sd[k].double() - base[k].double()).pow(2).sum()) for k in base if not k.startswith("heads."))
         out.append(sq**0.5)
+    return out
+
+
+def zoo_norms(zoo: Zoo, models: Iterable[StateDict]) -> list[float]:
+    """:func:`body_norms` against the zoo's θ_0, each model's norm computed once per zoo.
+
+    The source sets share most of their models (a DisTaC set re-uses the unflagged fine-tunes), and
+    a MiniLM norm in float64 costs about a second on the CPU. The cache holds the state dict itself
+    beside its norm, so an id reused by a new dict after the old one died never returns a stale norm.
+    """
+    out = []
+    for sd in models:
+        hit = zoo.norm_cache.get(id(sd))
+        if hit is None or hit[0] is not sd:
+            hit = (sd, body_norms(zoo.base, [sd])[0])
+            zoo.norm_cache[id(sd)] = hit
+        out.append(hit[1])
     return out
