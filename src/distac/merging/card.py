@@ -26,8 +26,11 @@ TAGS = ["merge", "distac"]
 
 
 def _public_names(cfg: MergeConfig) -> dict[str, str]:
-    """``{path as the config holds it: repo id or model name}`` for the base and every model."""
-    return {str(s.path): repo_id_of(s.path) or s.name for s in (cfg.base, *cfg.models)}
+    """``{model as the config holds it: repo id or model name}`` for the base and every model.
+
+    Keyed by the reference (``BASE+ADAPTER`` is one key, named by its adapter): keyed by the path,
+    a ``BASE+ADAPTER`` entry would rename the base after the adapter."""
+    return {s.ref: repo_id_of(s.adapter or s.path) or s.name for s in (cfg.base, *cfg.models)}
 
 
 def _base_model(cfg: MergeConfig) -> str | None:
@@ -65,7 +68,7 @@ def _models_section(cfg: MergeConfig) -> list[str]:
         return f"* {role}: `{repo}`" if repo else f"* {role} (a local model)"
 
     base = [] if cfg.base.zero else [line("base", cfg.base.path)]
-    return ["## Models", "", *base, *(line(s.name, s.path) for s in cfg.models)]
+    return ["## Models", "", *base, *(line(s.name, s.adapter or s.path) for s in cfg.models)]
 
 
 def _config_section(raw: Mapping[str, Any], names: Mapping[str, str]) -> list[str]:
@@ -140,7 +143,8 @@ def model_card(
             "Non-float tensors are copied from the base, not merged (whether or not the fine-tuned models "
             f"hold them): {', '.join(f'`{b}`' for b in buffers)}.",
         ]
-    for path, public in _public_names(cfg).items():  # the bundle's text names its base by path
+    # the bundle's text names its base by path; longest first, so BASE+ADAPTER goes before BASE
+    for path, public in sorted(_public_names(cfg).items(), key=lambda kv: -len(kv[0])):
         bundle = bundle.replace(path, public)
     lines += ["", bundle.rstrip()] if bundle else []
     if params is not None:

@@ -473,7 +473,7 @@ def _mk_models(raw: Mapping[str, Any], base: ModelSpec | None, folder: Path, whe
         spec, params = _model_entry(entry, folder, f"{where}: models[{i}]")
         for k, v in params.items():
             check_setting(v, f"{where}: models[{i}]: parameter '{k}'")
-        if base is not None and spec.path == base.path:
+        if base is not None and spec.path == base.path and spec.adapter is None:  # BASE+ADAPTER is a fine-tune
             out.base_at.append(i)
         out.specs.append(spec)
         out.settings.append(params)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -95,6 +95,16 @@ def _load(model: str, data: str, *, factory: str | None, num_labels: int | None,
     return loaded, inputs
 
 
+def _as_checkpoint(loaded: Any, *maps: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """``maps`` under the checkpoint's own tensor names: a bare encoder is loaded wrapped with a new
+    head (``EncoderClassifier``: its weights under ``encoder.``, a random ``head.*``), so its
+    statistics are renamed back and the head, which no checkpoint holds, is left out; else unchanged.
+    Without this, ``distac merge`` refuses the sidecar of the very model it was computed on."""
+    if loaded.kind != "hf-encoder":
+        return [dict(m) for m in maps]
+    return [{k.removeprefix("encoder."): v for k, v in m.items() if k.startswith("encoder.")} for m in maps]
+
+
 def _batches(inputs: Any, batch_size: int, n_examples: int | None, with_labels: bool) -> Iterator[Any]:
     """Consecutive slices (views, no copies) of the first ``n_examples``, with labels when asked."""
     if batch_size < 1:
@@ -173,11 +183,12 @@ def fisher_cmd(
         progress=True,
         info=info,
     )
+    f, state = _as_checkpoint(loaded, f, loaded.state)
     path = save_stats(
         out,
         f,
         kind="fisher",
-        model=loaded.state,
+        model=state,
         n_examples=info["n_examples"],
         scale=scale,
         estimator=estimator,
@@ -236,17 +247,18 @@ def gram_cmd(
         progress=True,
         info=info,
     )
+    g, state, rows, layout = _as_checkpoint(loaded, g, loaded.state, info["rows"], info["layout"])
     path = save_stats(
         out,
         g,
         kind="gram",
-        model=loaded.state,
+        model=state,
         n_examples=info["n_examples"],
         scale=scale,
         estimator="forward",
         data_fingerprint=info["data_fingerprint"],
-        rows=info["rows"],
-        layout=info["layout"],
+        rows=rows,
+        layout=layout,
         overwrite=overwrite,
         inputs=read,
     )
@@ -292,11 +304,12 @@ def adam_cmd(
         batch_size=batch_size,
         bias_correction=not no_bias_correction,
     )
+    f, state = _as_checkpoint(loaded, f, loaded.state)
     path = save_stats(
         out,
         f,
         kind="adam",
-        model=loaded.state,
+        model=state,
         n_examples=n_examples,
         scale="sum",
         estimator="adam",
