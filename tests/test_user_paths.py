@@ -95,3 +95,30 @@ def test_statistics_of_a_bare_encoder_feed_a_merge_of_that_encoder(tmp_path, cap
         ]
         cfg = {"merge_method": method, "base_model": str(base), "models": entries}
         assert (distac.merge_checkpoints(cfg, tmp_path / method, quiet=True) / "model.safetensors").is_file()
+
+
+def test_methods_explains_its_listing_and_mergekits_linear(capsys):
+    """A mergekit user's `distac methods linear` said 'unknown merge method' though configs accept it."""
+    from conftest import run_cli
+
+    code, out, _ = run_cli(["methods", "linear"], capsys)
+    assert code == 0 and "normalize" in out and "average" in out and "task_arithmetic" in out
+    code, out, _ = run_cli(["methods"], capsys)
+    assert code == 0 and out.startswith("Each method:") and "(per model)" in out.split("\n\n")[0]
+
+
+def test_mergekit_yaml_command_line_flags_run(tiny_checkpoints, tmp_path, capsys):
+    """`mergekit-yaml CFG OUT --lazy-unpickle --allow-crimes` (its README's line) runs as `distac merge`."""
+    import yaml
+    from conftest import run_cli
+
+    _, models, _, _ = tiny_checkpoints(2)
+    cfg = tmp_path / "linear.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [str(m) for m in models]}))
+    flags = ["--lazy-unpickle", "--allow-crimes", "--copy-tokenizer", "-q"]
+    code, _, err = run_cli(["merge", str(cfg), str(tmp_path / "o"), *flags], capsys)
+    assert code == 0 and (tmp_path / "o" / "model.safetensors").is_file(), err
+    code, _, err = run_cli(["merge", str(cfg), str(tmp_path / "o2"), "--cuda", "--device", "cpu"], capsys)
+    assert code == 2 and "--cuda and --device cpu disagree" in err and not (tmp_path / "o2").exists()
+    code, _, err = run_cli(["merge", str(cfg), str(tmp_path / "o3"), "--no-copy-tokenizer"], capsys)
+    assert code == 2 and "always writes the base's tokenizer" in err

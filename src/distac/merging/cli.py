@@ -56,7 +56,8 @@ def _out_folder(positional: Path | None, option: Path | None) -> Path:
     "--chunk-size",
     default="16MiB",
     show_default=True,
-    help="Memory budget for the N+1 fp32 copies of one piece; larger tensors are row-chunked.",
+    help="Memory budget per piece of a tensor: the N+1 fp32 copies (base and N models) of one piece fit in "
+    "it; larger tensors are merged in row chunks (methods that need whole tensors ignore it).",
 )
 @click.option("--export-per-task", is_flag=True, help="Also write OUT/tasks/<name>/: one full model per task.")
 @click.option(
@@ -68,15 +69,21 @@ def _out_folder(positional: Path | None, option: Path | None) -> Path:
     "--lora-rank",
     type=click.IntRange(min=1),
     default=None,
-    help="Write a PEFT LoRA adapter of this rank (truncated SVD of each merged ΔW) instead of the full model; "
-    "the models must include LoRA adapters.",
+    help="Write a PEFT LoRA adapter of this rank (truncated SVD of each merged ΔW = merged - base) instead of "
+    "the full model, for any method; the models must include LoRA adapters and no full fine-tune. The card "
+    "lists each module's relative error.",
 )
 @click.option(
     "--max-error",
     type=click.FloatRange(min=0),
     default=None,
-    help="With --lora-rank: fail, naming the module, when a module's relative Frobenius error exceeds this.",
+    help="With --lora-rank: fail, writing nothing and naming the module, when a module's relative Frobenius "
+    "error ‖ΔW - BA‖/‖ΔW‖ exceeds this (e.g. 0.1).",
 )
+@click.option("--cuda", is_flag=True, hidden=True)  # mergekit-yaml's flags: see the docstring
+@click.option("--lazy-unpickle/--no-lazy-unpickle", default=True, hidden=True)
+@click.option("--allow-crimes", is_flag=True, hidden=True)
+@click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, hidden=True)
 def merge_command(
     config: Path,
     out_dir: Path | None,
@@ -90,13 +97,36 @@ def merge_command(
     allow_nonfinite: bool,
     lora_rank: int | None,
     max_error: float | None,
+    cuda: bool,
+    lazy_unpickle: bool,
+    allow_crimes: bool,
+    copy_tokenizer: bool,
 ) -> None:
-    """Merge the checkpoints named in CONFIG (a distac or mergekit YAML) into OUT (or --out OUT)."""
+    """Merge the checkpoints named in CONFIG (a distac or mergekit YAML) into OUT (or --out OUT).
+
+    \b
+    CONFIG: merge_method (`distac methods` lists them, with their parameters), base_model, models
+    (each `model:` an HF folder, a weights file, a Hub id org/name[@revision], a PEFT LoRA adapter
+    folder, or mergekit's BASE+ADAPTER), parameters (top level, or per model under models[i]), and
+    optionally out_dtype, heads; mergekit's own keys (linear, lambda, normalize, gradient lists,
+    filters, slices, tokenizer_source, dtype) run unchanged: see "Coming from mergekit" in the README.
+    OUT gets the merged model (or, with --lora-rank, an adapter), a model card (README.md) and
+    distac_config.yml to re-run the merge.
+
+    \b
+    mergekit-yaml's --cuda (= --device cuda), --lazy-unpickle, --allow-crimes and --copy-tokenizer
+    are accepted, so its command lines run as they are: distac always reads tensors lazily, checks
+    the tensors' names and shapes (not the architecture's name), and copies the base's tokenizer.
+    """
+    if not copy_tokenizer:
+        raise click.UsageError("--no-copy-tokenizer: distac always writes the base's tokenizer files; remove it")
+    if cuda and device not in (None, "cuda") and not str(device).startswith("cuda:"):
+        raise click.UsageError(f"--cuda and --device {device} disagree; give one")
     path = merge_checkpoints(
         config,
         _out_folder(out_dir, out),
         overwrite=overwrite,
-        device=device,
+        device=device or ("cuda" if cuda else None),
         max_shard_bytes=shard_size,
         chunk_bytes=chunk_size,
         export_per_task=export_per_task,
@@ -129,6 +159,22 @@ def describe_method(m: Method) -> list[str]:
     return lines
 
 
+HEADER = (
+    "Each method: name (how many models; how the engine reads tensors), summary, paper, then its parameters\n"
+    "as name=default, '(per model)' when it may be set per model under models[i].parameters (else only under\n"
+    "the top-level parameters), and the allowed range. `merge_method: linear` (mergekit) is accepted too:\n"
+    "`distac methods linear`."
+)
+LINEAR = (
+    "linear  (mergekit's name; 1+ models, no base needed)\n"
+    "    A config with merge_method: linear runs unchanged with mergekit's meaning: normalize: true (its\n"
+    "    default) is `average` of the models with their weights (weights / their sum); normalize: false is\n"
+    "    Σ w_i θ_i (`task_arithmetic` against zero weights). A base_model is one of the averaged models: list\n"
+    "    it under models (or give a top-level weight). See `distac methods average` and 'Coming from\n"
+    "    mergekit' in the README."
+)
+
+
 @click.command("methods")
 @click.argument("name", required=False)
 def methods_command(name: str | None) -> None:
@@ -136,7 +182,12 @@ def methods_command(name: str | None) -> None:
     if name == EMR.name:
         click.echo("\n".join(describe_emr(full=True)))
         return
+    if name == "linear":  # mergekit's name, accepted in configs: say what it runs as
+        click.echo(LINEAR)
+        return
     chosen = [get_method(name)] if name else list(METHODS.values())
+    if not name:
+        click.echo(HEADER + "\n")
     for i, m in enumerate(chosen):
         if i:
             click.echo("")
