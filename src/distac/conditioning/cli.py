@@ -54,8 +54,20 @@ def _common_options(fn):
         click.option("--base", required=True, help="Base model: an HF directory, or a weights file with --arch."),
         click.option("--arch", default=None, help="package.module:factory building the torch module (plain models)."),
         click.option("--arch-kwargs", default=None, help="JSON object of keyword arguments for --arch."),
-        click.option("--model", "models", multiple=True, required=True, help="NAME=PATH of a fine-tuned model."),
-        click.option("--data", "data", multiple=True, help="NAME=PATH of a task's inputs."),
+        click.option(
+            "--model",
+            "models",
+            multiple=True,
+            required=True,
+            help="NAME=PATH of a fine-tuned model (HF folder, weights file, LoRA adapter folder, or BASE+ADAPTER).",
+        ),
+        click.option(
+            "--data",
+            "data",
+            multiple=True,
+            help="NAME=PATH of a task's inputs: .txt (one text per line), .csv/.tsv/.jsonl (column text, "
+            "labels label), .npy/.npz (x, y), an image folder (one sub-folder per class) or a saved dataset.",
+        ),
         click.option("--labels", "labels", multiple=True, help="NAME=FILE of labels (.npy or one per line)."),
         click.option("--column", default=None, help="Input column/array (default: text / x)."),
         click.option("--label-column", default=None, help="Label column/array (default: label / y)."),

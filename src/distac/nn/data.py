@@ -29,6 +29,7 @@ and ``W`` processes can take disjoint equal slices of the same global batch.
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,12 +165,26 @@ def load_inputs(
     given = load_labels(labels) if labels is not None else None
     if len(raw.values) == 0:
         raise DistacError(f"data '{p}' is empty: no examples found")
-    y = given if given is not None else labels_tensor(raw.labels, p, raw.where) if raw.labels is not None else None
+    y = given if given is not None else _labels(raw, p, asked=need_labels or label_column is not None)
     x = _to_tensors(raw, p, tokenizer=tokenizer, image_processor=image_processor, max_length=max_length)
     _check_finite(x, raw, p)
     if need_labels and y is None:
         raise DistacError(f"data '{p}' has no labels: give a label column/array or a labels file")
     return Inputs(x, y, f"data '{p}'")
+
+
+def _labels(raw: Raw, p: Path, *, asked: bool) -> Tensor | None:
+    """The labels of ``raw``; a column found by its default name (``label``...) that holds no class ids
+    is left out with a warning when nobody asked for labels (a CSV of string labels still diagnoses)."""
+    if raw.labels is None:
+        return None
+    try:
+        return labels_tensor(raw.labels, p, raw.where)
+    except DistacError as e:
+        if asked:
+            raise
+        print(f"distac: warning: {e}; read without labels", file=sys.stderr)
+        return None
 
 
 def load_labels(path: str | Path) -> Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,12 +306,23 @@ def _load_hf(path: str, *, num_labels: int | None) -> tuple[nn.Module, str, Any,
         module, kind = tf.AutoModelForImageClassification.from_pretrained(path), "hf"
     else:
         encoder = tf.AutoModel.from_pretrained(path)
-        module, kind = EncoderClassifier(encoder, num_labels or config.num_labels), "hf-encoder"
+        n = num_labels or config.num_labels
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # one head for every run and process: two diagnoses agree
+            module, kind = EncoderClassifier(encoder, n), "hf-encoder"
         head = Path(path) / "head.safetensors"
         if head.is_file():
             from safetensors.torch import load_file
 
             module.head.load_state_dict(load_file(str(head)))
+        else:
+            print(
+                f"distac: warning: '{path}' has no classification head ({archs or 'no architecture in config.json'}, "
+                f"no head.safetensors): a new {n}-way linear head with random weights (seed 0) reads its pooled "
+                "output, so confidence, accuracy and statistics describe that head, not a task; give a classifier "
+                "fine-tune for a real one",
+                file=sys.stderr,
+            )
     if any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         tok = tf.AutoTokenizer.from_pretrained(path)
     if (Path(path) / "preprocessor_config.json").is_file():

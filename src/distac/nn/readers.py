@@ -103,17 +103,21 @@ def _pick(name: str | None, available: Sequence[str], defaults: Sequence[str], w
     return next((d for d in defaults if d in available), None)
 
 
-def _read_table(p: Path, *, column: str | None, label_column: str | None, need_labels: bool, **_: Any) -> Raw:
+def _read_table(p: Path, *, column: str | None, label_column: str | None, **_: Any) -> Raw:
     text = read_utf8(p)
     rows, lines = _jsonl_rows(text, p) if p.suffix.lower() == ".jsonl" else _csv_rows(text, p)
     if not rows:
         raise DistacError(f"data '{p}' is empty: no rows")
     cols = list(rows[0].keys())
-    lab = _pick(label_column, cols, _LABEL_COLUMNS if (need_labels or label_column) else (), "label column", p)
+    # a label/labels/y/target column is read as labels by default, as in .npz and saved datasets: without
+    # it, `tune` silently scored a labelled CSV by entropy and `diagnose` left out accuracy and ECE
+    lab = _pick(label_column, cols, _LABEL_COLUMNS, "label column", p)
     others = [c for c in cols if c != lab]
     col = _pick(column, cols, _TEXT_COLUMNS, "column", p) or (others[0] if len(others) == 1 else None)
     if col is None:
-        raise DistacError(f"data '{p}': say which column holds the inputs (columns: {cols})")
+        raise DistacError(
+            f"data '{p}': say which column holds the inputs with --column (`column:` in a tune config; columns: {cols})"
+        )
     for i, r in enumerate(rows):
         if col not in r or (lab and lab not in r):
             raise DistacError(f"data '{p}': line {lines[i]} has no '{col if col not in r else lab}' field")
@@ -164,7 +168,10 @@ def _read_npz(p: Path, *, column: str | None, label_column: str | None, **_: Any
             rest = [k for k in keys if k != lab]
             col = _pick(column, keys, _NPZ_INPUTS, "array", p) or (rest[0] if len(rest) == 1 else None)
             if col is None:
-                raise DistacError(f"data '{p}': say which array holds the inputs (arrays: {keys})")
+                raise DistacError(
+                    f"data '{p}': say which array holds the inputs with --column "
+                    f"(`column:` in a tune config; arrays: {keys})"
+                )
             x, y = z[col], (z[lab] if lab else None)
     except ValueError as e:
         raise DistacError(f"data '{p}': an array cannot be read without unpickling ({e}); save numeric arrays") from e
@@ -214,7 +221,9 @@ def _read_hf_dataset(p: Path, *, column: str | None, label_column: str | None, s
     lab = _pick(label_column, cols, _LABEL_COLUMNS, "label column", p)
     col = _pick(column, cols, _TEXT_COLUMNS + _IMAGE_COLUMNS, "column", p)
     if col is None:
-        raise DistacError(f"data '{p}': say which column holds the inputs (columns: {cols})")
+        raise DistacError(
+            f"data '{p}': say which column holds the inputs with --column (`column:` in a tune config; columns: {cols})"
+        )
     values: list[Any] | np.ndarray = list(ds[col])
     first = values[0] if len(values) else None
     kind = "text" if isinstance(first, str) else "image" if hasattr(first, "convert") else "array"

@@ -188,6 +188,7 @@ def tune_command(config: Path, out: Path, overwrite: bool, device: str | None, q
     from ..io import atomic_dir, check_output
     from ..merging.checkpoints import merge_checkpoints
     from ..merging.config import load_config
+    from ..nn.models import EncoderClassifier
     from .search import tune
 
     raw = _read_yaml(config)
@@ -203,9 +204,12 @@ def tune_command(config: Path, out: Path, overwrite: bool, device: str | None, q
     if cfg.mergekit is not None:
         _check_mergekit_reading(cfg, merge_cfg, grid)
     inputs: list[str | Path] = [config, cfg.base.path, *(m.path for m in cfg.models)]
+    inputs += [m.adapter for m in cfg.models if m.adapter is not None]  # BASE+ADAPTER: both sides are inputs
     inputs += [*data_paths.values(), *label_paths.values()]
     check_output(out, overwrite=overwrite, inputs=inputs)
     model, base, models, data, stats = _load(raw, cfg, data_paths, label_paths)
+    # a bare encoder's head is the wrapper's (random, the same in every model, in no checkpoint): never merged
+    heads = list(cfg.heads) or (["head.*"] if isinstance(model, EncoderClassifier) else [])
     result = tune(
         model,
         base,
@@ -216,7 +220,7 @@ def tune_command(config: Path, out: Path, overwrite: bool, device: str | None, q
         # a mergekit reading fills in every parameter (its defaults): the grid's take their place
         params=cfg.params if cfg.mergekit is None else {k: v for k, v in cfg.params.items() if k not in grid},
         criterion=str(raw.get("criterion", "auto")),
-        heads=cfg.heads,
+        heads=heads,
         batch_size=int(raw.get("batch_size", 256)),
         device=device,
         progress=not quiet,
@@ -260,13 +264,19 @@ def _load(raw: Mapping[str, Any], cfg: Any, data_paths: dict[str, str], label_pa
         max_length=int(raw.get("max_length", 128)),
         source="tune config: data/labels",
     )
+
+    def side(path: Any) -> dict:
+        # sidecars name tensors as the checkpoint does; a bare encoder is loaded wrapped (`encoder.` + name)
+        got = read_state(path)
+        return {f"encoder.{k}": v for k, v in got.items()} if loaded.kind == "hf-encoder" else got
+
     stats: dict[str, Any] = {}
     if any("fisher" in m.stats for m in cfg.models):
-        stats["fishers"] = [read_state(m.stats["fisher"]) for m in cfg.models]
+        stats["fishers"] = [side(m.stats["fisher"]) for m in cfg.models]
     if "fisher" in cfg.base.stats:
-        stats["base_fisher"] = read_state(cfg.base.stats["fisher"])
+        stats["base_fisher"] = side(cfg.base.stats["fisher"])
     if any("gram" in m.stats for m in cfg.models):
-        stats["grams"] = [read_state(m.stats["gram"]) for m in cfg.models]
+        stats["grams"] = [side(m.stats["gram"]) for m in cfg.models]
     return loaded.module, base, models, data, stats
 
 
