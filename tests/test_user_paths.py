@@ -245,3 +245,24 @@ def test_tune_reads_statistics_of_a_bare_encoder_saved_under_the_checkpoints_nam
     code, _, err = run_cli(["tune", str(tmp_path / "tune.yml"), "--out", str(tmp_path / "tuned"), "-q"], capsys)
     assert code == 0, err
     assert len(json.loads((tmp_path / "tuned" / "tune.json").read_text())["points"]) == 2
+
+
+def test_commands_that_run_a_model_read_hub_ids_like_merge_configs(tmp_path, monkeypatch):
+    """`distac stats fisher org/name+ADAPTER` and `diagnose --base org/name` said 'pass --arch' for a cached repo."""
+    import shutil
+
+    import huggingface_hub.constants as c
+
+    from distac.nn.models import load_model
+
+    base, (a, _) = _bert_classifier_with_adapters(tmp_path / "local")
+    folder = tmp_path / "hub" / "models--org--bert"
+    shutil.copytree(base, folder / "snapshots" / ("a" * 40))
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    got, want = load_model(f"org/bert+{a}").state, load_model(f"{base}+{a}").state
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(distac.DistacError, match="not in the Hugging Face cache"):
+        load_model("org/other")

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DistacError, closest
+from ..io.hub import resolve_model
 from ..io.lora import AdapterSource, is_adapter, read_adapter, split_adapter_ref
 from ..taskvector import match_heads
 from ..tensors import DictSource, check_compatible
@@ -255,9 +256,10 @@ def load_model(
       ``factory`` = ``package.module:factory``: ``factory(**factory_kwargs)`` builds the module and the file
       gives its weights (strict: every key must match).
 
-    ``heads`` overrides the default head patterns (:func:`default_head_patterns`).
+    ``heads`` overrides the default head patterns (:func:`default_head_patterns`). A Hub repo id
+    (``org/name[@revision]``, either side of ``BASE+ADAPTER``) is read from the Hugging Face cache.
     """
-    spec = str(spec)
+    spec = _resolved(str(spec))
     model_ref, adapter = split_adapter_ref(spec)
     if adapter is not None or is_adapter(spec):
         # BASE+ADAPTER: the base's module, holding θ0 + ΔW (an adapter alone has no base to apply to)
@@ -357,7 +359,7 @@ def load_state_like(spec: str | Path, like: LoadedModel) -> dict[str, Tensor]:
     A LoRA adapter folder gives ``like``'s weights plus its ΔW (exactly as peft's ``merge_and_unload``);
     ``MODEL+ADAPTER`` gives MODEL's weights plus the adapter's.
     """
-    spec = str(spec)
+    spec = _resolved(str(spec))
     model_ref, adapter = split_adapter_ref(spec)
     if adapter is not None or is_adapter(spec):
         base = DictSource(like.state, like.source) if adapter is None else DictSource(load_state_like(model_ref, like))
@@ -375,6 +377,14 @@ def load_state_like(spec: str | Path, like: LoadedModel) -> dict[str, Tensor]:
         state = read_state(spec)
     check_compatible(like.state, state, f"'{spec}'")
     return state
+
+
+def _resolved(spec: str) -> str:
+    """``spec`` with a Hub repo id on either side of ``BASE+ADAPTER`` replaced by its cached snapshot, as
+    merge configs read them (without it, `stats`/`diagnose`/`condition` asked for --arch)."""
+    model_ref, adapter = split_adapter_ref(spec)
+    model = str(resolve_model(model_ref))
+    return model if adapter is None else f"{model}+{resolve_model(adapter, where='adapter')}"
 
 
 def _num_labels(module: nn.Module) -> int | None:
