@@ -32,15 +32,21 @@ def test_kappa_shrinks_long_vectors_to_the_mean_of_the_others():
 
 
 class _FakeEval:
-    """select_alpha only needs accuracy() and normalised(); scores follow a fixed curve."""
+    """select_alpha only needs logits(), accuracy_of() and normalised(); scores follow a fixed curve.
+
+    The "logits" of a state (here: α itself) are a one-element list holding that α.
+    """
 
     def __init__(self, curve):
         self.curve = curve
         self.calls = []
 
-    def accuracy(self, state, heads_from, split):
+    def logits(self, state, heads_from, split):
         self.calls.append(state)
-        return [self.curve[state]]
+        return [state]
+
+    def accuracy_of(self, logits, split):
+        return [self.curve[logits[0]]]
 
     def normalised(self, acc, split):
         return acc
@@ -49,10 +55,11 @@ class _FakeEval:
 def test_select_alpha_picks_the_best_and_stops_after_patience():
     curve = {0.1: 0.5, 0.2: 0.8, 0.3: 0.7, 0.4: 0.6, 0.5: 0.55, 0.6: 0.99}
     ev = _FakeEval(curve)
-    a, searched = select_alpha(ev, lambda x: x, [], sorted(curve), patience=3)
+    a, searched, val_logits = select_alpha(ev, lambda x: x, [], sorted(curve), patience=3)
     assert a == 0.2
     assert ev.calls == [0.1, 0.2, 0.3, 0.4, 0.5]  # 0.6 is never tried: 3 values without a gain
     assert [s for _, s in searched] == [0.5, 0.8, 0.7, 0.6, 0.55]
+    assert val_logits == [0.2]  # the logits of the selected α, not of the last one tried
 
 
 def test_linear_merge_interpolation_matches_a_direct_merge():
@@ -217,6 +224,13 @@ def _check_wudi_and_emr_cells(zoo):
     for cell in (wudi, emr):
         assert len(cell.test_logits) == len(cell.ece_before) == len(cell.temperatures) == n
         assert all(t > 0 for t in cell.temperatures) and all(e >= 0 for e in cell.ece_after)
+    # the grid fits T_t on the validation logits it already has: exactly what distac.calibrate of the
+    # model serving task t (merged body + task t's head; EMR's θ̂_t) gives with its own forward pass
+    for t, td in enumerate(ev.tasks):
+        name, head = td.spec.name, f"heads.{td.spec.name}.weight"
+        for cell, state in ((wudi, {**direct, head: models[t][head]}), (emr, states[t])):
+            ref = distac.calibrate(ev.task_model(state, name), state, td.val.x, td.val.y, device=ev.device)
+            assert cell.temperatures[t] == ref.temperature
 
 
 def test_quick_profile_end_to_end(tmp_path):

@@ -7,7 +7,8 @@ accuracy, the protocol of the DisTaC/TSV/TALL code), then the test split is repo
 and after per-task temperature scaling of the merged model (:func:`distac.calibrate`).
 
 Calls into the rest of distac are limited to ``distac.merge``, ``distac.condition``,
-``distac.calibrate``, ``distac.emr_merge`` (in :mod:`.per_task`) and ``distac.stats.fisher_diagonal``.
+``distac.conditioning.fit_temperature`` (what ``distac.calibrate`` fits, here on validation logits the grid has
+already computed), ``distac.emr_merge`` (in :mod:`.per_task`) and ``distac.stats.fisher_diagonal``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 
 import distac
+from distac.conditioning import fit_temperature
 from distac.errors import DistacError
 from distac.nn.evaluate import ece
 from distac.nn.models import default_device
@@ -49,6 +51,10 @@ __all__ = [
 
 StateDict = dict[str, Tensor]
 SOURCES = ("raw", "rescaled", "distac")
+# distac.calibrate's default batch size: the validation split is evaluated in batches of this size,
+# so its logits are the ones calibrate would compute and the grid fits temperatures on them directly
+# (one forward pass per task instead of two; the test split keeps predict_logits' default chunk).
+CALIBRATION_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -146,21 +152,27 @@ class Evaluator:
             w = self.model.heads[name].weight
             with torch.no_grad():
                 w.copy_(src[f"heads.{name}.weight"])
-            out.append(predict_logits(self.model, name, getattr(td, split).x))
+            out.append(predict_logits(self.model, name, getattr(td, split).x, **_chunk(split)))
         return out
 
     def accuracy(self, state: StateDict, heads_from: Sequence[StateDict], split: str) -> list[float]:
         """Per-task accuracy of ``state``'s body with each task's head from ``heads_from``."""
-        logits = self.logits(state, heads_from, split)
+        return self.accuracy_of(self.logits(state, heads_from, split), split)
+
+    def accuracy_of(self, logits: Sequence[Tensor], split: str) -> list[float]:
+        """Per-task accuracy of per-task ``logits`` on ``split``."""
         ys = [getattr(td, split).y for td in self.tasks]
         return [float((z.argmax(-1) == y).float().mean()) for z, y in zip(logits, ys, strict=True)]
 
+    def own_logits(self, state: StateDict, i: int, split: str) -> Tensor:
+        """Logits of a single model (body and head from ``state``) on task ``i``'s ``split``."""
+        td = self.tasks[i]
+        return predict_logits(self.task_model(state, td.spec.name), td.spec.name, getattr(td, split).x, **_chunk(split))
+
     def own(self, state: StateDict, i: int, split: str) -> float:
         """Accuracy of a single model (body and head from ``state``) on task ``i`` only."""
-        td = self.tasks[i]
-        data = getattr(td, split)
-        z = predict_logits(self.task_model(state, td.spec.name), td.spec.name, data.x)
-        return float((z.argmax(-1) == data.y).float().mean())
+        z = self.own_logits(state, i, split)
+        return float((z.argmax(-1) == getattr(self.tasks[i], split).y).float().mean())
 
     def normalised(self, acc: Sequence[float], split: str) -> list[float]:
         """Merged accuracy ÷ the ideal fine-tuned model's accuracy on the same split, per task."""
@@ -177,6 +189,11 @@ class Evaluator:
         """The evaluator's model loaded with ``state`` and set to ``task``'s head (shared instance)."""
         self.model.load_state_dict(state)
         return set_head(self.model, task)
+
+
+def _chunk(split: str) -> dict[str, int]:
+    """predict_logits' batch size for a split: :data:`CALIBRATION_BATCH` for validation, its default otherwise."""
+    return {"chunk": CALIBRATION_BATCH} if split == "val" else {}
 
 
 @dataclass
@@ -257,25 +274,29 @@ def select_alpha(
     grid: Sequence[float],
     *,
     patience: int = 3,
-) -> tuple[float, list[tuple[float, float]]]:
+) -> tuple[float, list[tuple[float, float]], list[Tensor]]:
     """Pick α on validation by mean normalised accuracy, with early stopping.
 
     The α values are tried in increasing order and the search stops after ``patience`` consecutive
     values without a gain (the Iso-merging code's rule, applied to every method to fit the CPU
     budget; the curve of a method is unimodal in α in practice). Ties keep the smaller α.
+    Returns the α, the searched curve and the per-task validation logits at that α (what the
+    cell's temperatures are fitted on).
     """
     best_a, best, since, curve = grid[0], -1.0, 0, []
+    best_logits: list[Tensor] = []
     for a in grid:
-        acc = evaluator.accuracy(merged_at(a), heads_from, "val")
+        logits = evaluator.logits(merged_at(a), heads_from, "val")
+        acc = evaluator.accuracy_of(logits, "val")
         score = sum(evaluator.normalised(acc, "val")) / len(acc)
         curve.append((a, score))
         if score > best:
-            best_a, best, since = a, score, 0
+            best_a, best, since, best_logits = a, score, 0, logits
         else:
             since += 1
             if since >= patience:
                 break
-    return best_a, curve
+    return best_a, curve, best_logits
 
 
 def run_cell(
@@ -293,39 +314,35 @@ def run_cell(
 
         return per_task_cell(evaluator, spec, sources, base=base)
     merged_at = merge_fn(spec, base, sources, base_fisher, evaluator.device)
-    alpha, curve = select_alpha(evaluator, merged_at, sources.models, grid_for(spec, profile))
-    state = merged_at(alpha)
-    test_logits = evaluator.logits(state, sources.models, "test")
-    task_states = []
-    for td, src in zip(evaluator.tasks, sources.models, strict=True):
-        head = f"heads.{td.spec.name}.weight"
-        task_states.append({**state, head: src[head]})
-    return score_cell(evaluator, spec, sources, task_states, test_logits, alpha=alpha, curve=curve)
+    alpha, curve, val_logits = select_alpha(evaluator, merged_at, sources.models, grid_for(spec, profile))
+    test_logits = evaluator.logits(merged_at(alpha), sources.models, "test")
+    return score_cell(evaluator, spec, sources, val_logits, test_logits, alpha=alpha, curve=curve)
 
 
 def score_cell(
     evaluator: Evaluator,
     spec: MethodSpec,
     sources: SourceSet,
-    task_states: Sequence[StateDict],
+    val_logits: Sequence[Tensor],
     test_logits: list[Tensor],
     *,
     alpha: float,
     curve: list[tuple[float, float]],
 ) -> CellResult:
-    """The cell of per-task test logits: accuracy, and ECE before/after calibrating ``task_states[t]`` on val.
+    """The cell of per-task test logits: accuracy, and ECE before/after temperature scaling fitted on val.
 
-    ``task_states[t]`` is the model task t is served by (the merged body with task t's head, or
-    EMR's task t model); ``test_logits[t]`` its test logits.
+    ``val_logits[t]`` and ``test_logits[t]`` are the logits of the model task t is served by (the
+    merged body with task t's head, or EMR's task t model); T_t is :func:`~distac.conditioning.fit_temperature`
+    on ``val_logits[t]``, i.e. what ``distac.calibrate`` of that model on the validation split gives
+    (its logits in :data:`CALIBRATION_BATCH` batches), without a second forward pass.
     """
     tasks = evaluator.tasks
     acc = [float((z.argmax(-1) == td.test.y).float().mean()) for z, td in zip(test_logits, tasks, strict=True)]
     temps, before, after = [], [], []
-    for td, z, task_state in zip(tasks, test_logits, task_states, strict=True):
+    for td, z, zv in zip(tasks, test_logits, val_logits, strict=True):
         name = td.spec.name
         try:
-            model = evaluator.task_model(task_state, name)
-            t = distac.calibrate(model, task_state, td.val.x, td.val.y, device=evaluator.device).temperature
+            t = fit_temperature(zv, td.val.y).temperature
         except RuntimeError as e:
             # a failed calibration (e.g. an empty or degenerate validation split) is recorded as NaN,
             # visible in the tables, rather than aborting the whole grid.
@@ -374,9 +391,22 @@ def alpha_sweep(
 # ------------------------------------------------------------------------------------------------
 # source models: raw, naive rescaling, DisTaC
 # ------------------------------------------------------------------------------------------------
-def own_accuracy(evaluator: Evaluator, sources: SourceSet, split: str = "test") -> list[float]:
-    """Each source model's accuracy on its own task (how much conditioning/rescaling cost it)."""
-    return [evaluator.own(sd, i, split) for i, sd in enumerate(sources.models)]
+def own_accuracy(
+    evaluator: Evaluator, sources: SourceSet, split: str = "test", *, cache: dict[tuple[int, int], float] | None = None
+) -> list[float]:
+    """Each source model's accuracy on its own task (how much conditioning/rescaling cost it).
+
+    ``cache`` (keyed by the model's ``id`` and task index) lets source sets that share a model
+    (an unflagged task's fine-tune is the same object in the raw, rescaled and DisTaC sets)
+    evaluate it once; the caller keeps the models alive while the cache is in use.
+    """
+    memo: dict[tuple[int, int], float] = {} if cache is None else cache
+    out = []
+    for i, sd in enumerate(sources.models):
+        if (id(sd), i) not in memo:
+            memo[(id(sd), i)] = evaluator.own(sd, i, split)
+        out.append(memo[(id(sd), i)])
+    return out
 
 
 def task_names(tasks: Sequence[TaskData]) -> list[str]:

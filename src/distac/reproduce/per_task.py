@@ -11,7 +11,6 @@ from __future__ import annotations
 import distac
 
 from .grid import CellResult, Evaluator, MethodSpec, SourceSet, StateDict, score_cell
-from .train import predict_logits
 from .vit import HEAD_PATTERN
 
 __all__ = ["per_task_cell", "per_task_states"]
@@ -39,12 +38,9 @@ def per_task_cell(evaluator: Evaluator, spec: MethodSpec, sources: SourceSet, *,
         >>> cell.mean_norm                                                 # doctest: +SKIP
     """
     states = per_task_states(evaluator, sources, base=base)
-    val = [evaluator.own(sd, i, "val") for i, sd in enumerate(states)]
-    val_norm = evaluator.normalised(val, "val")
-    test_logits = [
-        predict_logits(evaluator.task_model(sd, td.spec.name), td.spec.name, td.test.x)
-        for sd, td in zip(states, evaluator.tasks, strict=True)
-    ]
+    val_logits = [evaluator.own_logits(sd, i, "val") for i, sd in enumerate(states)]
+    val_norm = evaluator.normalised(evaluator.accuracy_of(val_logits, "val"), "val")
+    test_logits = [evaluator.own_logits(sd, i, "test") for i, sd in enumerate(states)]
     return score_cell(
-        evaluator, spec, sources, states, test_logits, alpha=1.0, curve=[(1.0, sum(val_norm) / len(val_norm))]
+        evaluator, spec, sources, val_logits, test_logits, alpha=1.0, curve=[(1.0, sum(val_norm) / len(val_norm))]
     )

@@ -231,7 +231,8 @@ def _run_seed(
             bf = base_fisher(zoo, evaluator, px, py, progress=False)
     timings[f"seed{seed}_fisher_s"] = round(time.perf_counter() - t0, 1)
     if seed == 0:
-        acc.seed0_sources = [(s, own_accuracy(evaluator, s)) for s in sets]
+        own_cache: dict[tuple[int, int], float] = {}  # models shared between sets are evaluated once
+        acc.seed0_sources = [(s, own_accuracy(evaluator, s, cache=own_cache)) for s in sets]
     t0 = time.perf_counter()
     jobs = [(spec, s) for s in sets for spec in specs]
     for spec, s in track(jobs, desc=f"grid (seed {seed})", quiet=not progress):
