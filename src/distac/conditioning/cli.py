@@ -242,7 +242,6 @@ def condition_command(
     """
     from ..io import check_output
     from ._setup import make_accelerator
-    from .distill import condition
 
     cfg = ConditionConfig.of(**settings)
     read = _read_paths(base, models, data, labels, state_dir=state_dir)
@@ -252,6 +251,33 @@ def condition_command(
     )
     modes = _choose_modes(loaded, finetuned, inputs, list(tasks), cfg, device)
     accelerator = make_accelerator(device)
+    try:
+        _condition_and_write(
+            accelerator, out, overwrite, read, loaded, finetuned, inputs, paths, modes, cfg, state_dir, quiet
+        )
+    finally:
+        # every process drops the process group before it exits: one left alive under torchrun can
+        # abort the interpreter at exit (gloo: "terminate called without an active exception")
+        accelerator.end_training()
+
+
+def _condition_and_write(
+    accelerator: Any,
+    out: Path,
+    overwrite: bool,
+    read: list[str],
+    loaded: LoadedModel,
+    finetuned: dict[str, Any],
+    inputs: dict[str, Inputs],
+    paths: dict[str, str],
+    modes: dict[str, str],
+    cfg: ConditionConfig,
+    state_dir: Path | None,
+    quiet: bool,
+) -> None:
+    """Condition every chosen task (all processes), then write and report them (the main process)."""
+    from .distill import condition
+
     results = {
         t: condition(
             loaded.module,
