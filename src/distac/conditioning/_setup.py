@@ -6,7 +6,8 @@ Private to :mod:`distac.conditioning.distill`; kept apart so that the training l
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -177,6 +178,20 @@ def make_accelerator(device: torch.device | str | None) -> Any:
 
     dev = default_device(device)
     return Accelerator(cpu=dev.type == "cpu")
+
+
+@contextmanager
+def accelerator_session(device: torch.device | str | None) -> Iterator[Any]:
+    """:func:`make_accelerator`'s accelerator for one command, whose process group every process drops at the end.
+
+    A process group left alive under torchrun can abort the interpreter at exit (gloo: "terminate
+    called without an active exception"), after the output is written.
+    """
+    accelerator = make_accelerator(device)
+    try:
+        yield accelerator
+    finally:
+        accelerator.end_training()
 
 
 def _is_state_dict(x: Any) -> bool:

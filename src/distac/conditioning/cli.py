@@ -241,7 +241,8 @@ def condition_command(
     torchrun / accelerate launch for many processes.
     """
     from ..io import check_output
-    from ._setup import make_accelerator
+    from ._setup import accelerator_session
+    from .distill import condition
 
     cfg = ConditionConfig.of(**settings)
     read = _read_paths(base, models, data, labels, state_dir=state_dir)
@@ -250,63 +251,36 @@ def condition_command(
         base, arch, arch_kwargs, models, heads, True, data, labels, column, label_column, False, max_length
     )
     modes = _choose_modes(loaded, finetuned, inputs, list(tasks), cfg, device)
-    accelerator = make_accelerator(device)
-    try:
-        _condition_and_write(
-            accelerator, out, overwrite, read, loaded, finetuned, inputs, paths, modes, cfg, state_dir, quiet
-        )
-    finally:
-        # every process drops the process group before it exits: one left alive under torchrun can
-        # abort the interpreter at exit (gloo: "terminate called without an active exception")
-        accelerator.end_training()
-
-
-def _condition_and_write(
-    accelerator: Any,
-    out: Path,
-    overwrite: bool,
-    read: list[str],
-    loaded: LoadedModel,
-    finetuned: dict[str, Any],
-    inputs: dict[str, Inputs],
-    paths: dict[str, str],
-    modes: dict[str, str],
-    cfg: ConditionConfig,
-    state_dir: Path | None,
-    quiet: bool,
-) -> None:
-    """Condition every chosen task (all processes), then write and report them (the main process)."""
-    from .distill import condition
-
-    results = {
-        t: condition(
-            loaded.module,
-            loaded.state,
-            finetuned,
-            inputs,
-            cfg,
-            task=t,
-            mode=mode,
-            heads=loaded.head_patterns,
-            state_dir=(state_dir / t) if state_dir is not None else None,
-            progress=not quiet,
-            accelerator=accelerator,
-        )
-        for t, mode in modes.items()
-    }
-    if not accelerator.is_main_process:
-        return
-    _write_conditioned(out, overwrite, read, results, paths, loaded)
-    for t, res in results.items():
-        r, c = res.report, res.report.config
-        click.echo(
-            f"{t}: mode={c.mode} student={c.student} kappa={c.kappa:.4g} T=({c.t_teacher:g},{c.t_student:g}) "
-            f"norm {r.norm_before:.4g} -> {r.norm_after:.4g}, agreement {_pct(r.agreement)}, "
-            f"max-prob {_mp(r.confidence_before)} -> {_mp(r.confidence_after)}"
-        )
-    if not results:
-        click.echo("nothing flagged: no task conditioned (use --task and --mode to force one)")
-    click.echo(f"wrote {out}")
+    with accelerator_session(device) as accelerator:
+        results = {
+            t: condition(
+                loaded.module,
+                loaded.state,
+                finetuned,
+                inputs,
+                cfg,
+                task=t,
+                mode=mode,
+                heads=loaded.head_patterns,
+                state_dir=(state_dir / t) if state_dir is not None else None,
+                progress=not quiet,
+                accelerator=accelerator,
+            )
+            for t, mode in modes.items()
+        }
+        if not accelerator.is_main_process:
+            return
+        _write_conditioned(out, overwrite, read, results, paths, loaded)
+        for t, res in results.items():
+            r, c = res.report, res.report.config
+            click.echo(
+                f"{t}: mode={c.mode} student={c.student} kappa={c.kappa:.4g} T=({c.t_teacher:g},{c.t_student:g}) "
+                f"norm {r.norm_before:.4g} -> {r.norm_after:.4g}, agreement {_pct(r.agreement)}, "
+                f"max-prob {_mp(r.confidence_before)} -> {_mp(r.confidence_after)}"
+            )
+        if not results:
+            click.echo("nothing flagged: no task conditioned (use --task and --mode to force one)")
+        click.echo(f"wrote {out}")
 
 
 def _choose_modes(

@@ -332,6 +332,12 @@ def _merge_emr(
     quiet: bool,
 ) -> None:
     """EMR-Merging's bundle (task names = model names), with the model card and the re-runnable config."""
+
+    def card(tmp: Path, bundle: EMRBundle) -> None:
+        write_card(tmp, cfg, None, out.name, bundle=bundle_card(bundle))
+        for task in bundle.tasks if (tmp / "tasks").is_dir() else ():
+            write_task_card(tmp / "tasks" / task, tmp, task)
+
     with ExitStack() as opened:
         # LoRA fine-tunes are θ0 + ΔW on the base; a 'prefix' mapping hands a model over renamed; the rest
         # go as paths (emr_merge opens them)
@@ -344,39 +350,20 @@ def _merge_emr(
                 continue
             src = open_model(m.path, adapter=m.adapter, base=base) if lora else open_checkpoint(m.path)
             models.append(_renamed(opened.enter_context(closing(src)), m.prefix, f"model {m.name} ({m.path})"))
-        _emr(cfg, models, out, overwrite, device, shard, chunk, export_per_task, quiet)
-
-
-def _emr(
-    cfg: MergeConfig,
-    models: Sequence[Path | TensorSource],
-    out: Path,
-    overwrite: bool,
-    device: torch.device,
-    shard: int,
-    chunk: int,
-    export_per_task: bool,
-    quiet: bool,
-) -> None:
-    def card(tmp: Path, bundle: EMRBundle) -> None:
-        write_card(tmp, cfg, None, out.name, bundle=bundle_card(bundle))
-        for task in bundle.tasks if (tmp / "tasks").is_dir() else ():
-            write_task_card(tmp / "tasks" / task, tmp, task)
-
-    emr_merge(
-        cfg.base.path,
-        list(models),
-        tasks=[m.name for m in cfg.models],
-        heads=cfg.heads or None,
-        out=out,
-        overwrite=overwrite,
-        export_per_task=export_per_task,
-        device=device,
-        chunk_bytes=chunk,
-        max_shard_bytes=shard,
-        quiet=quiet,
-        finish=card,
-    )
+        emr_merge(
+            cfg.base.path,
+            models,
+            tasks=[m.name for m in cfg.models],
+            heads=cfg.heads or None,
+            out=out,
+            overwrite=overwrite,
+            export_per_task=export_per_task,
+            device=device,
+            chunk_bytes=chunk,
+            max_shard_bytes=shard,
+            quiet=quiet,
+            finish=card,
+        )
 
 
 def _merge_into(
