@@ -4,11 +4,11 @@ From the repository root, with ``PYTHONPATH=src`` (no click or pandas needed; to
 safetensors, numpy, accelerate and matplotlib are):
 
 * ``python benchmarks/gpu_text.py check`` (first call, carrying ``.gpu/minilm_a``): versions, the
-  device, piece a's hashes, then the quick text profile (64 validation and test sentences per task)
-  end to end on the device with a *randomly initialised* MiniLM of the real size (the weights'
-  second piece is not there yet) and the real task data, and the time of one full-profile
-  fine-tune step and of one evaluation pass, with an estimate of the full run. Writes
-  ``$OUT/check.txt``, ``$OUT/check_log.txt``, ``$OUT/check.tar.gz``.
+  device, piece a's hashes, the time of one full-profile fine-tune step and evaluation pass, then
+  the full profile's grid (sizes, methods, WUDI steps) on 2-step fine-tunes of a *randomly
+  initialised* MiniLM of the real size (the weights' second piece is not there yet) with the real
+  task data: it catches CUDA bugs and logs each grid cell's wall time, i.e. where a full run's time
+  goes. Writes ``$OUT/check.txt``, ``$OUT/check_log.txt``, ``$OUT/check.tar.gz``.
 * ``python benchmarks/gpu_text.py run [--seeds 3] [--budget 540]`` (second call, carrying
   ``.gpu/minilm_b``; piece a is still there from the first call): reassembles MiniLM
   (``benchmarks/gpu_pack.py``, hash-checked), then ``--suite text`` full profile on the device for
@@ -16,6 +16,12 @@ safetensors, numpy, accelerate and matplotlib are):
   and copied to ``$OUT`` at once. Writes ``$OUT/log.txt`` (timestamped), ``$OUT/results.md``,
   ``$OUT/results.tar.gz`` (results.md, cells.csv, run.json, the plots) and ``$OUT/summary.json``
   (wall time per phase and seed, the exit state).
+
+* ``python benchmarks/gpu_text.py vision --variants default,lr_half --seeds 0,1,2`` (any call): starts
+  ``docs/experiments/vision_variants.py`` for every variant × seed as detached CPU processes (one
+  thread each, ``setsid``: they outlive the call and run on the machine's other cores while the text
+  suite has the GPU); ``run --vision`` packs their reports and logs into ``$OUT/vision.tar.gz`` when
+  it ends, finished or not (their cells.csv is rewritten after every source set).
 
 Everything else (the reassembled weights, the zoo cache, the report folder) lives under ``.gpu/``,
 ignored by git, so a second ``run`` on a still-warm machine reuses the zoo.
@@ -116,10 +122,11 @@ class Mirror:
         self.report, self.out, self.prefix, self.stamp = report, out, prefix, 0.0
 
     def __call__(self) -> None:
-        run = self.report / "run.json"
-        if not run.is_file() or run.stat().st_mtime == self.stamp:
+        # run.json is written after each seed, cells.csv after each source set of the grid
+        stamps = [p.stat().st_mtime for p in (self.report / "run.json", self.report / "cells.csv") if p.is_file()]
+        if not stamps or max(stamps) == self.stamp:
             return
-        self.stamp = run.stat().st_mtime
+        self.stamp = max(stamps)
         tar_folder(self.report, self.out / f"{self.prefix}.tar.gz")
         md = self.report / "results.md"
         if md.is_file() and self.prefix == "results":
@@ -192,32 +199,6 @@ def step_times(device: str) -> dict[str, float]:
     return out
 
 
-def estimate(times: dict[str, float], smoke: dict[str, Any]) -> dict[str, float]:
-    """The full text profile's wall time from the measured step times and the quick run's merge cost.
-
-    Counts (TEXT_PROFILE): 1600 fine-tune steps; 18 DisTaC runs × 60 steps (a teacher forward and a
-    student step: ~1.4 fine-tune steps); 38 Fishers of 64 examples (per-example gradients, ~3 steps
-    per 32); 70 grid cells, each ~8 α on validation (512 sentences), the test split (1600) and 8
-    calibrations (512), plus the cell's merge as timed in the quick run (same model size).
-    """
-    from distac.reproduce.text import TEXT_PROFILE, TEXT_QUICK
-
-    p = TEXT_PROFILE
-    ft_steps = 8 * p.ideal.steps + 2 * p.long.steps + 8 * p.smooth.steps
-    step = times["finetune_step_s"]
-    cells = 7 * 10
-    quick_cells = (7 if TEXT_QUICK.distac_on_ideal else 6) * len(TEXT_QUICK.methods or ())
-    merge_per_cell = smoke.get("seed0_grid_s", 0.0) / max(1, quick_cells)
-    parts = {
-        "zoo_s": ft_steps * step,
-        "distac_s": 18 * p.distac.steps * 1.4 * step,
-        "fisher_s": 38 * (p.fisher_examples / 32) * 3 * step,
-        "grid_s": cells * (9 * times["eval_512_s"] + times["eval_1600_s"] + merge_per_cell),
-    }
-    parts["total_s"] = sum(parts.values())
-    return {k: round(v, 1) for k, v in parts.items()}
-
-
 def check(args: argparse.Namespace) -> None:
     out = out_dir()
     report: dict[str, Any] = {"versions": versions(), "device": device_info()}
@@ -237,8 +218,7 @@ def check(args: argparse.Namespace) -> None:
         [*child, "--device", device], env, out / "check_log.txt", args.budget, Mirror(rep, out, "check")
     )
     timings = json.loads((rep / "run.json").read_text())["timings"] if (rep / "run.json").is_file() else {}
-    report["quick_timings"] = timings
-    report["full_profile_estimate"] = estimate(report["step_times"], timings)
+    report["check_timings"] = timings
     (out / "check.txt").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
@@ -258,17 +238,55 @@ def run(args: argparse.Namespace) -> None:
     if (rep / "run.json").is_file():
         done = json.loads((rep / "run.json").read_text())
         phases.update(seeds_done=done["seeds"], timings=done["timings"], suite_wall_s=done["wall_time_s"])
+    if args.vision:
+        collect_vision(out)
     phases["total_s"] = round(time.perf_counter() - t0, 1)
     (out / "summary.json").write_text(json.dumps(phases, indent=2) + "\n")
     print(json.dumps(phases, indent=2))
 
 
+VISION_DIR = Path("/tmp/distac-vision")
+
+
+def vision(args: argparse.Namespace) -> None:
+    """Start one detached ``vision_variants.py`` process per variant × seed (1 CPU thread each)."""
+    if not (ROOT / "docs/experiments/vision_variants.py").is_file():
+        raise SystemExit("vision: docs/experiments/vision_variants.py is missing")
+    VISION_DIR.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    for variant in args.variants.split(","):
+        for seed in args.seeds.split(","):
+            log = open(VISION_DIR / f"{variant}-s{seed}.log", "w")  # the child process owns the file
+            subprocess.Popen(
+                [sys.executable, "docs/experiments/vision_variants.py", variant, seed, str(VISION_DIR)],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # outlives this call; ended when the machine goes back
+            )
+    print(f"vision: started {args.variants} x seeds {args.seeds} in {VISION_DIR}")
+
+
+def collect_vision(out: Path) -> None:
+    """``$OUT/vision.tar.gz``: every vision run's log, results.md, cells.csv and run.json so far."""
+    if not VISION_DIR.is_dir():
+        return
+    keep = {"results.md", "cells.csv", "run.json"}
+    tmp = out / "vision.tar.gz.tmp"
+    with tarfile.open(tmp, "w:gz") as tf:
+        for p in sorted(VISION_DIR.rglob("*")):
+            rel = p.relative_to(VISION_DIR)
+            if p.is_file() and "cache" not in rel.parts and (p.suffix == ".log" or p.name in keep):
+                tf.add(p, arcname=str(rel))
+    tmp.replace(out / "vision.tar.gz")
+
+
 def suite(args: argparse.Namespace) -> None:
     """The child process: ``run_text`` with timestamped log lines (no click needed).
 
-    ``check`` is the quick profile with 64 validation and test sentences per task: with random
-    weights its ideal fine-tunes are near chance, and on 8 sentences one of them could score 0,
-    for which normalised accuracy is undefined (the grid stops with an error).
+    ``check`` is the full profile on 2-step fine-tunes (random weights: its accuracies mean
+    nothing, its cell times are the point).
     """
     from dataclasses import replace
 
@@ -284,7 +302,16 @@ def suite(args: argparse.Namespace) -> None:
     profiles = {
         "full": TEXT_PROFILE,
         "quick": TEXT_QUICK,
-        "check": replace(TEXT_QUICK, name="text-check", n_val=64, n_test=64),
+        # the full profile's sizes, methods and WUDI steps (where the grid's time goes) on 2-step fine-tunes
+        "check": replace(
+            TEXT_PROFILE,
+            name="text-check",
+            ideal=replace(TEXT_PROFILE.ideal, steps=2),
+            long=replace(TEXT_PROFILE.long, steps=2),
+            smooth=replace(TEXT_PROFILE.smooth, steps=2),
+            distac=replace(TEXT_PROFILE.distac, steps=2),
+            distac_on_ideal=False,
+        ),
     }
     run_text(
         profile=profiles[args.profile],
@@ -303,11 +330,15 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="action", required=True)
     c = sub.add_parser("check")
-    c.add_argument("--budget", type=float, default=300, help="seconds for the quick run on random weights")
+    c.add_argument("--budget", type=float, default=300, help="seconds for the grid check on random weights")
     r = sub.add_parser("run")
     r.add_argument("--seeds", type=int, default=3)
     r.add_argument("--budget", type=float, default=540, help="seconds from start until the suite is stopped")
     r.add_argument("--profile", choices=["full", "quick"], default="full")
+    r.add_argument("--vision", action="store_true", help="pack the detached vision runs' reports at the end")
+    v = sub.add_parser("vision")
+    v.add_argument("--variants", default="default")
+    v.add_argument("--seeds", default="0")
     s = sub.add_parser("_suite")
     s.add_argument("--profile", choices=["full", "quick", "check"], required=True)
     s.add_argument("--seeds", type=int, required=True)
@@ -315,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--cache", type=Path, required=True)
     s.add_argument("--device", required=True)
     args = ap.parse_args(argv)
-    {"check": check, "run": run, "_suite": suite}[args.action](args)
+    {"check": check, "run": run, "vision": vision, "_suite": suite}[args.action](args)
 
 
 if __name__ == "__main__":

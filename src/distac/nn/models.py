@@ -28,6 +28,7 @@ __all__ = [
     "BoundModule",
     "EncoderClassifier",
     "LoadedModel",
+    "additive_mask",
     "batch_size",
     "batch_to",
     "default_head_patterns",
@@ -56,6 +57,23 @@ def default_device(device: torch.device | str | None = None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DistacError(f"--device {device!r}: CUDA is not available on this machine")
     return dev
+
+
+def additive_mask(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A 2-D padding mask (B, L; 1 = token) as the 4-D additive mask (B, 1, L, L) that HF models take as-is.
+
+    HF's own mask builder inspects the mask's values (``mask.all()``), which ``torch.func.vmap``
+    cannot trace, so per-example gradients (``distac.stats.fisher_diagonal``) of a model that hands
+    HF a 2-D mask fall back to a loop over examples; a prepared 4-D mask skips the builder and gives
+    the same attention (bit-identical outputs on BERT).
+
+    Example:
+        >>> additive_mask(torch.tensor([[1, 0]])).shape
+        torch.Size([1, 1, 2, 2])
+    """
+    neg = torch.finfo(dtype).min
+    add = (1.0 - mask.to(dtype))[:, None, None, :] * neg
+    return add.expand(mask.shape[0], 1, mask.shape[1], mask.shape[1]).contiguous()
 
 
 def forward_logits(model: nn.Module, batch: Batch) -> Tensor:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DistacError
-from ..nn.models import default_device
+from ..nn.models import additive_mask, default_device
 from .profile import FULL, DistacRecipe, Profile
 from .text_tasks import TEXT_TASKS, TextSpec, load_text_tasks
 from .train import Recipe, evaluate
@@ -95,8 +95,10 @@ class TextClassifier(nn.Module):
 
     def features(self, ids: Tensor) -> Tensor:
         """Mean-pooled (over real tokens) last hidden state, L2-normalised (sentence-transformers pooling)."""
-        mask = (ids != self.pad_id).long()
-        h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        mask = ids != self.pad_id
+        # the 4-D mask keeps the forward vmap-traceable: per-example Fishers then run batched
+        # instead of one example at a time (same outputs as HF's 2-D mask path)
+        h = self.encoder(input_ids=ids, attention_mask=additive_mask(mask)).last_hidden_state
         m = mask.unsqueeze(-1).to(h.dtype)
         return F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1), dim=-1)
 

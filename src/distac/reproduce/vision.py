@@ -44,7 +44,7 @@ from .sources import add_fishers, base_fisher, conditioned_tasks, distac_sources
 from .tasks import load_digits_5000, make_tasks
 from .zoo import SETTINGS, Zoo, build_or_load_zoo, zoo_norms
 
-__all__ = ["SWEEP_METHODS", "run_suite", "run_vision"]
+__all__ = ["SWEEP_METHODS", "prior_data_for", "run_suite", "run_vision"]
 
 # the gradient-matching paper's comparison (merge-methods.md §1.5)
 SWEEP_METHODS = ("task_arithmetic", "fisher", "gradient_matching")
@@ -114,13 +114,6 @@ def run_vision(
     def zoo_for(seed: int) -> Zoo:
         return build_or_load_zoo(profile, cache=cache, seed=seed, progress=bar, log=log, device=dev)
 
-    def prior_data(zoo: Zoo) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = load_digits_5000()
-        pre, _ = make_tasks(
-            x, y, n_pretrain=profile.n_pretrain, n_train=profile.n_train, n_val=profile.n_val, n_test=profile.n_test
-        )
-        return pre.x, pre.y
-
     return run_suite(
         profile,
         zoo_for,
@@ -130,9 +123,22 @@ def run_vision(
         progress=progress,
         log=log,
         command=command,
-        prior_data=prior_data,
+        prior_data=prior_data_for(profile),
         device=dev,
     )
+
+
+def prior_data_for(profile: Profile) -> Callable[[Zoo], tuple[torch.Tensor, torch.Tensor]]:
+    """The pre-training images and labels of ``profile``'s split (gradient matching's H_0 data)."""
+
+    def prior_data(zoo: Zoo) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = load_digits_5000()
+        pre, _ = make_tasks(
+            x, y, n_pretrain=profile.n_pretrain, n_train=profile.n_train, n_val=profile.n_val, n_test=profile.n_test
+        )
+        return pre.x, pre.y
+
+    return prior_data
 
 
 def run_suite(
@@ -165,11 +171,16 @@ def run_suite(
         raise RuntimeError("no merge method of the grid is registered in distac.METHODS")
     acc = _Accumulated()
     result: dict[str, Any] = {}
+
+    def partial() -> None:
+        # cells.csv is rewritten after every source set, so a run stopped mid-grid keeps its cells
+        write_csv(out / "cells.csv", acc.cells, acc.names, acc.cell_seeds)
+
     for seed in range(seeds):
         t0 = time.perf_counter()
         zoo = zoo_for(seed)
         acc.timings[f"seed{seed}_zoo_s"] = round(time.perf_counter() - t0, 1)
-        _run_seed(acc, zoo, seed, specs, prior_data=prior_data, device=dev, progress=progress, log=log)
+        _run_seed(acc, zoo, seed, specs, prior_data=prior_data, device=dev, progress=progress, log=log, saved=partial)
         log(f"{suite}: seed {seed} done, timings {acc.timings}")
         meta = {
             "suite": suite,
@@ -193,6 +204,7 @@ class _Accumulated:
     sweeps: dict[str, list[list[tuple[float, float, float]]]] = field(default_factory=dict)
     seed0_sources: list[tuple[SourceSet, list[float]]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    method_seconds: dict[str, float] = field(default_factory=dict)  # grid wall time per method, all seeds
     names: list[str] = field(default_factory=list)
     labels_y: dict[str, torch.Tensor] = field(default_factory=dict)
     base_rows: list[tuple[float, float]] = field(default_factory=list)
@@ -208,8 +220,12 @@ def _run_seed(
     device: torch.device,
     progress: bool,
     log: Callable[[str], None],
+    saved: Callable[[], None] = lambda: None,
 ) -> None:
-    """One zoo through source sets, Fishers, grid and α sweep; its cells and timings go into ``acc``."""
+    """One zoo through source sets, Fishers, grid and α sweep; its cells and timings go into ``acc``.
+
+    ``saved()`` is called after each source set's cells (the caller writes them out).
+    """
     profile, timings = zoo.profile, acc.timings
     acc.names = task_names(zoo.tasks)
     acc.labels_y = {td.spec.name: td.test.y for td in zoo.tasks}
@@ -230,14 +246,25 @@ def _run_seed(
             px, py = prior_data(zoo)
             bf = base_fisher(zoo, evaluator, px, py, progress=False)
     timings[f"seed{seed}_fisher_s"] = round(time.perf_counter() - t0, 1)
+    if bf is not None or any(s.fishers for s in sets):
+        log(f"fishers: {timings[f'seed{seed}_fisher_s']:.0f}s")
     if seed == 0:
         own_cache: dict[tuple[int, int], float] = {}  # models shared between sets are evaluated once
         acc.seed0_sources = [(s, own_accuracy(evaluator, s, cache=own_cache)) for s in sets]
     t0 = time.perf_counter()
-    jobs = [(spec, s) for s in sets for spec in specs]
-    for spec, s in track(jobs, desc=f"grid (seed {seed})", quiet=not progress):
-        acc.cells.append(run_cell(evaluator, spec, s, profile=profile, base=zoo.base, base_fisher=bf))
-        acc.cell_seeds.append(seed)
+    for s in track(sets, desc=f"grid (seed {seed})", quiet=not progress):
+        spent = []
+        for spec in specs:
+            t1 = time.perf_counter()
+            acc.cells.append(run_cell(evaluator, spec, s, profile=profile, base=zoo.base, base_fisher=bf))
+            acc.cell_seeds.append(seed)
+            dt = time.perf_counter() - t1
+            acc.method_seconds[spec.label] = acc.method_seconds.get(spec.label, 0.0) + dt
+            spent.append(f"{spec.label} {dt:.1f}s ({acc.cells[-1].mean_norm:.1f})")
+        # where the grid's time goes, per cell (the GPU run's grid was slower than its estimate by 25x),
+        # with each cell's normalised test accuracy
+        log(f"grid: {s.setting}/{s.source}: {', '.join(spent)}")
+        saved()
     timings[f"seed{seed}_grid_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     ideal = sets[0]
@@ -265,6 +292,7 @@ def _write_outputs(
         "date_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "wall_time_s": round(wall, 1),
         "timings": dict(acc.timings),
+        "grid_seconds_by_method": {k: round(v, 1) for k, v in acc.method_seconds.items()},
         "base_test_acc": [round(a, 2) for a, _ in acc.base_rows],
         "base_test_norm_acc": [round(n, 2) for _, n in acc.base_rows],
     }
@@ -305,6 +333,7 @@ def _markdown(
         f"load average {m['loadavg_1m_at_start']} at start, {m['loadavg_1m_at_end']} at end "
         f"(15 min: {m['loadavg_15m_at_end']})",
         f"* stage timings (s): {meta['timings']}",
+        f"* grid wall time by method (s, all seeds): {meta['grid_seconds_by_method']}",
         "",
         "## Mean test accuracy (normalised accuracy), α selected on validation",
         "",
