@@ -23,10 +23,11 @@ def _save(fig: Any, path: Path) -> None:
 
 _COLORS = {"raw": "#c44e52", "rescaled": "#dd8452", "distac": "#55a868"}
 # the headline plot's bar groups: (setting, tick label, sources drawn as bars)
+# (setting, tick label, sources); the ideal zoo's raw merge is the dashed line, its bar the DisTaC control
 _GROUPS = (
     ("ideal", "ideal", ("distac",)),
-    ("norm", "norm mismatch", ("raw", "rescaled", "distac")),
-    ("conf", "low confidence", ("raw", "distac")),
+    ("norm", "norm", ("raw", "rescaled", "distac")),
+    ("conf", "conf.", ("raw", "distac")),
 )
 
 
@@ -87,16 +88,20 @@ def _plot_headline(plt: Any, cells: Sequence[CellResult], base_norm: float | Non
                     mean = statistics.fmean(c.mean_norm for c in cs)
                     ax.bar(j * 4 + k, mean, color=_COLORS[src], label=src if setting == "norm" else None)
         ax.set_xticks([t for t, _ in ticks], [n for _, n in ticks], fontsize=8)
-        ax.set_title(lab)
-        ax.set_ylabel("norm. acc. (%)")
+        ax.set_title(lab, fontsize=10)
+        if ax in axes[:, 0]:
+            ax.set_ylabel("norm. acc. (%)")
         lo = min([c.mean_norm for c in cells if c.label == lab] + ([base_norm] if base_norm is not None else []))
         ax.set_ylim(max(0, lo - 10), 102)
     for ax in list(axes.flat)[len(labels) :]:
         ax.axis("off")
     handles, names_ = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, names_, loc="lower center", ncol=len(names_), fontsize=8, frameon=False)
-    fig.suptitle("Normalised test accuracy: ideal (dashed) vs harmful zoo, naive rescaling and DisTaC")
-    fig.subplots_adjust(bottom=0.14)
+    fig.suptitle(
+        "Normalised test accuracy: ideal merge (dashed) vs norm mismatch and low confidence, raw, naive "
+        "rescaling and DisTaC; 'ideal' bar = the ideal zoo conditioned by DisTaC"
+    )
+    fig.subplots_adjust(bottom=0.1, hspace=0.35, wspace=0.2)
     return fig
 
 
