@@ -86,6 +86,39 @@ def test_zero_shot_heads_are_the_normalised_embeddings_of_the_descriptions():
     assert float(logits[1, 0]) == pytest.approx(LOGIT_SCALE, abs=1e-4)  # a description matches its own row
 
 
+def test_features_equal_hf_2d_mask_path_and_fisher_runs_batched(monkeypatch):
+    # the classifier hands HF a 4-D additive mask so per-example gradients vmap instead of looping
+    from distac.stats import fisher as fisher_mod
+    from distac.stats import fisher_diagonal
+
+    model = _tiny_classifier({"t": 3}).eval()
+    x = _fake_tokenize(["a longer sentence here", "short", "mid size"])
+    mask = x != 0
+    with torch.no_grad():
+        h = model.encoder(input_ids=x, attention_mask=mask.long()).last_hidden_state
+        m = mask.unsqueeze(-1).float()
+        expected = F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+        assert torch.allclose(model.features(x), expected, atol=1e-6)
+    modes = []
+    real = fisher_mod._run_batch
+
+    def spy(one, xb, y, u, chunk, mode):
+        out, used = real(one, xb, y, u, chunk, mode)
+        modes.append(used)
+        return out, used
+
+    monkeypatch.setattr(fisher_mod, "_run_batch", spy)
+    body = [k for k, _ in model.named_parameters() if not k.startswith("heads.")]
+    batched = fisher_diagonal(model, [x], params=body, progress=False)
+    assert modes and set(modes) == {"vmap"}
+    monkeypatch.setattr(fisher_mod, "_run_batch", lambda one, xb, y, u, chunk, mode: real(one, xb, y, u, chunk, "loop"))
+    looped = fisher_diagonal(model, [x], params=body, progress=False)
+    for k in body:
+        # the two paths sum in different orders (the Fisher module's own check uses this tolerance)
+        atol = 1e-5 * float(looped[k].abs().max()) + 1e-12
+        assert torch.allclose(batched[k], looped[k], rtol=1e-3, atol=atol), k
+
+
 def test_profiles_name_existing_tasks_and_smooth_every_task():
     names = [t.name for t in TEXT_TASKS]
     assert len(names) == 8 and len(set(names)) == 8

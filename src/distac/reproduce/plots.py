@@ -22,8 +22,8 @@ def _save(fig: Any, path: Path) -> None:
 
 
 _COLORS = {"raw": "#c44e52", "rescaled": "#dd8452", "distac": "#55a868"}
-# the headline plot's bar groups: (setting, tick label, sources drawn as bars)
-# (setting, tick label, sources); the ideal zoo's raw merge is the dashed line, its bar the DisTaC control
+# the headline plot's bar groups: (setting, tick label, sources drawn as bars); the ideal zoo's raw
+# merge is the dashed line, its bar the DisTaC control
 _GROUPS = (
     ("ideal", "ideal", ("distac",)),
     ("norm", "norm", ("raw", "rescaled", "distac")),
