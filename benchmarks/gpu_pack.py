@@ -100,10 +100,7 @@ def pack(model_dir: Path, data_files: dict[str, Path], out: Path, *, limit: int 
         if piece.exists():
             shutil.rmtree(piece)
         piece.mkdir(parents=True)
-    for name in SMALL_FILES:
-        if (model_dir / name).is_file():
-            (a / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(model_dir / name, a / name)
+    copy_small_files(model_dir, a)
     (a / DATA_DIR).mkdir()
     columns = task_columns()
     for name, path in data_files.items():
@@ -122,6 +119,14 @@ def pack(model_dir: Path, data_files: dict[str, Path], out: Path, *, limit: int 
         if size > limit:
             raise SystemExit(f"{piece} holds {size / 2**20:.1f} MiB, over the {limit / 2**20:.0f} MiB a call carries")
     return a, b
+
+
+def copy_small_files(src: Path, dest: Path) -> None:
+    """Copy the model folder's config and tokenizer files (:data:`SMALL_FILES`) that ``src`` has into ``dest``."""
+    for name in SMALL_FILES:
+        if (src / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / name, dest / name)
 
 
 def _columns_suffix() -> str:
@@ -148,10 +153,7 @@ def unpack(a: Path, b: Path, dest: Path) -> tuple[Path, Path]:
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    for name in SMALL_FILES:
-        if (a / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(a / name, dest / name)
+    copy_small_files(a, dest)
     tmp = dest / f"{WEIGHTS}.partial"
     with open(tmp, "wb") as out:
         for part in (a / f"{WEIGHTS}.part0", b / f"{WEIGHTS}.part1"):

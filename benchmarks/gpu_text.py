@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +80,15 @@ def device_info() -> dict[str, Any]:
     return info
 
 
-def tar_folder(src: Path, dest: Path) -> None:
-    """``dest`` = a .tar.gz of ``src``'s files, replaced atomically (a reader never sees half of it)."""
+def tar_folder(src: Path, dest: Path, keep: Callable[[Path], bool] = lambda rel: not rel.name.startswith(".")) -> None:
+    """``dest`` = a .tar.gz of ``src``'s files whose relative path passes ``keep`` (default: not hidden),
+    replaced atomically (a reader never sees half of it)."""
     tmp = dest.with_name(dest.name + ".tmp")
     with tarfile.open(tmp, "w:gz") as tf:
         for p in sorted(src.rglob("*")):
-            if p.is_file() and not p.name.startswith("."):
-                tf.add(p, arcname=str(p.relative_to(src)))
+            rel = p.relative_to(src)
+            if p.is_file() and keep(rel):
+                tf.add(p, arcname=str(rel))
     tmp.replace(dest)
 
 
@@ -140,10 +143,7 @@ def random_minilm(piece_a: Path, dest: Path) -> Path:
     from transformers import AutoConfig, AutoModel
 
     dest.mkdir(parents=True, exist_ok=True)
-    for name in gpu_pack.SMALL_FILES:
-        if (piece_a / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            (dest / name).write_bytes((piece_a / name).read_bytes())
+    gpu_pack.copy_small_files(piece_a, dest)
     torch.manual_seed(0)
     AutoModel.from_config(AutoConfig.from_pretrained(dest)).save_pretrained(dest)
     return dest
@@ -279,14 +279,12 @@ def collect_vision(out: Path) -> None:
     """``$OUT/vision.tar.gz``: every vision run's log, results.md, cells.csv and run.json so far."""
     if not VISION_DIR.is_dir():
         return
-    keep = {"results.md", "cells.csv", "run.json"}
-    tmp = out / "vision.tar.gz.tmp"
-    with tarfile.open(tmp, "w:gz") as tf:
-        for p in sorted(VISION_DIR.rglob("*")):
-            rel = p.relative_to(VISION_DIR)
-            if p.is_file() and "cache" not in rel.parts and (p.suffix == ".log" or p.name in keep):
-                tf.add(p, arcname=str(rel))
-    tmp.replace(out / "vision.tar.gz")
+    reports = {"results.md", "cells.csv", "run.json"}
+    tar_folder(
+        VISION_DIR,
+        out / "vision.tar.gz",
+        keep=lambda rel: "cache" not in rel.parts and (rel.suffix == ".log" or rel.name in reports),
+    )
 
 
 def suite(args: argparse.Namespace) -> None:

@@ -137,3 +137,12 @@ def tiny_checkpoints(tmp_path: Path) -> Callable[..., tuple[Path, list[Path], St
         return base_path, paths, base, models
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one torch thread, restoring the previous count after it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -33,12 +33,8 @@ peft = pytest.importorskip("peft")
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# training loops in these tests are faster and bit-stable on one thread (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,13 +20,8 @@ from distac.nn.data import Inputs
 from distac.nn.optim import lr_factor
 from distac.taskvector import TaskVector
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# training loops in these tests are faster and bit-stable on one thread (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _shared_norm(base, state):

@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 from distac_tiny import digits, make_mlp, zoo
 
 import distac
@@ -15,13 +14,8 @@ from distac.errors import DistacError
 from distac.nn.data import Inputs
 from distac.taskvector import TaskVector
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# training loops in these tests are faster and bit-stable on one thread (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -106,13 +106,22 @@ def test_adamerging_lowers_entropy_and_keeps_coefficients_in_range():
     assert mean_entropy(merged) < mean_entropy(init)
 
 
-def test_cli_writes_the_best_merge_table_plot_and_temperatures(tmp_path, monkeypatch, capsys):
+def _write_zoo_and_val(tmp_path, monkeypatch, names, *, n_val):
+    """Work in ``tmp_path`` with the tiny zoo's ``names`` as safetensors files and ``val.npz`` of ``n_val`` digits.
+
+    Returns the zoo (every model, by name).
+    """
     monkeypatch.chdir(tmp_path)
     z = zoo()
-    for name in ("base", *TASKS):
+    for name in names:
         save_file(z[name], str(tmp_path / f"{name}.safetensors"))
     _, _, x, y = digits()
-    np.savez(tmp_path / "val.npz", x=x[:200].numpy(), y=y[:200].numpy())
+    np.savez(tmp_path / "val.npz", x=x[:n_val].numpy(), y=y[:n_val].numpy())
+    return z
+
+
+def test_cli_writes_the_best_merge_table_plot_and_temperatures(tmp_path, monkeypatch, capsys):
+    z = _write_zoo_and_val(tmp_path, monkeypatch, ("base", *TASKS), n_val=200)
     merge_cfg = {
         "merge_method": "ties",
         "base_model": "base.safetensors",
@@ -152,12 +161,7 @@ def test_cli_writes_the_best_merge_table_plot_and_temperatures(tmp_path, monkeyp
     ],
 )
 def test_cli_bad_tune_configs_are_one_line_errors(tmp_path, monkeypatch, capsys, change, message):
-    monkeypatch.chdir(tmp_path)
-    z = zoo()
-    for name in ("base", "short_a"):
-        save_file(z[name], str(tmp_path / f"{name}.safetensors"))
-    _, _, x, y = digits()
-    np.savez(tmp_path / "val.npz", x=x[:50].numpy(), y=y[:50].numpy())
+    _write_zoo_and_val(tmp_path, monkeypatch, ("base", "short_a"), n_val=50)
     entry = {"model": "short_a.safetensors", "name": "a"}
     if change.pop("per_model_density", False):
         entry["parameters"] = {"density": 0.5}
@@ -205,12 +209,7 @@ def test_consensus_tall_lambda_is_chosen_per_task_by_the_task_own_tall_model():
 
 def _mergekit_tune(tmp_path, monkeypatch, merge_cfg, grid):
     """Write the tiny zoo, a merge config read with mergekit's meaning and a tune config; run ``distac tune``."""
-    monkeypatch.chdir(tmp_path)
-    z = zoo()
-    for name in ("base", *TASKS):
-        save_file(z[name], str(tmp_path / f"{name}.safetensors"))
-    _, _, x, y = digits()
-    np.savez(tmp_path / "val.npz", x=x[:100].numpy(), y=y[:100].numpy())
+    z = _write_zoo_and_val(tmp_path, monkeypatch, ("base", *TASKS), n_val=100)
     (tmp_path / "merge.yml").write_text(yaml.safe_dump(merge_cfg))
     tune_cfg = {"merge": "merge.yml", "grid": grid, "data": dict.fromkeys(TASKS[:2], "val.npz")}
     (tmp_path / "tune.yml").write_text(yaml.safe_dump({**tune_cfg, "arch": "distac_tiny:make_mlp"}))

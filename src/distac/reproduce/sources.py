@@ -124,25 +124,10 @@ def add_fishers(
     N_t / n so that H_t = N_t × mean Fisher over the N_t training images (UBGM's s_t, merge-methods.md
     §1.2). Models shared between source sets are computed once (``cache`` keyed by object id).
     """
-    from distac.stats import fisher_diagonal
-
-    body = [k for k, _ in evaluator.model.named_parameters() if not k.startswith("heads.")]
     out = []
     for td, sd in zip(zoo.tasks, sources.models, strict=True):
         if id(sd) not in cache:
-            n = min(zoo.profile.fisher_examples, len(td.train.x))
-            model = evaluator.task_model(sd, td.spec.name)
-            f = fisher_diagonal(
-                model,
-                [td.train.x[:n]],
-                params=body,
-                n_examples=n,
-                scale="sum",
-                seed=zoo.seed,
-                progress=progress,
-                device=evaluator.device,
-            )
-            cache[id(sd)] = {k: v.to(evaluator.device) * (len(td.train.x) / n) for k, v in f.items()}
+            cache[id(sd)] = _sum_scale_fisher(zoo, evaluator, sd, td.spec.name, td.train.x, progress=progress)
         out.append(cache[id(sd)])
     sources.fishers = out
 
@@ -152,14 +137,24 @@ def base_fisher(zoo: Zoo, evaluator: Evaluator, pretrain_x: Tensor, pretrain_y: 
 
     This is UBGM's prior precision from the pre-training task (the paper's IMDB model on IMDB).
     """
+    return _sum_scale_fisher(zoo, evaluator, zoo.base, PRETRAIN_HEAD, pretrain_x, progress=progress)
+
+
+def _sum_scale_fisher(
+    zoo: Zoo, evaluator: Evaluator, state: StateDict, head: str, x: Tensor, *, progress: bool
+) -> StateDict:
+    """The body's sampled Fisher of ``state`` with ``head`` on the first ``fisher_examples`` of ``x``, × N / n.
+
+    ``fisher_diagonal`` sums over the n examples it sees; scaling by N / n puts it on the sum scale
+    of all N = len(x) examples (N × mean Fisher), on the evaluator's device.
+    """
     from distac.stats import fisher_diagonal
 
     body = [k for k, _ in evaluator.model.named_parameters() if not k.startswith("heads.")]
-    n = min(zoo.profile.fisher_examples, len(pretrain_x))
-    model = evaluator.task_model(zoo.base, PRETRAIN_HEAD)
+    n = min(zoo.profile.fisher_examples, len(x))
     f = fisher_diagonal(
-        model,
-        [pretrain_x[:n]],
+        evaluator.task_model(state, head),
+        [x[:n]],
         params=body,
         n_examples=n,
         scale="sum",
@@ -167,4 +162,4 @@ def base_fisher(zoo: Zoo, evaluator: Evaluator, pretrain_x: Tensor, pretrain_y: 
         progress=progress,
         device=evaluator.device,
     )
-    return {k: v.to(evaluator.device) * (len(pretrain_x) / n) for k, v in f.items()}
+    return {k: v.to(evaluator.device) * (len(x) / n) for k, v in f.items()}
